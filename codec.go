@@ -1,0 +1,176 @@
+package main
+
+// The wire format: lib0 varuints, the ID prefix of the ELVA upstream protocol
+// and the envelope of the Yjs messages that local editors exchange. Everything
+// here is a pure function on []byte: no I/O, no logging. Every decoder checks a
+// length before it indexes, so hostile bytes give an error, never a panic.
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Yjs message types (the first varuint of every message, see PROTOCOL.md §1).
+const (
+	msgSync           = 0
+	msgAwareness      = 1
+	msgAuth           = 2
+	msgQueryAwareness = 3
+)
+
+// Sync message subtypes (the second varuint of a sync message).
+const (
+	syncStep1  = 0
+	syncStep2  = 1
+	syncUpdate = 2
+)
+
+// maxVaruintLen is the longest encoding of a 64-bit varuint: 10 groups of 7 bits.
+const maxVaruintLen = 10
+
+var (
+	errShortFrame  = errors.New("codec: short frame")
+	errOverflow    = errors.New("codec: varuint overflows 64 bits")
+	errNoIDPrefix  = errors.New("codec: frame has no ID prefix")
+	errEmptyMsg    = errors.New("codec: empty message")
+	errUnknownType = errors.New("codec: unknown message type")
+)
+
+// idMagic is the two type bytes that open an ID message on the upstream.
+type idMagic [2]byte
+
+var (
+	// magicSeed is the ID message type of the ELVA protocol that the seed documents.
+	magicSeed = idMagic{0x02, 0x00}
+	// magicASCII is "ID", the type used by the ELVA server release of mid-2025.
+	magicASCII = idMagic{0x49, 0x44}
+)
+
+// parseIDMagic accepts the two spellings that ELVA servers are known to use.
+func parseIDMagic(s string) (idMagic, error) {
+	switch s {
+	case "0200":
+		return magicSeed, nil
+	case "4944":
+		return magicASCII, nil
+	}
+	return idMagic{}, fmt.Errorf("id magic %q: want 0200 or 4944", s)
+}
+
+// String gives the hex form used on the command line.
+func (m idMagic) String() string { return fmt.Sprintf("%02x%02x", m[0], m[1]) }
+
+// readVaruint decodes the lib0 varuint at the start of b and returns it with
+// the number of bytes it took.
+func readVaruint(b []byte) (v uint64, n int, err error) {
+	var shift uint
+	for n < len(b) {
+		c := b[n]
+		n++
+		// The tenth group holds bit 63 only; anything more overflows.
+		if n == maxVaruintLen && c > 1 {
+			return 0, 0, errOverflow
+		}
+		v |= uint64(c&0x7f) << shift
+		if c < 0x80 {
+			return v, n, nil
+		}
+		shift += 7
+	}
+	return 0, 0, errShortFrame
+}
+
+// appendVaruint appends the lib0 varuint encoding of v to b.
+func appendVaruint(b []byte, v uint64) []byte {
+	for v >= 0x80 {
+		b = append(b, byte(v)|0x80)
+		v >>= 7
+	}
+	return append(b, byte(v))
+}
+
+// readBytes decodes a varuint length followed by that many bytes. The field
+// aliases b. n is the total number of bytes taken.
+func readBytes(b []byte) (field []byte, n int, err error) {
+	size, n, err := readVaruint(b)
+	if err != nil {
+		return nil, 0, err
+	}
+	// Compare in uint64 so that a declared length near 2^64 cannot wrap.
+	if size > uint64(len(b)-n) {
+		return nil, 0, errShortFrame
+	}
+	end := n + int(size)
+	return b[n:end], end, nil
+}
+
+// appendIDPrefix appends the ID message for doc: magic, varuint length, UTF-8 bytes.
+func appendIDPrefix(b []byte, m idMagic, doc string) []byte {
+	b = append(b, m[0], m[1])
+	b = appendVaruint(b, uint64(len(doc)))
+	return append(b, doc...)
+}
+
+// splitIDFrame decodes an upstream frame into its document ID and the local
+// message that follows the prefix. msg aliases frame.
+func splitIDFrame(m idMagic, frame []byte) (doc string, msg []byte, err error) {
+	if len(frame) < 2 || frame[0] != m[0] || frame[1] != m[1] {
+		return "", nil, errNoIDPrefix
+	}
+	id, n, err := readBytes(frame[2:])
+	if err != nil {
+		return "", nil, fmt.Errorf("id prefix: %w", err)
+	}
+	return string(id), frame[2+n:], nil
+}
+
+// messageKind checks the envelope of one Yjs message and returns its type.
+// Every length the message declares must fit inside it; trailing bytes are
+// allowed because Yjs decoders ignore them too. The payload itself (updates,
+// state vectors) is not decoded: the relay passes it on unchanged.
+func messageKind(msg []byte) (uint64, error) {
+	if len(msg) == 0 {
+		return 0, errEmptyMsg
+	}
+	kind, n, err := readVaruint(msg)
+	if err != nil {
+		return 0, err
+	}
+	rest := msg[n:]
+	switch kind {
+	case msgSync:
+		err = checkSync(rest)
+	case msgAwareness:
+		_, _, err = readBytes(rest)
+	case msgAuth:
+		err = checkAuth(rest)
+	case msgQueryAwareness:
+		// No body.
+	default:
+		err = fmt.Errorf("%w %d", errUnknownType, kind)
+	}
+	return kind, err
+}
+
+// checkSync checks a sync message body: subtype, then one byte string.
+func checkSync(b []byte) error {
+	sub, n, err := readVaruint(b)
+	if err != nil {
+		return err
+	}
+	if sub > syncUpdate {
+		return fmt.Errorf("%w: sync subtype %d", errUnknownType, sub)
+	}
+	_, _, err = readBytes(b[n:])
+	return err
+}
+
+// checkAuth checks an auth message body: varuint kind, then one string.
+func checkAuth(b []byte) error {
+	_, n, err := readVaruint(b)
+	if err != nil {
+		return err
+	}
+	_, _, err = readBytes(b[n:])
+	return err
+}

@@ -1,0 +1,237 @@
+package main
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"math"
+	"strings"
+	"testing"
+)
+
+// unhex turns "02 00 05" into bytes; it fails the test on bad input.
+func unhex(t testing.TB, s string) []byte {
+	t.Helper()
+	b, err := hex.DecodeString(strings.ReplaceAll(s, " ", ""))
+	if err != nil {
+		t.Fatalf("bad hex %q: %v", s, err)
+	}
+	return b
+}
+
+func TestReadVaruint(t *testing.T) {
+	tests := []struct {
+		name string
+		in   string
+		want uint64
+		n    int
+		err  error
+	}{
+		{"zero", "00", 0, 1, nil},
+		{"one byte", "05", 5, 1, nil},
+		{"largest one byte", "7f", 127, 1, nil},
+		{"two bytes", "80 01", 128, 2, nil},
+		{"200", "c8 01", 200, 2, nil},
+		{"trailing bytes ignored", "05 ff", 5, 1, nil},
+		{"max uint64", "ff ff ff ff ff ff ff ff ff 01", math.MaxUint64, 10, nil},
+		{"empty", "", 0, 0, errShortFrame},
+		{"truncated", "80", 0, 0, errShortFrame},
+		{"truncated long", "ff ff ff", 0, 0, errShortFrame},
+		{"overflow in tenth byte", "ff ff ff ff ff ff ff ff ff 02", 0, 0, errOverflow},
+		{"eleven bytes", "ff ff ff ff ff ff ff ff ff ff 01", 0, 0, errOverflow},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, n, err := readVaruint(unhex(t, tt.in))
+			if got != tt.want || n != tt.n || !errors.Is(err, tt.err) {
+				t.Errorf("got %d, %d, %v; want %d, %d, %v", got, n, err, tt.want, tt.n, tt.err)
+			}
+		})
+	}
+}
+
+func TestAppendVaruint(t *testing.T) {
+	tests := []struct {
+		in   uint64
+		want string
+	}{
+		{0, "00"},
+		{127, "7f"},
+		{128, "8001"},
+		{200, "c801"},
+		{300, "ac02"},
+		{math.MaxUint64, "ffffffffffffffffff01"},
+	}
+	for _, tt := range tests {
+		if got := hex.EncodeToString(appendVaruint(nil, tt.in)); got != tt.want {
+			t.Errorf("appendVaruint(%d) = %s, want %s", tt.in, got, tt.want)
+		}
+	}
+}
+
+// The golden vectors come from the original Python service.
+func TestIDPrefixGolden(t *testing.T) {
+	long := strings.Repeat("x", 200)
+	tests := []struct {
+		name  string
+		magic idMagic
+		doc   string
+		msg   string
+		want  string
+	}{
+		{"doc-a", magicSeed, "doc-a", "00 02 03 01 02 03", "02 00 05 64 6f 63 2d 61 00 02 03 01 02 03"},
+		{"200 characters", magicSeed, long, "01 00", "02 00 c8 01" + hex.EncodeToString([]byte(long)) + "01 00"},
+		{"non-ASCII", magicSeed, "Grüße", "00 00 01 00", "02 00 07 47 72 c3 bc c3 9f 65 00 00 01 00"},
+		{"mid-2025 magic", magicASCII, "doc-a", "03", "49 44 05 64 6f 63 2d 61 03"},
+		{"empty id", magicSeed, "", "03", "02 00 00 03"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			msg := unhex(t, tt.msg)
+			want := unhex(t, tt.want)
+			got := append(appendIDPrefix(nil, tt.magic, tt.doc), msg...)
+			if !bytes.Equal(got, want) {
+				t.Fatalf("encode: got % x, want % x", got, want)
+			}
+			doc, rest, err := splitIDFrame(tt.magic, got)
+			if err != nil || doc != tt.doc || !bytes.Equal(rest, msg) {
+				t.Errorf("decode: got %q, % x, %v; want %q, % x, nil", doc, rest, err, tt.doc, msg)
+			}
+		})
+	}
+}
+
+func TestSplitIDFrameErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		in   string
+		err  error
+	}{
+		{"empty", "", errNoIDPrefix},
+		{"one byte", "02", errNoIDPrefix},
+		{"wrong magic", "49 44 01 61 00", errNoIDPrefix},
+		{"plain sync message", "00 00 01 00", errNoIDPrefix},
+		{"no length", "02 00", errShortFrame},
+		{"length beyond frame", "02 00 05 61 62", errShortFrame},
+		{"truncated length", "02 00 80", errShortFrame},
+		{"length near 2^64", "02 00 ff ff ff ff ff ff ff ff ff 01 61", errShortFrame},
+		{"overlong length", "02 00 ff ff ff ff ff ff ff ff ff ff 01", errOverflow},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, _, err := splitIDFrame(magicSeed, unhex(t, tt.in))
+			if !errors.Is(err, tt.err) {
+				t.Errorf("got %v, want %v", err, tt.err)
+			}
+		})
+	}
+}
+
+func TestMessageKind(t *testing.T) {
+	tests := []struct {
+		name string
+		in   string
+		want uint64
+		err  error
+	}{
+		{"step 1, empty state vector", "00 00 01 00", msgSync, nil},
+		{"empty step 2", "00 01 02 00 00", msgSync, nil},
+		{"update", "00 02 03 01 02 03", msgSync, nil},
+		{"update with trailing bytes", "00 02 01 00 ff", msgSync, nil},
+		{"awareness", "01 03 01 02 03", msgAwareness, nil},
+		{"auth", "02 00 02 6f 6b", msgAuth, nil},
+		{"query awareness", "03", msgQueryAwareness, nil},
+		{"empty", "", 0, errEmptyMsg},
+		{"unknown type", "07 00", 7, errUnknownType},
+		{"unknown sync subtype", "00 03 00", msgSync, errUnknownType},
+		{"sync without subtype", "00", msgSync, errShortFrame},
+		{"sync without payload", "00 02", msgSync, errShortFrame},
+		{"update longer than frame", "00 02 05 01", msgSync, errShortFrame},
+		{"update length near 2^64", "00 02 ff ff ff ff ff ff ff ff ff 01", msgSync, errShortFrame},
+		{"awareness truncated", "01 80", msgAwareness, errShortFrame},
+		{"auth truncated", "02 00", msgAuth, errShortFrame},
+		{"overlong type", "ff ff ff ff ff ff ff ff ff ff 00", 0, errOverflow},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := messageKind(unhex(t, tt.in))
+			if !errors.Is(err, tt.err) || (err == nil && got != tt.want) {
+				t.Errorf("got %d, %v; want %d, %v", got, err, tt.want, tt.err)
+			}
+		})
+	}
+}
+
+func TestParseIDMagic(t *testing.T) {
+	for _, s := range []string{"0200", "4944"} {
+		m, err := parseIDMagic(s)
+		if err != nil || m.String() != s {
+			t.Errorf("parseIDMagic(%q) = %v, %v; want %s", s, m, err, s)
+		}
+	}
+	for _, s := range []string{"", "02", "0201", "zz00", "020000"} {
+		if _, err := parseIDMagic(s); err == nil {
+			t.Errorf("parseIDMagic(%q): want an error", s)
+		}
+	}
+}
+
+func FuzzReadVaruint(f *testing.F) {
+	for _, s := range []string{"00", "7f", "8001", "c801", "ffffffffffffffffff01", "80", "ffffffffffffffffff02"} {
+		f.Add(unhex(f, s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		v, n, err := readVaruint(b)
+		if err != nil {
+			return
+		}
+		if n < 1 || n > len(b) || n > maxVaruintLen {
+			t.Fatalf("n = %d for % x", n, b)
+		}
+		// Re-encoding gives the canonical form, which decodes to the same value.
+		again, m, err := readVaruint(appendVaruint(nil, v))
+		if err != nil || again != v || m > n {
+			t.Fatalf("round trip of %d: got %d (%d bytes), %v", v, again, m, err)
+		}
+	})
+}
+
+func FuzzSplitIDFrame(f *testing.F) {
+	f.Add(unhex(f, "02 00 05 64 6f 63 2d 61 00 02 03 01 02 03"))
+	f.Add(unhex(f, "02 00 07 47 72 c3 bc c3 9f 65 00 00 01 00"))
+	f.Add(append(appendIDPrefix(nil, magicSeed, strings.Repeat("x", 200)), 1, 0))
+	f.Add(unhex(f, "02 00 ff ff ff ff ff ff ff ff ff 01 61"))
+	f.Add(unhex(f, "00 00 01 00"))
+	f.Fuzz(func(t *testing.T, frame []byte) {
+		doc, msg, err := splitIDFrame(magicSeed, frame)
+		if err != nil {
+			return
+		}
+		// A canonical prefix re-encodes to the same bytes; a non-canonical
+		// (padded) varuint decodes to the same document either way.
+		again := append(appendIDPrefix(nil, magicSeed, doc), msg...)
+		doc2, msg2, err := splitIDFrame(magicSeed, again)
+		if err != nil || doc2 != doc || !bytes.Equal(msg2, msg) {
+			t.Fatalf("round trip of % x: got %q % x %v", frame, doc2, msg2, err)
+		}
+		if len(again) == len(frame) && !bytes.Equal(again, frame) {
+			t.Fatalf("re-encoded % x, want % x", again, frame)
+		}
+	})
+}
+
+func FuzzMessageKind(f *testing.F) {
+	for _, s := range []string{"00 00 01 00", "00 01 02 00 00", "00 02 03 01 02 03", "01 03 01 02 03", "03", "02 00 02 6f 6b", "00 02 ff ff ff ff ff ff ff ff ff 01"} {
+		f.Add(unhex(f, s))
+	}
+	f.Fuzz(func(t *testing.T, msg []byte) {
+		kind, err := messageKind(msg)
+		if err != nil {
+			return
+		}
+		first, _, verr := readVaruint(msg)
+		if verr != nil || first != kind || kind > msgQueryAwareness {
+			t.Fatalf("messageKind(% x) = %d, but the type varuint is %d, %v", msg, kind, first, verr)
+		}
+	})
+}

@@ -1,0 +1,479 @@
+// Command elva-service relays Yjs messages between local editors and a
+// remote ELVA server.
+//
+// Local editors connect to ws://HOST:PORT/<document> with any Yjs client.
+// Each local conn has a reader and a writer goroutine. Readers send frames
+// to the hub; the hub alone owns document → conns and copies each frame to
+// the other conns' send queues and to the upstream queue. The upstream
+// writer prefixes every frame with its document's ID and sends it over the
+// one connection to the server; the upstream reader strips the prefix of
+// what comes back and hands it to the hub, which passes it to every local
+// editor of that document. No queue is unbounded and the hub never blocks:
+// a conn that cannot keep up is closed, and its client resyncs on reconnect.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+const (
+	// defaultMaxMessage bounds one message from an editor (--max-message).
+	defaultMaxMessage = 32 << 20
+	// handshakeTimeout bounds how long a local client may take to send its
+	// request headers, so that a silent socket cannot hold a goroutine.
+	handshakeTimeout = 10 * time.Second
+	// stopTimeout bounds the wait for queued frames and open conns at stop.
+	stopTimeout = 5 * time.Second
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+// errVersion asks run to print the version and exit 0.
+var errVersion = errors.New("version requested")
+
+const usage = `elva-service relays Yjs documents between local editors and a remote ELVA server.
+
+Usage:
+  elva-service [flags] [HOST] [PORT]
+
+Local editors connect to ws://HOST:PORT/<document> with any Yjs client
+(y-websocket's WebsocketProvider, ELVA apps). HOST defaults to localhost,
+PORT to 8000 (0 picks a free port, which is logged). Flags and HOST PORT
+may come in any order.
+
+Flags:
+  --server URI        remote ELVA server, ws:// or wss:// (env ELVA_SERVER)
+  --user NAME         user name for HTTP Basic auth (env ELVA_USER)
+  --password PASS     password; visible to other users in the process
+                      list, prefer ELVA_PASSWORD (env ELVA_PASSWORD)
+  --id-magic HEX      ID message type on the upstream: 0200 (default, the
+                      documented protocol) or 4944 (ELVA server, mid-2025)
+  --max-message SIZE  largest message accepted, e.g. 32MiB (default), 512KiB
+  --log FILE          append logs to FILE instead of stderr
+  -v, --verbose       log every message (debug level)
+  --version           print the version and exit
+  -h, --help          print this help and exit
+
+Examples:
+  elva-service --server wss://elva.example.org/
+  ELVA_USER=ada ELVA_PASSWORD=secret elva-service --server wss://elva.example.org/ localhost 8000
+  elva-service 127.0.0.1 9000 --server ws://127.0.0.1:8765/ --id-magic 4944 -v
+
+Exit status: 0 after a stop by signal, 1 on a runtime failure (listening,
+upstream credentials refused), 2 on bad flags or arguments.
+`
+
+// config is the parsed command line and environment.
+type config struct {
+	host       string
+	port       int
+	server     *url.URL // without userinfo
+	user       string
+	password   string
+	magic      idMagic
+	maxMessage int
+	logFile    string
+	verbose    bool
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-ctx.Done()
+		stop() // a second signal kills the process at once
+	}()
+	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr, os.Getenv))
+}
+
+// run is main without the process around it, for tests: it returns the
+// exit status.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv func(string) string) int {
+	cfg, err := parseArgs(args, getenv)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		fmt.Fprint(stdout, usage)
+		return 0
+	case errors.Is(err, errVersion):
+		fmt.Fprintln(stdout, "elva-service", buildVersion())
+		return 0
+	case err != nil:
+		fmt.Fprintf(stderr, "elva-service: %v (see --help)\n", err)
+		return 2
+	}
+	log, closeLog, err := newLogger(cfg, stderr)
+	if err != nil {
+		fmt.Fprintf(stderr, "elva-service: %v\n", err)
+		return 1
+	}
+	defer closeLog()
+	s, err := listen(cfg, log)
+	if err != nil {
+		log.Error("cannot listen", "err", err)
+		return 1
+	}
+	return s.run(ctx)
+}
+
+// parseArgs reads flags, the positional HOST and PORT in any order, and the
+// ELVA_* environment variables, which flags override.
+func parseArgs(args []string, getenv func(string) string) (*config, error) {
+	fs := flag.NewFlagSet("elva-service", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	server := fs.String("server", getenv("ELVA_SERVER"), "")
+	user := fs.String("user", getenv("ELVA_USER"), "")
+	password := fs.String("password", getenv("ELVA_PASSWORD"), "")
+	magic := fs.String("id-magic", magicSeed.String(), "")
+	maxMessage := fs.String("max-message", "32MiB", "")
+	logFile := fs.String("log", "", "")
+	var verbose, showVersion bool
+	fs.BoolVar(&verbose, "v", false, "")
+	fs.BoolVar(&verbose, "verbose", false, "")
+	fs.BoolVar(&showVersion, "version", false, "")
+
+	positional, err := parseInterleaved(fs, args)
+	if err != nil {
+		return nil, err
+	}
+	if showVersion {
+		return nil, errVersion
+	}
+	cfg := &config{host: "localhost", port: 8000, logFile: *logFile, verbose: verbose, user: *user, password: *password}
+	if err := cfg.setAddress(positional); err != nil {
+		return nil, err
+	}
+	if cfg.magic, err = parseIDMagic(*magic); err != nil {
+		return nil, fmt.Errorf("--id-magic: %w", err)
+	}
+	if cfg.maxMessage, err = parseSize(*maxMessage); err != nil {
+		return nil, fmt.Errorf("--max-message: %w", err)
+	}
+	if err := cfg.setServer(*server); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}
+
+// parseInterleaved parses flags that may stand before, between and after
+// the positional arguments, as the original's click parser allows. After
+// "--" everything is positional.
+func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
+	var positional []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			return positional, nil
+		}
+		if consumed := len(args) - len(rest); consumed > 0 && args[consumed-1] == "--" {
+			return append(positional, rest...), nil
+		}
+		positional = append(positional, rest[0])
+		args = rest[1:]
+	}
+}
+
+// setAddress takes the optional positional HOST and PORT.
+func (c *config) setAddress(positional []string) error {
+	switch len(positional) {
+	case 2:
+		port, err := strconv.Atoi(positional[1])
+		if err != nil || port < 0 || port > 65535 {
+			return fmt.Errorf("port %q: want a number from 0 to 65535", positional[1])
+		}
+		c.port = port
+		fallthrough
+	case 1:
+		if positional[0] == "" {
+			return errors.New("host is empty")
+		}
+		c.host = positional[0]
+	case 0:
+	default:
+		return fmt.Errorf("too many arguments: %q (want at most HOST PORT)", positional)
+	}
+	return nil
+}
+
+// setServer checks the upstream URI. Credentials in its userinfo are moved
+// out of it so that the URI can be logged; --user and --password win.
+func (c *config) setServer(raw string) error {
+	if raw == "" {
+		return errors.New("no upstream server: give --server ws://HOST:PORT/ or set ELVA_SERVER")
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("--server: %w", redactURLError(err))
+	}
+	if u.Scheme != "ws" && u.Scheme != "wss" {
+		return fmt.Errorf("--server %s: scheme must be ws or wss", u.Redacted())
+	}
+	if u.Hostname() == "" {
+		return fmt.Errorf("--server %s: no host", u.Redacted())
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("--server %s: bad port %q", u.Redacted(), p)
+		}
+	}
+	if u.User != nil {
+		if c.user == "" {
+			c.user = u.User.Username()
+		}
+		if pw, ok := u.User.Password(); ok && c.password == "" {
+			c.password = pw
+		}
+		u.User = nil
+	}
+	if u.Path == "" {
+		u.Path = "/"
+	}
+	if sameAddress(u, c.host, c.port) {
+		return fmt.Errorf("remote server address %s is identical to the service address ws://%s", u, net.JoinHostPort(c.host, strconv.Itoa(c.port)))
+	}
+	c.server = u
+	return nil
+}
+
+// redactURLError drops the URI from a url.Parse error: it may hold a password.
+func redactURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+// sameAddress reports whether the server URI points at the relay itself,
+// which would loop every message back into the relay.
+func sameAddress(u *url.URL, host string, port int) bool {
+	if hostPort(u) == net.JoinHostPort(u.Hostname(), strconv.Itoa(port)) {
+		h := strings.ToLower(u.Hostname())
+		host = strings.ToLower(host)
+		return h == host || (isLoopbackName(h) && isLoopbackName(host))
+	}
+	return false
+}
+
+// isLoopbackName reports whether host names this machine's loopback.
+func isLoopbackName(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// parseSize reads a byte count with an optional KiB or MiB suffix.
+func parseSize(s string) (int, error) {
+	unit := 1
+	num := s
+	for _, suffix := range []struct {
+		name string
+		mult int
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"K", 1 << 10}, {"M", 1 << 20}, {"B", 1}} {
+		if strings.HasSuffix(s, suffix.name) {
+			num, unit = strings.TrimSuffix(s, suffix.name), suffix.mult
+			break
+		}
+	}
+	n, err := strconv.Atoi(num)
+	if err != nil || n < 1 || n > (1<<30)/unit {
+		return 0, fmt.Errorf("size %q: want 1B to 1024MiB, e.g. 32MiB", s)
+	}
+	return n * unit, nil
+}
+
+// newLogger writes text logs to the --log file, or to stderr.
+func newLogger(cfg *config, stderr io.Writer) (*slog.Logger, func(), error) {
+	level := slog.LevelInfo
+	if cfg.verbose {
+		level = slog.LevelDebug
+	}
+	w, closeLog := stderr, func() {}
+	if cfg.logFile != "" {
+		f, err := os.OpenFile(cfg.logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--log: %w", err)
+		}
+		w, closeLog = f, func() { f.Close() }
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level})), closeLog, nil
+}
+
+// buildVersion adds the VCS revision that the Go toolchain recorded.
+func buildVersion() string {
+	v := version
+	if info, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range info.Settings {
+			if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+				v += " (" + s.Value[:12] + ")"
+			}
+		}
+	}
+	return v
+}
+
+// service is a listening relay: the local HTTP endpoint, the hub and the
+// upstream, started by run.
+type service struct {
+	cfg  *config
+	log  *slog.Logger
+	ln   net.Listener
+	hub  *hub
+	up   *upstream
+	open sync.WaitGroup // local WebSocket handlers still running
+}
+
+// listen binds the local address; run starts serving on it.
+func listen(cfg *config, log *slog.Logger) (*service, error) {
+	addr := net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	h := newHub(connQueue, cfg.maxMessage, log)
+	u := &upstream{
+		url:        cfg.server,
+		user:       cfg.user,
+		password:   cfg.password,
+		magic:      cfg.magic,
+		maxMessage: cfg.maxMessage,
+		hub:        h,
+		log:        log,
+	}
+	return &service{cfg: cfg, log: log, ln: ln, hub: h, up: u}, nil
+}
+
+// addr is the address the relay listens on, with the port it got.
+func (s *service) addr() string { return s.ln.Addr().String() }
+
+// run serves until ctx ends (exit status 0) or the upstream refuses the
+// credentials or the listener fails (1). Then it stops accepting, lets the
+// hub close every conn with "going away" and the upstream writer flush its
+// queue, and waits for both within stopTimeout.
+func (s *service) run(ctx context.Context) int {
+	s.log.Info("listening", "addr", s.addr(), "server", s.cfg.server.String(), "id_magic", s.cfg.magic.String(), "version", version)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	hubDone := make(chan struct{})
+	go func() {
+		s.hub.run(ctx)
+		close(hubDone)
+	}()
+	upDone := make(chan error, 1)
+	go func() { upDone <- s.up.run(ctx) }()
+	srv := &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: handshakeTimeout,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	srvDone := make(chan error, 1)
+	go func() { srvDone <- srv.Serve(s.ln) }()
+
+	status := 0
+	upWait := (<-chan error)(upDone)
+	select {
+	case <-ctx.Done():
+		s.log.Info("stopping")
+	case err := <-upDone:
+		s.log.Error("upstream failed; stopping", "err", err)
+		upWait = nil // already returned
+		status = 1
+	case err := <-srvDone:
+		s.log.Error("local server failed; stopping", "err", err)
+		status = 1
+	}
+	cancel()
+	srv.Close() // stops accepting; upgraded conns are the hub's to close
+	<-hubDone
+	s.waitForStop(upWait)
+	s.log.Info("stopped")
+	return status
+}
+
+// waitForStop waits up to stopTimeout for the upstream to flush and for
+// every local handler to return. upDone is nil when the upstream is done.
+func (s *service) waitForStop(upDone <-chan error) {
+	handlers := make(chan struct{})
+	go func() {
+		s.open.Wait()
+		close(handlers)
+	}()
+	timeout := time.NewTimer(stopTimeout)
+	defer timeout.Stop()
+	for upDone != nil || handlers != nil {
+		select {
+		case <-upDone:
+			upDone = nil
+		case <-handlers:
+			handlers = nil
+		case <-timeout.C:
+			s.log.Warn("stop timed out; exiting anyway")
+			return
+		}
+	}
+}
+
+// ServeHTTP answers one local request: a WebSocket upgrade on /<document>
+// joins that document; anything else gets a short, clear HTTP answer.
+func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// r.URL.Path is percent-decoded and has no query: /Gr%C3%BC%C3%9Fe?x=1
+	// is the document "Grüße", the same for every kind of client.
+	doc := strings.TrimPrefix(r.URL.Path, "/")
+	if doc == "" {
+		http.Error(w, "elva-service: no document name; connect to ws://"+r.Host+"/<document>", http.StatusForbidden)
+		return
+	}
+	if !isWebSocketUpgrade(r) {
+		w.Header().Set("Upgrade", "websocket")
+		http.Error(w, "elva-service: this is a Yjs WebSocket relay; open ws://"+r.Host+r.URL.EscapedPath()+" with a Yjs client", http.StatusUpgradeRequired)
+		return
+	}
+	s.open.Add(1)
+	defer s.open.Done()
+	ws := websocket.Server{
+		// Native clients send no Origin, which websocket.Handler refuses.
+		Handshake: func(*websocket.Config, *http.Request) error { return nil },
+		Handler:   func(ws *websocket.Conn) { s.hub.serve(ws, doc) },
+	}
+	ws.ServeHTTP(w, r)
+}
+
+// isWebSocketUpgrade reports whether r asks to switch to WebSocket.
+func isWebSocketUpgrade(r *http.Request) bool {
+	return headerHasToken(r.Header, "Connection", "upgrade") && headerHasToken(r.Header, "Upgrade", "websocket")
+}
+
+// headerHasToken reports whether a comma-separated header lists token.
+func headerHasToken(h http.Header, name, token string) bool {
+	for _, v := range h.Values(name) {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}

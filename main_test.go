@@ -1,0 +1,471 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// logBuffer collects log output from several goroutines and passes every
+// line on to lines, so that tests can wait for an event without polling.
+type logBuffer struct {
+	mu    sync.Mutex
+	buf   bytes.Buffer
+	lines chan string
+}
+
+func newLogBuffer() *logBuffer { return &logBuffer{lines: make(chan string, 10000)} }
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	select {
+	case b.lines <- string(p):
+	default: // nobody waits for this many lines
+	}
+	return b.buf.Write(p)
+}
+
+// waitFor returns the next log line that contains substr.
+func (b *logBuffer) waitFor(t *testing.T, substr string) string {
+	t.Helper()
+	deadline := time.After(testTimeout)
+	for {
+		select {
+		case line := <-b.lines:
+			if strings.Contains(line, substr) {
+				return line
+			}
+		case <-deadline:
+			t.Fatalf("timed out waiting for a log line with %q", substr)
+			return ""
+		}
+	}
+}
+
+func (b *logBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// testRelay is a relay started in-process on 127.0.0.1 with a free port.
+type testRelay struct {
+	addr   string
+	logs   *logBuffer
+	status chan int // the exit status, once run returns
+	stop   context.CancelFunc
+}
+
+// startRelay runs the relay with args (HOST and PORT are added) until the
+// test ends, and fails the test if it does not stop in time.
+func startRelay(t *testing.T, args ...string) *testRelay {
+	t.Helper()
+	cfg, err := parseArgs(append(args, "127.0.0.1", "0"), func(string) string { return "" })
+	if err != nil {
+		t.Fatalf("parseArgs: %v", err)
+	}
+	logs := newLogBuffer()
+	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	s, err := listen(cfg, log)
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &testRelay{addr: s.addr(), logs: logs, status: make(chan int, 1), stop: cancel}
+	go func() { r.status <- s.run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-r.status:
+		case <-time.After(testTimeout):
+			t.Errorf("relay did not stop in time")
+		}
+		if t.Failed() {
+			t.Logf("relay log:\n%s", logs.String())
+		}
+	})
+	return r
+}
+
+// waitExit returns the relay's exit status.
+func (r *testRelay) waitExit(t *testing.T) int {
+	t.Helper()
+	select {
+	case code := <-r.status:
+		r.status <- code // for the cleanup
+		return code
+	case <-time.After(testTimeout):
+		t.Fatal("relay did not exit")
+		return -1
+	}
+}
+
+// dialLocal opens an editor connection to doc like a native Yjs client
+// (binary frames, no Origin header is needed but x/net sends one).
+func dialLocal(t *testing.T, addr, doc string) *websocket.Conn {
+	t.Helper()
+	cfg, err := websocket.NewConfig("ws://"+addr+"/"+doc, "http://localhost/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws, err := websocket.DialConfig(cfg)
+	if err != nil {
+		t.Fatalf("dial %s: %v", doc, err)
+	}
+	ws.PayloadType = websocket.BinaryFrame
+	t.Cleanup(func() { ws.Close() })
+	return ws
+}
+
+// send writes one binary message.
+func send(t *testing.T, ws *websocket.Conn, msg []byte) {
+	t.Helper()
+	if err := websocket.Message.Send(ws, msg); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+}
+
+// receive reads one message within testTimeout.
+func receive(t *testing.T, ws *websocket.Conn) []byte {
+	t.Helper()
+	ws.SetReadDeadline(time.Now().Add(testTimeout))
+	var msg []byte
+	if err := websocket.Message.Receive(ws, &msg); err != nil {
+		t.Fatalf("receive: %v", err)
+	}
+	return msg
+}
+
+func TestRelayPrefixesFramesUpstream(t *testing.T) {
+	for _, magic := range []idMagic{magicSeed, magicASCII} {
+		t.Run(magic.String(), func(t *testing.T) {
+			srv := newELVAServer(t, magic)
+			r := startRelay(t, "--server", srv.url(), "--id-magic", magic.String())
+			r.logs.waitFor(t, "upstream connected")
+			ws := dialLocal(t, r.addr, "doc-a")
+			send(t, ws, unhex(t, "00 02 03 01 02 03"))
+			want := append([]byte{magic[0], magic[1]}, unhex(t, "05 64 6f 63 2d 61 00 02 03 01 02 03")...)
+			if got := srv.nextFrame(t); !bytes.Equal(got, want) {
+				t.Errorf("upstream got % x, want % x", got, want)
+			}
+		})
+	}
+}
+
+func TestRelayDecodesPathAndDropsQuery(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	r := startRelay(t, "--server", srv.url())
+	r.logs.waitFor(t, "upstream connected")
+	ws := dialLocal(t, r.addr, "Gr%C3%BC%C3%9Fe?token=abc")
+	send(t, ws, unhex(t, "00 00 01 00"))
+	want := unhex(t, "02 00 07 47 72 c3 bc c3 9f 65 00 00 01 00")
+	if got := srv.nextFrame(t); !bytes.Equal(got, want) {
+		t.Errorf("upstream got % x, want % x", got, want)
+	}
+}
+
+// join dials doc and returns once the hub has the editor registered: its
+// awareness message has come back to it.
+func join(t *testing.T, addr, doc string) *websocket.Conn {
+	t.Helper()
+	ws := dialLocal(t, addr, doc)
+	hello := unhex(t, "01 01 00")
+	send(t, ws, hello)
+	receiveSkipping(t, ws, func(msg []byte) bool { return bytes.Equal(msg, hello) })
+	return ws
+}
+
+// receiveSkipping reads until a message satisfies want and returns it,
+// skipping what the relay may send in between: awareness, query-awareness
+// and sync step 1 from other editors.
+func receiveSkipping(t *testing.T, ws *websocket.Conn, want func([]byte) bool) []byte {
+	t.Helper()
+	for {
+		msg := receive(t, ws)
+		if want(msg) {
+			return msg
+		}
+		noise := len(msg) > 0 && (msg[0] == msgAwareness || msg[0] == msgQueryAwareness) ||
+			bytes.HasPrefix(msg, []byte{msgSync, syncStep1})
+		if !noise {
+			t.Fatalf("unexpected message % x", msg)
+		}
+	}
+}
+
+func TestUpstreamFrameReachesLocalEditors(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	r := startRelay(t, "--server", srv.url())
+	r.logs.waitFor(t, "upstream connected")
+	a := join(t, r.addr, "doc-a")
+	b := join(t, r.addr, "doc-a")
+	other := join(t, r.addr, "doc-b")
+	update := unhex(t, "00 02 03 01 02 03")
+	srv.sendAll(append(appendIDPrefix(nil, magicSeed, "doc-a"), update...))
+	marker := unhex(t, "00 02 01 07")
+	srv.sendAll(append(appendIDPrefix(nil, magicSeed, "doc-b"), marker...))
+	for _, ws := range []*websocket.Conn{a, b} {
+		receiveSkipping(t, ws, func(msg []byte) bool { return bytes.Equal(msg, update) })
+	}
+	// doc-b hears only its own document's message, and fails on doc-a's.
+	receiveSkipping(t, other, func(msg []byte) bool { return bytes.Equal(msg, marker) })
+}
+
+func TestLocalHTTPAnswers(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	r := startRelay(t, "--server", srv.url())
+	upgrade := http.Header{
+		"Connection":            {"Upgrade"},
+		"Upgrade":               {"websocket"},
+		"Sec-Websocket-Version": {"13"},
+		"Sec-Websocket-Key":     {"dGhlIHNhbXBsZSBub25jZQ=="},
+	}
+	tests := []struct {
+		name   string
+		path   string
+		header http.Header
+		want   int
+		body   string
+	}{
+		{"upgrade without document", "/", upgrade, http.StatusForbidden, "no document name"},
+		{"plain request without document", "/", nil, http.StatusForbidden, "no document name"},
+		{"upgrade with only a query", "/?x=1", upgrade, http.StatusForbidden, "no document name"},
+		{"plain request for a document", "/doc-a", nil, http.StatusUpgradeRequired, "Yjs WebSocket relay"},
+	}
+	client := &http.Client{Timeout: testTimeout}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req, _ := http.NewRequest("GET", "http://"+r.addr+tt.path, nil)
+			for k, v := range tt.header {
+				req.Header[k] = v
+			}
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tt.want || !strings.Contains(string(body), tt.body) {
+				t.Errorf("got %d %q, want %d with %q", resp.StatusCode, body, tt.want, tt.body)
+			}
+		})
+	}
+}
+
+func TestUpstreamAuthRetriesWithBasic(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	srv.user, srv.password = "ada", "s3cret-pw"
+	r := startRelay(t, "--server", srv.url(), "--user", "ada", "--password", "s3cret-pw")
+	r.logs.waitFor(t, "upstream connected")
+	first, second := <-srv.authHeaders, <-srv.authHeaders
+	if first != "" {
+		t.Errorf("first handshake carried credentials %q; want none", first)
+	}
+	if want := "Basic YWRhOnMzY3JldC1wdw=="; second != want {
+		t.Errorf("second handshake: Authorization %q, want %q", second, want)
+	}
+	ws := dialLocal(t, r.addr, "doc-a")
+	send(t, ws, unhex(t, "00 00 01 00"))
+	if got := srv.nextFrame(t); !bytes.HasPrefix(got, unhex(t, "02 00 05")) {
+		t.Errorf("upstream got % x after auth", got)
+	}
+	if strings.Contains(r.logs.String(), "s3cret-pw") || strings.Contains(r.logs.String(), "YWRhOnMzY3JldC1wdw") {
+		t.Errorf("the password is in the log:\n%s", r.logs)
+	}
+}
+
+func TestUpstreamAuthFailureExits(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"wrong password", []string{"--user", "ada", "--password", "wrong-pw"}, `for user \"ada\": server answered HTTP 401 Unauthorized: \"invalid credentials\"`},
+		{"no user configured", nil, "no user is set"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := newELVAServer(t, magicSeed)
+			srv.user, srv.password = "ada", "right-pw"
+			r := startRelay(t, append([]string{"--server", srv.url()}, tt.args...)...)
+			if code := r.waitExit(t); code != 1 {
+				t.Errorf("exit status %d, want 1", code)
+			}
+			logs := r.logs.String()
+			if !strings.Contains(logs, tt.want) {
+				t.Errorf("log lacks %q:\n%s", tt.want, logs)
+			}
+			if strings.Contains(logs, "wrong-pw") {
+				t.Errorf("the password is in the log:\n%s", logs)
+			}
+		})
+	}
+}
+
+func TestUpstreamRefusalIsRetried(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	srv.refuse.Store(http.StatusServiceUnavailable)
+	r := startRelay(t, "--server", srv.url())
+	// Let the relay fail twice, then accept.
+	<-srv.authHeaders
+	<-srv.authHeaders
+	srv.refuse.Store(0)
+	r.logs.waitFor(t, "upstream connected")
+	logs := r.logs.String()
+	if !strings.Contains(logs, `server answered HTTP 503 Service Unavailable: \"refused by test\"`) {
+		t.Errorf("log does not name the status and body:\n%s", logs)
+	}
+	if n := strings.Count(logs, "upstream unavailable"); n != 1 {
+		t.Errorf("%d 'upstream unavailable' lines, want 1 per outage", n)
+	}
+}
+
+func TestUpstreamDownLocalKeepsServing(t *testing.T) {
+	// A port with nothing behind it: connections are refused.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := "ws://" + ln.Addr().String() + "/"
+	ln.Close()
+	r := startRelay(t, "--server", dead)
+	a := dialLocal(t, r.addr, "doc-a")
+	b := dialLocal(t, r.addr, "doc-a")
+	send(t, b, unhex(t, "01 01 00")) // b's awareness echo proves b is registered
+	receive(t, b)
+	update := unhex(t, "00 02 01 09")
+	send(t, a, update)
+	if got := receive(t, b); !bytes.Equal(got, update) {
+		t.Errorf("got % x, want % x", got, update)
+	}
+}
+
+func TestParseArgs(t *testing.T) {
+	env := map[string]string{}
+	getenv := func(k string) string { return env[k] }
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		want    func(*config) bool
+		wantErr string
+	}{
+		{"defaults", []string{"--server", "ws://example.org"}, nil, func(c *config) bool {
+			return c.host == "localhost" && c.port == 8000 && c.server.String() == "ws://example.org/" && c.magic == magicSeed && c.maxMessage == 32<<20
+		}, ""},
+		{"positional before flags", []string{"0.0.0.0", "9000", "--server", "ws://e/"}, nil, func(c *config) bool { return c.host == "0.0.0.0" && c.port == 9000 }, ""},
+		{"flags between positionals", []string{"h", "--server", "ws://e/", "9001", "-v"}, nil, func(c *config) bool { return c.host == "h" && c.port == 9001 && c.verbose }, ""},
+		{"double dash", []string{"--server", "ws://e/", "--", "h", "1"}, nil, func(c *config) bool { return c.host == "h" && c.port == 1 }, ""},
+		{"environment", nil, map[string]string{"ELVA_SERVER": "wss://e/", "ELVA_USER": "u", "ELVA_PASSWORD": "p"}, func(c *config) bool {
+			return c.server.Scheme == "wss" && c.user == "u" && c.password == "p"
+		}, ""},
+		{"flags override environment", []string{"--user", "flag"}, map[string]string{"ELVA_SERVER": "ws://e/", "ELVA_USER": "env"}, func(c *config) bool { return c.user == "flag" }, ""},
+		{"userinfo moved out of the URI", []string{"--server", "ws://ada:pw@e:81/x"}, nil, func(c *config) bool {
+			return c.user == "ada" && c.password == "pw" && c.server.String() == "ws://e:81/x"
+		}, ""},
+		{"id magic 4944", []string{"--server", "ws://e/", "--id-magic", "4944"}, nil, func(c *config) bool { return c.magic == magicASCII }, ""},
+		{"max message", []string{"--server", "ws://e/", "--max-message", "512KiB"}, nil, func(c *config) bool { return c.maxMessage == 512<<10 }, ""},
+		{"no server", nil, nil, nil, "no upstream server"},
+		{"bad scheme", []string{"--server", "http://e/"}, nil, nil, "scheme must be ws or wss"},
+		{"no host", []string{"--server", "ws:///x"}, nil, nil, "no host"},
+		{"bad server port", []string{"--server", "ws://e:99999/"}, nil, nil, "bad port"},
+		{"bad port", []string{"--server", "ws://e/", "h", "80x"}, nil, nil, `port "80x"`},
+		{"port out of range", []string{"--server", "ws://e/", "h", "70000"}, nil, nil, "0 to 65535"},
+		{"too many arguments", []string{"--server", "ws://e/", "h", "1", "x"}, nil, nil, "too many arguments"},
+		{"unknown flag", []string{"--nope"}, nil, nil, "flag provided but not defined"},
+		{"bad id magic", []string{"--server", "ws://e/", "--id-magic", "0201"}, nil, nil, "want 0200 or 4944"},
+		{"bad size", []string{"--server", "ws://e/", "--max-message", "lots"}, nil, nil, "--max-message"},
+		{"server is the relay itself", []string{"--server", "ws://localhost:8000/"}, nil, nil, "identical to the service address"},
+		{"server is the relay by loopback address", []string{"--server", "ws://127.0.0.1:9000/", "localhost", "9000"}, nil, nil, "identical"},
+		{"other port is fine", []string{"--server", "ws://localhost:8001/"}, nil, func(c *config) bool { return c.port == 8000 }, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env = tt.env
+			cfg, err := parseArgs(tt.args, getenv)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("got %v, want an error with %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("unexpected error: %v", err)
+			}
+			if !tt.want(cfg) {
+				t.Errorf("unexpected config %+v (server %v)", cfg, cfg.server)
+			}
+		})
+	}
+}
+
+func TestRunExitStatus(t *testing.T) {
+	tests := []struct {
+		name   string
+		args   []string
+		status int
+		stdout string
+		stderr string
+	}{
+		{"help", []string{"--help"}, 0, "Usage:", ""},
+		{"short help", []string{"-h"}, 0, "Examples:", ""},
+		{"version", []string{"--version"}, 0, "elva-service", ""},
+		{"bad flag", []string{"--bogus"}, 2, "", "elva-service: flag provided but not defined: -bogus (see --help)\n"},
+		{"malformed URI", []string{"--server", "ws://a b/"}, 2, "", "invalid character"},
+		{"password not echoed", []string{"--server", "ws://u:topsecret@%zz/"}, 2, "", "elva-service:"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			status := run(context.Background(), tt.args, &stdout, &stderr, func(string) string { return "" })
+			if status != tt.status || !strings.Contains(stdout.String(), tt.stdout) || !strings.Contains(stderr.String(), tt.stderr) {
+				t.Errorf("got %d, stdout %q, stderr %q; want %d, %q, %q", status, stdout.String(), stderr.String(), tt.status, tt.stdout, tt.stderr)
+			}
+			if strings.Count(stderr.String(), "\n") > 1 || strings.Contains(stderr.String(), "topsecret") {
+				t.Errorf("stderr should be one line without secrets: %q", stderr.String())
+			}
+		})
+	}
+}
+
+// TestRunStopsOnCancel checks the normal stop: status 0, no error.
+func TestRunStopsOnCancel(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	r := startRelay(t, "--server", srv.url())
+	r.logs.waitFor(t, "upstream connected")
+	ws := dialLocal(t, r.addr, "doc-a")
+	send(t, ws, unhex(t, "01 01 00"))
+	receive(t, ws)
+	r.stop()
+	if code := r.waitExit(t); code != 0 {
+		t.Errorf("exit status %d, want 0", code)
+	}
+	// The editor is told the relay is going away.
+	var msg []byte
+	ws.SetReadDeadline(time.Now().Add(testTimeout))
+	if err := websocket.Message.Receive(ws, &msg); !errors.Is(err, io.EOF) {
+		t.Errorf("after stop: got % x, %v; want EOF", msg, err)
+	}
+}
+
+// hostOf is the host:port of a URI, for tests.
+func hostOf(t *testing.T, raw string) string {
+	t.Helper()
+	u, err := url.Parse(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u.Host
+}

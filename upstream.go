@@ -1,0 +1,380 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+const (
+	// upstreamQueue frames may wait for the upstream writer. It is larger
+	// than connQueue because it carries every document; when it is full the
+	// hub closes the upstream connection, which then reconnects.
+	upstreamQueue = 4096
+	// dialTimeout bounds the TCP (and TLS) connect plus the WebSocket handshake.
+	dialTimeout = 10 * time.Second
+	// backoffBase is the first reconnect delay bound; it doubles per attempt.
+	backoffBase = 500 * time.Millisecond
+	// backoffCap is the largest reconnect delay bound.
+	backoffCap = 30 * time.Second
+	// stableAfter is how long a connection must stay up to reset the backoff,
+	// so a server that accepts and drops at once is not hammered.
+	stableAfter = 10 * time.Second
+	// maxErrorBody bytes of a refused handshake's body go into the error.
+	maxErrorBody = 512
+	// maxKeptHandshake bounds the response bytes kept to report a refusal.
+	maxKeptHandshake = 64 << 10
+	// upstreamSlack is what an upstream frame may carry beyond --max-message:
+	// the ID prefix of a document name.
+	upstreamSlack = 64 << 10
+)
+
+// errAuth marks an upstream refusal that retrying cannot fix.
+var errAuth = errors.New("upstream authentication failed")
+
+// link is one live upstream connection as the hub sees it.
+type link struct {
+	send chan frame // closed by the hub only
+}
+
+// upstream keeps the one WebSocket to the remote ELVA server that carries
+// every document, reconnecting with backoff until ctx ends.
+type upstream struct {
+	// Static after construction.
+	url        *url.URL // without userinfo
+	user       string
+	password   string
+	magic      idMagic
+	maxMessage int
+	tls        *tls.Config // nil: system roots
+	hub        *hub
+	log        *slog.Logger
+
+	// Owned by run.
+	authorization string // Basic credentials, once the server asked for them
+}
+
+// statusError is a handshake that the server refused with an HTTP status.
+type statusError struct {
+	code int
+	body string
+}
+
+func (e *statusError) Error() string {
+	msg := fmt.Sprintf("server answered HTTP %d %s", e.code, http.StatusText(e.code))
+	if e.body != "" {
+		msg += fmt.Sprintf(": %q", e.body)
+	}
+	return msg
+}
+
+// run connects and serves the upstream until ctx ends, which returns nil,
+// or until the server refuses the credentials, which returns an errAuth.
+func (u *upstream) run(ctx context.Context) error {
+	var b backoff
+	down := false // a "down" line has been logged since the last "up"
+	for {
+		ws, raw, err := u.connect(ctx)
+		if errors.Is(err, errAuth) {
+			return err
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err != nil {
+			delay := b.next()
+			if !down {
+				u.log.Warn("upstream unavailable; retrying in the background", "server", u.url.String(), "err", err)
+				down = true
+			}
+			u.log.Debug("upstream retry scheduled", "delay", delay, "err", err)
+			if !sleep(ctx, delay) {
+				return nil
+			}
+			continue
+		}
+		down = false
+		start := time.Now()
+		err = u.serve(ws, raw)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if time.Since(start) >= stableAfter {
+			b.reset()
+		}
+		u.log.Warn("upstream connection lost; reconnecting", "server", u.url.String(), "err", err)
+		down = true
+		if !sleep(ctx, b.next()) {
+			return nil
+		}
+	}
+}
+
+// connect makes one handshake, and a second one with Basic credentials when
+// the first is refused with 401 and a user is configured.
+func (u *upstream) connect(ctx context.Context) (*websocket.Conn, net.Conn, error) {
+	ws, raw, err := u.handshake(ctx)
+	var status *statusError
+	if !errors.As(err, &status) || status.code != http.StatusUnauthorized {
+		return ws, raw, err
+	}
+	switch {
+	case u.user == "":
+		return nil, nil, fmt.Errorf("%w: the server asks for credentials and no user is set (--user, ELVA_USER): %v", errAuth, err)
+	case u.authorization != "":
+		return nil, nil, fmt.Errorf("%w for user %q: %v", errAuth, u.user, err)
+	}
+	u.authorization = "Basic " + base64.StdEncoding.EncodeToString([]byte(u.user+":"+u.password))
+	ws, raw, err = u.handshake(ctx)
+	if errors.As(err, &status) && status.code == http.StatusUnauthorized {
+		return nil, nil, fmt.Errorf("%w for user %q: %v", errAuth, u.user, err)
+	}
+	return ws, raw, err
+}
+
+// handshake dials the server and upgrades the connection. It dials itself
+// rather than through websocket.DialConfig so that a refusal can be reported
+// with its HTTP status and body, which the library's ErrBadStatus hides.
+// raw is the TCP (or TLS) connection under ws, to close it without a
+// second close frame.
+func (u *upstream) handshake(ctx context.Context) (ws *websocket.Conn, raw net.Conn, err error) {
+	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
+	defer cancel()
+	raw, err = u.dial(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("dial %s: %w", u.url.Host, err)
+	}
+	// The deadline bounds the handshake; closing on cancel ends it at shutdown.
+	deadline, _ := ctx.Deadline()
+	raw.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
+	defer stop()
+
+	cfg, err := websocket.NewConfig(u.url.String(), u.origin())
+	if err != nil {
+		raw.Close()
+		return nil, nil, fmt.Errorf("upstream config: %w", err)
+	}
+	if u.authorization != "" {
+		cfg.Header = http.Header{"Authorization": {u.authorization}}
+	}
+	rec := &recordingConn{Conn: raw, recording: true}
+	ws, err = websocket.NewClient(cfg, rec)
+	if err != nil {
+		defer raw.Close()
+		if errors.Is(err, websocket.ErrBadStatus) {
+			return nil, nil, readRefusal(rec.kept, raw)
+		}
+		return nil, nil, fmt.Errorf("websocket handshake with %s: %w", u.url.Host, err)
+	}
+	if !stop() {
+		raw.Close()
+		return nil, nil, fmt.Errorf("websocket handshake with %s: %w", u.url.Host, ctx.Err())
+	}
+	rec.recording, rec.kept = false, nil
+	raw.SetDeadline(time.Time{})
+	ws.PayloadType = websocket.BinaryFrame
+	return ws, raw, nil
+}
+
+// dial opens the TCP connection, with TLS for wss.
+func (u *upstream) dial(ctx context.Context) (net.Conn, error) {
+	d := &net.Dialer{KeepAlive: 30 * time.Second}
+	if u.url.Scheme != "wss" {
+		return d.DialContext(ctx, "tcp", hostPort(u.url))
+	}
+	cfg := u.tls.Clone()
+	if cfg == nil {
+		cfg = &tls.Config{}
+	}
+	cfg.ServerName = u.url.Hostname()
+	td := &tls.Dialer{NetDialer: d, Config: cfg}
+	return td.DialContext(ctx, "tcp", hostPort(u.url))
+}
+
+// origin is the Origin header that x/net/websocket requires of a client:
+// the server's own origin, which servers that check it accept.
+func (u *upstream) origin() string {
+	scheme := "http"
+	if u.url.Scheme == "wss" {
+		scheme = "https"
+	}
+	return scheme + "://" + u.url.Host
+}
+
+// serve runs one upstream connection until it ends: the reader here, the
+// writer in its own goroutine. It returns why the connection ended.
+func (u *upstream) serve(ws *websocket.Conn, raw net.Conn) error {
+	l := &link{send: make(chan frame, upstreamQueue)}
+	select {
+	case u.hub.attach <- l:
+	case <-u.hub.quit:
+		ws.Close()
+		return errStopping
+	}
+	// Logged once the hub sends frames here, so the line means "in use".
+	u.log.Info("upstream connected", "server", u.url.String())
+	done := make(chan struct{})
+	go u.writeLoop(ws, raw, l, done)
+	err := u.readLoop(ws)
+	select {
+	case u.hub.detach <- l:
+	case <-u.hub.quit:
+	}
+	<-done
+	raw.Close()
+	return err
+}
+
+// readLoop is the upstream reader: it strips the ID prefix of every frame
+// and hands the message to the hub. Bad frames are dropped and logged.
+func (u *upstream) readLoop(ws *websocket.Conn) error {
+	var bad throttle
+	debug := u.log.Enabled(context.Background(), slog.LevelDebug)
+	for {
+		data, err := readMessage(ws, u.maxMessage+upstreamSlack)
+		if errors.Is(err, errTextFrame) {
+			if n, ok := bad.hit(time.Now()); ok {
+				u.log.Warn("upstream text frame dropped", "count", n)
+			}
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		doc, msg, err := splitIDFrame(u.magic, data)
+		var kind uint64
+		if err == nil {
+			kind, err = messageKind(msg)
+		}
+		if err != nil {
+			if n, ok := bad.hit(time.Now()); ok {
+				u.log.Warn("malformed upstream message dropped", "bytes", len(data), "count", n, "err", err)
+			}
+			continue
+		}
+		if debug {
+			u.log.Debug("message from upstream", "doc", doc, "kind", kind, "bytes", len(msg))
+		}
+		select {
+		case u.hub.remote <- frame{doc: doc, data: msg, kind: kind}:
+		case <-u.hub.quit:
+			return errStopping
+		}
+	}
+}
+
+// writeLoop is the upstream writer, the only code that writes frames to
+// ws. It prefixes every message with its document's ID. After the hub
+// closes l.send it flushes what is queued and closes the connection; after
+// a failed write it drains l.send until then, so the hub never sees a full
+// queue for a connection that is already dead.
+func (u *upstream) writeLoop(ws *websocket.Conn, raw net.Conn, l *link, done chan<- struct{}) {
+	defer close(done)
+	var buf []byte
+	alive := true
+	for f := range l.send {
+		if !alive {
+			continue
+		}
+		buf = append(appendIDPrefix(buf[:0], u.magic, f.doc), f.data...)
+		if err := writeMessage(ws, buf); err != nil {
+			u.log.Debug("write to upstream failed", "err", err)
+			alive = false
+			raw.Close() // ends readLoop
+		}
+		if cap(buf) > 1<<20 {
+			buf = nil // do not keep a large message's buffer for good
+		}
+	}
+	if alive {
+		ws.SetWriteDeadline(time.Now().Add(writeWait))
+		ws.WriteClose(closeNormal)
+		ws.SetReadDeadline(time.Now().Add(closeGrace))
+	}
+}
+
+// readRefusal reads the HTTP response of a refused handshake from the bytes
+// the handshake already consumed and the rest of the connection.
+func readRefusal(kept []byte, raw net.Conn) error {
+	r := bufio.NewReader(io.MultiReader(bytes.NewReader(kept), raw))
+	resp, err := http.ReadResponse(r, nil)
+	if err != nil {
+		return fmt.Errorf("websocket handshake: unreadable response: %w", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
+	return &statusError{code: resp.StatusCode, body: strings.TrimSpace(string(body))}
+}
+
+// recordingConn keeps the bytes read through it while recording is on, so
+// that a refused handshake's response can be parsed again.
+type recordingConn struct {
+	net.Conn
+	recording bool // switched off by handshake before other goroutines read
+	kept      []byte
+}
+
+func (r *recordingConn) Read(p []byte) (int, error) {
+	n, err := r.Conn.Read(p)
+	if r.recording && len(r.kept) < maxKeptHandshake {
+		r.kept = append(r.kept, p[:min(n, maxKeptHandshake-len(r.kept))]...)
+	}
+	return n, err
+}
+
+// hostPort gives u's host with the default port of its scheme.
+func hostPort(u *url.URL) string {
+	if port := u.Port(); port != "" {
+		return net.JoinHostPort(u.Hostname(), port)
+	}
+	if u.Scheme == "wss" {
+		return net.JoinHostPort(u.Hostname(), "443")
+	}
+	return net.JoinHostPort(u.Hostname(), "80")
+}
+
+// backoff yields reconnect delays: exponential bounds with full jitter, so
+// that many relays that lost one server do not come back in lockstep.
+type backoff struct {
+	attempt int
+}
+
+// next returns a random delay in [0, min(cap, base·2^attempt)).
+func (b *backoff) next() time.Duration {
+	bound := backoffCap
+	if b.attempt < 16 {
+		bound = min(backoffBase<<b.attempt, backoffCap)
+	}
+	b.attempt++
+	return rand.N(bound)
+}
+
+// reset starts the delays from backoffBase again.
+func (b *backoff) reset() { b.attempt = 0 }
+
+// sleep waits for d or until ctx ends; it reports whether d passed.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}

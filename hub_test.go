@@ -1,0 +1,480 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// The hub is tested in memory: conns are bare send queues without a
+// socket, and the tests play their readers by sending to h.local. Each
+// join is an unbuffered send, so the hub has added the conn before the
+// test goes on; frames on h.local are handled in order, so a frame that
+// arrives proves that every earlier frame has been routed.
+
+// discard is a logger for tests that do not look at logs.
+var discard = slog.New(slog.DiscardHandler)
+
+// startHub runs a hub until the test ends.
+func startHub(t *testing.T) (*hub, context.CancelFunc) {
+	t.Helper()
+	h := newHub(connQueue, defaultMaxMessage, discard)
+	ctx, cancel := context.WithCancel(context.Background())
+	go h.run(ctx)
+	t.Cleanup(func() {
+		cancel()
+		<-h.quit
+	})
+	return h, cancel
+}
+
+// memConn joins a socketless conn with a queue of size queue to doc.
+func memConn(t *testing.T, h *hub, doc string, queue int) *conn {
+	t.Helper()
+	c := &conn{doc: doc, remote: "mem", log: discard, send: make(chan []byte, queue), done: make(chan struct{})}
+	h.join <- c
+	return c
+}
+
+// memLink attaches a socketless upstream link with a queue of size queue.
+func memLink(h *hub, queue int) *link {
+	l := &link{send: make(chan frame, queue)}
+	h.attach <- l
+	return l
+}
+
+// post plays c's reader: it hands msg to the hub.
+func post(t *testing.T, h *hub, c *conn, msg []byte) {
+	t.Helper()
+	kind, err := messageKind(msg)
+	if err != nil {
+		t.Fatalf("test message % x: %v", msg, err)
+	}
+	h.local <- frame{doc: c.doc, data: msg, kind: kind, from: c}
+}
+
+// next returns the next message queued for c.
+func next(t *testing.T, c *conn) []byte {
+	t.Helper()
+	select {
+	case msg, ok := <-c.send:
+		if !ok {
+			t.Fatalf("conn on %s was closed (code %d)", c.doc, c.closeCode)
+		}
+		return msg
+	case <-time.After(testTimeout):
+		t.Fatalf("nothing queued for conn on %s", c.doc)
+		return nil
+	}
+}
+
+// expect fails unless c's next message is want.
+func expect(t *testing.T, c *conn, want []byte) {
+	t.Helper()
+	if got := next(t, c); !bytes.Equal(got, want) {
+		t.Fatalf("conn on %s got % x, want % x", c.doc, got, want)
+	}
+}
+
+// expectEmpty fails if anything is queued for c.
+func expectEmpty(t *testing.T, c *conn) {
+	t.Helper()
+	select {
+	case msg := <-c.send:
+		t.Fatalf("conn on %s got % x, want nothing", c.doc, msg)
+	default:
+	}
+}
+
+// expectClosed fails unless c's queue is closed, after draining it, with code.
+func expectClosed(t *testing.T, c *conn, code int) {
+	t.Helper()
+	for {
+		select {
+		case _, ok := <-c.send:
+			if ok {
+				continue
+			}
+			if c.closeCode != code {
+				t.Fatalf("closed with %d, want %d", c.closeCode, code)
+			}
+			return
+		case <-time.After(testTimeout):
+			t.Fatal("conn was not closed")
+		}
+	}
+}
+
+var (
+	update1   = []byte{msgSync, syncUpdate, 1, 0xa1}
+	update2   = []byte{msgSync, syncUpdate, 1, 0xa2}
+	step1     = []byte{msgSync, syncStep1, 1, 0}
+	awareness = []byte{msgAwareness, 1, 0}
+)
+
+func TestHubSyncGoesToOthersNotBackToSender(t *testing.T) {
+	h, _ := startHub(t)
+	up := memLink(h, upstreamQueue)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness) // b's arrival
+	other := memConn(t, h, "d2", connQueue)
+
+	post(t, h, a, update1)
+	expect(t, b, update1)
+	if f := <-up.send; f.doc != "d1" || !bytes.Equal(f.data, update1) {
+		t.Errorf("upstream got %q % x, want d1 % x", f.doc, f.data, update1)
+	}
+	post(t, h, b, update2) // a barrier: routed after update1
+	expect(t, a, update2)  // a never got its own update1
+	expectEmpty(t, b)
+	expectEmpty(t, other)
+}
+
+func TestHubAwarenessEchoesToSender(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	post(t, h, a, awareness)
+	expect(t, a, awareness)
+	expect(t, b, awareness)
+}
+
+func TestHubLoneEditorHearsItsAwareness(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	post(t, h, a, step1)
+	post(t, h, a, awareness)
+	expect(t, a, awareness) // and not its step 1
+}
+
+func TestHubQueriesAwarenessOnJoin(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	c := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	expect(t, b, queryAwareness)
+	post(t, h, c, update1)
+	expect(t, a, update1) // nothing was queued for c at its own join
+	expect(t, b, update1)
+	expectEmpty(t, c)
+}
+
+func TestHubIsolatesDocuments(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d2", connQueue)
+	post(t, h, a, update1)
+	post(t, h, b, awareness)
+	expect(t, b, awareness) // b's echo, after a's update was routed
+	expectEmpty(t, b)
+	expectEmpty(t, a)
+}
+
+func TestHubUpstreamFramesReachEveryLocalEditor(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	other := memConn(t, h, "d2", connQueue)
+	h.remote <- frame{doc: "nobody-here", data: update2, kind: msgSync} // dropped
+	h.remote <- frame{doc: "d1", data: update1, kind: msgSync}
+	expect(t, a, update1)
+	expect(t, b, update1)
+	h.remote <- frame{doc: "d2", data: update2, kind: msgSync}
+	expect(t, other, update2) // the only frame for d2
+	expectEmpty(t, a)
+}
+
+func TestHubClosesSlowEditorWithoutStallingOthers(t *testing.T) {
+	h, _ := startHub(t)
+	up := memLink(h, upstreamQueue)
+	a := memConn(t, h, "d1", connQueue)
+	slow := memConn(t, h, "d1", 1)
+	b := memConn(t, h, "d1", connQueue)
+	const n = 50
+	for i := range n {
+		post(t, h, a, []byte{msgSync, syncUpdate, 1, byte(i)})
+	}
+	for i := range n {
+		expect(t, b, []byte{msgSync, syncUpdate, 1, byte(i)})
+		if f := <-up.send; f.data[3] != byte(i) {
+			t.Fatalf("upstream got % x out of order", f.data)
+		}
+	}
+	expectClosed(t, slow, closeTryAgain)
+	// The slow conn's reader may still report its end: the hub ignores it.
+	h.leave <- departure{slow, closeNormal}
+	post(t, h, b, update1)
+	expect(t, a, queryAwareness) // slow's arrival
+	expect(t, a, queryAwareness) // b's arrival
+	expect(t, a, update1)
+}
+
+func TestHubLeaveClosesConn(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue)
+	h.leave <- departure{b, closeUnsupported}
+	expectClosed(t, b, closeUnsupported)
+	post(t, h, a, awareness)
+	expect(t, a, queryAwareness)
+	expect(t, a, awareness)
+	// The document is gone once its last editor left.
+	h.leave <- departure{a, closeNormal}
+	expectClosed(t, a, closeNormal)
+	h.remote <- frame{doc: "d1", data: update1, kind: msgSync}
+	c := memConn(t, h, "d1", connQueue)
+	post(t, h, c, awareness)
+	expect(t, c, awareness) // not update1, which found no editor
+}
+
+func TestHubFullUpstreamQueueClosesLink(t *testing.T) {
+	h, _ := startHub(t)
+	up := memLink(h, 1)
+	a := memConn(t, h, "d1", connQueue)
+	post(t, h, a, update1)
+	post(t, h, a, update2) // does not fit: the link is closed
+	post(t, h, a, awareness)
+	expect(t, a, awareness)
+	if f, ok := <-up.send; !ok || !bytes.Equal(f.data, update1) {
+		t.Fatalf("got % x, %v; want the queued update1", f.data, ok)
+	}
+	if _, ok := <-up.send; ok {
+		t.Fatal("link still open after its queue filled")
+	}
+	// Local editing goes on, and a new link gets new frames.
+	next := memLink(h, upstreamQueue)
+	post(t, h, a, update1)
+	if f := <-next.send; !bytes.Equal(f.data, update1) {
+		t.Errorf("new link got % x, want % x", f.data, update1)
+	}
+}
+
+func TestHubDetachIgnoresOldLink(t *testing.T) {
+	h, _ := startHub(t)
+	old := memLink(h, upstreamQueue)
+	current := memLink(h, upstreamQueue) // replaces and closes old
+	if _, ok := <-old.send; ok {
+		t.Fatal("old link still open")
+	}
+	h.detach <- old
+	a := memConn(t, h, "d1", connQueue)
+	post(t, h, a, update1)
+	if f := <-current.send; !bytes.Equal(f.data, update1) {
+		t.Errorf("got % x, want % x", f.data, update1)
+	}
+}
+
+func TestHubStopClosesEverything(t *testing.T) {
+	h, cancel := startHub(t)
+	up := memLink(h, upstreamQueue)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d2", connQueue)
+	post(t, h, a, update1)
+	cancel()
+	<-h.quit
+	expectClosed(t, a, closeGoingAway)
+	expectClosed(t, b, closeGoingAway)
+	// What was queued upstream before the stop is still there to flush.
+	if f, ok := <-up.send; !ok || !bytes.Equal(f.data, update1) {
+		t.Errorf("got % x, %v; want update1 before the close", f.data, ok)
+	}
+	if _, ok := <-up.send; ok {
+		t.Error("link still open after stop")
+	}
+}
+
+func TestThrottle(t *testing.T) {
+	var th throttle
+	start := time.Now()
+	if n, ok := th.hit(start); !ok || n != 1 {
+		t.Fatalf("first hit: %d, %v; want 1, true", n, ok)
+	}
+	for i := range 5 {
+		if _, ok := th.hit(start.Add(time.Duration(i) * time.Second)); ok {
+			t.Fatalf("hit %d within warnEvery logged", i)
+		}
+	}
+	if n, ok := th.hit(start.Add(warnEvery)); !ok || n != 6 {
+		t.Fatalf("after warnEvery: %d, %v; want 6, true", n, ok)
+	}
+}
+
+// The tests below run the hub behind real sockets on loopback.
+
+func TestSlowSocketClosedWithoutStallingOthers(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/") // upstream stays down
+	sender := join(t, r.addr, "doc")
+	reader := join(t, r.addr, "doc")
+	slow := join(t, r.addr, "doc") // never reads until the end
+	receiveSkipping(t, sender, func(m []byte) bool { return m[0] == msgQueryAwareness })
+	receiveSkipping(t, sender, func(m []byte) bool { return m[0] == msgQueryAwareness })
+	receiveSkipping(t, reader, func(m []byte) bool { return m[0] == msgQueryAwareness })
+
+	// Enough data to fill slow's socket buffers and its send queue.
+	const n = 600
+	payload := bytes.Repeat([]byte{0xab}, 64<<10)
+	msg := append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(payload))), payload...)
+	errs := make(chan error, 1)
+	go func() {
+		for range n {
+			if err := websocket.Message.Send(sender, msg); err != nil {
+				errs <- err
+				return
+			}
+		}
+		errs <- nil
+	}()
+	for i := range n {
+		if got := receiveSkipping(t, reader, func(m []byte) bool { return m[0] == msgSync }); !bytes.Equal(got, msg) {
+			t.Fatalf("message %d: got %d bytes", i, len(got))
+		}
+	}
+	if err := <-errs; err != nil {
+		t.Fatalf("sender: %v", err)
+	}
+	r.logs.waitFor(t, "slow editor closed")
+	got := 0
+	for {
+		slow.SetReadDeadline(time.Now().Add(testTimeout))
+		var m []byte
+		err := websocket.Message.Receive(slow, &m)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("slow editor: %v after %d messages", err, got)
+		}
+		got++
+	}
+	if got >= n {
+		t.Errorf("slow editor got all %d messages; want it cut off", got)
+	}
+}
+
+func TestLocalFrameRules(t *testing.T) {
+	tests := []struct {
+		name   string
+		frames [][]byte
+		code   int
+		reason string
+	}{
+		{"text frame", [][]byte{maskedFrame(0x81, []byte("hi"))}, closeUnsupported, "text frame"},
+		{"too large", [][]byte{maskedFrame(0x82, make([]byte, 2<<10))}, closeTooBig, "larger than --max-message"},
+		// A whole update in a first fragment: none of it may pass.
+		{"fragmented", [][]byte{maskedFrame(0x02, update1), maskedFrame(0x80, []byte{0xff})}, closeUnsupported, "fragmented"},
+		{"reserved opcode", [][]byte{maskedFrame(0x83, update1)}, closeProtocol, "reserved"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--max-message", "1KiB")
+			bystander := join(t, r.addr, "doc")
+			conn, br := rawJoin(t, r.addr, "doc")
+			receiveSkipping(t, bystander, func(m []byte) bool { return m[0] == msgQueryAwareness })
+			for _, f := range tt.frames {
+				if _, err := conn.Write(f); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if code := readCloseCode(t, br); code != tt.code {
+				t.Errorf("close code %d, want %d", code, tt.code)
+			}
+			line := r.logs.waitFor(t, "editor disconnected")
+			if !strings.Contains(line, tt.reason) {
+				t.Errorf("log line %q lacks %q", line, tt.reason)
+			}
+			// Nothing of it reached the other editor, which still works.
+			send(t, bystander, awareness)
+			if got := receive(t, bystander); !bytes.Equal(got, awareness) {
+				t.Errorf("bystander got % x, want its awareness", got)
+			}
+		})
+	}
+}
+
+func TestMalformedMessageDroppedConnStaysOpen(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/")
+	bystander := join(t, r.addr, "doc")
+	ws := join(t, r.addr, "doc")
+	receiveSkipping(t, bystander, func(m []byte) bool { return m[0] == msgQueryAwareness })
+	send(t, ws, []byte{msgSync, syncUpdate, 5, 1}) // declares 5 bytes, has 1
+	send(t, ws, []byte{7})                         // unknown type
+	send(t, ws, update1)
+	// Only awareness noise from the joins may come before the good update.
+	receiveSkipping(t, bystander, func(m []byte) bool { return bytes.Equal(m, update1) })
+	r.logs.waitFor(t, "malformed message dropped")
+}
+
+// rawJoin upgrades a plain TCP connection to doc, so that the test can
+// write frames that x/net/websocket would never send.
+func rawJoin(t *testing.T, addr, doc string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, testTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(testTimeout))
+	fmt.Fprintf(conn, "GET /%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", doc, addr)
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v, %v", resp, err)
+	}
+	return conn, br
+}
+
+// maskedFrame builds a client frame with the zero masking key, so that
+// the payload goes out as it is. first is the FIN bit and opcode byte.
+func maskedFrame(first byte, payload []byte) []byte {
+	f := []byte{first}
+	switch n := len(payload); {
+	case n < 126:
+		f = append(f, 0x80|byte(n))
+	default:
+		f = append(f, 0x80|126, byte(n>>8), byte(n))
+	}
+	f = append(f, 0, 0, 0, 0)
+	return append(f, payload...)
+}
+
+// readCloseCode reads server frames until a close frame and returns its code.
+func readCloseCode(t *testing.T, br *bufio.Reader) int {
+	t.Helper()
+	for {
+		var hdr [2]byte
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
+			t.Fatalf("no close frame: %v", err)
+		}
+		size := int(hdr[1] & 0x7f)
+		if size == 126 {
+			var ext [2]byte
+			io.ReadFull(br, ext[:])
+			size = int(binary.BigEndian.Uint16(ext[:]))
+		}
+		payload := make([]byte, size)
+		if _, err := io.ReadFull(br, payload); err != nil {
+			t.Fatalf("frame payload: %v", err)
+		}
+		if hdr[0]&0x0f == websocket.CloseFrame && size >= 2 {
+			return int(binary.BigEndian.Uint16(payload))
+		}
+	}
+}

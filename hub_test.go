@@ -11,7 +11,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -475,6 +477,127 @@ func readCloseCode(t *testing.T, br *bufio.Reader) int {
 		}
 		if hdr[0]&0x0f == websocket.CloseFrame && size >= 2 {
 			return int(binary.BigEndian.Uint16(payload))
+		}
+	}
+}
+
+// BenchmarkHubRoute measures the hub alone: one local update routed to
+// benchEditors other editors and the upstream queue, all drained.
+func BenchmarkHubRoute(b *testing.B) {
+	h := newHub(connQueue, defaultMaxMessage, discard)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go h.run(ctx)
+	up := &link{send: make(chan frame, upstreamQueue)}
+	h.attach <- up
+	sender := &conn{doc: "d", log: discard, send: make(chan []byte, connQueue)}
+	h.join <- sender
+	var drained sync.WaitGroup
+	drain := func(n int, ch func() bool) {
+		defer drained.Done()
+		for range n {
+			ch()
+		}
+	}
+	var conns []*conn
+	for range benchEditors {
+		c := &conn{doc: "d", log: discard, send: make(chan []byte, connQueue)}
+		h.join <- c
+		conns = append(conns, c)
+	}
+	msg := []byte{msgSync, syncUpdate, 4, 1, 2, 3, 4}
+	b.ReportAllocs()
+	b.ResetTimer()
+	drained.Add(len(conns) + 1)
+	for _, c := range conns {
+		go drain(b.N, func() bool { <-c.send; return true })
+	}
+	go drain(b.N, func() bool { <-up.send; return true })
+	go drain(len(conns), func() bool { <-sender.send; return true }) // the join queries
+	drained.Add(1)
+	for range b.N {
+		h.local <- frame{doc: "d", data: msg, kind: msgSync, from: sender}
+	}
+	drained.Wait()
+}
+
+// benchEditors is how many editors receive each message in the benchmarks.
+const benchEditors = 8
+
+// benchWindow bounds the messages in flight in BenchmarkRelayFanOut. An
+// unpaced sender would outrun any relay that writes to 8 sockets per
+// message it reads, and the relay closes editors that fall connQueue
+// frames behind; real editors send far slower than that.
+const benchWindow = 64
+
+// BenchmarkRelayFanOut measures the whole relay over loopback sockets: one
+// editor sends 64-byte updates, benchEditors others receive each of them,
+// and each goes upstream to an in-test ELVA server; at most benchWindow
+// messages are in flight. With ELVA_BENCH_ADDR set, the same load goes to
+// that address instead, for example to ../shared/bench/rawrelay.
+func BenchmarkRelayFanOut(b *testing.B) {
+	addr := os.Getenv("ELVA_BENCH_ADDR")
+	if addr == "" {
+		srv := newELVAServer(b, magicSeed)
+		srv.frames = nil
+		r := startRelay(b, "--server", srv.url())
+		r.logs.waitFor(b, "upstream connected")
+		addr = r.addr
+	}
+	doc := fmt.Sprintf("bench-%d", b.N)
+	sender := dialLocal(b, addr, doc)
+	var receivers []*websocket.Conn
+	for range benchEditors {
+		receivers = append(receivers, dialLocal(b, addr, doc))
+	}
+	// A first round trip proves every receiver is registered.
+	hello := []byte{msgSync, syncUpdate, 1, 0}
+	send(b, sender, hello)
+	for _, ws := range receivers {
+		receiveSkipping(b, ws, func(m []byte) bool { return bytes.Equal(m, hello) })
+	}
+	msg := append([]byte{msgSync, syncUpdate, 62}, bytes.Repeat([]byte{7}, 62)...)
+	b.SetBytes(int64(len(msg)))
+	b.ReportAllocs()
+	b.ResetTimer()
+	progress := make(chan error, benchEditors*(b.N/benchWindow+2))
+	for _, ws := range receivers {
+		go receiveCounting(ws, len(msg), b.N, progress)
+	}
+	for sent := 0; sent < b.N; {
+		batch := min(benchWindow, b.N-sent)
+		for range batch {
+			if err := websocket.Message.Send(sender, msg); err != nil {
+				b.Fatal(err)
+			}
+		}
+		sent += batch
+		for range benchEditors {
+			if err := <-progress; err != nil {
+				b.Fatalf("receiver: %v", err)
+			}
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.N*benchEditors)/b.Elapsed().Seconds(), "deliveries/s")
+}
+
+// receiveCounting reads n messages of size bytes from ws and reports on
+// progress after every benchWindow of them and after the last.
+func receiveCounting(ws *websocket.Conn, size, n int, progress chan<- error) {
+	ws.SetReadDeadline(time.Now().Add(time.Minute))
+	for got := 0; got < n; {
+		var m []byte
+		if err := websocket.Message.Receive(ws, &m); err != nil {
+			progress <- err
+			return
+		}
+		if len(m) != size {
+			continue // awareness noise from the joins
+		}
+		got++
+		if got%benchWindow == 0 || got == n {
+			progress <- nil
 		}
 	}
 }

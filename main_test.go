@@ -38,7 +38,7 @@ func (b *logBuffer) Write(p []byte) (int, error) {
 }
 
 // waitFor returns the next log line that contains substr.
-func (b *logBuffer) waitFor(t *testing.T, substr string) string {
+func (b *logBuffer) waitFor(t testing.TB, substr string) string {
 	t.Helper()
 	deadline := time.After(testTimeout)
 	for {
@@ -70,7 +70,7 @@ type testRelay struct {
 
 // startRelay runs the relay with args (HOST and PORT are added) until the
 // test ends, and fails the test if it does not stop in time.
-func startRelay(t *testing.T, args ...string) *testRelay {
+func startRelay(t testing.TB, args ...string) *testRelay {
 	t.Helper()
 	cfg, err := parseArgs(append(args, "127.0.0.1", "0"), func(string) string { return "" })
 	if err != nil {
@@ -100,7 +100,7 @@ func startRelay(t *testing.T, args ...string) *testRelay {
 }
 
 // waitExit returns the relay's exit status.
-func (r *testRelay) waitExit(t *testing.T) int {
+func (r *testRelay) waitExit(t testing.TB) int {
 	t.Helper()
 	select {
 	case code := <-r.status:
@@ -114,7 +114,7 @@ func (r *testRelay) waitExit(t *testing.T) int {
 
 // dialLocal opens an editor connection to doc like a native Yjs client
 // (binary frames, no Origin header is needed but x/net sends one).
-func dialLocal(t *testing.T, addr, doc string) *websocket.Conn {
+func dialLocal(t testing.TB, addr, doc string) *websocket.Conn {
 	t.Helper()
 	cfg, err := websocket.NewConfig("ws://"+addr+"/"+doc, "http://localhost/")
 	if err != nil {
@@ -130,7 +130,7 @@ func dialLocal(t *testing.T, addr, doc string) *websocket.Conn {
 }
 
 // send writes one binary message.
-func send(t *testing.T, ws *websocket.Conn, msg []byte) {
+func send(t testing.TB, ws *websocket.Conn, msg []byte) {
 	t.Helper()
 	if err := websocket.Message.Send(ws, msg); err != nil {
 		t.Fatalf("send: %v", err)
@@ -138,7 +138,7 @@ func send(t *testing.T, ws *websocket.Conn, msg []byte) {
 }
 
 // receive reads one message within testTimeout.
-func receive(t *testing.T, ws *websocket.Conn) []byte {
+func receive(t testing.TB, ws *websocket.Conn) []byte {
 	t.Helper()
 	ws.SetReadDeadline(time.Now().Add(testTimeout))
 	var msg []byte
@@ -178,7 +178,7 @@ func TestRelayDecodesPathAndDropsQuery(t *testing.T) {
 
 // join dials doc and returns once the hub has the editor registered: its
 // awareness message has come back to it.
-func join(t *testing.T, addr, doc string) *websocket.Conn {
+func join(t testing.TB, addr, doc string) *websocket.Conn {
 	t.Helper()
 	ws := dialLocal(t, addr, doc)
 	hello := unhex(t, "01 01 00")
@@ -190,7 +190,7 @@ func join(t *testing.T, addr, doc string) *websocket.Conn {
 // receiveSkipping reads until a message satisfies want and returns it,
 // skipping what the relay may send in between: awareness, query-awareness
 // and sync step 1 from other editors.
-func receiveSkipping(t *testing.T, ws *websocket.Conn, want func([]byte) bool) []byte {
+func receiveSkipping(t testing.TB, ws *websocket.Conn, want func([]byte) bool) []byte {
 	t.Helper()
 	for {
 		msg := receive(t, ws)

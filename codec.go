@@ -174,3 +174,82 @@ func checkAuth(b []byte) error {
 	_, _, err = readBytes(b[n:])
 	return err
 }
+
+// awarenessEntry is one client's entry in an awareness update.
+type awarenessEntry struct {
+	client uint64
+	clock  uint64
+	gone   bool // the state is JSON null: the client has left
+}
+
+// minAwarenessEntry is the fewest bytes one entry takes: client, clock and
+// an empty state, one byte each.
+const minAwarenessEntry = 3
+
+// readAwareness decodes an awareness message (type 1) into its entries,
+// appended to dst: varuint count, then per entry varuint client ID,
+// varuint clock and the state as a JSON string. The JSON is not parsed
+// beyond telling null from the rest.
+func readAwareness(msg []byte, dst []awarenessEntry) ([]awarenessEntry, error) {
+	kind, n, err := readVaruint(msg)
+	if err != nil {
+		return dst, err
+	}
+	if kind != msgAwareness {
+		return dst, fmt.Errorf("%w %d: not awareness", errUnknownType, kind)
+	}
+	update, _, err := readBytes(msg[n:])
+	if err != nil {
+		return dst, err
+	}
+	count, n, err := readVaruint(update)
+	if err != nil {
+		return dst, err
+	}
+	rest := update[n:]
+	// Check the count against the bytes before trusting it for anything.
+	if count > uint64(len(rest)/minAwarenessEntry) {
+		return dst, errShortFrame
+	}
+	for range count {
+		var e awarenessEntry
+		if e.client, n, err = readVaruint(rest); err != nil {
+			return dst, err
+		}
+		rest = rest[n:]
+		if e.clock, n, err = readVaruint(rest); err != nil {
+			return dst, err
+		}
+		rest = rest[n:]
+		state, n, err := readBytes(rest)
+		if err != nil {
+			return dst, err
+		}
+		rest = rest[n:]
+		e.gone = string(state) == "null"
+		dst = append(dst, e)
+	}
+	return dst, nil
+}
+
+// appendAwarenessGone appends an awareness message that marks every client
+// in entries as gone: state null, with a clock one past the one given, so
+// that every Yjs peer drops the state at once.
+func appendAwarenessGone(b []byte, entries []awarenessEntry) []byte {
+	var update []byte
+	update = appendVaruint(update, uint64(len(entries)))
+	for _, e := range entries {
+		update = appendVaruint(update, e.client)
+		update = appendVaruint(update, e.clock+1)
+		update = appendVaruint(update, 4)
+		update = append(update, "null"...)
+	}
+	b = appendVaruint(b, msgAwareness)
+	b = appendVaruint(b, uint64(len(update)))
+	return append(b, update...)
+}
+
+// emptyStep1 is a sync step 1 with the empty state vector: "I know
+// nothing, send me everything". Every Yjs peer answers it with a step 2
+// holding its whole document. Shared, never modified.
+var emptyStep1 = []byte{msgSync, syncStep1, 1, 0}

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"math"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -232,6 +233,92 @@ func FuzzMessageKind(f *testing.F) {
 		first, _, verr := readVaruint(msg)
 		if verr != nil || first != kind || kind > msgQueryAwareness {
 			t.Fatalf("messageKind(% x) = %d, but the type varuint is %d, %v", msg, kind, first, verr)
+		}
+	})
+}
+
+// awarenessMsg builds an awareness message from (client, clock, state) triples.
+func awarenessMsg(entries ...any) []byte {
+	var update []byte
+	update = appendVaruint(update, uint64(len(entries)/3))
+	for i := 0; i < len(entries); i += 3 {
+		update = appendVaruint(update, uint64(entries[i].(int)))
+		update = appendVaruint(update, uint64(entries[i+1].(int)))
+		state := entries[i+2].(string)
+		update = appendVaruint(update, uint64(len(state)))
+		update = append(update, state...)
+	}
+	return append(appendVaruint([]byte{msgAwareness}, uint64(len(update))), update...)
+}
+
+func TestReadAwareness(t *testing.T) {
+	tests := []struct {
+		name string
+		in   []byte
+		want []awarenessEntry
+		err  error
+	}{
+		{"one client", awarenessMsg(7, 1, `{"user":{"name":"ada"}}`), []awarenessEntry{{7, 1, false}}, nil},
+		{"two clients, one gone", awarenessMsg(300, 5, `{}`, 9, 2, "null"), []awarenessEntry{{300, 5, false}, {9, 2, true}}, nil},
+		{"none", awarenessMsg(), nil, nil},
+		{"empty state", awarenessMsg(1, 1, ""), []awarenessEntry{{1, 1, false}}, nil},
+		{"golden bytes", unhex(t, "01 09 01 b9 60 03 04 6e 75 6c 6c"), []awarenessEntry{{12345, 3, true}}, nil},
+		{"not awareness", unhex(t, "00 00 01 00"), nil, errUnknownType},
+		{"count beyond bytes", unhex(t, "01 04 05 01 01 00"), nil, errShortFrame},
+		{"count near 2^64", unhex(t, "01 0b ff ff ff ff ff ff ff ff ff 01 00"), nil, errShortFrame},
+		{"state longer than update", unhex(t, "01 05 01 01 01 09 6e"), nil, errShortFrame},
+		{"truncated clock", unhex(t, "01 04 01 01 80 80"), nil, errShortFrame},
+		{"update longer than message", unhex(t, "01 09 01"), nil, errShortFrame},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := readAwareness(tt.in, nil)
+			if !errors.Is(err, tt.err) || (err == nil && !slices.Equal(got, tt.want)) {
+				t.Errorf("got %v, %v; want %v, %v", got, err, tt.want, tt.err)
+			}
+		})
+	}
+}
+
+func TestAppendAwarenessGone(t *testing.T) {
+	msg := appendAwarenessGone(nil, []awarenessEntry{{12345, 2, false}, {7, 9, false}})
+	if want := awarenessMsg(12345, 3, "null", 7, 10, "null"); !bytes.Equal(msg, want) {
+		t.Fatalf("got % x, want % x", msg, want)
+	}
+	if kind, err := messageKind(msg); err != nil || kind != msgAwareness {
+		t.Errorf("messageKind: %d, %v", kind, err)
+	}
+	got, err := readAwareness(msg, nil)
+	if want := []awarenessEntry{{12345, 3, true}, {7, 10, true}}; err != nil || !slices.Equal(got, want) {
+		t.Errorf("decoded %v, %v; want %v", got, err, want)
+	}
+}
+
+func FuzzReadAwareness(f *testing.F) {
+	f.Add(awarenessMsg(7, 1, `{"user":{"name":"ada"}}`))
+	f.Add(awarenessMsg(300, 5, `{}`, 9, 2, "null"))
+	f.Add(unhex(f, "01 0b ff ff ff ff ff ff ff ff ff 01 00"))
+	f.Add(unhex(f, "01 05 01 01 01 09 6e"))
+	f.Fuzz(func(t *testing.T, msg []byte) {
+		entries, err := readAwareness(msg, nil)
+		if err != nil {
+			return
+		}
+		if _, err := messageKind(msg); err != nil {
+			t.Fatalf("readAwareness accepted % x, messageKind says %v", msg, err)
+		}
+		if len(entries) > len(msg)/minAwarenessEntry {
+			t.Fatalf("%d entries from %d bytes", len(entries), len(msg))
+		}
+		// Marking them gone gives a message that decodes to the same clients.
+		gone, err := readAwareness(appendAwarenessGone(nil, entries), nil)
+		if err != nil || len(gone) != len(entries) {
+			t.Fatalf("gone message: %v, %d entries, want %d", err, len(gone), len(entries))
+		}
+		for i, e := range gone {
+			if e.client != entries[i].client || !e.gone || (entries[i].clock < math.MaxUint64 && e.clock != entries[i].clock+1) {
+				t.Fatalf("entry %d: got %+v for %+v", i, e, entries[i])
+			}
 		}
 	})
 }

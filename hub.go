@@ -25,6 +25,10 @@ const (
 	closeGrace = time.Second
 	// warnEvery is the least time between two log lines of one repeated kind.
 	warnEvery = 10 * time.Second
+	// maxTrackedClients bounds the awareness clients the hub remembers per
+	// document; past it, clients announced by the upstream are forgotten
+	// first, then new ones are not tracked.
+	maxTrackedClients = 4096
 )
 
 // WebSocket close codes (RFC 6455 §7.4.1) that the relay sends.
@@ -43,6 +47,7 @@ var (
 	errTooLarge   = errors.New("message larger than --max-message")
 	errBadOpcode  = errors.New("reserved websocket opcode")
 	errStopping   = errors.New("relay stopping")
+	errClosed     = errors.New("closed by the relay")
 )
 
 // queryAwareness asks a Yjs client for every awareness state it knows. The
@@ -53,10 +58,11 @@ var queryAwareness = []byte{msgQueryAwareness}
 // modified once a reader has handed it on, so the hub shares it between all
 // recipients without copying.
 type frame struct {
-	doc  string
-	data []byte
-	kind uint64 // Yjs message type, checked by the reader
-	from *conn  // local sender; nil for frames from the upstream
+	doc   string
+	data  []byte
+	kind  uint64           // Yjs message type, checked by the reader
+	from  *conn            // local sender; nil for frames from the upstream
+	aware []awarenessEntry // decoded by the reader for awareness messages
 }
 
 // conn is one local editor's WebSocket. readLoop and writeLoop own the two
@@ -67,12 +73,39 @@ type conn struct {
 	remote string
 	ws     *websocket.Conn
 	log    *slog.Logger  // carries doc and remote
-	send   chan []byte   // closed by the hub only
-	done   chan struct{} // closed when writeLoop returns
+	send    chan []byte   // closed by the hub only
+	closing chan struct{} // closed by goodbye: the reader stops
+	done    chan struct{} // closed when writeLoop returns
 
 	// closeCode is written by the hub just before it closes send and read by
 	// writeLoop after send is closed, so the channel close orders the two.
 	closeCode int
+}
+
+// keepalive says how the relay finds dead peers: the writer pings every
+// interval, and the reader closes a conn that received no frame at all
+// (data, ping, pong) for timeout. TCP alone never tells a half-open
+// connection, whose peer vanished without a FIN, from a quiet one.
+type keepalive struct {
+	interval time.Duration // 0: no pings
+	timeout  time.Duration // 0: wait for ever
+}
+
+// document is the hub's state for one document name.
+type document struct {
+	conns map[*conn]struct{}
+	// clients maps each awareness client ID seen on this document to the
+	// newest clock seen for it and the conn that announced that clock
+	// first. Yjs clients re-broadcast every awareness change they apply,
+	// so "first with a new clock" finds the client's own conn, and a conn
+	// that merely repeats others' states owns none of them.
+	clients map[uint64]presence
+}
+
+// presence is one awareness client as the hub last heard of it.
+type presence struct {
+	clock uint64
+	owner *conn // nil: announced by the upstream
 }
 
 // departure tells the hub that a conn's reader has ended, and why.
@@ -94,19 +127,23 @@ type hub struct {
 	quit       chan struct{}
 	connQueue  int
 	maxMessage int
+	keepalive  keepalive
 	log        *slog.Logger
 
 	// Owned by run.
-	docs        map[string]map[*conn]struct{}
-	up          *link // nil while the upstream is down
+	docs        map[string]*document
+	up          *link   // nil while the upstream is down
+	readers     int     // conns joined whose reader has not yet left
+	goodbyes    []frame // awareness removals waiting to be routed
 	unknownDoc  throttle
 	notSentUp   throttle
 	slowClosing throttle
+	untracked   throttle
 }
 
 // newHub returns a hub whose conns queue up to queue frames and whose readers
 // accept messages of up to maxMessage bytes.
-func newHub(queue, maxMessage int, log *slog.Logger) *hub {
+func newHub(queue, maxMessage int, ka keepalive, log *slog.Logger) *hub {
 	return &hub{
 		join:       make(chan *conn),
 		leave:      make(chan departure),
@@ -117,24 +154,26 @@ func newHub(queue, maxMessage int, log *slog.Logger) *hub {
 		quit:       make(chan struct{}),
 		connQueue:  queue,
 		maxMessage: maxMessage,
+		keepalive:  ka,
 		log:        log,
-		docs:       make(map[string]map[*conn]struct{}),
+		docs:       make(map[string]*document),
 	}
 }
 
 // run is the hub goroutine: the only code that touches h.docs and h.up.
-// It returns when ctx is done, after closing every conn's send and the
-// upstream link's send; h.quit is closed then so that readers stop waiting.
+// When ctx is done it stops (see stop) and closes h.quit, so that readers
+// stop waiting for it.
 func (h *hub) run(ctx context.Context) {
 	defer close(h.quit)
 	for {
 		select {
 		case <-ctx.Done():
-			h.closeAll()
+			h.stop()
 			return
 		case c := <-h.join:
 			h.add(c)
 		case d := <-h.leave:
+			h.readers--
 			h.remove(d.c, d.code)
 		case f := <-h.local:
 			h.fromLocal(f)
@@ -145,6 +184,7 @@ func (h *hub) run(ctx context.Context) {
 		case l := <-h.detach:
 			h.detachLink(l)
 		}
+		h.sayGoodbyes()
 	}
 }
 
@@ -152,42 +192,77 @@ func (h *hub) run(ctx context.Context) {
 // for their awareness so that the newcomer sees who is there at once rather
 // than at their next renewal, up to 15 s later.
 func (h *hub) add(c *conn) {
-	conns := h.docs[c.doc]
-	if conns == nil {
-		conns = make(map[*conn]struct{})
-		h.docs[c.doc] = conns
+	h.readers++
+	d := h.docs[c.doc]
+	if d == nil {
+		d = &document{conns: make(map[*conn]struct{}), clients: make(map[uint64]presence)}
+		h.docs[c.doc] = d
 	}
-	for other := range conns {
+	for other := range d.conns {
 		h.queue(other, queryAwareness)
 	}
-	conns[c] = struct{}{}
+	d.conns[c] = struct{}{}
 }
 
 // remove unregisters c and closes its send so that its writer says goodbye
-// with code. Removing a conn that is already gone does nothing.
+// with code. The awareness clients that c announced are marked gone for
+// everyone else, so that its cursor vanishes at once rather than after the
+// 30 s timeout of every peer. Removing a conn that is already gone does
+// nothing.
 func (h *hub) remove(c *conn, code int) {
-	conns := h.docs[c.doc]
-	if _, ok := conns[c]; !ok {
+	d := h.docs[c.doc]
+	if d == nil {
 		return
 	}
-	delete(conns, c)
-	if len(conns) == 0 {
-		delete(h.docs, c.doc)
+	if _, ok := d.conns[c]; !ok {
+		return
 	}
+	delete(d.conns, c)
 	c.closeCode = code
 	close(c.send)
+	if gone := d.release(c); len(gone) > 0 {
+		msg := appendAwarenessGone(nil, gone)
+		h.goodbyes = append(h.goodbyes, frame{doc: c.doc, data: msg, kind: msgAwareness, from: c})
+	}
+	if len(d.conns) == 0 {
+		delete(h.docs, c.doc)
+	}
+}
+
+// sayGoodbyes routes the awareness removals that remove queued. Routing
+// may close more conns, whose removals are routed in turn.
+func (h *hub) sayGoodbyes() {
+	for i := 0; i < len(h.goodbyes); i++ {
+		h.route(h.goodbyes[i])
+	}
+	clear(h.goodbyes)
+	h.goodbyes = h.goodbyes[:0]
 }
 
 // fromLocal passes a local editor's message to the document's other editors
-// and upstream. Sync messages never go back to their sender; awareness
-// messages do, as the reference Yjs server does: a lone y-websocket client
-// that hears nothing for 30 s drops and re-opens its socket.
+// and upstream, after noting the awareness clients it announces.
 func (h *hub) fromLocal(f frame) {
-	for c := range h.docs[f.doc] {
-		if c == f.from && f.kind != msgAwareness {
-			continue
+	if d := h.docs[f.doc]; d != nil && f.kind == msgAwareness {
+		owner := f.from
+		if _, ok := d.conns[owner]; !ok {
+			owner = nil // closed already: it must not own clients any more
 		}
-		h.queue(c, f.data)
+		h.track(d, owner, f.aware)
+	}
+	h.route(f)
+}
+
+// route passes a local message on. Sync messages never go back to their
+// sender; awareness messages do, as the reference Yjs server does: a lone
+// y-websocket client that hears nothing for 30 s drops its socket.
+func (h *hub) route(f frame) {
+	if d := h.docs[f.doc]; d != nil {
+		for c := range d.conns {
+			if c == f.from && f.kind != msgAwareness {
+				continue
+			}
+			h.queue(c, f.data)
+		}
 	}
 	h.toUpstream(f)
 }
@@ -195,16 +270,71 @@ func (h *hub) fromLocal(f frame) {
 // fromUpstream passes a message from the upstream to every local editor of
 // its document.
 func (h *hub) fromUpstream(f frame) {
-	conns := h.docs[f.doc]
-	if len(conns) == 0 {
+	d := h.docs[f.doc]
+	if d == nil {
 		if n, ok := h.unknownDoc.hit(time.Now()); ok {
 			h.log.Info("upstream messages for a document without local editors dropped", "doc", f.doc, "count", n)
 		}
 		return
 	}
-	for c := range conns {
+	if f.kind == msgAwareness {
+		h.track(d, nil, f.aware)
+	}
+	for c := range d.conns {
 		h.queue(c, f.data)
 	}
+}
+
+// track notes the awareness entries that owner announced on d (owner nil:
+// the upstream). A newer clock takes the client over; a null state at the
+// same or a newer clock forgets it.
+func (h *hub) track(d *document, owner *conn, entries []awarenessEntry) {
+	for _, e := range entries {
+		p, known := d.clients[e.client]
+		switch {
+		case known && e.clock < p.clock:
+		case known && e.clock == p.clock:
+			if e.gone {
+				delete(d.clients, e.client)
+			}
+		case e.gone:
+			delete(d.clients, e.client)
+		case known || h.makeRoom(d):
+			d.clients[e.client] = presence{clock: e.clock, owner: owner}
+		}
+	}
+}
+
+// makeRoom reports whether d may track one more client, forgetting the
+// upstream's clients when the table is full.
+func (h *hub) makeRoom(d *document) bool {
+	if len(d.clients) < maxTrackedClients {
+		return true
+	}
+	for id, p := range d.clients {
+		if p.owner == nil {
+			delete(d.clients, id)
+		}
+	}
+	if len(d.clients) < maxTrackedClients {
+		return true
+	}
+	if n, ok := h.untracked.hit(time.Now()); ok {
+		h.log.Warn("too many awareness clients on a document; new ones are not tracked", "limit", maxTrackedClients, "count", n)
+	}
+	return false
+}
+
+// release forgets the awareness clients that c owns and returns them.
+func (d *document) release(c *conn) []awarenessEntry {
+	var gone []awarenessEntry
+	for id, p := range d.clients {
+		if p.owner == c {
+			gone = append(gone, awarenessEntry{client: id, clock: p.clock})
+			delete(d.clients, id)
+		}
+	}
+	return gone
 }
 
 // queue gives data to c without blocking. A full queue closes c as a slow
@@ -221,11 +351,13 @@ func (h *hub) queue(c *conn, data []byte) {
 }
 
 // toUpstream queues f for the upstream writer without blocking. A full queue
-// closes the upstream connection, which then reconnects.
+// closes the upstream connection, which then reconnects and resyncs. While
+// the upstream is down nothing is kept: the resync on reconnect makes up for
+// it (see resync).
 func (h *hub) toUpstream(f frame) {
 	if h.up == nil {
 		if n, ok := h.notSentUp.hit(time.Now()); ok {
-			h.log.Info("upstream down: local messages stay local", "doc", f.doc, "count", n)
+			h.log.Debug("upstream down: local messages wait for the resync", "doc", f.doc, "count", n)
 		}
 		return
 	}
@@ -237,12 +369,39 @@ func (h *hub) toUpstream(f frame) {
 	}
 }
 
-// attachLink makes l the upstream connection that frames go to.
+// attachLink makes l the upstream connection that frames go to, and
+// resyncs every document over it.
 func (h *hub) attachLink(l *link) {
 	if h.up != nil {
 		h.closeLink()
 	}
 	h.up = l
+	h.resync()
+}
+
+// resync brings every document with local editors up to date both ways
+// after the upstream (re)connects. It is a resync rather than a replay of
+// what was sent while the upstream was down: a replay log would grow
+// without bound during a long outage, and it could not catch what the
+// remote side missed for other reasons (frames in flight when the
+// connection broke, a full queue). Yjs updates are idempotent, so the
+// duplicates a resync causes are harmless; a gap is not.
+//
+// For each document the upstream gets a sync step 1 with the empty state
+// vector, which joins the relay to the document's room on the server and
+// makes the remote side send everything it has. One local editor gets the
+// same step 1 and answers with its whole document, which the hub routes
+// upstream (and to the other local editors, who already have it), and a
+// query-awareness, so that the remote side learns who is here.
+func (h *hub) resync() {
+	for name, d := range h.docs {
+		h.toUpstream(frame{doc: name, data: emptyStep1, kind: msgSync})
+		for c := range d.conns {
+			h.queue(c, emptyStep1)
+			h.queue(c, queryAwareness)
+			break
+		}
+	}
 }
 
 // detachLink forgets l if it is still the current upstream connection.
@@ -259,11 +418,40 @@ func (h *hub) closeLink() {
 	h.up = nil
 }
 
-// closeAll closes every conn with "going away" and the upstream link.
-func (h *hub) closeAll() {
-	for _, conns := range h.docs {
-		for c := range conns {
+// stopTimeout bounds the hub's part of a graceful stop.
+const hubStopTimeout = 3 * time.Second
+
+// stop is the graceful end of run: every conn is closed with "going away",
+// and until their readers have left (or hubStopTimeout passed) what they
+// still deliver is routed upstream. Only then is the upstream link closed,
+// so that its writer flushes everything the relay accepted.
+func (h *hub) stop() {
+	for _, d := range h.docs {
+		for c := range d.conns {
 			h.remove(c, closeGoingAway)
+		}
+	}
+	h.sayGoodbyes()
+	timeout := time.NewTimer(hubStopTimeout)
+	defer timeout.Stop()
+	for h.readers > 0 {
+		select {
+		case d := <-h.leave:
+			h.readers--
+			h.remove(d.c, d.code)
+		case f := <-h.local:
+			h.toUpstream(f)
+		case <-timeout.C:
+			h.log.Warn("stop: editors did not close in time", "open", h.readers)
+			h.readers = 0
+		}
+	}
+	for drained := false; !drained; {
+		select {
+		case f := <-h.local:
+			h.toUpstream(f)
+		default:
+			drained = true
 		}
 	}
 	if h.up != nil {
@@ -281,8 +469,9 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 		remote: remote,
 		ws:     ws,
 		log:    h.log.With("doc", doc, "remote", remote),
-		send:   make(chan []byte, h.connQueue),
-		done:   make(chan struct{}),
+		send:    make(chan []byte, h.connQueue),
+		closing: make(chan struct{}),
+		done:    make(chan struct{}),
 	}
 	select {
 	case h.join <- c:
@@ -291,7 +480,7 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 		return
 	}
 	c.log.Info("editor connected")
-	go c.writeLoop()
+	go c.writeLoop(h.keepalive)
 	code, err := c.readLoop(h)
 	select {
 	case h.leave <- departure{c, code}:
@@ -303,15 +492,16 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 
 // readLoop is the conn's reader: it hands every well-formed message to the
 // hub. It returns the close code to answer with and the reason it ended.
+// Once the writer has said goodbye (c.closing), nothing more is passed on.
 func (c *conn) readLoop(h *hub) (int, error) {
 	var malformed throttle
 	debug := c.log.Enabled(context.Background(), slog.LevelDebug)
 	for {
-		data, err := readMessage(c.ws, h.maxMessage)
+		data, err := readMessage(c.ws, h.maxMessage, h.keepalive.timeout, c.closing)
 		if err != nil {
 			return closeCodeFor(err), err
 		}
-		kind, err := messageKind(data)
+		f, err := checkLocal(c, data)
 		if err != nil {
 			if n, ok := malformed.hit(time.Now()); ok {
 				c.log.Warn("malformed message dropped", "bytes", len(data), "count", n, "err", err)
@@ -319,34 +509,66 @@ func (c *conn) readLoop(h *hub) (int, error) {
 			continue
 		}
 		if debug {
-			c.log.Debug("message from editor", "kind", kind, "bytes", len(data))
+			c.log.Debug("message from editor", "kind", f.kind, "bytes", len(data))
 		}
 		select {
-		case h.local <- frame{doc: c.doc, data: data, kind: kind, from: c}:
+		case h.local <- f:
+		case <-c.closing:
+			return closeNormal, errClosed
 		case <-h.quit:
 			return closeGoingAway, errStopping
 		}
 	}
 }
 
-// writeLoop is the conn's writer, the only code that writes frames to c.ws.
-// After a failed write it keeps draining send, so the hub never sees this
-// dead conn as slow, until the hub closes send.
-func (c *conn) writeLoop() {
-	defer close(c.done)
-	alive := true
-	for msg := range c.send {
-		if !alive {
-			continue
-		}
-		if err := writeMessage(c.ws, msg); err != nil {
-			c.log.Debug("write to editor failed", "err", err)
-			alive = false
-			c.ws.SetReadDeadline(time.Now()) // ends readLoop
-		}
+// checkLocal checks one message from c and makes it a frame for the hub,
+// with its awareness entries decoded here rather than in the hub.
+func checkLocal(c *conn, data []byte) (frame, error) {
+	kind, err := messageKind(data)
+	if err != nil {
+		return frame{}, err
 	}
-	if alive {
-		c.goodbye(c.closeCode)
+	f := frame{doc: c.doc, data: data, kind: kind, from: c}
+	if kind == msgAwareness {
+		f.aware, err = readAwareness(data, nil)
+	}
+	return f, err
+}
+
+// writeLoop is the conn's writer, the only code that writes frames to c.ws,
+// pings included. After a failed write it keeps draining send, so the hub
+// never sees this dead conn as slow, until the hub closes send.
+func (c *conn) writeLoop(ka keepalive) {
+	defer close(c.done)
+	ping := newTicker(ka.interval)
+	defer ping.Stop()
+	alive := true
+	fail := func(err error) {
+		c.log.Debug("write to editor failed", "err", err)
+		alive = false
+		c.ws.Close() // ends readLoop at once
+	}
+	for {
+		select {
+		case msg, ok := <-c.send:
+			if !ok {
+				if alive {
+					c.goodbye(c.closeCode)
+				}
+				return
+			}
+			if alive {
+				if err := writeMessage(c.ws, msg); err != nil {
+					fail(err)
+				}
+			}
+		case <-ping.C:
+			if alive {
+				if err := writePing(c.ws); err != nil {
+					fail(err)
+				}
+			}
+		}
 	}
 }
 
@@ -355,7 +577,40 @@ func (c *conn) writeLoop() {
 func (c *conn) goodbye(code int) {
 	c.ws.SetWriteDeadline(time.Now().Add(writeWait))
 	c.ws.WriteClose(code)
-	c.ws.SetReadDeadline(time.Now().Add(closeGrace))
+	endReader(c.ws, c.closing)
+}
+
+// endReader makes a reader that uses readMessage with closing stop within
+// closeGrace. closing is closed before the deadline is set, and
+// readMessage sets its idle deadline before it looks at closing, so
+// whichever runs last, the reader cannot wait past the grace.
+func endReader(ws *websocket.Conn, closing chan struct{}) {
+	close(closing)
+	ws.SetReadDeadline(time.Now().Add(closeGrace))
+}
+
+// writePing writes a ping frame within writeWait. It goes through
+// ws.Write, which holds the library's write lock, because the reader's
+// HandleFrame may be writing a pong at the same time. Only the writer
+// goroutine touches ws.PayloadType.
+func writePing(ws *websocket.Conn) error {
+	if err := ws.SetWriteDeadline(time.Now().Add(writeWait)); err != nil {
+		return err
+	}
+	ws.PayloadType = websocket.PingFrame
+	_, err := ws.Write(nil)
+	ws.PayloadType = websocket.BinaryFrame
+	return err
+}
+
+// newTicker is a ticker that never fires when d is 0.
+func newTicker(d time.Duration) *time.Ticker {
+	if d <= 0 {
+		t := time.NewTicker(time.Hour)
+		t.Stop()
+		return t
+	}
+	return time.NewTicker(d)
 }
 
 // writeMessage writes msg as one binary frame within writeWait.
@@ -372,9 +627,22 @@ func writeMessage(ws *websocket.Conn, msg []byte) error {
 // each fragment of a fragmented message as a message of its own and hides the
 // FIN bit, which would cut a Yjs message in pieces. Here the first frame that
 // is not a whole binary message ends the conn before any of it is passed on.
-// Ping and pong frames are answered or dropped inside HandleFrame.
-func readMessage(ws *websocket.Conn, max int) ([]byte, error) {
+// Ping and pong frames are answered or dropped inside HandleFrame; like
+// every frame they prove the peer alive: each one restarts the idle
+// deadline (0: none). Once closing is closed the deadline is left alone,
+// so that the closing side's grace applies.
+func readMessage(ws *websocket.Conn, max int, idle time.Duration, closing <-chan struct{}) ([]byte, error) {
 	for {
+		if idle > 0 {
+			if err := ws.SetReadDeadline(time.Now().Add(idle)); err != nil {
+				return nil, err
+			}
+		}
+		select {
+		case <-closing:
+			return nil, errClosed
+		default:
+		}
 		fr, err := ws.NewFrameReader()
 		if err != nil {
 			return nil, err

@@ -32,7 +32,7 @@ var discard = slog.New(slog.DiscardHandler)
 // startHub runs a hub until the test ends.
 func startHub(t *testing.T) (*hub, context.CancelFunc) {
 	t.Helper()
-	h := newHub(connQueue, defaultMaxMessage, discard)
+	h := newHub(connQueue, defaultMaxMessage, keepalive{}, discard)
 	ctx, cancel := context.WithCancel(context.Background())
 	go h.run(ctx)
 	t.Cleanup(func() {
@@ -42,12 +42,22 @@ func startHub(t *testing.T) (*hub, context.CancelFunc) {
 	return h, cancel
 }
 
-// memConn joins a socketless conn with a queue of size queue to doc.
+// memConn joins a socketless conn with a queue of size queue to doc. At
+// the end of the test its reader leaves, as a real one always does.
 func memConn(t *testing.T, h *hub, doc string, queue int) *conn {
 	t.Helper()
-	c := &conn{doc: doc, remote: "mem", log: discard, send: make(chan []byte, queue), done: make(chan struct{})}
+	c := &conn{doc: doc, remote: "mem", log: discard, send: make(chan []byte, queue)}
 	h.join <- c
+	t.Cleanup(func() { leave(h, c) })
 	return c
+}
+
+// leave plays the end of c's reader.
+func leave(h *hub, c *conn) {
+	select {
+	case h.leave <- departure{c, closeNormal}:
+	case <-h.quit:
+	}
 }
 
 // memLink attaches a socketless upstream link with a queue of size queue.
@@ -260,11 +270,13 @@ func TestHubFullUpstreamQueueClosesLink(t *testing.T) {
 	if _, ok := <-up.send; ok {
 		t.Fatal("link still open after its queue filled")
 	}
-	// Local editing goes on, and a new link gets new frames.
+	// Local editing goes on, and a new link gets a resync, then new frames.
 	next := memLink(h, upstreamQueue)
 	post(t, h, a, update1)
-	if f := <-next.send; !bytes.Equal(f.data, update1) {
-		t.Errorf("new link got % x, want % x", f.data, update1)
+	for _, want := range [][]byte{emptyStep1, update1} {
+		if f := <-next.send; f.doc != "d1" || !bytes.Equal(f.data, want) {
+			t.Errorf("new link got %s % x, want d1 % x", f.doc, f.data, want)
+		}
 	}
 }
 
@@ -290,12 +302,17 @@ func TestHubStopClosesEverything(t *testing.T) {
 	b := memConn(t, h, "d2", connQueue)
 	post(t, h, a, update1)
 	cancel()
-	<-h.quit
 	expectClosed(t, a, closeGoingAway)
 	expectClosed(t, b, closeGoingAway)
-	// What was queued upstream before the stop is still there to flush.
-	if f, ok := <-up.send; !ok || !bytes.Equal(f.data, update1) {
-		t.Errorf("got % x, %v; want update1 before the close", f.data, ok)
+	// What a reader still delivers before it leaves goes upstream too.
+	post(t, h, a, update2)
+	leave(h, a)
+	leave(h, b)
+	<-h.quit
+	for _, want := range [][]byte{update1, update2} {
+		if f, ok := <-up.send; !ok || !bytes.Equal(f.data, want) {
+			t.Errorf("got % x, %v; want % x before the close", f.data, ok, want)
+		}
 	}
 	if _, ok := <-up.send; ok {
 		t.Error("link still open after stop")
@@ -484,7 +501,7 @@ func readCloseCode(t *testing.T, br *bufio.Reader) int {
 // BenchmarkHubRoute measures the hub alone: one local update routed to
 // benchEditors other editors and the upstream queue, all drained.
 func BenchmarkHubRoute(b *testing.B) {
-	h := newHub(connQueue, defaultMaxMessage, discard)
+	h := newHub(connQueue, defaultMaxMessage, keepalive{}, discard)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go h.run(ctx)

@@ -42,6 +42,11 @@ const (
 	handshakeTimeout = 10 * time.Second
 	// stopTimeout bounds the wait for queued frames and open conns at stop.
 	stopTimeout = 5 * time.Second
+	// defaultPingInterval is how often every peer is pinged (--ping-interval).
+	defaultPingInterval = 10 * time.Second
+	// defaultPeerTimeout is how long a peer may stay silent (--peer-timeout);
+	// y-websocket clients give up on a silent server after 30 s too.
+	defaultPeerTimeout = 30 * time.Second
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -68,6 +73,9 @@ Flags:
   --id-magic HEX      ID message type on the upstream: 0200 (default, the
                       documented protocol) or 4944 (ELVA server, mid-2025)
   --max-message SIZE  largest message accepted, e.g. 32MiB (default), 512KiB
+  --ping-interval D   ping every peer this often (default 10s, 0: never)
+  --peer-timeout D    close a peer silent for this long, which finds
+                      half-open connections (default 30s, 0: never)
   --log FILE          append logs to FILE instead of stderr
   -v, --verbose       log every message (debug level)
   --version           print the version and exit
@@ -93,6 +101,7 @@ type config struct {
 	maxMessage int
 	logFile    string
 	verbose    bool
+	keepalive  keepalive
 }
 
 func main() {
@@ -145,6 +154,8 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 	magic := fs.String("id-magic", magicSeed.String(), "")
 	maxMessage := fs.String("max-message", "32MiB", "")
 	logFile := fs.String("log", "", "")
+	pingInterval := fs.Duration("ping-interval", defaultPingInterval, "")
+	peerTimeout := fs.Duration("peer-timeout", defaultPeerTimeout, "")
 	var verbose, showVersion bool
 	fs.BoolVar(&verbose, "v", false, "")
 	fs.BoolVar(&verbose, "verbose", false, "")
@@ -166,6 +177,9 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 	}
 	if cfg.maxMessage, err = parseSize(*maxMessage); err != nil {
 		return nil, fmt.Errorf("--max-message: %w", err)
+	}
+	if err := cfg.setKeepalive(*pingInterval, *peerTimeout); err != nil {
+		return nil, err
 	}
 	if err := cfg.setServer(*server); err != nil {
 		return nil, err
@@ -213,6 +227,21 @@ func (c *config) setAddress(positional []string) error {
 	default:
 		return fmt.Errorf("too many arguments: %q (want at most HOST PORT)", positional)
 	}
+	return nil
+}
+
+// setKeepalive checks the ping interval against the peer timeout: a peer
+// needs a few pings' time to answer before it counts as dead.
+func (c *config) setKeepalive(interval, timeout time.Duration) error {
+	switch {
+	case interval < 0 || timeout < 0:
+		return errors.New("--ping-interval and --peer-timeout must not be negative")
+	case timeout > 0 && interval == 0:
+		return errors.New("--peer-timeout needs pings: set --ping-interval too")
+	case timeout > 0 && timeout < 2*interval:
+		return fmt.Errorf("--peer-timeout %v must be at least twice --ping-interval %v", timeout, interval)
+	}
+	c.keepalive = keepalive{interval: interval, timeout: timeout}
 	return nil
 }
 
@@ -353,13 +382,14 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", addr, err)
 	}
-	h := newHub(connQueue, cfg.maxMessage, log)
+	h := newHub(connQueue, cfg.maxMessage, cfg.keepalive, log)
 	u := &upstream{
 		url:        cfg.server,
 		user:       cfg.user,
 		password:   cfg.password,
 		magic:      cfg.magic,
 		maxMessage: cfg.maxMessage,
+		keepalive:  cfg.keepalive,
 		hub:        h,
 		log:        log,
 	}

@@ -60,6 +60,7 @@ type upstream struct {
 	password   string
 	magic      idMagic
 	maxMessage int
+	keepalive  keepalive
 	tls        *tls.Config // nil: system roots
 	hub        *hub
 	log        *slog.Logger
@@ -228,25 +229,29 @@ func (u *upstream) serve(ws *websocket.Conn, raw net.Conn) error {
 	}
 	// Logged once the hub sends frames here, so the line means "in use".
 	u.log.Info("upstream connected", "server", u.url.String())
+	closing := make(chan struct{})
 	done := make(chan struct{})
-	go u.writeLoop(ws, raw, l, done)
-	err := u.readLoop(ws)
+	go u.writeLoop(ws, raw, l, closing, done)
+	err := u.readLoop(ws, closing)
+	// Whatever ended the reader, a writer blocked on a dead peer must not
+	// wait for its write deadline: after a flush at stop the writer has
+	// finished already.
+	raw.Close()
 	select {
 	case u.hub.detach <- l:
 	case <-u.hub.quit:
 	}
 	<-done
-	raw.Close()
 	return err
 }
 
 // readLoop is the upstream reader: it strips the ID prefix of every frame
 // and hands the message to the hub. Bad frames are dropped and logged.
-func (u *upstream) readLoop(ws *websocket.Conn) error {
+func (u *upstream) readLoop(ws *websocket.Conn, closing <-chan struct{}) error {
 	var bad throttle
 	debug := u.log.Enabled(context.Background(), slog.LevelDebug)
 	for {
-		data, err := readMessage(ws, u.maxMessage+upstreamSlack)
+		data, err := readMessage(ws, u.maxMessage+upstreamSlack, u.keepalive.timeout, closing)
 		if errors.Is(err, errTextFrame) {
 			if n, ok := bad.hit(time.Now()); ok {
 				u.log.Warn("upstream text frame dropped", "count", n)
@@ -256,11 +261,7 @@ func (u *upstream) readLoop(ws *websocket.Conn) error {
 		if err != nil {
 			return err
 		}
-		doc, msg, err := splitIDFrame(u.magic, data)
-		var kind uint64
-		if err == nil {
-			kind, err = messageKind(msg)
-		}
+		f, err := checkUpstream(u.magic, data)
 		if err != nil {
 			if n, ok := bad.hit(time.Now()); ok {
 				u.log.Warn("malformed upstream message dropped", "bytes", len(data), "count", n, "err", err)
@@ -268,43 +269,79 @@ func (u *upstream) readLoop(ws *websocket.Conn) error {
 			continue
 		}
 		if debug {
-			u.log.Debug("message from upstream", "doc", doc, "kind", kind, "bytes", len(msg))
+			u.log.Debug("message from upstream", "doc", f.doc, "kind", f.kind, "bytes", len(f.data))
 		}
 		select {
-		case u.hub.remote <- frame{doc: doc, data: msg, kind: kind}:
+		case u.hub.remote <- f:
 		case <-u.hub.quit:
 			return errStopping
 		}
 	}
 }
 
+// checkUpstream decodes one upstream frame into a frame for the hub: the
+// document from the ID prefix, the message after it, and its awareness
+// entries, if any.
+func checkUpstream(m idMagic, data []byte) (frame, error) {
+	doc, msg, err := splitIDFrame(m, data)
+	if err != nil {
+		return frame{}, err
+	}
+	kind, err := messageKind(msg)
+	if err != nil {
+		return frame{}, err
+	}
+	f := frame{doc: doc, data: msg, kind: kind}
+	if kind == msgAwareness {
+		f.aware, err = readAwareness(msg, nil)
+	}
+	return f, err
+}
+
 // writeLoop is the upstream writer, the only code that writes frames to
-// ws. It prefixes every message with its document's ID. After the hub
-// closes l.send it flushes what is queued and closes the connection; after
-// a failed write it drains l.send until then, so the hub never sees a full
-// queue for a connection that is already dead.
-func (u *upstream) writeLoop(ws *websocket.Conn, raw net.Conn, l *link, done chan<- struct{}) {
+// ws, pings included. It prefixes every message with its document's ID.
+// After the hub closes l.send it flushes what is queued and closes the
+// connection; after a failed write it drains l.send until then, so the hub
+// never sees a full queue for a connection that is already dead.
+func (u *upstream) writeLoop(ws *websocket.Conn, raw net.Conn, l *link, closing chan struct{}, done chan<- struct{}) {
 	defer close(done)
+	ping := newTicker(u.keepalive.interval)
+	defer ping.Stop()
 	var buf []byte
 	alive := true
-	for f := range l.send {
-		if !alive {
-			continue
-		}
-		buf = append(appendIDPrefix(buf[:0], u.magic, f.doc), f.data...)
-		if err := writeMessage(ws, buf); err != nil {
-			u.log.Debug("write to upstream failed", "err", err)
-			alive = false
-			raw.Close() // ends readLoop
-		}
-		if cap(buf) > 1<<20 {
-			buf = nil // do not keep a large message's buffer for good
-		}
+	fail := func(err error) {
+		u.log.Debug("write to upstream failed", "err", err)
+		alive = false
+		raw.Close() // ends readLoop at once
 	}
-	if alive {
-		ws.SetWriteDeadline(time.Now().Add(writeWait))
-		ws.WriteClose(closeNormal)
-		ws.SetReadDeadline(time.Now().Add(closeGrace))
+	for {
+		select {
+		case f, ok := <-l.send:
+			if !ok {
+				if alive {
+					ws.SetWriteDeadline(time.Now().Add(writeWait))
+					ws.WriteClose(closeNormal)
+					endReader(ws, closing)
+				}
+				return
+			}
+			if !alive {
+				continue
+			}
+			buf = append(appendIDPrefix(buf[:0], u.magic, f.doc), f.data...)
+			if err := writeMessage(ws, buf); err != nil {
+				fail(err)
+			}
+			if cap(buf) > 1<<20 {
+				buf = nil // do not keep a large message's buffer for good
+			}
+		case <-ping.C:
+			if alive {
+				if err := writePing(ws); err != nil {
+					fail(err)
+				}
+			}
+		}
 	}
 }
 

@@ -69,10 +69,10 @@ type frame struct {
 // directions of ws; the hub owns membership and alone closes send.
 type conn struct {
 	// Static after construction.
-	doc    string
-	remote string
-	ws     *websocket.Conn
-	log    *slog.Logger  // carries doc and remote
+	doc     string
+	remote  string
+	ws      *websocket.Conn
+	log     *slog.Logger  // carries doc and remote
 	send    chan []byte   // closed by the hub only
 	closing chan struct{} // closed by goodbye: the reader stops
 	done    chan struct{} // closed when writeLoop returns
@@ -465,10 +465,10 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 	ws.PayloadType = websocket.BinaryFrame
 	remote := ws.Request().RemoteAddr
 	c := &conn{
-		doc:    doc,
-		remote: remote,
-		ws:     ws,
-		log:    h.log.With("doc", doc, "remote", remote),
+		doc:     doc,
+		remote:  remote,
+		ws:      ws,
+		log:     h.log.With("doc", doc, "remote", remote),
 		send:    make(chan []byte, h.connQueue),
 		closing: make(chan struct{}),
 		done:    make(chan struct{}),

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -317,6 +318,168 @@ func TestHubStopClosesEverything(t *testing.T) {
 	if _, ok := <-up.send; ok {
 		t.Error("link still open after stop")
 	}
+}
+
+// postAwareness plays c's reader for an awareness message.
+func postAwareness(t *testing.T, h *hub, c *conn, msg []byte) {
+	t.Helper()
+	f, err := checkLocal(c, msg)
+	if err != nil {
+		t.Fatalf("test message % x: %v", msg, err)
+	}
+	h.local <- f
+}
+
+func TestHubResyncsEveryDocumentOnAttach(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	c := memConn(t, h, "d2", connQueue)
+	up := memLink(h, upstreamQueue)
+	// Upstream: an empty step 1 for each document, which joins its room.
+	got := map[string]bool{}
+	for range 2 {
+		f := <-up.send
+		if !bytes.Equal(f.data, emptyStep1) {
+			t.Fatalf("upstream got % x for %s, want the empty step 1", f.data, f.doc)
+		}
+		got[f.doc] = true
+	}
+	if !got["d1"] || !got["d2"] {
+		t.Errorf("resynced %v, want d1 and d2", got)
+	}
+	// Locally: exactly one editor of each document is asked for its state
+	// and its awareness.
+	expect(t, c, emptyStep1)
+	expect(t, c, queryAwareness)
+	asked := 0
+	for _, x := range []*conn{a, b} {
+		select {
+		case msg := <-x.send:
+			if !bytes.Equal(msg, emptyStep1) {
+				t.Fatalf("got % x, want the empty step 1", msg)
+			}
+			expect(t, x, queryAwareness)
+			asked++
+		default:
+		}
+	}
+	if asked != 1 {
+		t.Errorf("%d editors of d1 asked for their state, want 1", asked)
+	}
+	// The answer goes upstream like any local message.
+	post(t, h, a, update1)
+	if f := <-up.send; !bytes.Equal(f.data, update1) {
+		t.Errorf("upstream got % x, want the answer % x", f.data, update1)
+	}
+}
+
+func TestHubMarksAwarenessGoneWhenEditorLeaves(t *testing.T) {
+	h, _ := startHub(t)
+	up := memLink(h, upstreamQueue)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+
+	own := awarenessMsg(7, 3, `{"user":"a"}`, 8, 1, `{"user":"a2"}`)
+	postAwareness(t, h, a, own)
+	expect(t, a, own)
+	expect(t, b, own)
+	// b re-broadcasts a's state, as y-websocket clients do: it owns none of it.
+	postAwareness(t, h, b, awarenessMsg(7, 3, `{"user":"a"}`))
+	expect(t, a, awarenessMsg(7, 3, `{"user":"a"}`))
+	expect(t, b, awarenessMsg(7, 3, `{"user":"a"}`))
+	// A remote client, announced by the upstream.
+	remote := awarenessMsg(99, 5, `{"user":"r"}`)
+	h.remote <- frame{doc: "d1", data: remote, kind: msgAwareness, aware: mustAwareness(t, remote)}
+	expect(t, a, remote)
+	expect(t, b, remote)
+
+	leave(h, a)
+	expectClosed(t, a, closeNormal)
+	got := next(t, b)
+	entries := mustAwareness(t, got)
+	slices.SortFunc(entries, func(x, y awarenessEntry) int { return int(x.client) - int(y.client) })
+	if want := []awarenessEntry{{7, 4, true}, {8, 2, true}}; !slices.Equal(entries, want) {
+		t.Errorf("b got %v, want %v", entries, want)
+	}
+	expectUpstream(t, up, got) // the upstream hears of it too
+	// b leaving marks nothing gone: it owns no client.
+	c := memConn(t, h, "d1", connQueue)
+	leave(h, b)
+	expectClosed(t, b, closeNormal)
+	postAwareness(t, h, c, awarenessMsg(1, 1, "{}"))
+	expect(t, c, awarenessMsg(1, 1, "{}"))
+}
+
+func TestHubMarksAwarenessGoneForSlowEditor(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	slow := memConn(t, h, "d1", 2)
+	expect(t, a, queryAwareness)
+	postAwareness(t, h, slow, awarenessMsg(5, 1, "{}"))
+	expect(t, a, awarenessMsg(5, 1, "{}"))
+	post(t, h, a, update1) // slow's queue: its own echo, update1
+	post(t, h, a, update2) // full: slow is closed
+	post(t, h, a, awareness)
+	expect(t, a, awarenessMsg(5, 2, "null")) // slow's client is gone
+	expect(t, a, awareness)                  // all three routed
+	expectClosed(t, slow, closeTryAgain)
+}
+
+func TestHubAwarenessClocks(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	postAwareness(t, h, a, awarenessMsg(7, 3, "{}"))
+	expect(t, b, awarenessMsg(7, 3, "{}"))
+	// b announces a newer clock for 7 first: now b owns it (say, a client
+	// that moved from a to b).
+	postAwareness(t, h, b, awarenessMsg(7, 4, "{}"))
+	expect(t, b, awarenessMsg(7, 4, "{}"))
+	// An old clock from a changes nothing.
+	postAwareness(t, h, a, awarenessMsg(7, 2, "{}"))
+	expect(t, b, awarenessMsg(7, 2, "{}"))
+	leave(h, a)
+	expectClosed(t, a, closeNormal)
+	postAwareness(t, h, b, awarenessMsg(1, 1, "{}"))
+	expect(t, b, awarenessMsg(1, 1, "{}")) // no goodbye for 7 came first
+	// A null at the current clock forgets the client: b's leaving says nothing.
+	c := memConn(t, h, "d1", connQueue)
+	expect(t, b, queryAwareness)
+	postAwareness(t, h, b, awarenessMsg(7, 4, "null"))
+	expect(t, c, awarenessMsg(7, 4, "null"))
+	leave(h, b)
+	expectClosed(t, b, closeNormal)
+	expect(t, c, awarenessMsg(1, 2, "null")) // only client 1
+}
+
+// expectUpstream reads l's queue until it finds want.
+func expectUpstream(t *testing.T, l *link, want []byte) {
+	t.Helper()
+	deadline := time.After(testTimeout)
+	for {
+		select {
+		case f := <-l.send:
+			if bytes.Equal(f.data, want) {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("upstream never got % x", want)
+		}
+	}
+}
+
+// mustAwareness decodes an awareness message or fails the test.
+func mustAwareness(t *testing.T, msg []byte) []awarenessEntry {
+	t.Helper()
+	entries, err := readAwareness(msg, nil)
+	if err != nil {
+		t.Fatalf("awareness % x: %v", msg, err)
+	}
+	return entries
 }
 
 func TestThrottle(t *testing.T) {

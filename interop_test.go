@@ -1,7 +1,7 @@
 package main
 
 import (
-	"bytes"
+	"bufio"
 	"context"
 	"encoding/json"
 	"io"
@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -140,105 +139,184 @@ func (p *relayProcess) stop(t *testing.T) {
 	}
 }
 
-// clientSpec and clientReport mirror the JSON of interop/clients.mjs.
-type clientSpec struct {
-	Name string `json:"name"`
-	URL  string `json:"url"`
-	Doc  string `json:"doc"`
+// editors drives interop/editors.mjs: real y-websocket editors in one
+// Node process, one JSON command per line.
+type editors struct {
+	cmd     *exec.Cmd
+	stdin   io.WriteCloser
+	answers chan string
+	stderr  *logBuffer
 }
 
-type clientReport struct {
+// editorReport mirrors one editor in a report of editors.mjs.
+type editorReport struct {
 	Name      string   `json:"name"`
 	Doc       string   `json:"doc"`
 	Text      string   `json:"text"`
+	Made      []string `json:"made"`
 	Awareness []string `json:"awareness"`
 }
 
-type interopReport struct {
-	TimedOut bool           `json:"timedOut"`
-	Clients  []clientReport `json:"clients"`
+// answer mirrors one answer line of editors.mjs.
+type answer struct {
+	OK     bool           `json:"ok"`
+	Error  string         `json:"error"`
+	MS     int            `json:"ms"`
+	Report []editorReport `json:"report"`
 }
 
-// runClients runs the Node editors and returns their report.
-func runClients(t *testing.T, clients []clientSpec, edits int) interopReport {
+// startEditors starts the Node process; it quits at the end of the test.
+func startEditors(t *testing.T) *editors {
 	t.Helper()
-	spec, _ := json.Marshal(map[string]any{"clients": clients, "edits": edits, "timeoutMs": 30000})
+	requireNode(t)
 	ctx, cancel := context.WithTimeout(context.Background(), interopTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "node", "clients.mjs", string(spec))
+	cmd := exec.CommandContext(ctx, "node", "editors.mjs")
 	cmd.Dir = "interop"
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	runErr := cmd.Run()
-	var report interopReport
-	if err := json.Unmarshal(stdout.Bytes(), &report); err != nil {
-		t.Fatalf("node clients: %v, no report (%v)\nstdout: %s\nstderr: %s", runErr, err, stdout.String(), stderr.String())
+	e := &editors{cmd: cmd, answers: make(chan string, 100), stderr: newLogBuffer()}
+	cmd.Stderr = e.stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
 	}
-	if runErr != nil || report.TimedOut {
-		t.Errorf("node clients did not finish (%v); report: %+v\nstderr: %s", runErr, report, stderr.String())
+	if e.stdin, err = cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
 	}
-	return report
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(nil, 16<<20)
+		for sc.Scan() {
+			e.answers <- sc.Text()
+		}
+		close(e.answers)
+	}()
+	t.Cleanup(func() {
+		e.stdin.Close() // editors.mjs quits at the end of its input
+		if err := cmd.Wait(); err != nil {
+			t.Errorf("node editors: %v\n%s", err, e.stderr.String())
+		}
+		cancel()
+	})
+	return e
 }
 
-// tokens lists the edits a client made, as clients.mjs writes them.
-func tokens(name string, edits int) []string {
-	var out []string
-	for i := range edits {
-		out = append(out, "["+name+":"+strconv.Itoa(i)+"]")
+// do sends one command and returns its answer; a failed command fails the test.
+func (e *editors) do(t *testing.T, cmd map[string]any) answer {
+	t.Helper()
+	a := e.try(t, cmd)
+	if !a.OK {
+		t.Fatalf("editors %v: %s\n%s", cmd, a.Error, e.stderr.String())
 	}
-	return out
+	return a
+}
+
+// try sends one command and returns its answer, failed or not.
+func (e *editors) try(t *testing.T, cmd map[string]any) answer {
+	t.Helper()
+	line, _ := json.Marshal(cmd)
+	if _, err := e.stdin.Write(append(line, '\n')); err != nil {
+		t.Fatalf("editors: %v", err)
+	}
+	select {
+	case raw, ok := <-e.answers:
+		if !ok {
+			t.Fatalf("editors exited\n%s", e.stderr.String())
+		}
+		var a answer
+		if err := json.Unmarshal([]byte(raw), &a); err != nil {
+			t.Fatalf("editors answer %q: %v", raw, err)
+		}
+		return a
+	case <-time.After(interopTimeout):
+		t.Fatalf("editors did not answer %v", cmd)
+		return answer{}
+	}
+}
+
+// join adds an editor on doc through the relay at url.
+func (e *editors) join(t *testing.T, name, url, doc string) {
+	t.Helper()
+	e.do(t, map[string]any{"cmd": "join", "name": name, "url": url, "doc": doc})
+}
+
+// converge waits until every editor has every edit of its document and
+// checks the report.
+func (e *editors) converge(t *testing.T) []editorReport {
+	t.Helper()
+	a := e.try(t, map[string]any{"cmd": "converge", "timeoutMs": 30000})
+	if !a.OK {
+		t.Errorf("editors did not converge: %s", a.Error)
+	}
+	checkConvergence(t, a.Report)
+	return a.Report
 }
 
 // checkConvergence asserts that the editors of each document hold the same
-// text with every edit of that document exactly once and none of another,
-// and that each sees the awareness of exactly its document's editors.
-func checkConvergence(t *testing.T, clients []clientSpec, report interopReport, edits int) {
+// text, with every edit made on that document exactly once and none made
+// on another.
+func checkConvergence(t *testing.T, report []editorReport) {
 	t.Helper()
-	names := map[string][]string{} // doc → editor names
-	for _, c := range clients {
-		names[c.Doc] = append(names[c.Doc], c.Name)
+	if len(report) == 0 {
+		t.Fatal("empty report")
 	}
-	texts := map[string]string{} // doc → first text seen
-	for _, got := range report.Clients {
+	texts := map[string]string{} // doc → the first editor's text
+	for _, got := range report {
 		if first, ok := texts[got.Doc]; ok && first != got.Text {
 			t.Errorf("%s on %q has %q, another editor has %q", got.Name, got.Doc, got.Text, first)
 		}
 		texts[got.Doc] = got.Text
-		for _, c := range clients {
-			for _, tok := range tokens(c.Name, edits) {
+		for _, other := range report {
+			for _, tok := range other.Made {
 				want := 0
-				if c.Doc == got.Doc {
+				if other.Doc == got.Doc {
 					want = 1
 				}
 				if n := strings.Count(got.Text, tok); n != want {
-					t.Errorf("%s on %q has %s %d times, want %d (text %q)", got.Name, got.Doc, tok, n, want, got.Text)
+					t.Errorf("%s on %q has %s %d times, want %d", got.Name, got.Doc, tok, n, want)
 				}
 			}
-		}
-		want := slices.Sorted(slices.Values(names[got.Doc]))
-		if !slices.Equal(got.Awareness, want) {
-			t.Errorf("%s on %q sees awareness of %v, want %v", got.Name, got.Doc, got.Awareness, want)
 		}
 	}
 }
 
 func TestInteropThreeEditorsTwoDocuments(t *testing.T) {
-	requireNode(t)
 	srv := newELVAServer(t, magicSeed)
 	relay := startRelayProcess(t, "--server", srv.url())
+	ed := startEditors(t)
 	url := "ws://" + relay.addr
-	const edits = 5
-	clients := []clientSpec{
-		{"alice", url, "notes"},
-		{"bob", url, "notes"},
-		{"carol", url, "notes"},
-		{"dave", url, "Grüße"},
+	docs := map[string]string{"alice": "notes", "bob": "notes", "carol": "notes", "dave": "Grüße"}
+	for _, name := range []string{"alice", "bob", "carol", "dave"} {
+		ed.join(t, name, url, docs[name])
 	}
-	report := runClients(t, clients, edits)
-	if len(report.Clients) != len(clients) {
-		t.Fatalf("report has %d clients, want %d", len(report.Clients), len(clients))
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 5})
+	report := ed.converge(t)
+	// Each editor sees the awareness of exactly its document's editors; the
+	// relay's query on join makes that quick for those who came first.
+	for _, r := range report {
+		var want []string
+		for name, doc := range docs {
+			if doc == r.Doc {
+				want = append(want, name)
+			}
+		}
+		slices.Sort(want)
+		ed.do(t, map[string]any{"cmd": "awareness", "name": r.Name, "of": want[0], "present": true})
 	}
-	checkConvergence(t, clients, report, edits)
+	report = ed.do(t, map[string]any{"cmd": "report"}).Report
+	for _, r := range report {
+		var want []string
+		for name, doc := range docs {
+			if doc == r.Doc {
+				want = append(want, name)
+			}
+		}
+		slices.Sort(want)
+		if !slices.Equal(r.Awareness, want) {
+			t.Errorf("%s on %q sees awareness of %v, want %v", r.Name, r.Doc, r.Awareness, want)
+		}
+	}
 	// Every document went upstream under its own, decoded, name.
 	seen := map[string]bool{}
 	for len(srv.frames) > 0 {

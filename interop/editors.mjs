@@ -1,0 +1,177 @@
+// Real Yjs editors for the interop tests: y-websocket WebsocketProvider
+// clients on Node, driven by the Go tests through the built relay.
+//
+//   node editors.mjs
+//
+// It reads one JSON command per line on stdin and answers each with one
+// JSON line on stdout ({"ok": true, ...} or {"ok": false, "error": ...}).
+// Commands:
+//
+//   {"cmd":"join","name":"alice","url":"ws://127.0.0.1:PORT","doc":"notes"}
+//       a new editor with awareness {user:{name}}; answers once connected
+//   {"cmd":"edit","rounds":3}
+//       every editor inserts rounds tokens "[name:i]" into the Y.Text "text"
+//   {"cmd":"startEditing","intervalMs":20}   every editor inserts a token
+//   {"cmd":"stopEditing"}                    every interval, until stopped
+//   {"cmd":"converge","timeoutMs":20000}
+//       waits until every editor has every token made so far on its
+//       document; answers with the report (ok false on timeout)
+//   {"cmd":"awareness","name":"bob","of":"carol","present":false,"timeoutMs":20000}
+//       waits until bob sees carol's awareness (or no longer sees it);
+//       answers with the milliseconds it took
+//   {"cmd":"report"}
+//   {"cmd":"quit"}
+//
+// A report lists per editor: name, doc, text, tokens made, awareness names.
+// The Go tests make their own assertions on it.
+
+import * as Y from 'yjs'
+import { WebsocketProvider } from 'y-websocket'
+import WebSocket from 'ws'
+import { createInterface } from 'node:readline'
+
+/** editors by name, in join order. */
+const editors = new Map()
+
+const token = (name, i) => `[${name}:${i}]`
+
+const awarenessNames = (e) =>
+  [...e.provider.awareness.getStates().values()]
+    .map((s) => s?.user?.name)
+    .filter((n) => n !== undefined)
+    .sort()
+
+const report = () => [...editors.values()].map((e) => ({
+  name: e.name,
+  doc: e.doc,
+  text: e.text.toString(),
+  made: e.made,
+  awareness: awarenessNames(e)
+}))
+
+/** waitFor resolves when check() holds, re-checking on every document or
+ * awareness change, or rejects after timeoutMs. */
+const waitFor = (check, timeoutMs) => new Promise((resolve, reject) => {
+  const started = Date.now()
+  const subs = []
+  const done = (err) => {
+    clearTimeout(timer)
+    for (const [target, event, fn] of subs) target.off(event, fn)
+    err ? reject(err) : resolve(Date.now() - started)
+  }
+  const recheck = () => { if (check()) done() }
+  const timer = setTimeout(() => done(new Error(`timed out after ${timeoutMs} ms`)), timeoutMs)
+  for (const e of editors.values()) {
+    subs.push([e.ydoc, 'update', recheck], [e.provider.awareness, 'change', recheck])
+  }
+  for (const [target, event, fn] of subs) target.on(event, fn)
+  recheck()
+})
+
+const join = ({ name, url, doc }) => new Promise((resolve, reject) => {
+  const ydoc = new Y.Doc()
+  const provider = new WebsocketProvider(url, doc, ydoc, {
+    WebSocketPolyfill: WebSocket,
+    // Editors in one process would otherwise sync through a
+    // BroadcastChannel and bypass the relay.
+    disableBc: true,
+    connect: false
+  })
+  provider.awareness.setLocalStateField('user', { name })
+  const e = { name, doc, ydoc, provider, text: ydoc.getText('text'), made: [] }
+  const timer = setTimeout(() => {
+    provider.destroy()
+    reject(new Error(`${name}: not connected after 10 s`))
+  }, 10000)
+  provider.on('status', ({ status }) => {
+    if (status === 'connected' && !editors.has(name)) {
+      clearTimeout(timer)
+      editors.set(name, e)
+      resolve({})
+    }
+  })
+  provider.connect()
+})
+
+/** edit makes one token per editor, at either end of the text (inside
+ * would split another editor's token). */
+const edit = () => {
+  for (const e of editors.values()) {
+    const t = token(e.name, e.made.length)
+    e.text.insert(Math.random() < 0.5 ? 0 : e.text.length, t)
+    e.made.push(t)
+  }
+}
+
+let editing = null
+
+const converged = () => {
+  const want = new Map()
+  for (const e of editors.values()) {
+    want.set(e.doc, (want.get(e.doc) ?? []).concat(e.made))
+  }
+  return [...editors.values()].every((e) => {
+    const text = e.text.toString()
+    return want.get(e.doc).every((t) => text.includes(t))
+  })
+}
+
+const commands = {
+  join,
+  edit: async ({ rounds }) => {
+    for (let i = 0; i < rounds; i++) {
+      edit()
+      await new Promise((resolve) => setImmediate(resolve))
+    }
+    return {}
+  },
+  startEditing: async ({ intervalMs }) => {
+    editing = setInterval(edit, intervalMs ?? 20)
+    return {}
+  },
+  stopEditing: async () => {
+    clearInterval(editing)
+    editing = null
+    return {}
+  },
+  converge: async ({ timeoutMs }) => {
+    try {
+      const ms = await waitFor(converged, timeoutMs ?? 20000)
+      return { ms, report: report() }
+    } catch (err) {
+      return { ok: false, error: err.message, report: report() }
+    }
+  },
+  awareness: async ({ name, of, present, timeoutMs }) => {
+    const e = editors.get(name)
+    if (!e) throw new Error(`no editor ${name}`)
+    const ms = await waitFor(() => awarenessNames(e).includes(of) === present, timeoutMs ?? 20000)
+    return { ms }
+  },
+  report: async () => ({ report: report() }),
+  quit: async () => {
+    clearInterval(editing)
+    for (const e of editors.values()) e.provider.destroy()
+    setTimeout(() => process.exit(0), 100)
+    return {}
+  }
+}
+
+// Commands run one at a time, in order.
+let queue = Promise.resolve()
+createInterface({ input: process.stdin }).on('line', (line) => {
+  queue = queue.then(async () => {
+    let answer
+    try {
+      const cmd = JSON.parse(line)
+      const run = commands[cmd.cmd]
+      if (!run) throw new Error(`unknown command ${cmd.cmd}`)
+      answer = { ok: true, ...(await run(cmd)) }
+    } catch (err) {
+      answer = { ok: false, error: err.message }
+    }
+    process.stdout.write(JSON.stringify(answer) + '\n')
+  })
+}).on('close', () => {
+  queue.then(() => commands.quit())
+})

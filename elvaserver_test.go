@@ -148,6 +148,16 @@ func (s *elvaServer) sendAll(data []byte) {
 	}
 }
 
+// dropAll ends every open connection, as a server restart does, but keeps
+// accepting new ones.
+func (s *elvaServer) dropAll() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for c := range s.conns {
+		c.Close()
+	}
+}
+
 // close ends every connection and the listener.
 func (s *elvaServer) close() {
 	s.mu.Lock()

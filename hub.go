@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"time"
@@ -17,9 +18,6 @@ const (
 	connQueue = 256
 	// inboxQueue absorbs bursts from all readers on their way into the hub.
 	inboxQueue = 1024
-	// writeWait bounds one write to a peer; a peer that takes longer is dead
-	// or too slow to keep, and its conn is closed.
-	writeWait = 10 * time.Second
 	// closeGrace is how long a closing conn waits for the peer's close frame
 	// before it drops the TCP connection.
 	closeGrace = time.Second
@@ -30,6 +28,10 @@ const (
 	// first, then new ones are not tracked.
 	maxTrackedClients = 4096
 )
+
+// writeWait bounds one write to a peer; a peer that takes longer is dead or
+// too slow to keep, and its conn is closed. A variable for one test only.
+var writeWait = 10 * time.Second
 
 // WebSocket close codes (RFC 6455 §7.4.1) that the relay sends.
 const (
@@ -45,7 +47,7 @@ var (
 	errTextFrame  = errors.New("text frame: Yjs messages are binary")
 	errFragmented = errors.New("fragmented message: not supported")
 	errTooLarge   = errors.New("message larger than --max-message")
-	errBadOpcode  = errors.New("reserved websocket opcode")
+	errProtocol   = errors.New("websocket protocol error")
 	errStopping   = errors.New("relay stopping")
 	errClosed     = errors.New("closed by the relay")
 )
@@ -120,6 +122,7 @@ type hub struct {
 	// Static after construction.
 	join       chan *conn
 	leave      chan departure
+	finished   chan struct{} // a conn's handler is done with it
 	local      chan frame // from conn readers
 	remote     chan frame // from the upstream reader
 	attach     chan *link // a new upstream connection is up
@@ -133,7 +136,7 @@ type hub struct {
 	// Owned by run.
 	docs        map[string]*document
 	up          *link   // nil while the upstream is down
-	readers     int     // conns joined whose reader has not yet left
+	handlers    int     // conns joined whose handler has not finished
 	goodbyes    []frame // awareness removals waiting to be routed
 	unknownDoc  throttle
 	notSentUp   throttle
@@ -147,6 +150,7 @@ func newHub(queue, maxMessage int, ka keepalive, log *slog.Logger) *hub {
 	return &hub{
 		join:       make(chan *conn),
 		leave:      make(chan departure),
+		finished:   make(chan struct{}),
 		local:      make(chan frame, inboxQueue),
 		remote:     make(chan frame, inboxQueue),
 		attach:     make(chan *link),
@@ -173,8 +177,9 @@ func (h *hub) run(ctx context.Context) {
 		case c := <-h.join:
 			h.add(c)
 		case d := <-h.leave:
-			h.readers--
 			h.remove(d.c, d.code)
+		case <-h.finished:
+			h.handlers--
 		case f := <-h.local:
 			h.fromLocal(f)
 		case f := <-h.remote:
@@ -192,7 +197,7 @@ func (h *hub) run(ctx context.Context) {
 // for their awareness so that the newcomer sees who is there at once rather
 // than at their next renewal, up to 15 s later.
 func (h *hub) add(c *conn) {
-	h.readers++
+	h.handlers++
 	d := h.docs[c.doc]
 	if d == nil {
 		d = &document{conns: make(map[*conn]struct{}), clients: make(map[uint64]presence)}
@@ -422,9 +427,9 @@ func (h *hub) closeLink() {
 const hubStopTimeout = 3 * time.Second
 
 // stop is the graceful end of run: every conn is closed with "going away",
-// and until their readers have left (or hubStopTimeout passed) what they
-// still deliver is routed upstream. Only then is the upstream link closed,
-// so that its writer flushes everything the relay accepted.
+// and until their handlers have finished (or hubStopTimeout passed) what
+// their readers still deliver is routed upstream. Only then is the upstream
+// link closed, so that its writer flushes everything the relay accepted.
 func (h *hub) stop() {
 	for _, d := range h.docs {
 		for c := range d.conns {
@@ -434,16 +439,17 @@ func (h *hub) stop() {
 	h.sayGoodbyes()
 	timeout := time.NewTimer(hubStopTimeout)
 	defer timeout.Stop()
-	for h.readers > 0 {
+	for h.handlers > 0 {
 		select {
 		case d := <-h.leave:
-			h.readers--
 			h.remove(d.c, d.code)
+		case <-h.finished:
+			h.handlers--
 		case f := <-h.local:
 			h.toUpstream(f)
 		case <-timeout.C:
-			h.log.Warn("stop: editors did not close in time", "open", h.readers)
-			h.readers = 0
+			h.log.Warn("stop: editors did not close in time", "open", h.handlers)
+			h.handlers = 0
 		}
 	}
 	for drained := false; !drained; {
@@ -487,7 +493,26 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 	case <-h.quit:
 	}
 	<-c.done
+	if code != closeNormal {
+		c.awaitPeerClose(h.maxMessage)
+	}
 	c.log.Info("editor disconnected", "code", c.closeCode, "reason", err)
+	select {
+	case h.finished <- struct{}{}:
+	case <-h.quit:
+	}
+}
+
+// awaitPeerClose reads and drops frames until the peer answers the close
+// frame that the relay sent after a protocol error, or closeGrace (set by
+// goodbye) runs out. Closing the socket with the peer's bytes unread would
+// make the kernel reset it, and the peer might never see the close code.
+func (c *conn) awaitPeerClose(max int) {
+	for {
+		if _, err := readMessage(c.ws, max, 0, nil); err != nil {
+			return
+		}
+	}
 }
 
 // readLoop is the conn's reader: it hands every well-formed message to the
@@ -575,8 +600,7 @@ func (c *conn) writeLoop(ka keepalive) {
 // goodbye sends a close frame with code and gives the peer closeGrace to
 // answer before the reader gives up.
 func (c *conn) goodbye(code int) {
-	c.ws.SetWriteDeadline(time.Now().Add(writeWait))
-	c.ws.WriteClose(code)
+	writeClose(c.ws, code)
 	endReader(c.ws, c.closing)
 }
 
@@ -589,18 +613,9 @@ func endReader(ws *websocket.Conn, closing chan struct{}) {
 	ws.SetReadDeadline(time.Now().Add(closeGrace))
 }
 
-// writePing writes a ping frame within writeWait. It goes through
-// ws.Write, which holds the library's write lock, because the reader's
-// HandleFrame may be writing a pong at the same time. Only the writer
-// goroutine touches ws.PayloadType.
+// writePing writes a ping frame within writeWait.
 func writePing(ws *websocket.Conn) error {
-	if err := ws.SetWriteDeadline(time.Now().Add(writeWait)); err != nil {
-		return err
-	}
-	ws.PayloadType = websocket.PingFrame
-	_, err := ws.Write(nil)
-	ws.PayloadType = websocket.BinaryFrame
-	return err
+	return writeFrame(ws, websocket.PingFrame, nil)
 }
 
 // newTicker is a ticker that never fires when d is 0.
@@ -615,11 +630,34 @@ func newTicker(d time.Duration) *time.Ticker {
 
 // writeMessage writes msg as one binary frame within writeWait.
 func writeMessage(ws *websocket.Conn, msg []byte) error {
+	return writeFrame(ws, websocket.BinaryFrame, msg)
+}
+
+// writeFrame writes one frame of type opcode within writeWait. It goes
+// through ws.Write, which holds the library's write lock, because the
+// reader's HandleFrame may be writing a pong at the same time; only the
+// writer goroutine touches ws.PayloadType. The deadline is cleared
+// afterwards: those pongs are written with whatever deadline is left, and
+// a stale one would fail the first pong after writeWait of quiet and, as
+// the library's buffered writer keeps its error, every write after it.
+func writeFrame(ws *websocket.Conn, opcode byte, msg []byte) error {
 	if err := ws.SetWriteDeadline(time.Now().Add(writeWait)); err != nil {
 		return err
 	}
+	defer ws.SetWriteDeadline(time.Time{})
+	ws.PayloadType = opcode
 	_, err := ws.Write(msg)
+	ws.PayloadType = websocket.BinaryFrame
 	return err
+}
+
+// writeClose sends a close frame with code within writeWait.
+func writeClose(ws *websocket.Conn, code int) error {
+	if err := ws.SetWriteDeadline(time.Now().Add(writeWait)); err != nil {
+		return err
+	}
+	defer ws.SetWriteDeadline(time.Time{})
+	return ws.WriteClose(code)
 }
 
 // readMessage returns the payload of the next binary message on ws, reading
@@ -653,10 +691,15 @@ func readMessage(ws *websocket.Conn, max int, idle time.Duration, closing <-chan
 			n, _ = io.ReadFull(r, hdr[:])
 		}
 		if n < 2 {
-			return nil, errBadOpcode
+			return nil, fmt.Errorf("%w: short frame header", errProtocol)
 		}
 		fin, opcode := hdr[0]&0x80 != 0, hdr[0]&0x0f
 		size := fr.Len() - n
+		// Checked here rather than left to HandleFrame, which would send a
+		// close frame of its own from this goroutine.
+		if err := checkFrameHeader(hdr[:n], ws.IsServerConn()); err != nil {
+			return nil, err
+		}
 		payload, err := ws.HandleFrame(fr)
 		if err != nil {
 			return nil, err
@@ -676,14 +719,42 @@ func readMessage(ws *websocket.Conn, max int, idle time.Duration, closing <-chan
 			}
 			return nil, errTextFrame
 		case opcode != websocket.BinaryFrame:
-			return nil, errBadOpcode
+			return nil, fmt.Errorf("%w: reserved opcode %d", errProtocol, opcode)
 		}
-		data := make([]byte, size)
-		if _, err := io.ReadFull(payload, data); err != nil {
-			return nil, err
-		}
-		return data, nil
+		return readPayload(payload, size)
 	}
+}
+
+// checkFrameHeader rejects what the relay does not speak: RSV bits (no
+// extension was negotiated, so a "compressed" frame is an error) and a
+// masking that does not fit the side (clients mask, servers do not).
+func checkFrameHeader(hdr []byte, fromClient bool) error {
+	if hdr[0]&0x70 != 0 {
+		return fmt.Errorf("%w: RSV bits set", errProtocol)
+	}
+	if masked := hdr[1]&0x80 != 0; masked != fromClient {
+		return fmt.Errorf("%w: masking does not fit the side", errProtocol)
+	}
+	return nil
+}
+
+// exactRead is the payload size up to which readPayload allocates at once.
+const exactRead = 64 << 10
+
+// readPayload reads a frame's size bytes. Beyond exactRead the buffer grows
+// as the bytes arrive, so that a 14-byte header cannot make the relay
+// allocate --max-message bytes for a payload that never comes.
+func readPayload(payload io.Reader, size int) ([]byte, error) {
+	if size <= exactRead {
+		data := make([]byte, size)
+		_, err := io.ReadFull(payload, data)
+		return data, err
+	}
+	data, err := io.ReadAll(io.LimitReader(payload, int64(size)))
+	if err == nil && len(data) < size {
+		err = io.ErrUnexpectedEOF
+	}
+	return data, err
 }
 
 // closeCodeFor maps the reason a reader ended to the close code it answers with.
@@ -693,7 +764,7 @@ func closeCodeFor(err error) int {
 		return closeUnsupported
 	case errors.Is(err, errTooLarge):
 		return closeTooBig
-	case errors.Is(err, errBadOpcode):
+	case errors.Is(err, errProtocol):
 		return closeProtocol
 	}
 	return closeNormal

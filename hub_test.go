@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -53,10 +52,15 @@ func memConn(t *testing.T, h *hub, doc string, queue int) *conn {
 	return c
 }
 
-// leave plays the end of c's reader.
+// leave plays the end of c's reader and handler.
 func leave(h *hub, c *conn) {
 	select {
 	case h.leave <- departure{c, closeNormal}:
+	case <-h.quit:
+		return
+	}
+	select {
+	case h.finished <- struct{}{}:
 	case <-h.quit:
 	}
 }
@@ -504,49 +508,59 @@ func TestSlowSocketClosedWithoutStallingOthers(t *testing.T) {
 	r := startRelay(t, "--server", "ws://127.0.0.1:1/") // upstream stays down
 	sender := join(t, r.addr, "doc")
 	reader := join(t, r.addr, "doc")
-	slow := join(t, r.addr, "doc") // never reads until the end
-	receiveSkipping(t, sender, func(m []byte) bool { return m[0] == msgQueryAwareness })
-	receiveSkipping(t, sender, func(m []byte) bool { return m[0] == msgQueryAwareness })
-	receiveSkipping(t, reader, func(m []byte) bool { return m[0] == msgQueryAwareness })
+	slow, slowBuf := rawJoin(t, r.addr, "doc") // never reads until the end
+	slow.SetDeadline(time.Time{})
 
-	// Enough data to fill slow's socket buffers and its send queue.
-	const n = 600
+	// Enough data to fill slow's socket buffers and its send queue, sent
+	// in windows that the healthy reader keeps up with.
+	const n, window = 640, 32
 	payload := bytes.Repeat([]byte{0xab}, 64<<10)
 	msg := append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(payload))), payload...)
-	errs := make(chan error, 1)
-	go func() {
-		for range n {
-			if err := websocket.Message.Send(sender, msg); err != nil {
-				errs <- err
-				return
+	for i := 0; i < n; i += window {
+		for range window {
+			send(t, sender, msg)
+		}
+		for j := range window {
+			if got := receiveSkipping(t, reader, func(m []byte) bool { return m[0] == msgSync }); !bytes.Equal(got, msg) {
+				t.Fatalf("message %d: got %d bytes", i+j, len(got))
 			}
 		}
-		errs <- nil
-	}()
-	for i := range n {
-		if got := receiveSkipping(t, reader, func(m []byte) bool { return m[0] == msgSync }); !bytes.Equal(got, msg) {
-			t.Fatalf("message %d: got %d bytes", i, len(got))
-		}
-	}
-	if err := <-errs; err != nil {
-		t.Fatalf("sender: %v", err)
 	}
 	r.logs.waitFor(t, "slow editor closed")
-	got := 0
+	// The slow editor gets what was queued for it, then "try again later".
+	slow.SetDeadline(time.Now().Add(testTimeout))
+	if code := readCloseCode(t, slowBuf); code != closeTryAgain {
+		t.Errorf("slow editor closed with %d, want %d", code, closeTryAgain)
+	}
+}
+
+func TestPongAfterQuietPeriod(t *testing.T) {
+	// Regression: a write deadline left over from the last write made the
+	// library's pong fail once writeWait had passed, and every write after.
+	saved := writeWait
+	writeWait = 100 * time.Millisecond
+	t.Cleanup(func() { writeWait = saved })
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "0", "--peer-timeout", "0")
+	conn, br := rawJoin(t, r.addr, "doc")
+	join(t, r.addr, "doc") // the relay writes a query-awareness to conn
+	if op, _ := readFrame(t, br); op != websocket.BinaryFrame {
+		t.Fatalf("got opcode %d, want the query-awareness", op)
+	}
+	time.Sleep(3 * writeWait) // the behaviour under test: a quiet period
+	conn.Write(maskedFrame(0x80|websocket.PingFrame, []byte("hi")))
 	for {
-		slow.SetReadDeadline(time.Now().Add(testTimeout))
-		var m []byte
-		err := websocket.Message.Receive(slow, &m)
-		if errors.Is(err, io.EOF) {
+		op, payload := readFrame(t, br) // the other editor's awareness may come first
+		if op == websocket.PongFrame && string(payload) == "hi" {
 			break
 		}
-		if err != nil {
-			t.Fatalf("slow editor: %v after %d messages", err, got)
+		if op != websocket.BinaryFrame {
+			t.Fatalf("got opcode %d %q, want a pong", op, payload)
 		}
-		got++
 	}
-	if got >= n {
-		t.Errorf("slow editor got all %d messages; want it cut off", got)
+	hello := awarenessMsg(42, 1, "{}")
+	conn.Write(maskedFrame(0x82, hello))
+	if op, payload := readFrame(t, br); op != websocket.BinaryFrame || !bytes.Equal(payload, hello) {
+		t.Fatalf("got opcode %d % x, want the awareness echo", op, payload)
 	}
 }
 
@@ -562,6 +576,8 @@ func TestLocalFrameRules(t *testing.T) {
 		// A whole update in a first fragment: none of it may pass.
 		{"fragmented", [][]byte{maskedFrame(0x02, update1), maskedFrame(0x80, []byte{0xff})}, closeUnsupported, "fragmented"},
 		{"reserved opcode", [][]byte{maskedFrame(0x83, update1)}, closeProtocol, "reserved"},
+		{"unmasked frame", [][]byte{{0x82, byte(len(update1))}, update1}, closeProtocol, "masking"},
+		{"RSV bit", [][]byte{maskedFrame(0xc2, update1)}, closeProtocol, "RSV"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -637,27 +653,44 @@ func maskedFrame(first byte, payload []byte) []byte {
 	return append(f, payload...)
 }
 
-// readCloseCode reads server frames until a close frame and returns its code.
+// readFrame reads one unmasked server frame.
+func readFrame(t *testing.T, br *bufio.Reader) (opcode byte, payload []byte) {
+	t.Helper()
+	var hdr [2]byte
+	if _, err := io.ReadFull(br, hdr[:]); err != nil {
+		t.Fatalf("no frame: %v", err)
+	}
+	size := uint64(hdr[1] & 0x7f)
+	switch size {
+	case 126:
+		var ext [2]byte
+		io.ReadFull(br, ext[:])
+		size = uint64(binary.BigEndian.Uint16(ext[:]))
+	case 127:
+		var ext [8]byte
+		io.ReadFull(br, ext[:])
+		size = binary.BigEndian.Uint64(ext[:])
+	}
+	payload = make([]byte, size)
+	if _, err := io.ReadFull(br, payload); err != nil {
+		t.Fatalf("frame payload: %v", err)
+	}
+	return hdr[0] & 0x0f, payload
+}
+
+// readCloseCode reads server frames until a close frame and returns its
+// code; then it checks that the server sends nothing after it.
 func readCloseCode(t *testing.T, br *bufio.Reader) int {
 	t.Helper()
 	for {
-		var hdr [2]byte
-		if _, err := io.ReadFull(br, hdr[:]); err != nil {
-			t.Fatalf("no close frame: %v", err)
+		op, payload := readFrame(t, br)
+		if op != websocket.CloseFrame || len(payload) < 2 {
+			continue
 		}
-		size := int(hdr[1] & 0x7f)
-		if size == 126 {
-			var ext [2]byte
-			io.ReadFull(br, ext[:])
-			size = int(binary.BigEndian.Uint16(ext[:]))
+		if extra, err := br.ReadByte(); err == nil {
+			t.Errorf("byte %#x after the close frame, want the end", extra)
 		}
-		payload := make([]byte, size)
-		if _, err := io.ReadFull(br, payload); err != nil {
-			t.Fatalf("frame payload: %v", err)
-		}
-		if hdr[0]&0x0f == websocket.CloseFrame && size >= 2 {
-			return int(binary.BigEndian.Uint16(payload))
-		}
+		return int(binary.BigEndian.Uint16(payload))
 	}
 }
 

@@ -27,7 +27,6 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -372,7 +371,6 @@ type service struct {
 	ln   net.Listener
 	hub  *hub
 	up   *upstream
-	open sync.WaitGroup // local WebSocket handlers still running
 }
 
 // listen binds the local address; run starts serving on it.
@@ -443,26 +441,19 @@ func (s *service) run(ctx context.Context) int {
 	return status
 }
 
-// waitForStop waits up to stopTimeout for the upstream to flush and for
-// every local handler to return. upDone is nil when the upstream is done.
+// waitForStop waits up to stopTimeout for the upstream to flush. The
+// hub's stop has waited for the local readers already. upDone is nil when
+// the upstream is done.
 func (s *service) waitForStop(upDone <-chan error) {
-	handlers := make(chan struct{})
-	go func() {
-		s.open.Wait()
-		close(handlers)
-	}()
+	if upDone == nil {
+		return
+	}
 	timeout := time.NewTimer(stopTimeout)
 	defer timeout.Stop()
-	for upDone != nil || handlers != nil {
-		select {
-		case <-upDone:
-			upDone = nil
-		case <-handlers:
-			handlers = nil
-		case <-timeout.C:
-			s.log.Warn("stop timed out; exiting anyway")
-			return
-		}
+	select {
+	case <-upDone:
+	case <-timeout.C:
+		s.log.Warn("stop: upstream did not flush in time; exiting anyway")
 	}
 }
 
@@ -481,8 +472,6 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "elva-service: this is a Yjs WebSocket relay; open ws://"+r.Host+r.URL.EscapedPath()+" with a Yjs client", http.StatusUpgradeRequired)
 		return
 	}
-	s.open.Add(1)
-	defer s.open.Done()
 	ws := websocket.Server{
 		// Native clients send no Origin, which websocket.Handler refuses.
 		Handshake: func(*websocket.Config, *http.Request) error { return nil },

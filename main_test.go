@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -209,6 +208,7 @@ func TestUpstreamFrameReachesLocalEditors(t *testing.T) {
 	srv := newELVAServer(t, magicSeed)
 	r := startRelay(t, "--server", srv.url())
 	r.logs.waitFor(t, "upstream connected")
+	srv.waitConnected(t) // the server can send to the relay
 	a := join(t, r.addr, "doc-a")
 	b := join(t, r.addr, "doc-a")
 	other := join(t, r.addr, "doc-b")
@@ -286,6 +286,24 @@ func TestUpstreamAuthRetriesWithBasic(t *testing.T) {
 	}
 }
 
+func TestUpstreamAuthRefusedOnReconnectIsRetried(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	srv.user, srv.password = "ada", "pw"
+	r := startRelay(t, "--server", srv.url(), "--user", "ada", "--password", "pw")
+	r.logs.waitFor(t, "upstream connected")
+	// The server restarts and refuses everyone for a while.
+	srv.refuse.Store(http.StatusUnauthorized)
+	srv.dropAll()
+	r.logs.waitFor(t, "refused on reconnect, retrying")
+	srv.refuse.Store(0)
+	r.logs.waitFor(t, "upstream connected")
+	select {
+	case code := <-r.status:
+		t.Fatalf("relay exited with %d", code)
+	default:
+	}
+}
+
 func TestUpstreamAuthFailureExits(t *testing.T) {
 	tests := []struct {
 		name string
@@ -341,15 +359,11 @@ func TestUpstreamDownLocalKeepsServing(t *testing.T) {
 	dead := "ws://" + ln.Addr().String() + "/"
 	ln.Close()
 	r := startRelay(t, "--server", dead)
-	a := dialLocal(t, r.addr, "doc-a")
-	b := dialLocal(t, r.addr, "doc-a")
-	send(t, b, unhex(t, "01 01 00")) // b's awareness echo proves b is registered
-	receive(t, b)
+	a := join(t, r.addr, "doc-a")
+	b := join(t, r.addr, "doc-a")
 	update := unhex(t, "00 02 01 09")
 	send(t, a, update)
-	if got := receive(t, b); !bytes.Equal(got, update) {
-		t.Errorf("got % x, want % x", got, update)
-	}
+	receiveSkipping(t, b, func(m []byte) bool { return bytes.Equal(m, update) })
 }
 
 func TestParseArgs(t *testing.T) {
@@ -445,18 +459,16 @@ func TestRunStopsOnCancel(t *testing.T) {
 	srv := newELVAServer(t, magicSeed)
 	r := startRelay(t, "--server", srv.url())
 	r.logs.waitFor(t, "upstream connected")
-	ws := dialLocal(t, r.addr, "doc-a")
-	send(t, ws, unhex(t, "01 01 00"))
-	receive(t, ws)
+	conn, br := rawJoin(t, r.addr, "doc-a")
+	conn.Write(maskedFrame(0x82, awareness))
+	r.logs.waitFor(t, "message from editor") // joined
 	r.stop()
 	if code := r.waitExit(t); code != 0 {
 		t.Errorf("exit status %d, want 0", code)
 	}
 	// The editor is told the relay is going away.
-	var msg []byte
-	ws.SetReadDeadline(time.Now().Add(testTimeout))
-	if err := websocket.Message.Receive(ws, &msg); !errors.Is(err, io.EOF) {
-		t.Errorf("after stop: got % x, %v; want EOF", msg, err)
+	if code := readCloseCode(t, br); code != closeGoingAway {
+		t.Errorf("close code %d, want %d", code, closeGoingAway)
 	}
 }
 

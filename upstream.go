@@ -67,6 +67,7 @@ type upstream struct {
 
 	// Owned by run.
 	authorization string // Basic credentials, once the server asked for them
+	accepted      bool   // the server has accepted authorization before
 }
 
 // statusError is a handshake that the server refused with an HTTP status.
@@ -136,6 +137,11 @@ func (u *upstream) connect(ctx context.Context) (*websocket.Conn, net.Conn, erro
 	switch {
 	case u.user == "":
 		return nil, nil, fmt.Errorf("%w: the server asks for credentials and no user is set (--user, ELVA_USER): %v", errAuth, err)
+	case u.accepted:
+		// These credentials worked before: a server that restarts may
+		// refuse them for a while, and a relay that has served for days
+		// should not die of it. Retry; the refusal is logged.
+		return nil, nil, fmt.Errorf("credentials for user %q refused on reconnect, retrying: %w", u.user, err)
 	case u.authorization != "":
 		return nil, nil, fmt.Errorf("%w for user %q: %v", errAuth, u.user, err)
 	}
@@ -143,6 +149,9 @@ func (u *upstream) connect(ctx context.Context) (*websocket.Conn, net.Conn, erro
 	ws, raw, err = u.handshake(ctx)
 	if errors.As(err, &status) && status.code == http.StatusUnauthorized {
 		return nil, nil, fmt.Errorf("%w for user %q: %v", errAuth, u.user, err)
+	}
+	if err == nil {
+		u.accepted = true
 	}
 	return ws, raw, err
 }
@@ -319,8 +328,7 @@ func (u *upstream) writeLoop(ws *websocket.Conn, raw net.Conn, l *link, closing 
 		case f, ok := <-l.send:
 			if !ok {
 				if alive {
-					ws.SetWriteDeadline(time.Now().Add(writeWait))
-					ws.WriteClose(closeNormal)
+					writeClose(ws, closeNormal)
 					endReader(ws, closing)
 				}
 				return

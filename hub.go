@@ -123,10 +123,10 @@ type hub struct {
 	join       chan *conn
 	leave      chan departure
 	finished   chan struct{} // a conn's handler is done with it
-	local      chan frame // from conn readers
-	remote     chan frame // from the upstream reader
-	attach     chan *link // a new upstream connection is up
-	detach     chan *link // an upstream connection has ended
+	local      chan frame    // from conn readers
+	remote     chan frame    // from the upstream reader
+	attach     chan *link    // a new upstream connection is up
+	detach     chan *link    // an upstream connection has ended
 	quit       chan struct{}
 	connQueue  int
 	maxMessage int

@@ -366,11 +366,11 @@ func buildVersion() string {
 // service is a listening relay: the local HTTP endpoint, the hub and the
 // upstream, started by run.
 type service struct {
-	cfg  *config
-	log  *slog.Logger
-	ln   net.Listener
-	hub  *hub
-	up   *upstream
+	cfg *config
+	log *slog.Logger
+	ln  net.Listener
+	hub *hub
+	up  *upstream
 }
 
 // listen binds the local address; run starts serving on it.

@@ -84,11 +84,11 @@ func TestMain(m *testing.M) {
 
 // relayProcess is the built binary running on 127.0.0.1 with a free port.
 type relayProcess struct {
-	cmd   *exec.Cmd
-	addr  string
-	lines chan string // stderr log lines
-	logs  *logBuffer
-	done  chan error
+	cmd      *exec.Cmd
+	addr     string
+	logs     *logBuffer
+	done     chan error
+	stopOnce sync.Once
 }
 
 var listeningRE = regexp.MustCompile(`msg=listening addr=(\S+)`)
@@ -120,6 +120,10 @@ func startRelayProcess(t *testing.T, args ...string) *relayProcess {
 
 // stop ends the process with SIGTERM, or kills it after testTimeout.
 func (p *relayProcess) stop(t *testing.T) {
+	p.stopOnce.Do(func() { p.terminate(t) })
+}
+
+func (p *relayProcess) terminate(t *testing.T) {
 	p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case err := <-p.done:
@@ -330,3 +334,148 @@ func TestInteropThreeEditorsTwoDocuments(t *testing.T) {
 		t.Errorf("upstream saw documents %v, want notes and Grüße", seen)
 	}
 }
+
+// converge with expect also waits for edits made by other editors
+// processes, per document.
+func (e *editors) convergeWith(t *testing.T, expect map[string][]string) []editorReport {
+	t.Helper()
+	a := e.try(t, map[string]any{"cmd": "converge", "timeoutMs": 30000, "expect": expect})
+	if !a.OK {
+		t.Errorf("editors did not converge: %s", a.Error)
+	}
+	checkConvergence(t, a.Report)
+	for _, r := range a.Report {
+		for _, tok := range expect[r.Doc] {
+			if n := strings.Count(r.Text, tok); n != 1 {
+				t.Errorf("%s on %q has %s %d times, want 1", r.Name, r.Doc, tok, n)
+			}
+		}
+	}
+	return a.Report
+}
+
+// madeByDoc lists the edits in a report by document.
+func madeByDoc(report []editorReport) map[string][]string {
+	made := map[string][]string{}
+	for _, r := range report {
+		made[r.Doc] = append(made[r.Doc], r.Made...)
+	}
+	return made
+}
+
+// nodeServer is interop/elva-server.mjs, an ELVA-protocol server in broadcast
+// or persistent mode, which a test can kill and start again on its port.
+type nodeServer struct {
+	mode  string
+	store string // persistent mode: where documents survive a restart
+	port  string
+	cmd   *exec.Cmd
+	done  chan error
+}
+
+// startNodeServer starts the server on a free port; it is killed at the end.
+func startNodeServer(t *testing.T, mode string) *nodeServer {
+	t.Helper()
+	requireNode(t)
+	s := &nodeServer{mode: mode, store: t.TempDir(), port: "0"}
+	s.start(t)
+	t.Cleanup(func() { s.kill(t) })
+	return s
+}
+
+// url is the server's ws:// URI.
+func (s *nodeServer) url() string { return "ws://127.0.0.1:" + s.port + "/" }
+
+// start runs the server on s.port and waits until it listens.
+func (s *nodeServer) start(t *testing.T) {
+	t.Helper()
+	s.cmd = exec.Command("node", "elva-server.mjs", "--port", s.port, "--mode", s.mode, "--store", s.store)
+	s.cmd.Dir = "interop"
+	s.cmd.Stderr = os.Stderr
+	stdout, err := s.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s.done = make(chan error, 1)
+	listening := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			if port, ok := strings.CutPrefix(sc.Text(), "listening "); ok {
+				listening <- port
+			}
+		}
+		s.done <- s.cmd.Wait()
+	}()
+	select {
+	case s.port = <-listening:
+	case err := <-s.done:
+		t.Fatalf("elva-server exited: %v", err)
+	case <-time.After(testTimeout):
+		t.Fatal("elva-server did not listen")
+	}
+}
+
+// kill ends the server at once, as a crash would: no close frames.
+func (s *nodeServer) kill(t *testing.T) {
+	if s.cmd == nil {
+		return
+	}
+	s.cmd.Process.Kill()
+	<-s.done
+	s.cmd = nil
+}
+
+// testOutages kills the upstream server several times in the middle of
+// continuous editing by editors on two documents behind two relays, and
+// checks that every edit reaches every editor and, afterwards, a fresh
+// editor that joins through a third relay.
+func testOutages(t *testing.T, mode string) {
+	srv := startNodeServer(t, mode)
+	args := []string{"--server", srv.url(), "--retry-max", "1s"}
+	r1 := startRelayProcess(t, args...)
+	r2 := startRelayProcess(t, args...)
+	ed := startEditors(t)
+	u1, u2 := "ws://"+r1.addr, "ws://"+r2.addr
+	ed.join(t, "alice", u1, "notes")
+	ed.join(t, "bob", u1, "notes")
+	ed.join(t, "carol", u2, "notes")
+	ed.join(t, "dave", u1, "plans")
+	ed.join(t, "erin", u2, "plans")
+	ed.do(t, map[string]any{"cmd": "startEditing", "intervalMs": 20})
+	const outages = 3
+	for range outages {
+		ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+		srv.kill(t)
+		r1.logs.waitFor(t, "upstream connection lost")
+		r2.logs.waitFor(t, "upstream connection lost")
+		ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5}) // while it is down
+		srv.start(t)
+		r1.logs.waitFor(t, "upstream connected")
+		r2.logs.waitFor(t, "upstream connected")
+	}
+	ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+	ed.do(t, map[string]any{"cmd": "stopEditing"})
+	report := ed.converge(t)
+	made := madeByDoc(report)
+	if n := len(made["notes"]); n < 3*(3*outages+1)*5 {
+		t.Errorf("only %d edits on notes", n)
+	}
+	if mode == "persistent" {
+		// Nothing but the server has the documents now.
+		r1.stop(t)
+		r2.stop(t)
+	}
+	r3 := startRelayProcess(t, args...)
+	fresh := startEditors(t)
+	fresh.join(t, "frank", "ws://"+r3.addr, "notes")
+	fresh.join(t, "grace", "ws://"+r3.addr, "plans")
+	fresh.convergeWith(t, made)
+}
+
+func TestInteropOutagesBroadcastServer(t *testing.T) { testOutages(t, "broadcast") }
+
+func TestInteropOutagesPersistentServer(t *testing.T) { testOutages(t, "persistent") }

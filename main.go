@@ -75,6 +75,8 @@ Flags:
   --ping-interval D   ping every peer this often (default 10s, 0: never)
   --peer-timeout D    close a peer silent for this long, which finds
                       half-open connections (default 30s, 0: never)
+  --retry-max D       longest wait between upstream reconnect attempts
+                      (default 30s; the waits start at 0.5s and double)
   --log FILE          append logs to FILE instead of stderr
   -v, --verbose       log every message (debug level)
   --version           print the version and exit
@@ -101,6 +103,7 @@ type config struct {
 	logFile    string
 	verbose    bool
 	keepalive  keepalive
+	retryMax   time.Duration
 }
 
 func main() {
@@ -154,6 +157,7 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 	maxMessage := fs.String("max-message", "32MiB", "")
 	logFile := fs.String("log", "", "")
 	pingInterval := fs.Duration("ping-interval", defaultPingInterval, "")
+	retryMax := fs.Duration("retry-max", defaultRetryMax, "")
 	peerTimeout := fs.Duration("peer-timeout", defaultPeerTimeout, "")
 	var verbose, showVersion bool
 	fs.BoolVar(&verbose, "v", false, "")
@@ -180,6 +184,10 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 	if err := cfg.setKeepalive(*pingInterval, *peerTimeout); err != nil {
 		return nil, err
 	}
+	if *retryMax < backoffBase {
+		return nil, fmt.Errorf("--retry-max %v: want at least %v", *retryMax, backoffBase)
+	}
+	cfg.retryMax = *retryMax
 	if err := cfg.setServer(*server); err != nil {
 		return nil, err
 	}
@@ -388,6 +396,7 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		magic:      cfg.magic,
 		maxMessage: cfg.maxMessage,
 		keepalive:  cfg.keepalive,
+		retryMax:   cfg.retryMax,
 		hub:        h,
 		log:        log,
 	}

@@ -29,8 +29,8 @@ const (
 	dialTimeout = 10 * time.Second
 	// backoffBase is the first reconnect delay bound; it doubles per attempt.
 	backoffBase = 500 * time.Millisecond
-	// backoffCap is the largest reconnect delay bound.
-	backoffCap = 30 * time.Second
+	// defaultRetryMax is the largest reconnect delay bound (--retry-max).
+	defaultRetryMax = 30 * time.Second
 	// stableAfter is how long a connection must stay up to reset the backoff,
 	// so a server that accepts and drops at once is not hammered.
 	stableAfter = 10 * time.Second
@@ -61,7 +61,8 @@ type upstream struct {
 	magic      idMagic
 	maxMessage int
 	keepalive  keepalive
-	tls        *tls.Config // nil: system roots
+	retryMax   time.Duration // the cap of the backoff bounds
+	tls        *tls.Config   // nil: system roots
 	hub        *hub
 	log        *slog.Logger
 
@@ -87,7 +88,7 @@ func (e *statusError) Error() string {
 // run connects and serves the upstream until ctx ends, which returns nil,
 // or until the server refuses the credentials, which returns an errAuth.
 func (u *upstream) run(ctx context.Context) error {
-	var b backoff
+	b := backoff{max: u.retryMax}
 	down := false // a "down" line has been logged since the last "up"
 	for {
 		ws, raw, err := u.connect(ctx)
@@ -396,14 +397,15 @@ func hostPort(u *url.URL) string {
 // backoff yields reconnect delays: exponential bounds with full jitter, so
 // that many relays that lost one server do not come back in lockstep.
 type backoff struct {
+	max     time.Duration // the cap of the bounds
 	attempt int
 }
 
-// next returns a random delay in [0, min(cap, base·2^attempt)).
+// next returns a random delay in [0, min(max, base·2^attempt)).
 func (b *backoff) next() time.Duration {
-	bound := backoffCap
+	bound := b.max
 	if b.attempt < 16 {
-		bound = min(backoffBase<<b.attempt, backoffCap)
+		bound = min(backoffBase<<b.attempt, b.max)
 	}
 	b.attempt++
 	return rand.N(bound)

@@ -13,9 +13,11 @@
 //       every editor inserts rounds tokens "[name:i]" into the Y.Text "text"
 //   {"cmd":"startEditing","intervalMs":20}   every editor inserts a token
 //   {"cmd":"stopEditing"}                    every interval, until stopped
-//   {"cmd":"converge","timeoutMs":20000}
+//   {"cmd":"waitEdits","count":10}  waits until every editor made count more
+//   {"cmd":"converge","timeoutMs":20000,"expect":{"notes":["[x:0]"]}}
 //       waits until every editor has every token made so far on its
-//       document; answers with the report (ok false on timeout)
+//       document, and those in expect (made by editors elsewhere);
+//       answers with the report (ok false on timeout)
 //   {"cmd":"awareness","name":"bob","of":"carol","present":false,"timeoutMs":20000}
 //       waits until bob sees carol's awareness (or no longer sees it);
 //       answers with the milliseconds it took
@@ -105,8 +107,10 @@ const edit = () => {
 
 let editing = null
 
-const converged = () => {
-  const want = new Map()
+/** converged reports whether every editor has every token made on its
+ * document, here or (expect: doc → tokens) elsewhere. */
+const converged = (expect) => {
+  const want = new Map(Object.entries(expect ?? {}))
   for (const e of editors.values()) {
     want.set(e.doc, (want.get(e.doc) ?? []).concat(e.made))
   }
@@ -129,14 +133,23 @@ const commands = {
     editing = setInterval(edit, intervalMs ?? 20)
     return {}
   },
+  waitEdits: async ({ count, timeoutMs }) => {
+    const start = new Map([...editors.values()].map((e) => [e.name, e.made.length]))
+    const deadline = Date.now() + (timeoutMs ?? 20000)
+    while ([...editors.values()].some((e) => e.made.length < start.get(e.name) + count)) {
+      if (Date.now() > deadline) throw new Error(`fewer than ${count} edits in ${timeoutMs} ms`)
+      await new Promise((resolve) => setTimeout(resolve, 10))
+    }
+    return {}
+  },
   stopEditing: async () => {
     clearInterval(editing)
     editing = null
     return {}
   },
-  converge: async ({ timeoutMs }) => {
+  converge: async ({ timeoutMs, expect }) => {
     try {
-      const ms = await waitFor(converged, timeoutMs ?? 20000)
+      const ms = await waitFor(() => converged(expect), timeoutMs ?? 20000)
       return { ms, report: report() }
     } catch (err) {
       return { ok: false, error: err.message, report: report() }

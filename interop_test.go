@@ -150,6 +150,7 @@ type editors struct {
 	stdin   io.WriteCloser
 	answers chan string
 	stderr  *logBuffer
+	killed  bool
 }
 
 // editorReport mirrors one editor in a report of editors.mjs.
@@ -198,7 +199,7 @@ func startEditors(t *testing.T) *editors {
 	}()
 	t.Cleanup(func() {
 		e.stdin.Close() // editors.mjs quits at the end of its input
-		if err := cmd.Wait(); err != nil {
+		if err := cmd.Wait(); err != nil && !e.killed {
 			t.Errorf("node editors: %v\n%s", err, e.stderr.String())
 		}
 		cancel()
@@ -479,3 +480,35 @@ func testOutages(t *testing.T, mode string) {
 func TestInteropOutagesBroadcastServer(t *testing.T) { testOutages(t, "broadcast") }
 
 func TestInteropOutagesPersistentServer(t *testing.T) { testOutages(t, "persistent") }
+
+// kill ends the editors' process at once: their sockets close without a
+// WebSocket close frame.
+func (e *editors) kill(t *testing.T) {
+	t.Helper()
+	e.killed = true
+	if err := e.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestInteropAwarenessGoneWhenEditorKilled(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	r1 := startRelayProcess(t, "--server", srv.url())
+	r2 := startRelayProcess(t, "--server", srv.url())
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+r1.addr, "notes")
+	ed.join(t, "bob", "ws://"+r2.addr, "notes")
+	victim := startEditors(t)
+	victim.join(t, "mallory", "ws://"+r1.addr, "notes")
+	for _, name := range []string{"alice", "bob"} {
+		ed.do(t, map[string]any{"cmd": "awareness", "name": name, "of": "mallory", "present": true})
+	}
+	victim.kill(t)
+	// y-websocket drops a silent peer's state after 30 s; the relay's
+	// removal must beat that by far, locally and through the upstream.
+	for _, name := range []string{"alice", "bob"} {
+		a := ed.do(t, map[string]any{"cmd": "awareness", "name": name, "of": "mallory", "present": false, "timeoutMs": 10000})
+		t.Logf("%s saw mallory gone after %d ms", name, a.MS)
+	}
+	ed.do(t, map[string]any{"cmd": "awareness", "name": "alice", "of": "bob", "present": true})
+}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -511,4 +512,54 @@ func TestInteropAwarenessGoneWhenEditorKilled(t *testing.T) {
 		t.Logf("%s saw mallory gone after %d ms", name, a.MS)
 	}
 	ed.do(t, map[string]any{"cmd": "awareness", "name": "alice", "of": "bob", "present": true})
+}
+
+var retryDelayRE = regexp.MustCompile(`msg="upstream retry scheduled" delay=(\S+)`)
+
+func TestInteropRefusedUpstreamBacksOffThenConverges(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	srv.frames = nil
+	srv.refuse.Store(http.StatusServiceUnavailable)
+	const retryMax = 2 * time.Second
+	r1 := startRelay(t, "--server", srv.url(), "--retry-max", retryMax.String())
+	r2 := startRelay(t, "--server", srv.url(), "--retry-max", retryMax.String())
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+r1.addr, "notes")
+	ed.join(t, "bob", "ws://"+r1.addr, "notes")
+	ed.join(t, "carol", "ws://"+r2.addr, "notes")
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 5})
+	// Both relays keep trying while editors edit on each side.
+	for range 8 {
+		select {
+		case <-srv.authHeaders:
+		case <-time.After(testTimeout):
+			t.Fatal("the relays stopped retrying")
+		}
+	}
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 5})
+	srv.refuse.Store(0)
+	r1.logs.waitFor(t, "upstream connected")
+	r2.logs.waitFor(t, "upstream connected")
+	ed.converge(t)
+
+	for i, r := range []*testRelay{r1, r2} {
+		logs := r.logs.String()
+		if n := strings.Count(logs, "upstream unavailable"); n != 1 {
+			t.Errorf("relay %d logged %d 'upstream unavailable' lines, want 1 for one outage", i+1, n)
+		}
+		if !strings.Contains(logs, `server answered HTTP 503 Service Unavailable`) {
+			t.Errorf("relay %d did not log the status", i+1)
+		}
+		delays := retryDelayRE.FindAllStringSubmatch(logs, -1)
+		if len(delays) == 0 {
+			t.Errorf("relay %d logged no retry delays", i+1)
+		}
+		for attempt, m := range delays {
+			d, err := time.ParseDuration(m[1])
+			bound := min(backoffBase<<attempt, retryMax)
+			if err != nil || d < 0 || d >= bound {
+				t.Errorf("relay %d attempt %d waited %s, want [0, %v)", i+1, attempt, m[1], bound)
+			}
+		}
+	}
 }

@@ -126,6 +126,8 @@ func (s *elvaServer) relay(from *websocket.Conn, doc string, data []byte) {
 	room[from] = true
 	for c := range room {
 		if c != from {
+			// A deadline, so that a frozen peer cannot stall the server.
+			c.SetWriteDeadline(time.Now().Add(time.Second))
 			websocket.Message.Send(c, data)
 		}
 	}

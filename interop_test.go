@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -562,4 +563,113 @@ func TestInteropRefusedUpstreamBacksOffThenConverges(t *testing.T) {
 			}
 		}
 	}
+}
+
+// freezeProxy forwards TCP connections to target. freeze makes the
+// connections it has stop forwarding in both directions without closing
+// them, as a path that lost its peer without a FIN does; connections made
+// afterwards are forwarded as usual.
+type freezeProxy struct {
+	ln     net.Listener
+	target string
+	mu     sync.Mutex // guards frozen and conns: test code, kept simple
+	frozen chan struct{}
+	conns  []net.Conn
+}
+
+// startFreezeProxy listens on 127.0.0.1 and forwards to target.
+func startFreezeProxy(t *testing.T, target string) *freezeProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &freezeProxy{ln: ln, target: target, frozen: make(chan struct{})}
+	go p.accept()
+	t.Cleanup(func() {
+		ln.Close()
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, c := range p.conns {
+			c.Close()
+		}
+	})
+	return p
+}
+
+func (p *freezeProxy) accept() {
+	for {
+		in, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		out, err := net.Dial("tcp", p.target)
+		if err != nil {
+			in.Close()
+			continue
+		}
+		p.mu.Lock()
+		p.conns = append(p.conns, in, out)
+		frozen := p.frozen
+		p.mu.Unlock()
+		go forwardUntil(out, in, frozen)
+		go forwardUntil(in, out, frozen)
+	}
+}
+
+// forwardUntil copies src to dst until frozen is closed; then it stops
+// reading and writing and leaves both open.
+func forwardUntil(dst, src net.Conn, frozen <-chan struct{}) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		select {
+		case <-frozen:
+			return
+		default:
+		}
+		if n > 0 {
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// freeze stops every connection the proxy has now.
+func (p *freezeProxy) freeze() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	close(p.frozen)
+	p.frozen = make(chan struct{})
+}
+
+func TestInteropHalfOpenUpstreamDetected(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	srv.frames = nil
+	proxy := startFreezeProxy(t, hostOf(t, srv.url()))
+	const peerTimeout = time.Second
+	r1 := startRelay(t, "--server", "ws://"+proxy.ln.Addr().String()+"/",
+		"--ping-interval", "200ms", "--peer-timeout", peerTimeout.String(), "--retry-max", "1s")
+	r2 := startRelay(t, "--server", srv.url())
+	r1.logs.waitFor(t, "upstream connected")
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+r1.addr, "notes")
+	ed.join(t, "bob", "ws://"+r2.addr, "notes")
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 3})
+	ed.converge(t)
+
+	proxy.freeze()
+	frozeAt := time.Now()
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 5}) // lost on the frozen path
+	line := r1.logs.waitFor(t, "upstream connection lost")
+	t.Logf("half-open upstream detected after %v (peer timeout %v)", time.Since(frozeAt).Round(time.Millisecond), peerTimeout)
+	if !strings.Contains(line, "timeout") {
+		t.Errorf("connection lost for another reason than the peer timeout: %s", line)
+	}
+	r1.logs.waitFor(t, "upstream connected")
+	ed.converge(t)
 }

@@ -30,7 +30,8 @@ type elvaServer struct {
 	attempts       atomic.Int32 // handshakes seen
 	authHeaders    chan string  // the Authorization header of each handshake
 	connected      chan *websocket.Conn
-	frames         chan []byte // every frame received, in order; nil: none kept
+	disconnected   chan struct{} // a connection's last frame has been read
+	frames         chan []byte   // every frame received, in order; nil: none kept
 
 	mu    sync.Mutex // guards rooms and conns: test code, kept simple
 	rooms map[string]map[*websocket.Conn]bool
@@ -42,13 +43,14 @@ type elvaServer struct {
 func newELVAServer(t testing.TB, magic idMagic) *elvaServer {
 	t.Helper()
 	s := &elvaServer{
-		t:           t,
-		magic:       magic,
-		authHeaders: make(chan string, 100),
-		connected:   make(chan *websocket.Conn, 100),
-		frames:      make(chan []byte, 10000),
-		rooms:       make(map[string]map[*websocket.Conn]bool),
-		conns:       make(map[*websocket.Conn]bool),
+		t:            t,
+		magic:        magic,
+		authHeaders:  make(chan string, 100),
+		connected:    make(chan *websocket.Conn, 100),
+		disconnected: make(chan struct{}, 100),
+		frames:       make(chan []byte, 10000),
+		rooms:        make(map[string]map[*websocket.Conn]bool),
+		conns:        make(map[*websocket.Conn]bool),
 	}
 	s.srv = httptest.NewServer(http.HandlerFunc(s.handle))
 	t.Cleanup(s.close)
@@ -92,7 +94,13 @@ func (s *elvaServer) serve(ws *websocket.Conn) {
 	s.conns[ws] = true
 	s.mu.Unlock()
 	s.connected <- ws
-	defer s.drop(ws)
+	defer func() {
+		s.drop(ws)
+		select {
+		case s.disconnected <- struct{}{}:
+		default:
+		}
+	}()
 	for {
 		var data []byte
 		if err := websocket.Message.Receive(ws, &data); err != nil {

@@ -533,16 +533,31 @@ func (c *conn) readLoop(h *hub) (int, error) {
 			}
 			continue
 		}
+		if err := c.handOn(h, f); err != nil {
+			return closeNormal, err
+		}
 		if debug {
 			c.log.Debug("message from editor", "kind", f.kind, "bytes", len(data))
 		}
-		select {
-		case h.local <- f:
-		case <-c.closing:
-			return closeNormal, errClosed
-		case <-h.quit:
-			return closeGoingAway, errStopping
-		}
+	}
+}
+
+// handOn gives f to the hub. A frame read from the peer goes to the hub
+// whenever the hub has room, even while the conn is closing (at a stop its
+// frames still go upstream); only a full inbox lets closing win.
+func (c *conn) handOn(h *hub, f frame) error {
+	select {
+	case h.local <- f:
+		return nil
+	default:
+	}
+	select {
+	case h.local <- f:
+		return nil
+	case <-c.closing:
+		return errClosed
+	case <-h.quit:
+		return errStopping
 	}
 }
 

@@ -17,9 +17,11 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/net/websocket"
 )
 
-// The interop tests drive real Yjs editors (interop/clients.mjs: yjs and
+// The interop tests drive real Yjs editors (interop/editors.mjs: yjs and
 // y-websocket on Node, installed by `npm ci` in interop/) through the built
 // relay binary. Outside CI they are skipped when Node or the packages are
 // missing; in CI (CI=true) that is a failure.
@@ -672,4 +674,53 @@ func TestInteropHalfOpenUpstreamDetected(t *testing.T) {
 	}
 	r1.logs.waitFor(t, "upstream connected")
 	ed.converge(t)
+}
+
+var acceptedRE = regexp.MustCompile(`msg="message from editor" doc=burst `)
+
+func TestSIGTERMDuringBurstFlushesAcceptedMessages(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	relay := startRelayProcess(t, "--server", srv.url(), "-v")
+	srv.waitConnected(t)
+	ws := dialLocal(t, relay.addr, "burst")
+	const n = 3000
+	update := func(i int) []byte {
+		return []byte{msgSync, syncUpdate, 4, byte(i >> 24), byte(i >> 16), byte(i >> 8), byte(i)}
+	}
+	sent := make(chan int, 1)
+	go func() {
+		i := 0
+		for ; i < n; i++ {
+			if websocket.Message.Send(ws, update(i)) != nil {
+				break
+			}
+		}
+		sent <- i
+	}()
+	relay.logs.waitFor(t, `msg="message from editor" doc=burst`) // the burst is on
+	relay.stop(t)                                                // SIGTERM, and exit status 0
+	t.Logf("the editor sent %d of %d updates before the relay closed", <-sent, n)
+
+	accepted := len(acceptedRE.FindAllString(relay.logs.String(), -1))
+	select {
+	case <-srv.disconnected: // the relay's last frame has been read
+	case <-time.After(testTimeout):
+		t.Fatal("the relay never closed its upstream connection")
+	}
+	var got []int
+	for len(srv.frames) > 0 {
+		doc, msg, err := splitIDFrame(magicSeed, <-srv.frames)
+		if err != nil || doc != "burst" || len(msg) != 7 {
+			continue
+		}
+		got = append(got, int(msg[3])<<24|int(msg[4])<<16|int(msg[5])<<8|int(msg[6]))
+	}
+	if accepted == 0 || len(got) != accepted {
+		t.Errorf("the relay accepted %d updates, the server got %d", accepted, len(got))
+	}
+	for i, v := range got {
+		if v != i {
+			t.Fatalf("update %d at the server is %d: a gap or reordering", i, v)
+		}
+	}
 }

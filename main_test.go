@@ -3,11 +3,13 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -480,4 +482,47 @@ func hostOf(t *testing.T, raw string) string {
 		t.Fatal(err)
 	}
 	return u.Host
+}
+
+func TestGoroutinesReturnToBaseline(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	srv.frames = nil
+	r := startRelay(t, "--server", srv.url())
+	r.logs.waitFor(t, "upstream connected")
+	baseline := runtime.NumGoroutine()
+
+	var polite []*websocket.Conn
+	var abrupt []net.Conn
+	for i := range 40 {
+		doc := fmt.Sprintf("doc-%d", i%4)
+		if i%2 == 0 {
+			polite = append(polite, join(t, r.addr, doc))
+			continue
+		}
+		conn, _ := rawJoin(t, r.addr, doc)
+		conn.Write(maskedFrame(0x82, []byte{msgSync, syncUpdate, 1, byte(i)}))
+		abrupt = append(abrupt, conn)
+	}
+	for _, ws := range polite {
+		send(t, ws, []byte{msgSync, syncUpdate, 1, 0})
+	}
+	// A reader and a writer per editor at least.
+	if n := runtime.NumGoroutine(); n < baseline+2*40 {
+		t.Fatalf("%d goroutines with 40 editors, baseline %d", n, baseline)
+	}
+	for _, ws := range polite {
+		ws.Close()
+	}
+	for _, conn := range abrupt {
+		conn.Close() // no close frame
+	}
+	// No event tells that a goroutine has ended: poll, within a bound.
+	deadline := time.Now().Add(testTimeout)
+	for runtime.NumGoroutine() > baseline {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("%d goroutines, baseline %d:\n%s", runtime.NumGoroutine(), baseline, buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

@@ -814,3 +814,26 @@ func receiveCounting(ws *websocket.Conn, size, n int, progress chan<- error) {
 		}
 	}
 }
+
+func TestSilentEditorClosedAfterPeerTimeout(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "100ms", "--peer-timeout", "500ms")
+	conn, br := rawJoin(t, r.addr, "doc") // answers no ping: a peer gone without a FIN
+	conn.Write(maskedFrame(0x82, awareness))
+	pings := 0
+	for {
+		op, _ := readFrame(t, br)
+		if op == websocket.PingFrame {
+			pings++
+		}
+		if op == websocket.CloseFrame {
+			break
+		}
+	}
+	if pings < 2 {
+		t.Errorf("%d pings before the close, want a few", pings)
+	}
+	line := r.logs.waitFor(t, "editor disconnected")
+	if !strings.Contains(line, "timeout") {
+		t.Errorf("closed for another reason than the peer timeout: %s", line)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -722,5 +723,28 @@ func TestSIGTERMDuringBurstFlushesAcceptedMessages(t *testing.T) {
 		if v != i {
 			t.Fatalf("update %d at the server is %d: a gap or reordering", i, v)
 		}
+	}
+}
+
+func TestSecondSignalExitsAtOnce(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	relay := startRelayProcess(t, "--server", srv.url())
+	// An editor that never answers the close frame holds the graceful stop
+	// for closeGrace.
+	conn, _ := rawJoin(t, relay.addr, "doc")
+	conn.Write(maskedFrame(0x82, awareness))
+	relay.logs.waitFor(t, "editor connected")
+	relay.cmd.Process.Signal(syscall.SIGTERM)
+	relay.logs.waitFor(t, "msg=stopping")
+	relay.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-relay.done:
+		relay.done <- nil // for the cleanup
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 128+int(syscall.SIGTERM) {
+			t.Errorf("exit %v, want status %d at once after the second SIGTERM", err, 128+int(syscall.SIGTERM))
+		}
+	case <-time.After(testTimeout):
+		t.Fatal("the relay ignored the second signal")
 	}
 }

@@ -107,12 +107,26 @@ type config struct {
 }
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	go func() {
-		<-ctx.Done()
-		stop() // a second signal kills the process at once
-	}()
+	ctx, cancel := context.WithCancel(context.Background())
+	go stopOnSignals(cancel)
 	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr, os.Getenv))
+}
+
+// stopOnSignals starts a graceful stop at the first SIGINT or SIGTERM and
+// exits at once at the second, with 128 + the signal's number as the shell
+// does. One channel takes both, so a second signal that comes quickly is
+// never lost to a handler that is still being replaced.
+func stopOnSignals(cancel context.CancelFunc) {
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	<-signals
+	cancel()
+	sig := <-signals
+	fmt.Fprintf(os.Stderr, "elva-service: second %v: exiting at once\n", sig)
+	if n, ok := sig.(syscall.Signal); ok {
+		os.Exit(128 + int(n))
+	}
+	os.Exit(1)
 }
 
 // run is main without the process around it, for tests: it returns the

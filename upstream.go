@@ -89,7 +89,7 @@ func (e *statusError) Error() string {
 // or until the server refuses the credentials, which returns an errAuth.
 func (u *upstream) run(ctx context.Context) error {
 	b := backoff{max: u.retryMax}
-	down := false // a "down" line has been logged since the last "up"
+	var downSince time.Time // zero while up; a "down" line has been logged
 	for {
 		ws, raw, err := u.connect(ctx)
 		if errors.Is(err, errAuth) {
@@ -100,9 +100,9 @@ func (u *upstream) run(ctx context.Context) error {
 		}
 		if err != nil {
 			delay := b.next()
-			if !down {
+			if downSince.IsZero() {
 				u.log.Warn("upstream unavailable; retrying in the background", "server", u.url.String(), "err", err)
-				down = true
+				downSince = time.Now()
 			}
 			u.log.Debug("upstream retry scheduled", "delay", delay, "err", err)
 			if !sleep(ctx, delay) {
@@ -110,9 +110,13 @@ func (u *upstream) run(ctx context.Context) error {
 			}
 			continue
 		}
-		down = false
 		start := time.Now()
-		err = u.serve(ws, raw)
+		var outage time.Duration
+		if !downSince.IsZero() {
+			outage = start.Sub(downSince)
+		}
+		downSince = time.Time{}
+		err = u.serve(ws, raw, outage)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -120,7 +124,7 @@ func (u *upstream) run(ctx context.Context) error {
 			b.reset()
 		}
 		u.log.Warn("upstream connection lost; reconnecting", "server", u.url.String(), "err", err)
-		down = true
+		downSince = time.Now()
 		if !sleep(ctx, b.next()) {
 			return nil
 		}
@@ -228,8 +232,9 @@ func (u *upstream) origin() string {
 }
 
 // serve runs one upstream connection until it ends: the reader here, the
-// writer in its own goroutine. It returns why the connection ended.
-func (u *upstream) serve(ws *websocket.Conn, raw net.Conn) error {
+// writer in its own goroutine. It returns why the connection ended. outage
+// is how long the upstream was down before (0: it was not), for the log.
+func (u *upstream) serve(ws *websocket.Conn, raw net.Conn, outage time.Duration) error {
 	l := &link{send: make(chan frame, upstreamQueue)}
 	select {
 	case u.hub.attach <- l:
@@ -238,7 +243,11 @@ func (u *upstream) serve(ws *websocket.Conn, raw net.Conn) error {
 		return errStopping
 	}
 	// Logged once the hub sends frames here, so the line means "in use".
-	u.log.Info("upstream connected", "server", u.url.String())
+	if outage > 0 {
+		u.log.Info("upstream connected", "server", u.url.String(), "after_outage", outage.Round(time.Millisecond))
+	} else {
+		u.log.Info("upstream connected", "server", u.url.String())
+	}
 	closing := make(chan struct{})
 	done := make(chan struct{})
 	go u.writeLoop(ws, raw, l, closing, done)

@@ -249,6 +249,12 @@ func appendAwarenessGone(b []byte, entries []awarenessEntry) []byte {
 	return append(b, update...)
 }
 
+// isStep2 reports whether msg is a sync step 2. It looks at the two type
+// bytes only; messageKind has checked the rest.
+func isStep2(msg []byte) bool {
+	return len(msg) >= 2 && msg[0] == msgSync && msg[1] == syncStep2
+}
+
 // emptyStep1 is a sync step 1 with the empty state vector: "I know
 // nothing, send me everything". Every Yjs peer answers it with a step 2
 // holding its whole document. Shared, never modified.

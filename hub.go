@@ -102,6 +102,9 @@ type document struct {
 	// so "first with a new clock" finds the client's own conn, and a conn
 	// that merely repeats others' states owns none of them.
 	clients map[uint64]presence
+	// asked is the editor that the last resync asked for its whole
+	// document, until its step 2 comes; nil when none is due.
+	asked *conn
 }
 
 // presence is one awareness client as the hub last heard of it.
@@ -225,6 +228,9 @@ func (h *hub) remove(c *conn, code int) {
 	delete(d.conns, c)
 	c.closeCode = code
 	close(c.send)
+	if d.asked == c {
+		h.askForState(d) // another editor answers in its place
+	}
 	if gone := d.release(c); len(gone) > 0 {
 		msg := appendAwarenessGone(nil, gone)
 		h.goodbyes = append(h.goodbyes, frame{doc: c.doc, data: msg, kind: msgAwareness, from: c})
@@ -247,12 +253,17 @@ func (h *hub) sayGoodbyes() {
 // fromLocal passes a local editor's message to the document's other editors
 // and upstream, after noting the awareness clients it announces.
 func (h *hub) fromLocal(f frame) {
-	if d := h.docs[f.doc]; d != nil && f.kind == msgAwareness {
-		owner := f.from
-		if _, ok := d.conns[owner]; !ok {
-			owner = nil // closed already: it must not own clients any more
+	if d := h.docs[f.doc]; d != nil {
+		switch {
+		case f.kind == msgAwareness:
+			owner := f.from
+			if _, ok := d.conns[owner]; !ok {
+				owner = nil // closed already: it must not own clients any more
+			}
+			h.track(d, owner, f.aware)
+		case f.from == d.asked && isStep2(f.data):
+			d.asked = nil
 		}
-		h.track(d, owner, f.aware)
 	}
 	h.route(f)
 }
@@ -401,11 +412,20 @@ func (h *hub) attachLink(l *link) {
 func (h *hub) resync() {
 	for name, d := range h.docs {
 		h.toUpstream(frame{doc: name, data: emptyStep1, kind: msgSync})
-		for c := range d.conns {
-			h.queue(c, emptyStep1)
-			h.queue(c, queryAwareness)
-			break
-		}
+		h.askForState(d)
+	}
+}
+
+// askForState asks one editor of d for its whole document and for the
+// awareness states it knows, and remembers whom it asked: if that editor
+// leaves before its step 2 comes, the next one is asked.
+func (h *hub) askForState(d *document) {
+	d.asked = nil
+	for c := range d.conns {
+		d.asked = c
+		h.queue(c, emptyStep1)
+		h.queue(c, queryAwareness)
+		return
 	}
 }
 

@@ -379,6 +379,35 @@ func TestHubResyncsEveryDocumentOnAttach(t *testing.T) {
 	}
 }
 
+func TestHubAsksAnotherEditorWhenTheAskedOneLeaves(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	memLink(h, upstreamQueue)
+	asked, other := a, b
+	select {
+	case <-b.send:
+		asked, other = b, a
+	case <-a.send:
+	case <-time.After(testTimeout):
+		t.Fatal("nobody was asked")
+	}
+	expect(t, asked, queryAwareness)
+	leave(h, asked) // before it answered
+	expect(t, other, emptyStep1)
+	expect(t, other, queryAwareness)
+	// Once the step 2 is in, a leaving editor causes no new question.
+	c := memConn(t, h, "d1", connQueue)
+	expect(t, other, queryAwareness) // c's arrival
+	step2 := []byte{msgSync, syncStep2, 2, 0, 0}
+	post(t, h, other, step2)
+	expect(t, c, step2)
+	leave(h, other)
+	post(t, h, c, awareness)
+	expect(t, c, awareness) // no step 1 before it
+}
+
 func TestHubMarksAwarenessGoneWhenEditorLeaves(t *testing.T) {
 	h, _ := startHub(t)
 	up := memLink(h, upstreamQueue)

@@ -123,24 +123,27 @@ type departure struct {
 // upstream. Readers send to it; it never blocks on a send of its own.
 type hub struct {
 	// Static after construction.
+	admission  chan ticket
 	join       chan *conn
 	leave      chan departure
-	finished   chan struct{} // a conn's handler is done with it
-	local      chan frame    // from conn readers
-	remote     chan frame    // from the upstream reader
-	attach     chan *link    // a new upstream connection is up
-	detach     chan *link    // an upstream connection has ended
+	released   chan string // an admitted request's handler has returned
+	local      chan frame  // from conn readers
+	remote     chan frame  // from the upstream reader
+	attach     chan *link  // a new upstream connection is up
+	detach     chan *link  // an upstream connection has ended
 	quit       chan struct{}
 	connQueue  int
 	maxMessage int
 	keepalive  keepalive
+	limits     limits
 	log        *slog.Logger
 
 	// Owned by run.
 	docs        map[string]*document
-	up          *link   // nil while the upstream is down
-	handlers    int     // conns joined whose handler has not finished
-	goodbyes    []frame // awareness removals waiting to be routed
+	up          *link          // nil while the upstream is down
+	handlers    int            // admitted requests whose handler has not returned
+	perDoc      map[string]int // the same, per document
+	goodbyes    []frame        // awareness removals waiting to be routed
 	unknownDoc  throttle
 	notSentUp   throttle
 	slowClosing throttle
@@ -149,11 +152,14 @@ type hub struct {
 
 // newHub returns a hub whose conns queue up to queue frames and whose readers
 // accept messages of up to maxMessage bytes.
-func newHub(queue, maxMessage int, ka keepalive, log *slog.Logger) *hub {
+func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *hub {
 	return &hub{
+		admission:  make(chan ticket),
+		released:   make(chan string),
+		limits:     lim,
+		perDoc:     make(map[string]int),
 		join:       make(chan *conn),
 		leave:      make(chan departure),
-		finished:   make(chan struct{}),
 		local:      make(chan frame, inboxQueue),
 		remote:     make(chan frame, inboxQueue),
 		attach:     make(chan *link),
@@ -177,12 +183,14 @@ func (h *hub) run(ctx context.Context) {
 		case <-ctx.Done():
 			h.stop()
 			return
+		case t := <-h.admission:
+			t.reply <- h.admitOne(t.doc)
+		case doc := <-h.released:
+			h.releaseOne(doc)
 		case c := <-h.join:
 			h.add(c)
 		case d := <-h.leave:
 			h.remove(d.c, d.code)
-		case <-h.finished:
-			h.handlers--
 		case f := <-h.local:
 			h.fromLocal(f)
 		case f := <-h.remote:
@@ -196,11 +204,71 @@ func (h *hub) run(ctx context.Context) {
 	}
 }
 
+// limits bound the local connections, so that a client that opens sockets
+// in a loop cannot grow memory or goroutines without end.
+type limits struct {
+	conns  int // in all (--max-connections)
+	perDoc int // per document (--max-per-document)
+}
+
+// ticket asks the hub to admit one more local connection to doc; the hub
+// answers on reply (buffered, so that it never blocks).
+type ticket struct {
+	doc   string
+	reply chan error
+}
+
+var (
+	errTooManyConns  = errors.New("too many connections; try again later")
+	errTooManyPerDoc = errors.New("too many connections to this document; try again later")
+)
+
+// admit asks the hub for room for one more connection to doc before the
+// upgrade. Every admitted request must be released when its handler
+// returns.
+func (h *hub) admit(doc string) error {
+	t := ticket{doc: doc, reply: make(chan error, 1)}
+	select {
+	case h.admission <- t:
+		return <-t.reply
+	case <-h.quit:
+		return errStopping
+	}
+}
+
+// release gives back the room that admit gave.
+func (h *hub) release(doc string) {
+	select {
+	case h.released <- doc:
+	case <-h.quit:
+	}
+}
+
+// admitOne counts one more handler on doc if the limits allow it.
+func (h *hub) admitOne(doc string) error {
+	switch {
+	case h.limits.conns > 0 && h.handlers >= h.limits.conns:
+		return errTooManyConns
+	case h.limits.perDoc > 0 && h.perDoc[doc] >= h.limits.perDoc:
+		return errTooManyPerDoc
+	}
+	h.handlers++
+	h.perDoc[doc]++
+	return nil
+}
+
+// releaseOne counts one handler on doc less.
+func (h *hub) releaseOne(doc string) {
+	h.handlers--
+	if h.perDoc[doc]--; h.perDoc[doc] <= 0 {
+		delete(h.perDoc, doc)
+	}
+}
+
 // add registers c with its document. The document's other editors are asked
 // for their awareness so that the newcomer sees who is there at once rather
 // than at their next renewal, up to 15 s later.
 func (h *hub) add(c *conn) {
-	h.handlers++
 	d := h.docs[c.doc]
 	if d == nil {
 		d = &document{conns: make(map[*conn]struct{}), clients: make(map[uint64]presence)}
@@ -461,10 +529,15 @@ func (h *hub) stop() {
 	defer timeout.Stop()
 	for h.handlers > 0 {
 		select {
+		case t := <-h.admission:
+			t.reply <- errStopping
+		case c := <-h.join: // admitted before the stop
+			h.add(c)
+			h.remove(c, closeGoingAway)
 		case d := <-h.leave:
 			h.remove(d.c, d.code)
-		case <-h.finished:
-			h.handlers--
+		case doc := <-h.released:
+			h.releaseOne(doc)
 		case f := <-h.local:
 			h.toUpstream(f)
 		case <-timeout.C:
@@ -517,10 +590,6 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 		c.awaitPeerClose(h.maxMessage)
 	}
 	c.log.Info("editor disconnected", "code", c.closeCode, "reason", err)
-	select {
-	case h.finished <- struct{}{}:
-	case <-h.quit:
-	}
 }
 
 // awaitPeerClose reads and drops frames until the peer answers the close

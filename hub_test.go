@@ -32,7 +32,7 @@ var discard = slog.New(slog.DiscardHandler)
 // startHub runs a hub until the test ends.
 func startHub(t *testing.T) (*hub, context.CancelFunc) {
 	t.Helper()
-	h := newHub(connQueue, defaultMaxMessage, keepalive{}, discard)
+	h := newHub(connQueue, defaultMaxMessage, keepalive{}, limits{}, discard)
 	ctx, cancel := context.WithCancel(context.Background())
 	go h.run(ctx)
 	t.Cleanup(func() {
@@ -46,6 +46,9 @@ func startHub(t *testing.T) (*hub, context.CancelFunc) {
 // the end of the test its reader leaves, as a real one always does.
 func memConn(t *testing.T, h *hub, doc string, queue int) *conn {
 	t.Helper()
+	if err := h.admit(doc); err != nil {
+		t.Fatalf("admit: %v", err)
+	}
 	c := &conn{doc: doc, remote: "mem", log: discard, send: make(chan []byte, queue)}
 	h.join <- c
 	t.Cleanup(func() { leave(h, c) })
@@ -59,10 +62,7 @@ func leave(h *hub, c *conn) {
 	case <-h.quit:
 		return
 	}
-	select {
-	case h.finished <- struct{}{}:
-	case <-h.quit:
-	}
+	h.release(c.doc)
 }
 
 // memLink attaches a socketless upstream link with a queue of size queue.
@@ -726,7 +726,7 @@ func readCloseCode(t *testing.T, br *bufio.Reader) int {
 // BenchmarkHubRoute measures the hub alone: one local update routed to
 // benchEditors other editors and the upstream queue, all drained.
 func BenchmarkHubRoute(b *testing.B) {
-	h := newHub(connQueue, defaultMaxMessage, keepalive{}, discard)
+	h := newHub(connQueue, defaultMaxMessage, keepalive{}, limits{}, discard)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go h.run(ctx)

@@ -13,7 +13,10 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -27,8 +30,11 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
 )
@@ -46,6 +52,11 @@ const (
 	// defaultPeerTimeout is how long a peer may stay silent (--peer-timeout);
 	// y-websocket clients give up on a silent server after 30 s too.
 	defaultPeerTimeout = 30 * time.Second
+	// defaultMaxConns bounds the local connections (--max-connections).
+	defaultMaxConns = 1024
+	// defaultMaxPerDoc bounds the local connections to one document
+	// (--max-per-document).
+	defaultMaxPerDoc = 256
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -104,6 +115,11 @@ type config struct {
 	verbose    bool
 	keepalive  keepalive
 	retryMax   time.Duration
+	tls        *tls.Config // nil: the system's roots
+	gate       gate
+	limits     limits
+	// warnings are logged once the logger exists.
+	warnings []string
 }
 
 func main() {
@@ -173,10 +189,17 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 	pingInterval := fs.Duration("ping-interval", defaultPingInterval, "")
 	retryMax := fs.Duration("retry-max", defaultRetryMax, "")
 	peerTimeout := fs.Duration("peer-timeout", defaultPeerTimeout, "")
-	var verbose, showVersion bool
+	passwordFile := fs.String("password-file", "", "")
+	caFile := fs.String("ca-file", "", "")
+	maxConns := fs.Int("max-connections", defaultMaxConns, "")
+	maxPerDoc := fs.Int("max-per-document", defaultMaxPerDoc, "")
+	var origins originList
+	fs.Var(&origins, "allow-origin", "")
+	var verbose, showVersion, insecureAuth bool
 	fs.BoolVar(&verbose, "v", false, "")
 	fs.BoolVar(&verbose, "verbose", false, "")
 	fs.BoolVar(&showVersion, "version", false, "")
+	fs.BoolVar(&insecureAuth, "allow-insecure-auth", false, "")
 
 	positional, err := parseInterleaved(fs, args)
 	if err != nil {
@@ -202,10 +225,126 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 		return nil, fmt.Errorf("--retry-max %v: want at least %v", *retryMax, backoffBase)
 	}
 	cfg.retryMax = *retryMax
+	if *maxConns < 1 || *maxPerDoc < 1 {
+		return nil, errors.New("--max-connections and --max-per-document must be at least 1")
+	}
+	cfg.limits = limits{conns: *maxConns, perDoc: *maxPerDoc}
+	if flagSet(fs, "password") {
+		cfg.warnings = append(cfg.warnings, "--password is visible to other users in the process list; use --password-file or ELVA_PASSWORD")
+	}
+	if *passwordFile != "" && !flagSet(fs, "password") {
+		if cfg.password, err = readPasswordFile(*passwordFile); err != nil {
+			return nil, err
+		}
+	}
 	if err := cfg.setServer(*server); err != nil {
 		return nil, err
 	}
+	if err := cfg.checkAuthTransport(insecureAuth); err != nil {
+		return nil, err
+	}
+	if *caFile != "" {
+		if cfg.tls, err = loadCAFile(*caFile); err != nil {
+			return nil, err
+		}
+	}
+	cfg.setGate(origins)
 	return cfg, nil
+}
+
+// flagSet reports whether the command line set the flag name.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
+}
+
+// originList collects the repeatable --allow-origin.
+type originList []string
+
+func (o *originList) String() string { return strings.Join(*o, ",") }
+
+func (o *originList) Set(v string) error {
+	if v != "*" {
+		u, err := url.Parse(v)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") {
+			return fmt.Errorf("origin %q: want scheme://host[:port], e.g. https://notes.example.org, or *", v)
+		}
+		v = strings.TrimSuffix(v, "/")
+	}
+	*o = append(*o, v)
+	return nil
+}
+
+// setGate builds the admission rules for local requests.
+func (c *config) setGate(origins originList) {
+	c.gate = gate{host: c.host, origins: make(map[string]bool)}
+	if ip := net.ParseIP(c.host); ip != nil && ip.IsUnspecified() {
+		c.gate.anyIP = true
+	}
+	for _, o := range origins {
+		if o == "*" {
+			c.gate.anyOrigin = true
+			c.warnings = append(c.warnings, "--allow-origin '*': every web page open in a browser on this machine can read and change your documents")
+			continue
+		}
+		c.gate.origins[o] = true
+	}
+	if !isLoopbackName(strings.ToLower(c.host)) {
+		c.warnings = append(c.warnings, "listening on a non-loopback address: everyone who can reach "+
+			net.JoinHostPort(c.host, strconv.Itoa(c.port))+" over the network can read and change your documents")
+	}
+}
+
+// readPasswordFile returns the first line of path. A file that users
+// other than its owner may read is refused, as ssh refuses such keys.
+func readPasswordFile(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("--password-file: %w", err)
+	}
+	defer f.Close()
+	info, err := f.Stat()
+	if err != nil {
+		return "", fmt.Errorf("--password-file: %w", err)
+	}
+	if perm := info.Mode().Perm(); perm&0o077 != 0 {
+		return "", fmt.Errorf("--password-file %s: mode %#o lets others read it; chmod 600 it", path, perm)
+	}
+	line, err := bufio.NewReader(io.LimitReader(f, 4096)).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return "", fmt.Errorf("--password-file: %w", err)
+	}
+	line = strings.TrimRight(line, "\r\n")
+	if line == "" {
+		return "", fmt.Errorf("--password-file %s: the first line is empty", path)
+	}
+	return line, nil
+}
+
+// checkAuthTransport refuses to send Basic credentials in clear text over
+// the network: ws:// is fine only to this machine.
+func (c *config) checkAuthTransport(allowInsecure bool) error {
+	if c.user == "" || c.server.Scheme != "ws" || allowInsecure || isLoopbackName(strings.ToLower(c.server.Hostname())) {
+		return nil
+	}
+	return fmt.Errorf("refusing to send credentials in clear text to %s: use wss:// or --allow-insecure-auth", c.server.Host)
+}
+
+// loadCAFile trusts the certificates in a PEM file besides the system's.
+func loadCAFile(path string) (*tls.Config, error) {
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-file: %w", err)
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil {
+		pool = x509.NewCertPool()
+	}
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("--ca-file %s: no PEM certificate in it", path)
+	}
+	return &tls.Config{RootCAs: pool}, nil
 }
 
 // parseInterleaved parses flags that may stand before, between and after
@@ -388,21 +527,23 @@ func buildVersion() string {
 // service is a listening relay: the local HTTP endpoint, the hub and the
 // upstream, started by run.
 type service struct {
-	cfg *config
-	log *slog.Logger
-	ln  net.Listener
-	hub *hub
-	up  *upstream
+	cfg     *config
+	log     *slog.Logger
+	lns     []net.Listener
+	gate    gate
+	refused sharedThrottle
+	hub     *hub
+	up      *upstream
 }
 
-// listen binds the local address; run starts serving on it.
+// listen binds the local address: for localhost, both 127.0.0.1 and ::1
+// (where the machine has IPv6), on the same port. run starts serving.
 func listen(cfg *config, log *slog.Logger) (*service, error) {
-	addr := net.JoinHostPort(cfg.host, strconv.Itoa(cfg.port))
-	ln, err := net.Listen("tcp", addr)
+	lns, err := listenAll(cfg.host, cfg.port, log)
 	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+		return nil, err
 	}
-	h := newHub(connQueue, cfg.maxMessage, cfg.keepalive, log)
+	h := newHub(connQueue, cfg.maxMessage, cfg.keepalive, cfg.limits, log)
 	u := &upstream{
 		url:        cfg.server,
 		user:       cfg.user,
@@ -411,21 +552,52 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		maxMessage: cfg.maxMessage,
 		keepalive:  cfg.keepalive,
 		retryMax:   cfg.retryMax,
+		tls:        cfg.tls,
 		hub:        h,
 		log:        log,
 	}
-	return &service{cfg: cfg, log: log, ln: ln, hub: h, up: u}, nil
+	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: u}, nil
 }
 
-// addr is the address the relay listens on, with the port it got.
-func (s *service) addr() string { return s.ln.Addr().String() }
+// listenAll opens the listeners for host and port.
+func listenAll(host string, port int, log *slog.Logger) ([]net.Listener, error) {
+	first := host
+	if strings.EqualFold(host, "localhost") {
+		first = "127.0.0.1"
+	}
+	addr := net.JoinHostPort(first, strconv.Itoa(port))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	lns := []net.Listener{ln}
+	if first != host {
+		// The same port on ::1, which browsers may try first for localhost.
+		port := ln.Addr().(*net.TCPAddr).Port
+		v6, err := net.Listen("tcp", net.JoinHostPort("::1", strconv.Itoa(port)))
+		if err != nil {
+			log.Debug("not listening on ::1", "err", err)
+		} else {
+			lns = append(lns, v6)
+		}
+	}
+	return lns, nil
+}
+
+// addr is the first address the relay listens on, with the port it got.
+func (s *service) addr() string { return s.lns[0].Addr().String() }
 
 // run serves until ctx ends (exit status 0) or the upstream refuses the
 // credentials or the listener fails (1). Then it stops accepting, lets the
 // hub close every conn with "going away" and the upstream writer flush its
 // queue, and waits for both within stopTimeout.
 func (s *service) run(ctx context.Context) int {
-	s.log.Info("listening", "addr", s.addr(), "server", s.cfg.server.String(), "id_magic", s.cfg.magic.String(), "version", version)
+	for _, ln := range s.lns {
+		s.log.Info("listening", "addr", ln.Addr().String(), "server", s.cfg.server.String(), "id_magic", s.cfg.magic.String(), "version", version)
+	}
+	for _, w := range s.cfg.warnings {
+		s.log.Warn(w)
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	hubDone := make(chan struct{})
@@ -440,8 +612,10 @@ func (s *service) run(ctx context.Context) int {
 		ReadHeaderTimeout: handshakeTimeout,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
-	srvDone := make(chan error, 1)
-	go func() { srvDone <- srv.Serve(s.ln) }()
+	srvDone := make(chan error, len(s.lns))
+	for _, ln := range s.lns {
+		go func() { srvDone <- srv.Serve(ln) }()
+	}
 
 	status := 0
 	upWait := (<-chan error)(upDone)
@@ -481,13 +655,12 @@ func (s *service) waitForStop(upDone <-chan error) {
 }
 
 // ServeHTTP answers one local request: a WebSocket upgrade on /<document>
-// joins that document; anything else gets a short, clear HTTP answer.
+// that passes the gate and the connection limits joins that document;
+// anything else gets a short, clear HTTP answer before any upgrade.
 func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	// r.URL.Path is percent-decoded and has no query: /Gr%C3%BC%C3%9Fe?x=1
-	// is the document "Grüße", the same for every kind of client.
-	doc := strings.TrimPrefix(r.URL.Path, "/")
-	if doc == "" {
-		http.Error(w, "elva-service: no document name; connect to ws://"+r.Host+"/<document>", http.StatusForbidden)
+	doc, status, reason := s.gate.check(r)
+	if status != 0 {
+		s.refuse(w, r, status, reason)
 		return
 	}
 	if !isWebSocketUpgrade(r) {
@@ -495,12 +668,132 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "elva-service: this is a Yjs WebSocket relay; open ws://"+r.Host+r.URL.EscapedPath()+" with a Yjs client", http.StatusUpgradeRequired)
 		return
 	}
+	if err := s.hub.admit(doc); err != nil {
+		s.refuse(w, r, http.StatusServiceUnavailable, err.Error())
+		return
+	}
+	defer s.hub.release(doc)
 	ws := websocket.Server{
-		// Native clients send no Origin, which websocket.Handler refuses.
+		// The gate has decided about Origin already; websocket.Handler
+		// would refuse the native clients that send none.
 		Handshake: func(*websocket.Config, *http.Request) error { return nil },
 		Handler:   func(ws *websocket.Conn) { s.hub.serve(ws, doc) },
 	}
 	ws.ServeHTTP(w, r)
+}
+
+// refuse answers a request that may not connect, with the reason in the
+// body, and logs it at most once per warnEvery (handlers run in many
+// goroutines, hence the shared, lock-free throttle).
+func (s *service) refuse(w http.ResponseWriter, r *http.Request, status int, reason string) {
+	http.Error(w, "elva-service: "+reason, status)
+	if n, ok := s.refused.hit(time.Now()); ok {
+		s.log.Warn("request refused", "status", status, "reason", reason, "origin", r.Header.Get("Origin"),
+			"host", r.Host, "remote", r.RemoteAddr, "count", n)
+	}
+}
+
+// maxIDBytes is the longest document name accepted, after percent-decoding.
+const maxIDBytes = 250
+
+// gate decides who may connect, before any upgrade: the Host header (a
+// DNS-rebinding page sends its own name), the Origin header (any web page
+// may open a WebSocket to localhost; its browser names the page's origin)
+// and the document name. Static after construction.
+type gate struct {
+	host      string          // the configured HOST, also fine as Host header
+	anyIP     bool            // bound to 0.0.0.0 or ::: any IP literal is a fine Host
+	origins   map[string]bool // --allow-origin, exact
+	anyOrigin bool            // --allow-origin '*'
+}
+
+// check returns the document r asks for, or the status and reason to
+// refuse it with.
+func (g *gate) check(r *http.Request) (doc string, status int, reason string) {
+	if !g.hostAllowed(r.Host) {
+		return "", http.StatusForbidden, fmt.Sprintf("host %q not allowed: connect to localhost or 127.0.0.1", r.Host)
+	}
+	if origin := r.Header.Get("Origin"); origin != "" && !g.originAllowed(origin) {
+		return "", http.StatusForbidden, fmt.Sprintf("origin %q not allowed (see --allow-origin)", origin)
+	}
+	// r.URL.Path is percent-decoded and has no query: /Gr%C3%BC%C3%9Fe?x=1
+	// is the document "Grüße", the same for every kind of client.
+	doc = strings.TrimPrefix(r.URL.Path, "/")
+	if doc == "" {
+		return "", http.StatusForbidden, "no document name; connect to ws://" + r.Host + "/<document>"
+	}
+	if err := checkIdentifier(doc); err != nil {
+		return "", http.StatusBadRequest, err.Error()
+	}
+	return doc, 0, ""
+}
+
+// hostAllowed accepts loopback names and addresses, the configured host
+// and, when the relay listens on every address, any IP literal: DNS
+// rebinding needs a name, and an IP cannot be rebound.
+func (g *gate) hostAllowed(hostport string) bool {
+	host := hostport
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	switch {
+	case host == "":
+		return false
+	case isLoopbackName(strings.ToLower(host)), strings.EqualFold(host, g.host):
+		return true
+	}
+	return g.anyIP && net.ParseIP(host) != nil
+}
+
+// originAllowed accepts pages served from this machine's loopback (http or
+// https, any port) and the origins listed with --allow-origin.
+func (g *gate) originAllowed(origin string) bool {
+	if g.anyOrigin || g.origins[origin] {
+		return true
+	}
+	u, err := url.Parse(origin)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || (u.Path != "" && u.Path != "/") || u.User != nil {
+		return false
+	}
+	return isLoopbackName(strings.ToLower(u.Hostname()))
+}
+
+// checkIdentifier accepts valid UTF-8 without control characters, of at
+// most maxIDBytes bytes.
+func checkIdentifier(doc string) error {
+	if len(doc) > maxIDBytes {
+		return fmt.Errorf("document name is %d bytes long, at most %d are allowed", len(doc), maxIDBytes)
+	}
+	if !utf8.ValidString(doc) {
+		return errors.New("document name is not valid UTF-8")
+	}
+	for _, r := range doc {
+		if unicode.IsControl(r) {
+			return fmt.Errorf("document name contains the control character %U", r)
+		}
+	}
+	return nil
+}
+
+// sharedThrottle is a throttle for log lines that many goroutines may hit
+// at once: one compare-and-swap decides who logs, nobody waits.
+type sharedThrottle struct {
+	last  atomic.Int64 // UnixNano of the last line
+	count atomic.Int64 // events since then
+}
+
+// hit counts one event; it reports whether to log now and for how many.
+func (t *sharedThrottle) hit(now time.Time) (int64, bool) {
+	t.count.Add(1)
+	last := t.last.Load()
+	if last != 0 && now.UnixNano()-last < int64(warnEvery) {
+		return 0, false
+	}
+	if !t.last.CompareAndSwap(last, now.UnixNano()) {
+		return 0, false
+	}
+	return t.count.Swap(0), true
 }
 
 // isWebSocketUpgrade reports whether r asks to switch to WebSocket.

@@ -387,10 +387,31 @@ func TestParseArgs(t *testing.T) {
 		{"environment", nil, map[string]string{"ELVA_SERVER": "wss://e/", "ELVA_USER": "u", "ELVA_PASSWORD": "p"}, func(c *config) bool {
 			return c.server.Scheme == "wss" && c.user == "u" && c.password == "p"
 		}, ""},
-		{"flags override environment", []string{"--user", "flag"}, map[string]string{"ELVA_SERVER": "ws://e/", "ELVA_USER": "env"}, func(c *config) bool { return c.user == "flag" }, ""},
-		{"userinfo moved out of the URI", []string{"--server", "ws://ada:pw@e:81/x"}, nil, func(c *config) bool {
-			return c.user == "ada" && c.password == "pw" && c.server.String() == "ws://e:81/x"
+		{"flags override environment", []string{"--user", "flag"}, map[string]string{"ELVA_SERVER": "wss://e/", "ELVA_USER": "env"}, func(c *config) bool { return c.user == "flag" }, ""},
+		{"userinfo moved out of the URI", []string{"--server", "wss://ada:pw@e:81/x"}, nil, func(c *config) bool {
+			return c.user == "ada" && c.password == "pw" && c.server.String() == "wss://e:81/x"
 		}, ""},
+		{"credentials over ws:// to another host", []string{"--server", "ws://e/", "--user", "u"}, nil, nil, "refusing to send credentials in clear text to e"},
+		{"credentials over ws:// allowed explicitly", []string{"--server", "ws://e/", "--user", "u", "--allow-insecure-auth"}, nil, func(c *config) bool { return c.user == "u" }, ""},
+		{"credentials over ws:// to loopback", []string{"--server", "ws://127.0.0.1:9/", "--user", "u"}, nil, func(c *config) bool { return c.user == "u" }, ""},
+		{"password flag warned about", []string{"--server", "wss://e/", "--password", "p"}, nil, func(c *config) bool {
+			return len(c.warnings) == 1 && strings.Contains(c.warnings[0], "process list")
+		}, ""},
+		{"allow origin", []string{"--server", "wss://e/", "--allow-origin", "https://notes.example.org", "--allow-origin", "http://a:8080/"}, nil, func(c *config) bool {
+			return c.gate.origins["https://notes.example.org"] && c.gate.origins["http://a:8080"] && !c.gate.anyOrigin
+		}, ""},
+		{"allow any origin warned about", []string{"--server", "wss://e/", "--allow-origin", "*"}, nil, func(c *config) bool {
+			return c.gate.anyOrigin && len(c.warnings) == 1
+		}, ""},
+		{"bad origin", []string{"--server", "wss://e/", "--allow-origin", "notes.example.org"}, nil, nil, "want scheme://host"},
+		{"non-loopback bind warned about", []string{"--server", "wss://e/", "0.0.0.0"}, nil, func(c *config) bool {
+			return c.gate.anyIP && len(c.warnings) == 1 && strings.Contains(c.warnings[0], "over the network")
+		}, ""},
+		{"limits", []string{"--server", "wss://e/", "--max-connections", "5", "--max-per-document", "2"}, nil, func(c *config) bool {
+			return c.limits == limits{conns: 5, perDoc: 2}
+		}, ""},
+		{"zero limit", []string{"--server", "wss://e/", "--max-connections", "0"}, nil, nil, "at least 1"},
+		{"missing CA file", []string{"--server", "wss://e/", "--ca-file", "/nonexistent.pem"}, nil, nil, "--ca-file"},
 		{"id magic 4944", []string{"--server", "ws://e/", "--id-magic", "4944"}, nil, func(c *config) bool { return c.magic == magicASCII }, ""},
 		{"max message", []string{"--server", "ws://e/", "--max-message", "512KiB"}, nil, func(c *config) bool { return c.maxMessage == 512<<10 }, ""},
 		{"no server", nil, nil, nil, "no upstream server"},

@@ -170,6 +170,10 @@ func (u *upstream) handshake(ctx context.Context) (ws *websocket.Conn, raw net.C
 	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
 	raw, err = u.dial(ctx)
+	var certErr *tls.CertificateVerificationError
+	if errors.As(err, &certErr) {
+		return nil, nil, fmt.Errorf("TLS certificate of %s rejected: %w (a private CA goes in --ca-file)", u.url.Host, certErr.Err)
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("dial %s: %w", u.url.Host, err)
 	}

@@ -1,0 +1,161 @@
+package main
+
+import (
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+func TestGateCheck(t *testing.T) {
+	g := gate{host: "localhost", origins: map[string]bool{"https://notes.example.org": true}}
+	wide := gate{host: "0.0.0.0", anyIP: true, origins: map[string]bool{}}
+	star := gate{host: "localhost", anyOrigin: true}
+	tests := []struct {
+		name   string
+		gate   gate
+		target string // request URI as sent
+		host   string
+		origin string
+		status int
+		doc    string
+		reason string
+	}{
+		// Origins.
+		{"no origin (native client)", g, "/doc", "localhost:8000", "", 0, "doc", ""},
+		{"loopback origin", g, "/doc", "localhost:8000", "http://localhost:3000", 0, "doc", ""},
+		{"loopback origin https", g, "/doc", "localhost:8000", "https://localhost", 0, "doc", ""},
+		{"127.0.0.1 origin", g, "/doc", "localhost:8000", "http://127.0.0.1:5173", 0, "doc", ""},
+		{"::1 origin", g, "/doc", "localhost:8000", "http://[::1]:8080", 0, "doc", ""},
+		{"127.x origin", g, "/doc", "localhost:8000", "http://127.1.2.3", 0, "doc", ""},
+		{"listed origin", g, "/doc", "localhost:8000", "https://notes.example.org", 0, "doc", ""},
+		{"other page", g, "/doc", "localhost:8000", "https://evil.example", 403, "", `origin "https://evil.example" not allowed`},
+		{"listed origin with other scheme", g, "/doc", "localhost:8000", "http://notes.example.org", 403, "", "not allowed"},
+		{"localhost as a subdomain", g, "/doc", "localhost:8000", "http://localhost.evil.example", 403, "", "not allowed"},
+		{"null origin (sandboxed page)", g, "/doc", "localhost:8000", "null", 403, "", "not allowed"},
+		{"file origin", g, "/doc", "localhost:8000", "file://", 403, "", "not allowed"},
+		{"any origin allowed", star, "/doc", "localhost:8000", "https://evil.example", 0, "doc", ""},
+		// Hosts.
+		{"127.0.0.1 host", g, "/doc", "127.0.0.1:8000", "", 0, "doc", ""},
+		{"::1 host", g, "/doc", "[::1]:8000", "", 0, "doc", ""},
+		{"host without port", g, "/doc", "localhost", "", 0, "doc", ""},
+		{"rebinding name", g, "/doc", "attacker.example:8000", "", 403, "", `host "attacker.example:8000" not allowed`},
+		{"rebinding name, loopback origin", g, "/doc", "attacker.example:8000", "http://localhost", 403, "", "host"},
+		{"LAN address on a loopback relay", g, "/doc", "192.168.1.5:8000", "", 403, "", "host"},
+		{"LAN address on a relay bound to all", wide, "/doc", "192.168.1.5:8000", "", 0, "doc", ""},
+		{"a name on a relay bound to all", wide, "/doc", "laptop.local:8000", "", 403, "", "host"},
+		{"configured host", gate{host: "laptop.local"}, "/doc", "laptop.local:8000", "", 0, "doc", ""},
+		// Identifiers.
+		{"empty", g, "/", "localhost", "", 403, "", "no document name"},
+		{"only a query", g, "/?x=1", "localhost", "", 403, "", "no document name"},
+		{"percent-decoded", g, "/Gr%C3%BC%C3%9Fe?token=1", "localhost", "", 0, "Grüße", ""},
+		{"slash inside", g, "/team/notes", "localhost", "", 0, "team/notes", ""},
+		{"250 bytes", g, "/" + strings.Repeat("a", 250), "localhost", "", 0, strings.Repeat("a", 250), ""},
+		{"251 bytes", g, "/" + strings.Repeat("a", 251), "localhost", "", 400, "", "251 bytes long, at most 250"},
+		{"invalid UTF-8", g, "/a%FFb", "localhost", "", 400, "", "not valid UTF-8"},
+		{"NUL", g, "/a%00b", "localhost", "", 400, "", "control character U+0000"},
+		{"newline", g, "/a%0Ab", "localhost", "", 400, "", "control character U+000A"},
+		{"C1 control", g, "/a%C2%85b", "localhost", "", 400, "", "control character U+0085"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := httptest.NewRequest("GET", tt.target, nil)
+			r.Host = tt.host
+			if tt.origin != "" {
+				r.Header.Set("Origin", tt.origin)
+			}
+			doc, status, reason := tt.gate.check(r)
+			if status != tt.status || doc != tt.doc || !strings.Contains(reason, tt.reason) {
+				t.Errorf("got %q, %d, %q; want %q, %d, %q", doc, status, reason, tt.doc, tt.status, tt.reason)
+			}
+		})
+	}
+}
+
+// TestGateOverHTTP checks that the gate's answers reach the client before
+// any upgrade, with the reason in the body.
+func TestGateOverHTTP(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	r := startRelay(t, "--server", srv.url(), "--max-per-document", "1")
+	ws := dialLocal(t, r.addr, "full") // takes the document's one place
+	send(t, ws, awareness)
+	receive(t, ws)
+	tests := []struct {
+		name   string
+		path   string
+		host   string
+		origin string
+		want   int
+		body   string
+	}{
+		{"foreign origin", "/doc", "", "https://evil.example", http.StatusForbidden, "origin"},
+		{"rebinding host", "/doc", "attacker.example", "", http.StatusForbidden, "host"},
+		{"long name", "/" + strings.Repeat("x", 300), "", "", http.StatusBadRequest, "at most 250"},
+		{"control character", "/a%01b", "", "", http.StatusBadRequest, "control character"},
+		{"document full", "/full", "", "", http.StatusServiceUnavailable, "too many connections to this document"},
+	}
+	client := &http.Client{Timeout: testTimeout}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req, _ := http.NewRequest("GET", "http://"+r.addr+tt.path, nil)
+			req.Header.Set("Connection", "Upgrade")
+			req.Header.Set("Upgrade", "websocket")
+			req.Header.Set("Sec-WebSocket-Version", "13")
+			req.Header.Set("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+			if tt.host != "" {
+				req.Host = tt.host
+			}
+			if tt.origin != "" {
+				req.Header.Set("Origin", tt.origin)
+			}
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			buf := new(strings.Builder)
+			_, _ = io.Copy(buf, resp.Body)
+			if resp.StatusCode != tt.want || !strings.Contains(buf.String(), tt.body) {
+				t.Errorf("got %d %q, want %d with %q", resp.StatusCode, buf.String(), tt.want, tt.body)
+			}
+		})
+	}
+	// One rate-limited line for all those refusals.
+	logs := r.logs.String()
+	if n := strings.Count(logs, "request refused"); n != 1 {
+		t.Errorf("%d 'request refused' lines, want 1 (rate-limited):\n%s", n, logs)
+	}
+	if !strings.Contains(logs, "origin=https://evil.example") {
+		t.Errorf("the log line does not name the origin:\n%s", logs)
+	}
+}
+
+func TestMaxConnections(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--max-connections", "2")
+	join(t, r.addr, "a")
+	b := join(t, r.addr, "b")
+	cfg, _ := websocket.NewConfig("ws://"+r.addr+"/c", "http://localhost/")
+	if _, err := websocket.DialConfig(cfg); err == nil {
+		t.Fatal("a third connection was admitted")
+	}
+	// A place frees up when a connection's handler has returned, just
+	// after it logs: poll for it, within a bound.
+	b.Close()
+	r.logs.waitFor(t, "editor disconnected")
+	deadline := time.Now().Add(testTimeout)
+	for {
+		ws, err := websocket.DialConfig(cfg)
+		if err == nil {
+			ws.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no place after a connection ended: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -322,3 +322,27 @@ func FuzzReadAwareness(f *testing.F) {
 		}
 	})
 }
+
+// FuzzCheckUpstream runs the whole decoding of an upstream frame as the
+// upstream reader does: prefix, envelope, awareness. It must never panic,
+// and what it accepts must re-encode to the same frame.
+func FuzzCheckUpstream(f *testing.F) {
+	f.Add(unhex(f, "02 00 05 64 6f 63 2d 61 00 02 03 01 02 03"))
+	f.Add(append(appendIDPrefix(nil, magicSeed, "Grüße"), awarenessMsg(7, 1, "{}")...))
+	f.Add(append(appendIDPrefix(nil, magicSeed, "d"), 0x01, 0x0b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x00))
+	f.Add(unhex(f, "02 00 ff ff ff ff ff ff ff ff ff 01 61"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		fr, err := checkUpstream(magicSeed, data)
+		if err != nil {
+			return
+		}
+		if got := append(appendIDPrefix(nil, magicSeed, fr.doc), fr.data...); len(got) == len(data) && !bytes.Equal(got, data) {
+			t.Fatalf("re-encoded % x, want % x", got, data)
+		}
+		if fr.kind == msgAwareness {
+			if entries, _ := readAwareness(fr.data, nil); !slices.Equal(entries, fr.aware) {
+				t.Fatalf("awareness entries %v, want %v", fr.aware, entries)
+			}
+		}
+	})
+}

@@ -6,12 +6,14 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -746,5 +748,111 @@ func TestSecondSignalExitsAtOnce(t *testing.T) {
 		}
 	case <-time.After(testTimeout):
 		t.Fatal("the relay ignored the second signal")
+	}
+}
+
+// hostileMessages returns n byte strings of the kinds an attacker or a
+// broken peer sends: empty, truncated and overlong varuints, lengths beyond
+// the frame or near 2^64, unknown types, random bytes.
+func hostileMessages(n int, seed uint64) [][]byte {
+	rng := rand.New(rand.NewPCG(seed, seed))
+	shapes := []func() []byte{
+		func() []byte { return nil },
+		func() []byte { return []byte{0x80} },
+		func() []byte {
+			return []byte{msgSync, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}
+		},
+		func() []byte {
+			return []byte{msgSync, syncUpdate, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}
+		},
+		func() []byte { return []byte{msgSync, syncUpdate, 50, 1, 2} },
+		func() []byte { return []byte{msgAwareness, 20, 1} },
+		func() []byte { return []byte{msgAwareness, 4, 0xff, 0xff, 0xff, 0x0f} },
+		func() []byte { return []byte{byte(4 + rng.IntN(250)), 0} },
+		func() []byte { return []byte{msgSync, byte(3 + rng.IntN(100)), 0} },
+		func() []byte {
+			b := make([]byte, rng.IntN(64))
+			for i := range b {
+				b[i] = byte(rng.Uint32())
+			}
+			return b
+		},
+	}
+	out := make([][]byte, n)
+	for i := range out {
+		out[i] = shapes[rng.IntN(len(shapes))]()
+	}
+	return out
+}
+
+func TestInteropHostileInputLeavesOtherDocumentsAlone(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	srv.frames = nil
+	r := startRelay(t, "--server", srv.url())
+	r.logs.waitFor(t, "upstream connected")
+	srv.waitConnected(t)
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+r.addr, "good")
+	ed.join(t, "bob", "ws://"+r.addr, "good")
+	runtime.GC()
+	goroutines := runtime.NumGoroutine()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+
+	ed.do(t, map[string]any{"cmd": "startEditing", "intervalMs": 20})
+	const perSource = 2000
+	var wg sync.WaitGroup
+	for i := range 4 { // local attackers on another document
+		conn, _ := rawJoin(t, r.addr, "bad")
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for _, msg := range hostileMessages(perSource, uint64(i)) {
+				if _, err := conn.Write(maskedFrame(0x82, msg)); err != nil {
+					t.Errorf("attacker %d: %v", i, err)
+					return
+				}
+			}
+			conn.Close()
+		}()
+	}
+	// The upstream sends garbage too: without prefix, with a broken
+	// prefix, and with a good prefix for the editors' document followed by
+	// a malformed message.
+	for i, msg := range hostileMessages(perSource, 99) {
+		switch i % 3 {
+		case 0:
+			srv.sendAll(msg)
+		case 1:
+			srv.sendAll(append([]byte{0x02, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}, msg...))
+		default:
+			if _, err := checkUpstream(magicSeed, append(appendIDPrefix(nil, magicSeed, "good"), msg...)); err != nil {
+				srv.sendAll(append(appendIDPrefix(nil, magicSeed, "good"), msg...))
+			}
+		}
+	}
+	wg.Wait()
+	ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+	ed.do(t, map[string]any{"cmd": "stopEditing"})
+	ed.converge(t)
+
+	logs := r.logs.String()
+	if n := strings.Count(logs, "malformed upstream message dropped"); n < 1 || n > 3 {
+		t.Errorf("%d lines for malformed upstream messages, want a few (rate-limited)", n)
+	}
+	// No event tells that goroutines have ended or memory is free: poll.
+	deadline := time.Now().Add(testTimeout)
+	for runtime.NumGoroutine() > goroutines {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines, %d before the attack", runtime.NumGoroutine(), goroutines)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	runtime.GC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	t.Logf("heap in use: %d KiB before, %d KiB after", before.HeapInuse>>10, after.HeapInuse>>10)
+	if after.HeapInuse > before.HeapInuse+16<<20 {
+		t.Errorf("heap grew from %d to %d bytes", before.HeapInuse, after.HeapInuse)
 	}
 }

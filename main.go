@@ -42,9 +42,6 @@ import (
 const (
 	// defaultMaxMessage bounds one message from an editor (--max-message).
 	defaultMaxMessage = 32 << 20
-	// handshakeTimeout bounds how long a local client may take to send its
-	// request headers, so that a silent socket cannot hold a goroutine.
-	handshakeTimeout = 10 * time.Second
 	// stopTimeout bounds the wait for queued frames and open conns at stop.
 	stopTimeout = 5 * time.Second
 	// defaultPingInterval is how often every peer is pinged (--ping-interval).
@@ -58,6 +55,16 @@ const (
 	// (--max-per-document).
 	defaultMaxPerDoc = 256
 )
+
+// handshakeTimeout bounds how long a local client may take to send its
+// request headers, and an idle keep-alive connection may wait, so that a
+// slow or silent socket cannot hold a goroutine (slow-loris). A variable
+// for one test only.
+var handshakeTimeout = 10 * time.Second
+
+// maxHeaderBytes bounds a local request's headers; a Yjs client sends a
+// few hundred bytes.
+const maxHeaderBytes = 16 << 10
 
 // version is set at build time with -ldflags "-X main.version=…".
 var version = "dev"
@@ -80,6 +87,15 @@ Flags:
   --user NAME         user name for HTTP Basic auth (env ELVA_USER)
   --password PASS     password; visible to other users in the process
                       list, prefer ELVA_PASSWORD (env ELVA_PASSWORD)
+  --password-file F   read the password from the first line of F, which
+                      only its owner may read (chmod 600)
+  --allow-insecure-auth  send credentials over ws:// to another machine
+  --ca-file PEM       trust this CA for a wss:// server, besides the system's
+  --allow-origin O    let pages from origin O (e.g. https://notes.example.org)
+                      connect; repeatable; '*' lets every page in (unsafe).
+                      Loopback pages and clients without Origin always may.
+  --max-connections N      local connections in all (default 1024)
+  --max-per-document N     local connections per document (default 256)
   --id-magic HEX      ID message type on the upstream: 0200 (default, the
                       documented protocol) or 4944 (ELVA server, mid-2025)
   --max-message SIZE  largest message accepted, e.g. 32MiB (default), 512KiB
@@ -610,6 +626,8 @@ func (s *service) run(ctx context.Context) int {
 	srv := &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: handshakeTimeout,
+		IdleTimeout:       handshakeTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	srvDone := make(chan error, len(s.lns))

@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -545,5 +547,142 @@ func TestGoroutinesReturnToBaseline(t *testing.T) {
 			t.Fatalf("%d goroutines, baseline %d:\n%s", runtime.NumGoroutine(), baseline, buf[:runtime.Stack(buf, true)])
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestOpenCloseLoopKeepsResourcesBounded(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--max-connections", "16")
+	runtime.GC()
+	goroutines := runtime.NumGoroutine()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for i := range 1000 {
+		conn, err := net.Dial("tcp", r.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch i % 3 {
+		case 0: // upgrade, then drop
+			fmt.Fprintf(conn, "GET /doc-%d HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+				"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", i%7)
+		case 1: // half a request, then drop
+			fmt.Fprintf(conn, "GET /doc HTTP/1.1\r\nHost: loc")
+		}
+		conn.Close()
+	}
+	deadline := time.Now().Add(testTimeout)
+	for runtime.NumGoroutine() > goroutines {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines, %d before the loop", runtime.NumGoroutine(), goroutines)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	runtime.GC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	if after.HeapInuse > before.HeapInuse+8<<20 {
+		t.Errorf("heap grew from %d to %d bytes", before.HeapInuse, after.HeapInuse)
+	}
+	// The relay still serves.
+	join(t, r.addr, "doc")
+}
+
+func TestLocalhostListensOnBothLoopbacks(t *testing.T) {
+	probe, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Skip("no IPv6 loopback on this machine")
+	}
+	probe.Close()
+	cfg, err := parseArgs([]string{"--server", "ws://127.0.0.1:1/", "localhost", "0"}, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := listen(cfg, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan int)
+	go func() { done <- s.run(ctx) }()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	if len(s.lns) != 2 {
+		t.Fatalf("listening on %d addresses, want 127.0.0.1 and ::1", len(s.lns))
+	}
+	for _, ln := range s.lns {
+		ws := join(t, ln.Addr().String(), "doc")
+		ws.Close()
+	}
+}
+
+func TestPasswordFile(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string, mode os.FileMode) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(content), mode); err != nil {
+			t.Fatal(err)
+		}
+		os.Chmod(path, mode) // past the umask
+		return path
+	}
+	tests := []struct {
+		name    string
+		path    string
+		env     string
+		args    []string
+		want    string
+		wantErr string
+	}{
+		{"first line", write("ok", "s3cret\nsecond\n", 0o600), "", nil, "s3cret", ""},
+		{"no newline", write("short", "s3cret", 0o400), "", nil, "s3cret", ""},
+		{"CRLF", write("crlf", "s3cret\r\n", 0o600), "", nil, "s3cret", ""},
+		{"wins over ELVA_PASSWORD", write("env", "file-pw\n", 0o600), "env-pw", nil, "file-pw", ""},
+		{"--password wins over it", write("flag", "file-pw\n", 0o600), "", []string{"--password", "flag-pw"}, "flag-pw", ""},
+		{"readable by the group", write("group", "s3cret\n", 0o640), "", nil, "", "lets others read it"},
+		{"readable by all", write("world", "s3cret\n", 0o644), "", nil, "", "chmod 600"},
+		{"empty", write("empty", "\nx\n", 0o600), "", nil, "", "first line is empty"},
+		{"missing", filepath.Join(dir, "none"), "", nil, "", "no such file"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append([]string{"--server", "wss://e/", "--user", "u", "--password-file", tt.path}, tt.args...)
+			cfg, err := parseArgs(args, func(k string) string {
+				if k == "ELVA_PASSWORD" {
+					return tt.env
+				}
+				return ""
+			})
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("got %v, want an error with %q", err, tt.wantErr)
+				}
+				if strings.Contains(err.Error(), "s3cret") {
+					t.Errorf("the error shows the password: %v", err)
+				}
+				return
+			}
+			if err != nil || cfg.password != tt.want {
+				t.Fatalf("got %v; want password %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestSlowHandshakeIsCut(t *testing.T) {
+	saved := handshakeTimeout
+	handshakeTimeout = 200 * time.Millisecond
+	t.Cleanup(func() { handshakeTimeout = saved })
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/")
+	conn, err := net.Dial("tcp", r.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprintf(conn, "GET /doc HTTP/1.1\r\nHost: localh") // and nothing more
+	conn.SetReadDeadline(time.Now().Add(testTimeout))
+	if _, err := io.ReadAll(conn); err != nil {
+		t.Fatalf("the relay kept a slow handshake open: %v", err)
 	}
 }

@@ -42,6 +42,14 @@ type elvaServer struct {
 // when the test ends.
 func newELVAServer(t testing.TB, magic idMagic) *elvaServer {
 	t.Helper()
+	s := unstartedELVAServer(t, magic)
+	s.srv.Start()
+	return s
+}
+
+// unstartedELVAServer builds a server for the caller to start, with or
+// without TLS.
+func unstartedELVAServer(t testing.TB, magic idMagic) *elvaServer {
 	s := &elvaServer{
 		t:            t,
 		magic:        magic,
@@ -52,7 +60,7 @@ func newELVAServer(t testing.TB, magic idMagic) *elvaServer {
 		rooms:        make(map[string]map[*websocket.Conn]bool),
 		conns:        make(map[*websocket.Conn]bool),
 	}
-	s.srv = httptest.NewServer(http.HandlerFunc(s.handle))
+	s.srv = httptest.NewUnstartedServer(http.HandlerFunc(s.handle))
 	t.Cleanup(s.close)
 	return s
 }

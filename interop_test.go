@@ -306,26 +306,23 @@ func TestInteropThreeEditorsTwoDocuments(t *testing.T) {
 	report := ed.converge(t)
 	// Each editor sees the awareness of exactly its document's editors; the
 	// relay's query on join makes that quick for those who came first.
-	for _, r := range report {
-		var want []string
-		for name, doc := range docs {
-			if doc == r.Doc {
-				want = append(want, name)
+	editorsOf := func(doc string) []string {
+		var names []string
+		for name, d := range docs {
+			if d == doc {
+				names = append(names, name)
 			}
 		}
-		slices.Sort(want)
-		ed.do(t, map[string]any{"cmd": "awareness", "name": r.Name, "of": want[0], "present": true})
+		slices.Sort(names)
+		return names
 	}
-	report = ed.do(t, map[string]any{"cmd": "report"}).Report
 	for _, r := range report {
-		var want []string
-		for name, doc := range docs {
-			if doc == r.Doc {
-				want = append(want, name)
-			}
+		for _, other := range editorsOf(r.Doc) {
+			ed.do(t, map[string]any{"cmd": "awareness", "name": r.Name, "of": other, "present": true})
 		}
-		slices.Sort(want)
-		if !slices.Equal(r.Awareness, want) {
+	}
+	for _, r := range ed.do(t, map[string]any{"cmd": "report"}).Report {
+		if want := editorsOf(r.Doc); !slices.Equal(r.Awareness, want) {
 			t.Errorf("%s on %q sees awareness of %v, want %v", r.Name, r.Doc, r.Awareness, want)
 		}
 	}
@@ -794,10 +791,8 @@ func TestInteropHostileInputLeavesOtherDocumentsAlone(t *testing.T) {
 	ed := startEditors(t)
 	ed.join(t, "alice", "ws://"+r.addr, "good")
 	ed.join(t, "bob", "ws://"+r.addr, "good")
-	runtime.GC()
+	before := heapInUse()
 	goroutines := runtime.NumGoroutine()
-	var before runtime.MemStats
-	runtime.ReadMemStats(&before)
 
 	ed.do(t, map[string]any{"cmd": "startEditing", "intervalMs": 20})
 	const perSource = 2000
@@ -840,19 +835,10 @@ func TestInteropHostileInputLeavesOtherDocumentsAlone(t *testing.T) {
 	if n := strings.Count(logs, "malformed upstream message dropped"); n < 1 || n > 3 {
 		t.Errorf("%d lines for malformed upstream messages, want a few (rate-limited)", n)
 	}
-	// No event tells that goroutines have ended or memory is free: poll.
-	deadline := time.Now().Add(testTimeout)
-	for runtime.NumGoroutine() > goroutines {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d goroutines, %d before the attack", runtime.NumGoroutine(), goroutines)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	runtime.GC()
-	var after runtime.MemStats
-	runtime.ReadMemStats(&after)
-	t.Logf("heap in use: %d KiB before, %d KiB after", before.HeapInuse>>10, after.HeapInuse>>10)
-	if after.HeapInuse > before.HeapInuse+16<<20 {
-		t.Errorf("heap grew from %d to %d bytes", before.HeapInuse, after.HeapInuse)
+	waitForGoroutines(t, goroutines)
+	after := heapInUse()
+	t.Logf("heap in use: %d KiB before, %d KiB after", before>>10, after>>10)
+	if after > before+16<<20 {
+		t.Errorf("heap grew from %d to %d bytes", before, after)
 	}
 }

@@ -539,23 +539,13 @@ func TestGoroutinesReturnToBaseline(t *testing.T) {
 	for _, conn := range abrupt {
 		conn.Close() // no close frame
 	}
-	// No event tells that a goroutine has ended: poll, within a bound.
-	deadline := time.Now().Add(testTimeout)
-	for runtime.NumGoroutine() > baseline {
-		if time.Now().After(deadline) {
-			buf := make([]byte, 1<<20)
-			t.Fatalf("%d goroutines, baseline %d:\n%s", runtime.NumGoroutine(), baseline, buf[:runtime.Stack(buf, true)])
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitForGoroutines(t, baseline)
 }
 
 func TestOpenCloseLoopKeepsResourcesBounded(t *testing.T) {
 	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--max-connections", "16")
-	runtime.GC()
+	before := heapInUse()
 	goroutines := runtime.NumGoroutine()
-	var before runtime.MemStats
-	runtime.ReadMemStats(&before)
 	for i := range 1000 {
 		conn, err := net.Dial("tcp", r.addr)
 		if err != nil {
@@ -570,18 +560,9 @@ func TestOpenCloseLoopKeepsResourcesBounded(t *testing.T) {
 		}
 		conn.Close()
 	}
-	deadline := time.Now().Add(testTimeout)
-	for runtime.NumGoroutine() > goroutines {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d goroutines, %d before the loop", runtime.NumGoroutine(), goroutines)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	runtime.GC()
-	var after runtime.MemStats
-	runtime.ReadMemStats(&after)
-	if after.HeapInuse > before.HeapInuse+8<<20 {
-		t.Errorf("heap grew from %d to %d bytes", before.HeapInuse, after.HeapInuse)
+	waitForGoroutines(t, goroutines)
+	if after := heapInUse(); after > before+8<<20 {
+		t.Errorf("heap grew from %d to %d bytes", before, after)
 	}
 	// The relay still serves.
 	join(t, r.addr, "doc")
@@ -685,4 +666,26 @@ func TestSlowHandshakeIsCut(t *testing.T) {
 	if _, err := io.ReadAll(conn); err != nil {
 		t.Fatalf("the relay kept a slow handshake open: %v", err)
 	}
+}
+
+// waitForGoroutines waits until no more than n goroutines run. No event
+// tells that a goroutine has ended: it polls, within testTimeout.
+func waitForGoroutines(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(testTimeout)
+	for runtime.NumGoroutine() > n {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("%d goroutines, want at most %d:\n%s", runtime.NumGoroutine(), n, buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// heapInUse returns the heap in use after a collection.
+func heapInUse() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse
 }

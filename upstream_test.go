@@ -6,39 +6,25 @@ import (
 	"io"
 	"log"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-
-	"golang.org/x/net/websocket"
 )
 
 // startTLSELVAServer is a broadcast ELVA server behind TLS with a test CA;
 // it returns the server, its wss:// URI and a PEM file with the CA.
 func startTLSELVAServer(t *testing.T) (*elvaServer, string, string) {
 	t.Helper()
-	s := &elvaServer{
-		t:            t,
-		magic:        magicSeed,
-		authHeaders:  make(chan string, 100),
-		connected:    make(chan *websocket.Conn, 100),
-		disconnected: make(chan struct{}, 100),
-		frames:       make(chan []byte, 10000),
-		rooms:        make(map[string]map[*websocket.Conn]bool),
-		conns:        make(map[*websocket.Conn]bool),
-	}
-	s.srv = httptest.NewUnstartedServer(http.HandlerFunc(s.handle))
+	s := unstartedELVAServer(t, magicSeed)
 	s.srv.Config.ErrorLog = log.New(io.Discard, "", 0) // the refused handshakes
 	s.srv.StartTLS()
-	t.Cleanup(s.close)
 	caFile := filepath.Join(t.TempDir(), "ca.pem")
 	cert := s.srv.Certificate()
 	if err := os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return s, "wss" + strings.TrimPrefix(s.srv.URL, "https") + "/", caFile
+	return s, s.url(), caFile
 }
 
 func TestWSSUpstreamWithPrivateCA(t *testing.T) {

@@ -249,6 +249,11 @@ func appendAwarenessGone(b []byte, entries []awarenessEntry) []byte {
 	return append(b, update...)
 }
 
+// isStep1 reports whether msg is a sync step 1, by its two type bytes.
+func isStep1(msg []byte) bool {
+	return len(msg) >= 2 && msg[0] == msgSync && msg[1] == syncStep1
+}
+
 // isStep2 reports whether msg is a sync step 2. It looks at the two type
 // bytes only; messageKind has checked the rest.
 func isStep2(msg []byte) bool {

@@ -49,7 +49,6 @@ var (
 	errTooLarge   = errors.New("message larger than --max-message")
 	errProtocol   = errors.New("websocket protocol error")
 	errStopping   = errors.New("relay stopping")
-	errClosed     = errors.New("closed by the relay")
 )
 
 // queryAwareness asks a Yjs client for every awareness state it knows. The
@@ -76,12 +75,18 @@ type conn struct {
 	ws      *websocket.Conn
 	log     *slog.Logger  // carries doc and remote
 	send    chan []byte   // closed by the hub only
+	pongs   chan []byte   // pings to answer, from the reader to the writer
 	closing chan struct{} // closed by goodbye: the reader stops
 	done    chan struct{} // closed when writeLoop returns
 
 	// closeCode is written by the hub just before it closes send and read by
 	// writeLoop after send is closed, so the channel close orders the two.
 	closeCode int
+
+	// Owned by the hub: sync step 1s queued to this editor and step 2s it
+	// sent. A Yjs client answers every step 1 with one step 2, in order, so
+	// the counts tell when it has answered a given step 1.
+	step1s, step2s int
 }
 
 // keepalive says how the relay finds dead peers: the writer pings every
@@ -103,8 +108,10 @@ type document struct {
 	// that merely repeats others' states owns none of them.
 	clients map[uint64]presence
 	// asked is the editor that the last resync asked for its whole
-	// document, until its step 2 comes; nil when none is due.
-	asked *conn
+	// document, until its answer comes (its step2s reach askedAt); nil
+	// when none is due.
+	asked   *conn
+	askedAt int
 }
 
 // presence is one awareness client as the hub last heard of it.
@@ -139,37 +146,48 @@ type hub struct {
 	log        *slog.Logger
 
 	// Owned by run.
-	docs        map[string]*document
-	up          *link          // nil while the upstream is down
-	handlers    int            // admitted requests whose handler has not returned
-	perDoc      map[string]int // the same, per document
-	goodbyes    []frame        // awareness removals waiting to be routed
-	unknownDoc  throttle
-	notSentUp   throttle
-	slowClosing throttle
-	untracked   throttle
+	docs     map[string]*document
+	up       *link          // nil while the upstream is down
+	handlers int            // admitted requests whose handler has not returned
+	perDoc   map[string]int // the same, per document
+	// gone remembers, per document, the awareness clients the relay marked
+	// gone and the clock it used, so that a client that comes back with an
+	// older clock can be told to step past it (see revive). Bounded.
+	gone map[string]map[uint64]uint64
+	// goneWhileDown keeps, per document, the removals that could not go
+	// upstream, for the next connection. Bounded.
+	goneWhileDown map[string][]awarenessEntry
+	stopping      bool      // stop has begun: no more resync questions
+	stopBy        time.Time // when stop gives up waiting
+	goodbyes      []frame   // awareness removals waiting to be routed
+	unknownDoc    throttle
+	notSentUp     throttle
+	slowClosing   throttle
+	untracked     throttle
 }
 
 // newHub returns a hub whose conns queue up to queue frames and whose readers
 // accept messages of up to maxMessage bytes.
 func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *hub {
 	return &hub{
-		admission:  make(chan ticket),
-		released:   make(chan string),
-		limits:     lim,
-		perDoc:     make(map[string]int),
-		join:       make(chan *conn),
-		leave:      make(chan departure),
-		local:      make(chan frame, inboxQueue),
-		remote:     make(chan frame, inboxQueue),
-		attach:     make(chan *link),
-		detach:     make(chan *link),
-		quit:       make(chan struct{}),
-		connQueue:  queue,
-		maxMessage: maxMessage,
-		keepalive:  ka,
-		log:        log,
-		docs:       make(map[string]*document),
+		admission:     make(chan ticket),
+		released:      make(chan string),
+		limits:        lim,
+		perDoc:        make(map[string]int),
+		gone:          make(map[string]map[uint64]uint64),
+		goneWhileDown: make(map[string][]awarenessEntry),
+		join:          make(chan *conn),
+		leave:         make(chan departure),
+		local:         make(chan frame, inboxQueue),
+		remote:        make(chan frame, inboxQueue),
+		attach:        make(chan *link),
+		detach:        make(chan *link),
+		quit:          make(chan struct{}),
+		connQueue:     queue,
+		maxMessage:    maxMessage,
+		keepalive:     ka,
+		log:           log,
+		docs:          make(map[string]*document),
 	}
 }
 
@@ -274,10 +292,14 @@ func (h *hub) add(c *conn) {
 		d = &document{conns: make(map[*conn]struct{}), clients: make(map[uint64]presence)}
 		h.docs[c.doc] = d
 	}
-	for other := range d.conns {
-		h.queue(other, queryAwareness)
-	}
+	// c goes in first: should the query close every other editor as slow,
+	// the document must still be there for c.
 	d.conns[c] = struct{}{}
+	for other := range d.conns {
+		if other != c {
+			h.queue(other, queryAwareness)
+		}
+	}
 }
 
 // remove unregisters c and closes its send so that its writer says goodbye
@@ -296,15 +318,65 @@ func (h *hub) remove(c *conn, code int) {
 	delete(d.conns, c)
 	c.closeCode = code
 	close(c.send)
-	if d.asked == c {
+	if d.asked == c && !h.stopping {
 		h.askForState(d) // another editor answers in its place
 	}
 	if gone := d.release(c); len(gone) > 0 {
 		msg := appendAwarenessGone(nil, gone)
 		h.goodbyes = append(h.goodbyes, frame{doc: c.doc, data: msg, kind: msgAwareness, from: c})
+		h.rememberGone(c.doc, gone)
 	}
 	if len(d.conns) == 0 {
 		delete(h.docs, c.doc)
+	}
+}
+
+// maxGoneDocs bounds the documents for which gone and goneWhileDown keep
+// entries; past it they start afresh.
+const maxGoneDocs = 1024
+
+// rememberGone notes the clients just marked gone on doc: for revive, and
+// for the upstream if it is down now.
+func (h *hub) rememberGone(doc string, gone []awarenessEntry) {
+	if len(h.gone) >= maxGoneDocs {
+		clear(h.gone)
+	}
+	clocks := h.gone[doc]
+	if clocks == nil {
+		clocks = make(map[uint64]uint64)
+		h.gone[doc] = clocks
+	}
+	for _, e := range gone {
+		if len(clocks) < maxTrackedClients {
+			clocks[e.client] = e.clock + 1
+		}
+	}
+	if h.up != nil {
+		return
+	}
+	if len(h.goneWhileDown) >= maxGoneDocs {
+		clear(h.goneWhileDown)
+	}
+	if pending := h.goneWhileDown[doc]; len(pending)+len(gone) <= maxTrackedClients {
+		h.goneWhileDown[doc] = append(pending, gone...)
+	}
+}
+
+// revive answers an editor that announces client id at a clock no newer
+// than the one the relay marked it gone with, which every peer would
+// ignore: it sends the editor that "gone" entry, and the Yjs client, which
+// never lets a peer remove its own state, steps its clock past it and
+// announces itself again, to everyone. A client that reconnects after the
+// relay closed it is thus visible at once rather than after two renewals.
+func (h *hub) revive(c *conn, e awarenessEntry) {
+	clocks := h.gone[c.doc]
+	goneAt, ok := clocks[e.client]
+	if !ok || e.gone {
+		return
+	}
+	delete(clocks, e.client)
+	if e.clock <= goneAt {
+		h.queue(c, appendAwarenessGone(nil, []awarenessEntry{{client: e.client, clock: goneAt - 1}}))
 	}
 }
 
@@ -321,15 +393,21 @@ func (h *hub) sayGoodbyes() {
 // fromLocal passes a local editor's message to the document's other editors
 // and upstream, after noting the awareness clients it announces.
 func (h *hub) fromLocal(f frame) {
-	if d := h.docs[f.doc]; d != nil {
-		switch {
-		case f.kind == msgAwareness:
-			owner := f.from
-			if _, ok := d.conns[owner]; !ok {
-				owner = nil // closed already: it must not own clients any more
-			}
-			h.track(d, owner, f.aware)
-		case f.from == d.asked && isStep2(f.data):
+	d := h.docs[f.doc]
+	registered := false
+	if d != nil {
+		_, registered = d.conns[f.from]
+	}
+	switch {
+	case f.kind == msgAwareness && !registered:
+		// The relay has closed f.from and said goodbye for its clients;
+		// their states must not come back from its last frames.
+		return
+	case f.kind == msgAwareness:
+		h.track(d, f.from, f.aware)
+	case isStep2(f.data):
+		f.from.step2s++
+		if d != nil && f.from == d.asked && f.from.step2s >= d.askedAt {
 			d.asked = nil
 		}
 	}
@@ -374,6 +452,9 @@ func (h *hub) fromUpstream(f frame) {
 // same or a newer clock forgets it.
 func (h *hub) track(d *document, owner *conn, entries []awarenessEntry) {
 	for _, e := range entries {
+		if owner != nil {
+			h.revive(owner, e)
+		}
 		p, known := d.clients[e.client]
 		switch {
 		case known && e.clock < p.clock:
@@ -421,16 +502,22 @@ func (d *document) release(c *conn) []awarenessEntry {
 	return gone
 }
 
-// queue gives data to c without blocking. A full queue closes c as a slow
-// consumer: never skip a frame inside a conn that stays open.
-func (h *hub) queue(c *conn, data []byte) {
+// queue gives data to c without blocking and reports whether c is still
+// open. A full queue closes c as a slow consumer: never skip a frame inside
+// a conn that stays open.
+func (h *hub) queue(c *conn, data []byte) bool {
 	select {
 	case c.send <- data:
+		if isStep1(data) {
+			c.step1s++
+		}
+		return true
 	default:
 		if n, ok := h.slowClosing.hit(time.Now()); ok {
 			c.log.Warn("slow editor closed: send queue full", "queue", cap(c.send), "count", n)
 		}
 		h.remove(c, closeTryAgain)
+		return false
 	}
 }
 
@@ -461,6 +548,10 @@ func (h *hub) attachLink(l *link) {
 	}
 	h.up = l
 	h.resync()
+	for doc, gone := range h.goneWhileDown {
+		h.toUpstream(frame{doc: doc, data: appendAwarenessGone(nil, gone), kind: msgAwareness})
+	}
+	clear(h.goneWhileDown)
 }
 
 // resync brings every document with local editors up to date both ways
@@ -490,10 +581,11 @@ func (h *hub) resync() {
 func (h *hub) askForState(d *document) {
 	d.asked = nil
 	for c := range d.conns {
-		d.asked = c
-		h.queue(c, emptyStep1)
-		h.queue(c, queryAwareness)
-		return
+		if h.queue(c, emptyStep1) { // else c was closed as slow: try the next
+			d.asked, d.askedAt = c, c.step1s
+			h.queue(c, queryAwareness) // if this closes c, remove asks again
+			return
+		}
 	}
 }
 
@@ -519,6 +611,8 @@ const hubStopTimeout = 3 * time.Second
 // their readers still deliver is routed upstream. Only then is the upstream
 // link closed, so that its writer flushes everything the relay accepted.
 func (h *hub) stop() {
+	h.stopping = true
+	h.stopBy = time.Now().Add(hubStopTimeout)
 	for _, d := range h.docs {
 		for c := range d.conns {
 			h.remove(c, closeGoingAway)
@@ -539,22 +633,48 @@ func (h *hub) stop() {
 		case doc := <-h.released:
 			h.releaseOne(doc)
 		case f := <-h.local:
-			h.toUpstream(f)
+			h.flushUp(f)
 		case <-timeout.C:
 			h.log.Warn("stop: editors did not close in time", "open", h.handlers)
 			h.handlers = 0
 		}
+		h.sayGoodbyes()
 	}
 	for drained := false; !drained; {
 		select {
 		case f := <-h.local:
-			h.toUpstream(f)
+			h.flushUp(f)
 		default:
 			drained = true
 		}
 	}
 	if h.up != nil {
 		h.closeLink()
+	}
+}
+
+// flushUp queues a frame that an editor's reader still delivered during
+// the stop for the upstream. It may wait for room, up to stopBy: the
+// upstream writer is draining the queue meanwhile, and closing the link
+// for a full queue would throw away what the relay accepted. Awareness is
+// dropped: every editor has been said goodbye for already.
+func (h *hub) flushUp(f frame) {
+	if h.up == nil || f.kind == msgAwareness {
+		return
+	}
+	select {
+	case h.up.send <- f:
+		return
+	default:
+	}
+	wait := time.NewTimer(time.Until(h.stopBy))
+	defer wait.Stop()
+	select {
+	case h.up.send <- f:
+	case <-wait.C:
+		if n, ok := h.notSentUp.hit(time.Now()); ok {
+			h.log.Warn("stop: upstream queue full; messages not flushed", "count", n)
+		}
 	}
 }
 
@@ -569,6 +689,7 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 		ws:      ws,
 		log:     h.log.With("doc", doc, "remote", remote),
 		send:    make(chan []byte, h.connQueue),
+		pongs:   make(chan []byte, 1),
 		closing: make(chan struct{}),
 		done:    make(chan struct{}),
 	}
@@ -597,8 +718,9 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 // goodbye) runs out. Closing the socket with the peer's bytes unread would
 // make the kernel reset it, and the peer might never see the close code.
 func (c *conn) awaitPeerClose(max int) {
+	r := frameReader{ws: c.ws, max: max}
 	for {
-		if _, err := readMessage(c.ws, max, 0, nil); err != nil {
+		if _, err := r.next(); err != nil {
 			return
 		}
 	}
@@ -606,12 +728,16 @@ func (c *conn) awaitPeerClose(max int) {
 
 // readLoop is the conn's reader: it hands every well-formed message to the
 // hub. It returns the close code to answer with and the reason it ended.
-// Once the writer has said goodbye (c.closing), nothing more is passed on.
+// Once the writer has said goodbye (c.closing) it passes nothing on but
+// reads on until the peer answers the close or closeGrace runs out:
+// closing a socket with unread bytes makes the kernel reset it, and the
+// peer could lose what the relay sent last.
 func (c *conn) readLoop(h *hub) (int, error) {
 	var malformed throttle
 	debug := c.log.Enabled(context.Background(), slog.LevelDebug)
+	r := frameReader{ws: c.ws, max: h.maxMessage, idle: h.keepalive.timeout, closing: c.closing, grace: closeGrace, pongs: c.pongs}
 	for {
-		data, err := readMessage(c.ws, h.maxMessage, h.keepalive.timeout, c.closing)
+		data, err := r.next()
 		if err != nil {
 			return closeCodeFor(err), err
 		}
@@ -622,32 +748,29 @@ func (c *conn) readLoop(h *hub) (int, error) {
 			}
 			continue
 		}
-		if err := c.handOn(h, f); err != nil {
-			return closeNormal, err
-		}
-		if debug {
+		if c.handOn(h, f) && debug {
 			c.log.Debug("message from editor", "kind", f.kind, "bytes", len(data))
 		}
 	}
 }
 
-// handOn gives f to the hub. A frame read from the peer goes to the hub
-// whenever the hub has room, even while the conn is closing (at a stop its
-// frames still go upstream); only a full inbox lets closing win.
-func (c *conn) handOn(h *hub, f frame) error {
+// handOn gives f to the hub and reports whether it did. A frame read from
+// the peer goes to the hub whenever the hub has room, even while the conn
+// is closing (at a stop its frames still go upstream); only a full inbox
+// lets closing, or the hub's end, drop it.
+func (c *conn) handOn(h *hub, f frame) bool {
 	select {
 	case h.local <- f:
-		return nil
+		return true
 	default:
 	}
 	select {
 	case h.local <- f:
-		return nil
+		return true
 	case <-c.closing:
-		return errClosed
 	case <-h.quit:
-		return errStopping
 	}
+	return false
 }
 
 // checkLocal checks one message from c and makes it a frame for the hub,
@@ -697,6 +820,12 @@ func (c *conn) writeLoop(ka keepalive) {
 					fail(err)
 				}
 			}
+		case payload := <-c.pongs:
+			if alive {
+				if err := writeFrame(c.ws, websocket.PongFrame, payload); err != nil {
+					fail(err)
+				}
+			}
 		}
 	}
 }
@@ -705,16 +834,16 @@ func (c *conn) writeLoop(ka keepalive) {
 // answer before the reader gives up.
 func (c *conn) goodbye(code int) {
 	writeClose(c.ws, code)
-	endReader(c.ws, c.closing)
+	endReader(c.ws, c.closing, closeGrace)
 }
 
-// endReader makes a reader that uses readMessage with closing stop within
-// closeGrace. closing is closed before the deadline is set, and
-// readMessage sets its idle deadline before it looks at closing, so
-// whichever runs last, the reader cannot wait past the grace.
-func endReader(ws *websocket.Conn, closing chan struct{}) {
+// endReader tells a frameReader that the close frame is out: it may read
+// for grace more, for the peer's answer. closing is closed before the
+// deadline is set, and the reader sets its idle deadline before it looks
+// at closing, so whichever runs last, the reader cannot wait past grace.
+func endReader(ws *websocket.Conn, closing chan struct{}, grace time.Duration) {
 	close(closing)
-	ws.SetReadDeadline(time.Now().Add(closeGrace))
+	ws.SetReadDeadline(time.Now().Add(grace))
 }
 
 // writePing writes a ping frame within writeWait.
@@ -737,13 +866,10 @@ func writeMessage(ws *websocket.Conn, msg []byte) error {
 	return writeFrame(ws, websocket.BinaryFrame, msg)
 }
 
-// writeFrame writes one frame of type opcode within writeWait. It goes
-// through ws.Write, which holds the library's write lock, because the
-// reader's HandleFrame may be writing a pong at the same time; only the
-// writer goroutine touches ws.PayloadType. The deadline is cleared
-// afterwards: those pongs are written with whatever deadline is left, and
-// a stale one would fail the first pong after writeWait of quiet and, as
-// the library's buffered writer keeps its error, every write after it.
+// writeFrame writes one frame of type opcode within writeWait, from the
+// writer goroutine, the only one that writes to ws or touches
+// ws.PayloadType. The deadline is cleared afterwards so that no write can
+// ever meet a stale one.
 func writeFrame(ws *websocket.Conn, opcode byte, msg []byte) error {
 	if err := ws.SetWriteDeadline(time.Now().Add(writeWait)); err != nil {
 		return err
@@ -764,69 +890,126 @@ func writeClose(ws *websocket.Conn, code int) error {
 	return ws.WriteClose(code)
 }
 
-// readMessage returns the payload of the next binary message on ws, reading
-// frames itself rather than through websocket.Message: the library hands on
-// each fragment of a fragmented message as a message of its own and hides the
-// FIN bit, which would cut a Yjs message in pieces. Here the first frame that
-// is not a whole binary message ends the conn before any of it is passed on.
-// Ping and pong frames are answered or dropped inside HandleFrame; like
-// every frame they prove the peer alive: each one restarts the idle
-// deadline (0: none). Once closing is closed the deadline is left alone,
-// so that the closing side's grace applies.
-func readMessage(ws *websocket.Conn, max int, idle time.Duration, closing <-chan struct{}) ([]byte, error) {
+// maxControlPayload is the largest payload of a ping, pong or close frame
+// (RFC 6455 §5.5).
+const maxControlPayload = 125
+
+// frameReader reads the frames of one WebSocket for its reader goroutine.
+// It reads them itself rather than through websocket.Message: the library
+// hands on each fragment of a fragmented message as a message of its own
+// and hides the FIN bit, which would cut a Yjs message in pieces, and its
+// HandleFrame writes pongs and close frames from the reader goroutine, with
+// no write deadline of ours. Here the first frame that is not a whole
+// binary message ends the conn before any of it is passed on, and pings are
+// answered by the writer goroutine.
+type frameReader struct {
+	ws   *websocket.Conn
+	max  int           // largest message accepted
+	idle time.Duration // 0: no idle deadline
+	// closing is closed once the relay's close frame is out (endReader):
+	// from then on the reader waits at most grace, without idle deadlines,
+	// for the peer's answer. nil: never.
+	closing <-chan struct{}
+	grace   time.Duration
+	closed  bool // closing has been seen
+	// pongs takes the payload of each ping for the writer to answer; it has
+	// room for one, as a pong for the latest ping is enough (RFC 6455 §5.5.3).
+	// nil: pings are not answered.
+	pongs chan<- []byte
+}
+
+// next returns the payload of the next binary message. Every frame, control
+// frames included, proves the peer alive and restarts the idle deadline.
+func (r *frameReader) next() ([]byte, error) {
 	for {
-		if idle > 0 {
-			if err := ws.SetReadDeadline(time.Now().Add(idle)); err != nil {
-				return nil, err
-			}
+		if err := r.setDeadline(); err != nil {
+			return nil, err
 		}
-		select {
-		case <-closing:
-			return nil, errClosed
-		default:
-		}
-		fr, err := ws.NewFrameReader()
+		fr, err := r.ws.NewFrameReader()
 		if err != nil {
 			return nil, err
 		}
 		var hdr [14]byte // the longest header: 2 + 8 length + 4 mask bytes
 		n := 0
-		if r := fr.HeaderReader(); r != nil {
-			n, _ = io.ReadFull(r, hdr[:])
+		if h := fr.HeaderReader(); h != nil {
+			n, _ = io.ReadFull(h, hdr[:])
 		}
 		if n < 2 {
 			return nil, fmt.Errorf("%w: short frame header", errProtocol)
 		}
+		if err := checkFrameHeader(hdr[:n], r.ws.IsServerConn()); err != nil {
+			return nil, err
+		}
 		fin, opcode := hdr[0]&0x80 != 0, hdr[0]&0x0f
-		size := fr.Len() - n
-		// Checked here rather than left to HandleFrame, which would send a
-		// close frame of its own from this goroutine.
-		if err := checkFrameHeader(hdr[:n], ws.IsServerConn()); err != nil {
-			return nil, err
-		}
-		payload, err := ws.HandleFrame(fr)
-		if err != nil {
-			return nil, err
-		}
-		if payload == nil {
-			continue // control frame, already handled
-		}
+		size := fr.Len() - n // fr reads the payload, unmasked
 		switch {
+		case opcode >= websocket.CloseFrame:
+			if err := r.control(fr, fin, opcode, size); err != nil {
+				return nil, err
+			}
+			continue
 		case opcode == websocket.ContinuationFrame || !fin:
 			return nil, errFragmented
-		case size > max || size < 0:
+		case size > r.max || size < 0:
 			return nil, errTooLarge
 		case opcode == websocket.TextFrame:
 			// Skip the payload so that a caller may go on reading.
-			if _, err := io.Copy(io.Discard, payload); err != nil {
+			if _, err := io.Copy(io.Discard, fr); err != nil {
 				return nil, err
 			}
 			return nil, errTextFrame
 		case opcode != websocket.BinaryFrame:
 			return nil, fmt.Errorf("%w: reserved opcode %d", errProtocol, opcode)
 		}
-		return readPayload(payload, size)
+		return readPayload(fr, size)
 	}
+}
+
+// setDeadline restarts the idle deadline, or, once closing is closed, sets
+// the grace deadline once and leaves it.
+func (r *frameReader) setDeadline() error {
+	if r.closed {
+		return nil
+	}
+	if r.idle > 0 {
+		if err := r.ws.SetReadDeadline(time.Now().Add(r.idle)); err != nil {
+			return err
+		}
+	}
+	select {
+	case <-r.closing:
+		r.closed = true
+		return r.ws.SetReadDeadline(time.Now().Add(r.grace))
+	default:
+		return nil
+	}
+}
+
+// control handles a control frame: a close ends the reader (io.EOF), a
+// ping is handed to the writer, a pong only proves the peer alive.
+func (r *frameReader) control(fr io.Reader, fin bool, opcode byte, size int) error {
+	if !fin || size > maxControlPayload || size < 0 {
+		return fmt.Errorf("%w: bad control frame", errProtocol)
+	}
+	payload, err := readPayload(fr, size)
+	if err != nil {
+		return err
+	}
+	switch opcode {
+	case websocket.CloseFrame:
+		return io.EOF
+	case websocket.PingFrame:
+		if r.pongs != nil {
+			select {
+			case r.pongs <- payload:
+			default: // a pong is due already
+			}
+		}
+	case websocket.PongFrame:
+	default:
+		return fmt.Errorf("%w: reserved opcode %d", errProtocol, opcode)
+	}
+	return nil
 }
 
 // checkFrameHeader rejects what the relay does not speak: RSV bits (no

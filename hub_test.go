@@ -408,6 +408,127 @@ func TestHubAsksAnotherEditorWhenTheAskedOneLeaves(t *testing.T) {
 	expect(t, c, awareness) // no step 1 before it
 }
 
+// barrier returns once the hub has handled everything sent to it before:
+// an admission is a round trip through its loop.
+func barrier(t *testing.T, h *hub) {
+	t.Helper()
+	if err := h.admit("barrier"); err != nil {
+		t.Fatal(err)
+	}
+	h.release("barrier")
+}
+
+// stuffed joins a conn whose queue of one is already full, as a slow
+// editor's is.
+func stuffed(t *testing.T, h *hub, doc string) *conn {
+	t.Helper()
+	c := memConn(t, h, doc, 1)
+	c.send <- []byte{0xff} // a backlog the test never reads
+	return c
+}
+
+func TestHubResyncSkipsAnEditorClosedAsSlow(t *testing.T) {
+	h, _ := startHub(t)
+	slow := stuffed(t, h, "d1")
+	memLink(h, upstreamQueue) // asks slow, whose queue is full: closed, no panic
+	barrier(t, h)
+	<-slow.send
+	expectClosed(t, slow, closeTryAgain)
+	// The next editor of the document is asked in its place.
+	b := memConn(t, h, "d1", connQueue)
+	memLink(h, upstreamQueue)
+	expect(t, b, emptyStep1)
+	expect(t, b, queryAwareness)
+}
+
+func TestHubNewcomerSurvivesTheCloseOfASlowEditor(t *testing.T) {
+	h, _ := startHub(t)
+	slow := stuffed(t, h, "d1")
+	b := memConn(t, h, "d1", connQueue) // its query closes slow, the only other editor
+	barrier(t, h)
+	<-slow.send
+	expectClosed(t, slow, closeTryAgain)
+	c := memConn(t, h, "d1", connQueue)
+	expect(t, b, queryAwareness) // c's arrival: b is still in the document
+	post(t, h, c, update1)
+	expect(t, b, update1)
+	leave(h, b)
+	expectClosed(t, b, closeNormal)
+}
+
+func TestHubDropsAwarenessFromAClosedEditor(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	slow := memConn(t, h, "d1", 2)
+	expect(t, a, queryAwareness)
+	postAwareness(t, h, slow, awarenessMsg(5, 1, "{}"))
+	expect(t, a, awarenessMsg(5, 1, "{}"))
+	post(t, h, a, update1)
+	post(t, h, a, update2) // closes slow
+	expect(t, a, awarenessMsg(5, 2, "null"))
+	// slow's reader still delivers a cursor move and an update.
+	postAwareness(t, h, slow, awarenessMsg(5, 3, `{"cursor":1}`))
+	post(t, h, slow, []byte{msgSync, syncUpdate, 1, 0x55})
+	expect(t, a, []byte{msgSync, syncUpdate, 1, 0x55}) // the update, not the ghost
+}
+
+func TestHubRevivesAClientThatComesBack(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	postAwareness(t, h, b, awarenessMsg(7, 4, "{}"))
+	expect(t, a, awarenessMsg(7, 4, "{}"))
+	leave(h, b)
+	expect(t, a, awarenessMsg(7, 5, "null"))
+	// The same client reconnects, announcing its old clock, which every
+	// peer would ignore: the relay tells it it was gone at 5.
+	back := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	postAwareness(t, h, back, awarenessMsg(7, 4, "{}"))
+	expect(t, back, awarenessMsg(7, 5, "null"))
+	expect(t, back, awarenessMsg(7, 4, "{}")) // its echo
+	// Its answer at clock 6 reaches everyone; nothing more is sent back.
+	postAwareness(t, h, back, awarenessMsg(7, 6, "{}"))
+	expect(t, a, awarenessMsg(7, 4, "{}"))
+	expect(t, a, awarenessMsg(7, 6, "{}"))
+	expect(t, back, awarenessMsg(7, 6, "{}"))
+	expectEmpty(t, back)
+}
+
+func TestHubSendsRemovalsMadeWhileDownOnReconnect(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	postAwareness(t, h, b, awarenessMsg(9, 2, "{}"))
+	expect(t, a, awarenessMsg(9, 2, "{}"))
+	leave(h, b) // the upstream is down
+	expect(t, a, awarenessMsg(9, 3, "null"))
+	up := memLink(h, upstreamQueue)
+	expectUpstream(t, up, awarenessMsg(9, 3, "null"))
+}
+
+func TestHubResyncAnswerIsTheStep2ForItsOwnStep1(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	newcomer := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	post(t, h, newcomer, step1) // a owes the newcomer a step 2
+	expect(t, a, step1)
+	leave(h, newcomer)
+	memLink(h, upstreamQueue) // asks a, the only editor
+	expect(t, a, emptyStep1)
+	expect(t, a, queryAwareness)
+	c := memConn(t, h, "d1", connQueue)
+	expect(t, a, queryAwareness)
+	post(t, h, a, []byte{msgSync, syncStep2, 2, 0, 0}) // answers the newcomer only
+	leave(h, a)                                        // before it answered the resync
+	expect(t, c, []byte{msgSync, syncStep2, 2, 0, 0})
+	expect(t, c, emptyStep1) // so c is asked in its place
+	expect(t, c, queryAwareness)
+}
+
 func TestHubMarksAwarenessGoneWhenEditorLeaves(t *testing.T) {
 	h, _ := startHub(t)
 	up := memLink(h, upstreamQueue)
@@ -571,6 +692,10 @@ func TestPongAfterQuietPeriod(t *testing.T) {
 	t.Cleanup(func() { writeWait = saved })
 	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "0", "--peer-timeout", "0")
 	conn, br := rawJoin(t, r.addr, "doc")
+	conn.Write(maskedFrame(0x82, awareness)) // its echo proves conn joined
+	if op, _ := readFrame(t, br); op != websocket.BinaryFrame {
+		t.Fatalf("got opcode %d, want the awareness echo", op)
+	}
 	join(t, r.addr, "doc") // the relay writes a query-awareness to conn
 	if op, _ := readFrame(t, br); op != websocket.BinaryFrame {
 		t.Fatalf("got opcode %d, want the query-awareness", op)
@@ -846,8 +971,21 @@ func receiveCounting(ws *websocket.Conn, size, n int, progress chan<- error) {
 
 func TestSilentEditorClosedAfterPeerTimeout(t *testing.T) {
 	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "100ms", "--peer-timeout", "500ms")
+	bystander := join(t, r.addr, "doc")
+	// The bystander reads all along: x/net answers pings only while reading.
+	heard := make(chan []byte, 100)
+	go func() {
+		for {
+			var m []byte
+			if websocket.Message.Receive(bystander, &m) != nil {
+				close(heard)
+				return
+			}
+			heard <- m
+		}
+	}()
 	conn, br := rawJoin(t, r.addr, "doc") // answers no ping: a peer gone without a FIN
-	conn.Write(maskedFrame(0x82, awareness))
+	conn.Write(maskedFrame(0x82, awarenessMsg(77, 3, "{}")))
 	pings := 0
 	for {
 		op, _ := readFrame(t, br)
@@ -865,4 +1003,48 @@ func TestSilentEditorClosedAfterPeerTimeout(t *testing.T) {
 	if !strings.Contains(line, "timeout") {
 		t.Errorf("closed for another reason than the peer timeout: %s", line)
 	}
+	// Its client is gone for the others at once.
+	deadline := time.After(testTimeout)
+	for {
+		select {
+		case m, ok := <-heard:
+			if !ok {
+				t.Fatal("the bystander was closed too")
+			}
+			if bytes.Equal(m, awarenessMsg(77, 4, "null")) {
+				return
+			}
+		case <-deadline:
+			t.Fatal("the bystander never heard that client 77 is gone")
+		}
+	}
+}
+
+func TestPingFloodFromAPeerThatDoesNotRead(t *testing.T) {
+	// Pongs are written by the writer goroutine with a deadline: a peer
+	// that pings without reading is closed once a write times out, rather
+	// than holding a reader blocked in a pong write for ever.
+	saved := writeWait
+	writeWait = 200 * time.Millisecond
+	t.Cleanup(func() { writeWait = saved })
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "0", "--peer-timeout", "0")
+	conn, _ := rawJoin(t, r.addr, "doc")
+	conn.SetDeadline(time.Time{})
+	ping := maskedFrame(0x80|websocket.PingFrame, bytes.Repeat([]byte{'p'}, maxControlPayload))
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := conn.Write(ping); err != nil {
+				return
+			}
+		}
+	}()
+	line := r.logs.waitFor(t, "editor disconnected")
+	t.Logf("%s", line)
 }

@@ -517,7 +517,7 @@ func TestInteropAwarenessGoneWhenEditorKilled(t *testing.T) {
 	ed.do(t, map[string]any{"cmd": "awareness", "name": "alice", "of": "bob", "present": true})
 }
 
-var retryDelayRE = regexp.MustCompile(`msg="upstream retry scheduled" delay=(\S+)`)
+var retryDelayRE = regexp.MustCompile(`time=(\S+) level=DEBUG msg="upstream retry scheduled" delay=(\S+)`)
 
 func TestInteropRefusedUpstreamBacksOffThenConverges(t *testing.T) {
 	srv := newELVAServer(t, magicSeed)
@@ -557,12 +557,22 @@ func TestInteropRefusedUpstreamBacksOffThenConverges(t *testing.T) {
 		if len(delays) == 0 {
 			t.Errorf("relay %d logged no retry delays", i+1)
 		}
+		var last time.Time
+		var lastDelay time.Duration
 		for attempt, m := range delays {
-			d, err := time.ParseDuration(m[1])
-			bound := min(backoffBase<<attempt, retryMax)
-			if err != nil || d < 0 || d >= bound {
-				t.Errorf("relay %d attempt %d waited %s, want [0, %v)", i+1, attempt, m[1], bound)
+			at, err1 := time.Parse(time.RFC3339Nano, m[1])
+			d, err2 := time.ParseDuration(m[2])
+			if err1 != nil || err2 != nil {
+				t.Fatalf("unreadable log line %q", m[0])
 			}
+			if bound := min(backoffBase<<attempt, retryMax); d < 0 || d >= bound {
+				t.Errorf("relay %d attempt %d waits %v, want [0, %v)", i+1, attempt, d, bound)
+			}
+			// The next attempt comes no sooner than the delay said.
+			if attempt > 0 && at.Sub(last) < lastDelay {
+				t.Errorf("relay %d attempt %d came %v after the last, which scheduled %v", i+1, attempt, at.Sub(last), lastDelay)
+			}
+			last, lastDelay = at, d
 		}
 	}
 }

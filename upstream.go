@@ -34,6 +34,11 @@ const (
 	// stableAfter is how long a connection must stay up to reset the backoff,
 	// so a server that accepts and drops at once is not hammered.
 	stableAfter = 10 * time.Second
+	// upstreamCloseGrace is how long the upstream reader waits for the
+	// server's answer to the relay's close frame: the server may still be
+	// reading a long flushed queue, and closing the socket under unread
+	// bytes would reset it and lose the queue's tail.
+	upstreamCloseGrace = 4 * time.Second
 	// maxErrorBody bytes of a refused handshake's body go into the error.
 	maxErrorBody = 512
 	// maxKeptHandshake bounds the response bytes kept to report a refusal.
@@ -125,7 +130,9 @@ func (u *upstream) run(ctx context.Context) error {
 		}
 		u.log.Warn("upstream connection lost; reconnecting", "server", u.url.String(), "err", err)
 		downSince = time.Now()
-		if !sleep(ctx, b.next()) {
+		delay := b.next()
+		u.log.Debug("upstream retry scheduled", "delay", delay)
+		if !sleep(ctx, delay) {
 			return nil
 		}
 	}
@@ -246,16 +253,19 @@ func (u *upstream) serve(ws *websocket.Conn, raw net.Conn, outage time.Duration)
 		ws.Close()
 		return errStopping
 	}
-	// Logged once the hub sends frames here, so the line means "in use".
+	closing := make(chan struct{})
+	pongs := make(chan []byte, 1)
+	done := make(chan struct{})
+	go u.writeLoop(ws, raw, l, pongs, closing, done)
+	// Logged once the hub sends frames here and the writer runs, so the
+	// line means "in use".
 	if outage > 0 {
 		u.log.Info("upstream connected", "server", u.url.String(), "after_outage", outage.Round(time.Millisecond))
 	} else {
 		u.log.Info("upstream connected", "server", u.url.String())
 	}
-	closing := make(chan struct{})
-	done := make(chan struct{})
-	go u.writeLoop(ws, raw, l, closing, done)
-	err := u.readLoop(ws, closing)
+	err := u.readLoop(frameReader{ws: ws, max: u.maxMessage + upstreamSlack, idle: u.keepalive.timeout,
+		closing: closing, grace: upstreamCloseGrace, pongs: pongs})
 	// Whatever ended the reader, a writer blocked on a dead peer must not
 	// wait for its write deadline: after a flush at stop the writer has
 	// finished already.
@@ -270,11 +280,16 @@ func (u *upstream) serve(ws *websocket.Conn, raw net.Conn, outage time.Duration)
 
 // readLoop is the upstream reader: it strips the ID prefix of every frame
 // and hands the message to the hub. Bad frames are dropped and logged.
-func (u *upstream) readLoop(ws *websocket.Conn, closing <-chan struct{}) error {
+// Once the hub has stopped, or the writer has said goodbye, it drops what
+// it reads but reads on until the server answers the close (or the grace
+// runs out): returning would close the connection under the writer's
+// flush, or reset it under bytes the server has not read yet.
+func (u *upstream) readLoop(r frameReader) error {
 	var bad throttle
+	hubGone := false
 	debug := u.log.Enabled(context.Background(), slog.LevelDebug)
 	for {
-		data, err := readMessage(ws, u.maxMessage+upstreamSlack, u.keepalive.timeout, closing)
+		data, err := r.next()
 		if errors.Is(err, errTextFrame) {
 			if n, ok := bad.hit(time.Now()); ok {
 				u.log.Warn("upstream text frame dropped", "count", n)
@@ -294,10 +309,13 @@ func (u *upstream) readLoop(ws *websocket.Conn, closing <-chan struct{}) error {
 		if debug {
 			u.log.Debug("message from upstream", "doc", f.doc, "kind", f.kind, "bytes", len(f.data))
 		}
+		if hubGone || r.closed {
+			continue
+		}
 		select {
 		case u.hub.remote <- f:
 		case <-u.hub.quit:
-			return errStopping
+			hubGone = true
 		}
 	}
 }
@@ -326,7 +344,7 @@ func checkUpstream(m idMagic, data []byte) (frame, error) {
 // After the hub closes l.send it flushes what is queued and closes the
 // connection; after a failed write it drains l.send until then, so the hub
 // never sees a full queue for a connection that is already dead.
-func (u *upstream) writeLoop(ws *websocket.Conn, raw net.Conn, l *link, closing chan struct{}, done chan<- struct{}) {
+func (u *upstream) writeLoop(ws *websocket.Conn, raw net.Conn, l *link, pongs <-chan []byte, closing chan struct{}, done chan<- struct{}) {
 	defer close(done)
 	ping := newTicker(u.keepalive.interval)
 	defer ping.Stop()
@@ -343,7 +361,7 @@ func (u *upstream) writeLoop(ws *websocket.Conn, raw net.Conn, l *link, closing 
 			if !ok {
 				if alive {
 					writeClose(ws, closeNormal)
-					endReader(ws, closing)
+					endReader(ws, closing, upstreamCloseGrace)
 				}
 				return
 			}
@@ -360,6 +378,12 @@ func (u *upstream) writeLoop(ws *websocket.Conn, raw net.Conn, l *link, closing 
 		case <-ping.C:
 			if alive {
 				if err := writePing(ws); err != nil {
+					fail(err)
+				}
+			}
+		case payload := <-pongs:
+			if alive {
+				if err := writeFrame(ws, websocket.PongFrame, payload); err != nil {
 					fail(err)
 				}
 			}

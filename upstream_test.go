@@ -6,10 +6,15 @@ import (
 	"io"
 	"log"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
 )
 
 // startTLSELVAServer is a broadcast ELVA server behind TLS with a test CA;
@@ -59,19 +64,20 @@ func TestWSSUpstreamWithoutCAIsRefusedClearly(t *testing.T) {
 // looks for the password in every form in all it logged.
 func TestPasswordNeverLogged(t *testing.T) {
 	const user, password = "ada", "pa55-w0rd-secret"
-	srv := newELVAServer(t, magicSeed)
-	srv.user, srv.password = user, password
 	pwFile := filepath.Join(t.TempDir(), "pw")
 	if err := os.WriteFile(pwFile, []byte(password+"\nignored second line\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	userinfo := strings.Replace(srv.url(), "ws://", "ws://"+user+":"+password+"@", 1)
-	for _, args := range [][]string{
-		{"--server", srv.url(), "--user", user, "--password-file", pwFile},
-		{"--server", userinfo},
-	} {
+	for _, fromFile := range []bool{true, false} {
+		srv := newELVAServer(t, magicSeed)
+		srv.user, srv.password = user, password
+		args := []string{"--server", srv.url(), "--user", user, "--password-file", pwFile}
+		if !fromFile {
+			args = []string{"--server", strings.Replace(srv.url(), "ws://", "ws://"+user+":"+password+"@", 1)}
+		}
 		r := startRelay(t, append(args, "-v", "--retry-max", "500ms")...)
 		r.logs.waitFor(t, "upstream connected") // after a 401 and the Basic retry
+		srv.waitConnected(t)                    // so that dropAll finds the connection
 		ws := join(t, r.addr, "doc")
 		send(t, ws, update1)
 		srv.refuse.Store(http.StatusForbidden) // "refused by test" in the body
@@ -90,5 +96,102 @@ func TestPasswordNeverLogged(t *testing.T) {
 				t.Errorf("the log contains %q:\n%s", secret, logs)
 			}
 		}
+	}
+}
+
+// TestStopFlushesWhileTheServerTalks stops the relay while its upstream
+// queue is long and the server keeps sending: the upstream reader must not
+// close the connection under the writer's flush.
+func TestStopFlushesWhileTheServerTalks(t *testing.T) {
+	var got atomic.Int64
+	disconnected := make(chan struct{})
+	srv := httptest.NewServer(websocket.Server{
+		Handshake: func(*websocket.Config, *http.Request) error { return nil },
+		Handler: func(ws *websocket.Conn) {
+			defer close(disconnected)
+			ws.PayloadType = websocket.BinaryFrame
+			chatter := append(appendIDPrefix(nil, magicSeed, "burst"), awarenessMsg(99, 1, "{}")...)
+			stop := make(chan struct{})
+			defer close(stop)
+			go func() {
+				tick := time.NewTicker(2 * time.Millisecond)
+				defer tick.Stop()
+				for {
+					select {
+					case <-stop:
+						return
+					case <-tick.C:
+					}
+					if websocket.Message.Send(ws, chatter) != nil {
+						return
+					}
+				}
+			}()
+			for {
+				var data []byte
+				if websocket.Message.Receive(ws, &data) != nil {
+					return
+				}
+				if _, msg, err := splitIDFrame(magicSeed, data); err == nil && len(msg) > 1000 {
+					got.Add(1)
+					time.Sleep(time.Millisecond) // a slow server: the queue grows
+				}
+			}
+		},
+	})
+	defer srv.Close()
+	r := startRelay(t, "--server", "ws"+strings.TrimPrefix(srv.URL, "http")+"/")
+	r.logs.waitFor(t, "upstream connected")
+	ws := dialLocal(t, r.addr, "burst")
+	payload := make([]byte, 16<<10)
+	msg := append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(payload))), payload...)
+	const n = 1000
+	for range n {
+		send(t, ws, msg)
+	}
+	r.logs.waitFor(t, `msg="message from editor" doc=burst`)
+	r.stop()
+	r.waitExit(t)
+	select {
+	case <-disconnected:
+	case <-time.After(testTimeout):
+		t.Fatal("the relay did not close its upstream connection")
+	}
+	accepted := int64(strings.Count(r.logs.String(), `msg="message from editor" doc=burst`))
+	if accepted == 0 || got.Load() != accepted {
+		t.Errorf("the relay accepted %d updates, the server got %d", accepted, got.Load())
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	b := backoff{max: 4 * time.Second}
+	bounds := []time.Duration{500 * time.Millisecond, time.Second, 2 * time.Second, 4 * time.Second, 4 * time.Second}
+	for range 200 { // the delays are random: try many
+		b.reset()
+		for i, bound := range bounds {
+			if d := b.next(); d < 0 || d >= bound {
+				t.Fatalf("attempt %d: %v, want [0, %v)", i, d, bound)
+			}
+		}
+	}
+	// Far past the cap, the shift must not overflow.
+	b.attempt = 100
+	if d := b.next(); d < 0 || d >= b.max {
+		t.Errorf("attempt 100: %v, want [0, %v)", d, b.max)
+	}
+	// Full jitter: the delays spread over the range instead of sitting at it.
+	var low, high int
+	for range 1000 {
+		b.reset()
+		b.next()
+		b.next()
+		if d := b.next(); d < time.Second {
+			low++
+		} else {
+			high++
+		}
+	}
+	if low < 300 || high < 300 {
+		t.Errorf("delays below/above half the bound: %d/%d of 1000, want both near 500", low, high)
 	}
 }

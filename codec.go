@@ -29,11 +29,12 @@ const (
 const maxVaruintLen = 10
 
 var (
-	errShortFrame  = errors.New("codec: short frame")
-	errOverflow    = errors.New("codec: varuint overflows 64 bits")
-	errNoIDPrefix  = errors.New("codec: frame has no ID prefix")
-	errEmptyMsg    = errors.New("codec: empty message")
-	errUnknownType = errors.New("codec: unknown message type")
+	errShortFrame     = errors.New("codec: short frame")
+	errOverflow       = errors.New("codec: varuint overflows 64 bits")
+	errNoIDPrefix     = errors.New("codec: frame has no ID prefix")
+	errEmptyMsg       = errors.New("codec: empty message")
+	errUnknownType    = errors.New("codec: unknown message type")
+	errTooManyEntries = errors.New("codec: too many awareness entries")
 )
 
 // idMagic is the two type bytes that open an ID message on the upstream.
@@ -186,6 +187,11 @@ type awarenessEntry struct {
 // an empty state, one byte each.
 const minAwarenessEntry = 3
 
+// maxAwarenessEntries bounds the clients in one awareness update. A Yjs
+// client answers a query with every state it knows, a few dozen in a busy
+// document; a message with thousands is an attack on the relay's tracking.
+const maxAwarenessEntries = 1024
+
 // readAwareness decodes an awareness message (type 1) into its entries,
 // appended to dst: varuint count, then per entry varuint client ID,
 // varuint clock and the state as a JSON string. The JSON is not parsed
@@ -210,6 +216,9 @@ func readAwareness(msg []byte, dst []awarenessEntry) ([]awarenessEntry, error) {
 	// Check the count against the bytes before trusting it for anything.
 	if count > uint64(len(rest)/minAwarenessEntry) {
 		return dst, errShortFrame
+	}
+	if count > maxAwarenessEntries {
+		return dst, fmt.Errorf("%w: %d entries", errTooManyEntries, count)
 	}
 	for range count {
 		var e awarenessEntry

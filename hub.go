@@ -107,6 +107,7 @@ type document struct {
 	// so "first with a new clock" finds the client's own conn, and a conn
 	// that merely repeats others' states owns none of them.
 	clients map[uint64]presence
+	remote  int // entries of clients that the upstream owns
 	// asked is the editor that the last resync asked for its whole
 	// document, until its answer comes (its step2s reach askedAt); nil
 	// when none is due.
@@ -460,13 +461,34 @@ func (h *hub) track(d *document, owner *conn, entries []awarenessEntry) {
 		case known && e.clock < p.clock:
 		case known && e.clock == p.clock:
 			if e.gone {
-				delete(d.clients, e.client)
+				d.forget(e.client)
 			}
 		case e.gone:
-			delete(d.clients, e.client)
+			d.forget(e.client)
 		case known || h.makeRoom(d):
-			d.clients[e.client] = presence{clock: e.clock, owner: owner}
+			d.set(e.client, presence{clock: e.clock, owner: owner})
 		}
+	}
+}
+
+// set records p for client, keeping the count of upstream-owned entries.
+func (d *document) set(client uint64, p presence) {
+	if old, ok := d.clients[client]; ok && old.owner == nil {
+		d.remote--
+	}
+	if p.owner == nil {
+		d.remote++
+	}
+	d.clients[client] = p
+}
+
+// forget drops client's entry, keeping the count of upstream-owned entries.
+func (d *document) forget(client uint64) {
+	if old, ok := d.clients[client]; ok {
+		if old.owner == nil {
+			d.remote--
+		}
+		delete(d.clients, client)
 	}
 }
 
@@ -476,9 +498,11 @@ func (h *hub) makeRoom(d *document) bool {
 	if len(d.clients) < maxTrackedClients {
 		return true
 	}
-	for id, p := range d.clients {
-		if p.owner == nil {
-			delete(d.clients, id)
+	if d.remote > 0 { // else there is nothing to forget: no scan
+		for id, p := range d.clients {
+			if p.owner == nil {
+				d.forget(id)
+			}
 		}
 	}
 	if len(d.clients) < maxTrackedClients {
@@ -496,7 +520,7 @@ func (d *document) release(c *conn) []awarenessEntry {
 	for id, p := range d.clients {
 		if p.owner == c {
 			gone = append(gone, awarenessEntry{client: id, clock: p.clock})
-			delete(d.clients, id)
+			d.forget(id)
 		}
 	}
 	return gone

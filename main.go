@@ -591,13 +591,56 @@ func listenAll(host string, port int, log *slog.Logger) ([]net.Listener, error) 
 		// The same port on ::1, which browsers may try first for localhost.
 		port := ln.Addr().(*net.TCPAddr).Port
 		v6, err := net.Listen("tcp", net.JoinHostPort("::1", strconv.Itoa(port)))
-		if err != nil {
-			log.Debug("not listening on ::1", "err", err)
-		} else {
+		switch {
+		case err == nil:
 			lns = append(lns, v6)
+		case errors.Is(err, syscall.EADDRINUSE):
+			// Another program there would get the documents of every
+			// browser that tries ::1 first.
+			ln.Close()
+			return nil, fmt.Errorf("listen on [::1]:%d: %w (another program has it)", port, err)
+		default:
+			log.Debug("not listening on ::1: no IPv6 loopback", "err", err)
 		}
 	}
 	return lns, nil
+}
+
+// preUpgradeSlots is how many TCP connections may be open beyond
+// --max-connections: requests on their way to an upgrade or a refusal.
+const preUpgradeSlots = 64
+
+// limitListener lets at most cap(slots) connections be open at once, on
+// all listeners together; past it, Accept waits and new clients wait in
+// the kernel's backlog. The hub's limits count upgraded connections only;
+// this bounds what requests that never upgrade can hold.
+type limitListener struct {
+	net.Listener
+	slots chan struct{} // one token per open connection
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	l.slots <- struct{}{}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.slots
+		return nil, err
+	}
+	return &limitedConn{Conn: c, slots: l.slots}, nil
+}
+
+// limitedConn gives its token back when it is closed, once.
+type limitedConn struct {
+	net.Conn
+	slots    chan struct{}
+	released atomic.Bool
+}
+
+func (c *limitedConn) Close() error {
+	if c.released.CompareAndSwap(false, true) {
+		<-c.slots
+	}
+	return c.Conn.Close()
 }
 
 // addr is the first address the relay listens on, with the port it got.
@@ -626,13 +669,17 @@ func (s *service) run(ctx context.Context) int {
 	srv := &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: handshakeTimeout,
-		IdleTimeout:       handshakeTimeout,
-		MaxHeaderBytes:    maxHeaderBytes,
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		// Bounds the answers to plain requests for a client that does not
+		// read them; a hijacked WebSocket has its deadlines cleared.
+		WriteTimeout:   handshakeTimeout,
+		IdleTimeout:    handshakeTimeout,
+		MaxHeaderBytes: maxHeaderBytes,
+		ErrorLog:       slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	srvDone := make(chan error, len(s.lns))
+	slots := make(chan struct{}, s.cfg.limits.conns+preUpgradeSlots)
 	for _, ln := range s.lns {
-		go func() { srvDone <- srv.Serve(ln) }()
+		go func() { srvDone <- srv.Serve(&limitListener{Listener: ln, slots: slots}) }()
 	}
 
 	status := 0

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/websocket"
@@ -94,7 +95,8 @@ func (e *statusError) Error() string {
 // or until the server refuses the credentials, which returns an errAuth.
 func (u *upstream) run(ctx context.Context) error {
 	b := backoff{max: u.retryMax}
-	var downSince time.Time // zero while up; a "down" line has been logged
+	var downSince time.Time // zero while up
+	var lastReason string   // why the last attempt failed, as logged at warn
 	for {
 		ws, raw, err := u.connect(ctx)
 		if errors.Is(err, errAuth) {
@@ -106,8 +108,13 @@ func (u *upstream) run(ctx context.Context) error {
 		if err != nil {
 			delay := b.next()
 			if downSince.IsZero() {
-				u.log.Warn("upstream unavailable; retrying in the background", "server", u.url.String(), "err", err)
 				downSince = time.Now()
+			}
+			// One warning per outage and per change of reason (refused,
+			// a status, a certificate): retries that fail alike are debug.
+			if reason := failureReason(err); reason != lastReason {
+				u.log.Warn("upstream unavailable; retrying in the background", "server", u.url.String(), "err", err)
+				lastReason = reason
 			}
 			u.log.Debug("upstream retry scheduled", "delay", delay, "err", err)
 			if !sleep(ctx, delay) {
@@ -120,7 +127,7 @@ func (u *upstream) run(ctx context.Context) error {
 		if !downSince.IsZero() {
 			outage = start.Sub(downSince)
 		}
-		downSince = time.Time{}
+		downSince, lastReason = time.Time{}, ""
 		err = u.serve(ws, raw, outage)
 		if ctx.Err() != nil {
 			return nil
@@ -136,6 +143,25 @@ func (u *upstream) run(ctx context.Context) error {
 			return nil
 		}
 	}
+}
+
+// failureReason sorts a failed attempt for the log: the same reason
+// twice in a row is not worth a second warning.
+func failureReason(err error) string {
+	var status *statusError
+	var certErr *tls.CertificateVerificationError
+	var netErr net.Error
+	switch {
+	case errors.As(err, &status):
+		return fmt.Sprintf("HTTP %d", status.code)
+	case errors.As(err, &certErr):
+		return "certificate"
+	case errors.As(err, &netErr) && netErr.Timeout():
+		return "timeout"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "refused"
+	}
+	return "other"
 }
 
 // connect makes one handshake, and a second one with Basic credentials when
@@ -203,9 +229,9 @@ func (u *upstream) handshake(ctx context.Context) (ws *websocket.Conn, raw net.C
 	if err != nil {
 		defer raw.Close()
 		if errors.Is(err, websocket.ErrBadStatus) {
-			return nil, nil, readRefusal(rec.kept, raw)
+			return nil, nil, u.redact(readRefusal(rec.kept, raw))
 		}
-		return nil, nil, fmt.Errorf("websocket handshake with %s: %w", u.url.Host, err)
+		return nil, nil, fmt.Errorf("websocket handshake with %s: %s", u.url.Host, shorten(err.Error(), maxErrorBody))
 	}
 	if !stop() {
 		raw.Close()
@@ -215,6 +241,21 @@ func (u *upstream) handshake(ctx context.Context) (ws *websocket.Conn, raw net.C
 	raw.SetDeadline(time.Time{})
 	ws.PayloadType = websocket.BinaryFrame
 	return ws, raw, nil
+}
+
+// redact removes the credentials from a refusal's body: a proxy that
+// echoes the request would otherwise put them into the log.
+func (u *upstream) redact(err error) error {
+	var status *statusError
+	if !errors.As(err, &status) {
+		return err
+	}
+	for _, secret := range []string{u.authorization, strings.TrimPrefix(u.authorization, "Basic "), u.password} {
+		if secret != "" {
+			status.body = strings.ReplaceAll(status.body, secret, "[redacted]")
+		}
+	}
+	return status
 }
 
 // dial opens the TCP connection, with TLS for wss.
@@ -328,6 +369,11 @@ func checkUpstream(m idMagic, data []byte) (frame, error) {
 	if err != nil {
 		return frame{}, err
 	}
+	// No local editor can have a name that the gate refuses: such a frame
+	// is malformed, and its name is not fit for a log line.
+	if err := checkIdentifier(doc); err != nil {
+		return frame{}, err
+	}
 	kind, err := messageKind(msg)
 	if err != nil {
 		return frame{}, err
@@ -394,18 +440,24 @@ func (u *upstream) writeLoop(ws *websocket.Conn, raw net.Conn, l *link, pongs <-
 // readRefusal reads the HTTP response of a refused handshake from the bytes
 // the handshake already consumed and the rest of the connection.
 func readRefusal(kept []byte, raw net.Conn) error {
-	r := bufio.NewReader(io.MultiReader(bytes.NewReader(kept), raw))
+	rest := io.LimitReader(raw, int64(maxKeptHandshake+maxErrorBody))
+	r := bufio.NewReader(io.MultiReader(bytes.NewReader(kept), rest))
 	resp, err := http.ReadResponse(r, nil)
 	if err != nil {
-		return fmt.Errorf("websocket handshake: unreadable response: %w", err)
+		// The error quotes the line it could not parse: keep it short.
+		return fmt.Errorf("websocket handshake: unreadable response: %s", shorten(err.Error(), maxErrorBody))
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
 	return &statusError{code: resp.StatusCode, body: strings.TrimSpace(string(body))}
 }
 
+// errHandshakeTooLarge ends a handshake whose response passes maxKeptHandshake.
+var errHandshakeTooLarge = errors.New("handshake response larger than 64 KiB")
+
 // recordingConn keeps the bytes read through it while recording is on, so
-// that a refused handshake's response can be parsed again.
+// that a refused handshake's response can be parsed again, and ends the
+// handshake once they pass maxKeptHandshake.
 type recordingConn struct {
 	net.Conn
 	recording bool // switched off by handshake before other goroutines read
@@ -413,11 +465,27 @@ type recordingConn struct {
 }
 
 func (r *recordingConn) Read(p []byte) (int, error) {
+	if r.recording && len(r.kept) >= maxKeptHandshake {
+		// http.ReadResponse has no limit of its own: a hostile server
+		// could stream headers until the relay runs out of memory.
+		return 0, errHandshakeTooLarge
+	}
+	if r.recording {
+		p = p[:min(len(p), maxKeptHandshake-len(r.kept))]
+	}
 	n, err := r.Conn.Read(p)
-	if r.recording && len(r.kept) < maxKeptHandshake {
-		r.kept = append(r.kept, p[:min(n, maxKeptHandshake-len(r.kept))]...)
+	if r.recording {
+		r.kept = append(r.kept, p[:n]...)
 	}
 	return n, err
+}
+
+// shorten cuts s to at most n bytes for a log line, marking the cut.
+func shorten(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "") + "…"
 }
 
 // hostPort gives u's host with the default port of its scheme.

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/websocket"
@@ -75,6 +77,7 @@ type conn struct {
 	ws      *websocket.Conn
 	log     *slog.Logger  // carries doc and remote
 	send    chan []byte   // closed by the hub only
+	backlog backlog       // bytes in send: added by the hub, done by the writer
 	pongs   chan []byte   // pings to answer, from the reader to the writer
 	closing chan struct{} // closed by goodbye: the reader stops
 	done    chan struct{} // closed when writeLoop returns
@@ -142,6 +145,8 @@ type hub struct {
 	quit       chan struct{}
 	connQueue  int
 	maxMessage int
+	connBytes  int64 // byte budget of an editor's send queue
+	linkBytes  int64 // byte budget of the upstream send queue
 	keepalive  keepalive
 	limits     limits
 	log        *slog.Logger
@@ -186,6 +191,8 @@ func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *
 		quit:          make(chan struct{}),
 		connQueue:     queue,
 		maxMessage:    maxMessage,
+		connBytes:     queueBytes(maxMessage),
+		linkBytes:     4 * queueBytes(maxMessage),
 		keepalive:     ka,
 		log:           log,
 		docs:          make(map[string]*document),
@@ -530,19 +537,48 @@ func (d *document) release(c *conn) []awarenessEntry {
 // open. A full queue closes c as a slow consumer: never skip a frame inside
 // a conn that stays open.
 func (h *hub) queue(c *conn, data []byte) bool {
-	select {
-	case c.send <- data:
-		if isStep1(data) {
-			c.step1s++
+	if c.backlog.add(len(data), h.connBytes) {
+		select {
+		case c.send <- data:
+			if isStep1(data) {
+				c.step1s++
+			}
+			return true
+		default:
+			c.backlog.done(len(data))
 		}
-		return true
-	default:
-		if n, ok := h.slowClosing.hit(time.Now()); ok {
-			c.log.Warn("slow editor closed: send queue full", "queue", cap(c.send), "count", n)
-		}
-		h.remove(c, closeTryAgain)
+	}
+	if n, ok := h.slowClosing.hit(time.Now()); ok {
+		c.log.Warn("slow editor closed: send queue full", "frames", len(c.send), "bytes", c.backlog.bytes.Load(), "count", n)
+	}
+	h.remove(c, closeTryAgain)
+	return false
+}
+
+// backlog counts the bytes waiting in one send queue: the hub adds what it
+// queues, the writer marks done what it has written or dropped. A queue's
+// capacity bounds its frames; the backlog bounds their bytes, which a count
+// alone cannot: 256 frames of 32 MiB would be 8 GiB.
+type backlog struct {
+	bytes atomic.Int64
+}
+
+// add counts n more bytes unless that passes limit, which it reports.
+func (b *backlog) add(n int, limit int64) bool {
+	if b.bytes.Add(int64(n)) > limit {
+		b.bytes.Add(-int64(n))
 		return false
 	}
+	return true
+}
+
+// done counts n bytes less.
+func (b *backlog) done(n int) { b.bytes.Add(-int64(n)) }
+
+// queueBytes is the byte budget of one editor's send queue: room for two
+// of the largest messages, and 64 MiB at least.
+func queueBytes(maxMessage int) int64 {
+	return max(64<<20, 2*int64(maxMessage))
 }
 
 // toUpstream queues f for the upstream writer without blocking. A full queue
@@ -556,12 +592,16 @@ func (h *hub) toUpstream(f frame) {
 		}
 		return
 	}
-	select {
-	case h.up.send <- f:
-	default:
-		h.log.Warn("upstream send queue full: reconnecting", "queue", cap(h.up.send))
-		h.closeLink()
+	if h.up.backlog.add(len(f.data), h.linkBytes) {
+		select {
+		case h.up.send <- f:
+			return
+		default:
+			h.up.backlog.done(len(f.data))
+		}
 	}
+	h.log.Warn("upstream send queue full: reconnecting", "frames", len(h.up.send), "bytes", h.up.backlog.bytes.Load())
+	h.closeLink()
 }
 
 // attachLink makes l the upstream connection that frames go to, and
@@ -686,6 +726,7 @@ func (h *hub) flushUp(f frame) {
 	if h.up == nil || f.kind == msgAwareness {
 		return
 	}
+	h.up.backlog.add(len(f.data), math.MaxInt64) // waiting, not dropping
 	select {
 	case h.up.send <- f:
 		return
@@ -696,6 +737,7 @@ func (h *hub) flushUp(f frame) {
 	select {
 	case h.up.send <- f:
 	case <-wait.C:
+		h.up.backlog.done(len(f.data))
 		if n, ok := h.notSentUp.hit(time.Now()); ok {
 			h.log.Warn("stop: upstream queue full; messages not flushed", "count", n)
 		}
@@ -838,6 +880,7 @@ func (c *conn) writeLoop(ka keepalive) {
 					fail(err)
 				}
 			}
+			c.backlog.done(len(msg))
 		case <-ping.C:
 			if alive {
 				if err := writePing(c.ws); err != nil {

@@ -1077,3 +1077,17 @@ func TestPingFloodFromAPeerThatDoesNotRead(t *testing.T) {
 	line := r.logs.waitFor(t, "editor disconnected")
 	t.Logf("%s", line)
 }
+
+func TestHubClosesEditorOverItsByteBudget(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue) // reads nothing
+	expect(t, a, queryAwareness)
+	big := make([]byte, h.connBytes/2+1) // two do not fit, however few frames
+	big[0], big[1] = msgSync, syncUpdate
+	h.local <- frame{doc: "d1", data: big, kind: msgSync, from: a}
+	h.local <- frame{doc: "d1", data: big, kind: msgSync, from: a}
+	post(t, h, a, awareness)
+	expect(t, a, awareness)           // both routed
+	expectClosed(t, b, closeTryAgain) // with one frame queued of 256
+}

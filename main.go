@@ -282,14 +282,36 @@ func (o *originList) String() string { return strings.Join(*o, ",") }
 
 func (o *originList) Set(v string) error {
 	if v != "*" {
-		u, err := url.Parse(v)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") {
+		norm, ok := normalOrigin(v)
+		if !ok {
 			return fmt.Errorf("origin %q: want scheme://host[:port], e.g. https://notes.example.org, or *", v)
 		}
-		v = strings.TrimSuffix(v, "/")
+		v = norm
 	}
 	*o = append(*o, v)
 	return nil
+}
+
+// normalOrigin gives an origin in the form browsers send: scheme and host
+// in lower case, no default port, no path. ok is false for anything else
+// than an http or https origin.
+func normalOrigin(origin string) (string, bool) {
+	u, err := url.Parse(origin)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" ||
+		(u.Path != "" && u.Path != "/") || u.User != nil || u.RawQuery != "" || u.Fragment != "" {
+		return "", false
+	}
+	scheme, host, port := strings.ToLower(u.Scheme), strings.ToLower(u.Hostname()), u.Port()
+	if (scheme == "http" && port == "80") || (scheme == "https" && port == "443") {
+		port = ""
+	}
+	if strings.Contains(host, ":") {
+		host = "[" + host + "]"
+	}
+	if port != "" {
+		host += ":" + port
+	}
+	return scheme + "://" + host, true
 }
 
 // setGate builds the admission rules for local requests.
@@ -390,7 +412,7 @@ func (c *config) setAddress(positional []string) error {
 	case 2:
 		port, err := strconv.Atoi(positional[1])
 		if err != nil || port < 0 || port > 65535 {
-			return fmt.Errorf("port %q: want a number from 0 to 65535", positional[1])
+			return fmt.Errorf("port %q: want a number from 0 to 65535", redactArg(positional[1]))
 		}
 		c.port = port
 		fallthrough
@@ -398,12 +420,31 @@ func (c *config) setAddress(positional []string) error {
 		if positional[0] == "" {
 			return errors.New("host is empty")
 		}
+		if strings.Contains(positional[0], "/") {
+			return fmt.Errorf("host %q: want a name or an address (is it the server? use --server)", redactArg(positional[0]))
+		}
 		c.host = positional[0]
 	case 0:
 	default:
-		return fmt.Errorf("too many arguments: %q (want at most HOST PORT)", positional)
+		shown := make([]string, len(positional))
+		for i, arg := range positional {
+			shown[i] = redactArg(arg)
+		}
+		return fmt.Errorf("too many arguments: %q (want at most HOST PORT)", shown)
 	}
 	return nil
+}
+
+// redactArg hides the password of a URI given where HOST or PORT belong:
+// the error message quotes the argument.
+func redactArg(arg string) string {
+	if u, err := url.Parse(arg); err == nil && u.User != nil {
+		return u.Redacted()
+	}
+	if i := strings.LastIndex(arg, "@"); i >= 0 {
+		return "…" + arg[i:] // unparsable, but it may hold userinfo
+	}
+	return arg
 }
 
 // setKeepalive checks the ping interval against the peer timeout: a peer
@@ -814,14 +855,18 @@ func (g *gate) hostAllowed(hostport string) bool {
 // originAllowed accepts pages served from this machine's loopback (http or
 // https, any port) and the origins listed with --allow-origin.
 func (g *gate) originAllowed(origin string) bool {
-	if g.anyOrigin || g.origins[origin] {
+	if g.anyOrigin {
 		return true
 	}
-	u, err := url.Parse(origin)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || (u.Path != "" && u.Path != "/") || u.User != nil {
+	norm, ok := normalOrigin(origin)
+	if !ok {
 		return false
 	}
-	return isLoopbackName(strings.ToLower(u.Hostname()))
+	if g.origins[norm] {
+		return true
+	}
+	u, _ := url.Parse(norm)
+	return isLoopbackName(u.Hostname())
 }
 
 // checkIdentifier accepts valid UTF-8 without control characters, of at

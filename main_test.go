@@ -407,6 +407,10 @@ func TestParseArgs(t *testing.T) {
 			return c.gate.anyOrigin && len(c.warnings) == 1
 		}, ""},
 		{"bad origin", []string{"--server", "wss://e/", "--allow-origin", "notes.example.org"}, nil, nil, "want scheme://host"},
+		{"origin normalised", []string{"--server", "wss://e/", "--allow-origin", "HTTPS://Notes.Example.org:443/"}, nil, func(c *config) bool {
+			return c.gate.origins["https://notes.example.org"]
+		}, ""},
+		{"server URI given as HOST", []string{"ws://ada:topsecret@e/"}, map[string]string{"ELVA_SERVER": "wss://e/"}, nil, "use --server"},
 		{"non-loopback bind warned about", []string{"--server", "wss://e/", "0.0.0.0"}, nil, func(c *config) bool {
 			return c.gate.anyIP && len(c.warnings) == 1 && strings.Contains(c.warnings[0], "over the network")
 		}, ""},
@@ -465,6 +469,8 @@ func TestRunExitStatus(t *testing.T) {
 		{"bad flag", []string{"--bogus"}, 2, "", "elva-service: flag provided but not defined: -bogus (see --help)\n"},
 		{"malformed URI", []string{"--server", "ws://a b/"}, 2, "", "invalid character"},
 		{"password not echoed", []string{"--server", "ws://u:topsecret@%zz/"}, 2, "", "elva-service:"},
+		{"password in a positional not echoed", []string{"--server", "wss://e/", "h", "ws://u:topsecret@e/"}, 2, "", "port"},
+		{"password in extra arguments not echoed", []string{"--server", "wss://e/", "h", "1", "ws://u:topsecret@e/"}, 2, "", "too many"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

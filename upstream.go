@@ -54,7 +54,8 @@ var errAuth = errors.New("upstream authentication failed")
 
 // link is one live upstream connection as the hub sees it.
 type link struct {
-	send chan frame // closed by the hub only
+	send    chan frame // closed by the hub only
+	backlog backlog    // bytes in send: added by the hub, done by the writer
 }
 
 // upstream keeps the one WebSocket to the remote ELVA server that carries
@@ -411,6 +412,7 @@ func (u *upstream) writeLoop(ws *websocket.Conn, raw net.Conn, l *link, pongs <-
 				}
 				return
 			}
+			l.backlog.done(len(f.data))
 			if !alive {
 				continue
 			}

@@ -1,7 +1,10 @@
 package main
 
 import (
+	"bufio"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -156,8 +159,15 @@ func TestMaxConnections(t *testing.T) {
 	join(t, r.addr, "a")
 	b := join(t, r.addr, "b")
 	cfg, _ := websocket.NewConfig("ws://"+r.addr+"/c", "http://localhost/")
-	if _, err := websocket.DialConfig(cfg); err == nil {
-		t.Fatal("a third connection was admitted")
+	conn, br := rawUpgrade(t, r.addr, "/c")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	conn.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "too many connections") {
+		t.Fatalf("a third connection got %d %q, want 503", resp.StatusCode, body)
 	}
 	// A place frees up when a connection's handler has returned, just
 	// after it logs: poll for it, within a bound.
@@ -175,4 +185,18 @@ func TestMaxConnections(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// rawUpgrade sends an upgrade request for path and returns the connection
+// with the answer unread.
+func rawUpgrade(t *testing.T, addr, path string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, testTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetDeadline(time.Now().Add(testTimeout))
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", path)
+	return conn, bufio.NewReader(conn)
 }

@@ -170,6 +170,10 @@ type hub struct {
 	notSentUp     throttle
 	slowClosing   throttle
 	untracked     throttle
+
+	// Shared by the conns' goroutines.
+	malformed sharedThrottle // malformed messages, from all editors
+	connLines lineBudget     // "editor connected" and "disconnected"
 }
 
 // newHub returns a hub whose conns queue up to queue frames and whose readers
@@ -196,8 +200,13 @@ func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *
 		keepalive:     ka,
 		log:           log,
 		docs:          make(map[string]*document),
+		connLines:     lineBudget{n: connLinesPerWindow},
 	}
 }
+
+// connLinesPerWindow is how many connect and disconnect lines are logged
+// per warnEvery; past it they are counted, and the next line says so.
+const connLinesPerWindow = 50
 
 // run is the hub goroutine: the only code that touches h.docs and h.up.
 // When ctx is done it stops (see stop) and closes h.quit, so that readers
@@ -765,7 +774,9 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 		c.goodbye(closeGoingAway)
 		return
 	}
-	c.log.Info("editor connected")
+	if held, ok := h.connLines.allow(time.Now()); ok {
+		c.log.Info("editor connected", heldBack(held)...)
+	}
 	go c.writeLoop(h.keepalive)
 	code, err := c.readLoop(h)
 	select {
@@ -776,7 +787,9 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 	if code != closeNormal {
 		c.awaitPeerClose(h.maxMessage)
 	}
-	c.log.Info("editor disconnected", "code", c.closeCode, "reason", err)
+	if held, ok := h.connLines.allow(time.Now()); ok {
+		c.log.Info("editor disconnected", append([]any{"code", c.closeCode, "reason", err}, heldBack(held)...)...)
+	}
 }
 
 // awaitPeerClose reads and drops frames until the peer answers the close
@@ -799,7 +812,6 @@ func (c *conn) awaitPeerClose(max int) {
 // closing a socket with unread bytes makes the kernel reset it, and the
 // peer could lose what the relay sent last.
 func (c *conn) readLoop(h *hub) (int, error) {
-	var malformed throttle
 	debug := c.log.Enabled(context.Background(), slog.LevelDebug)
 	r := frameReader{ws: c.ws, max: h.maxMessage, idle: h.keepalive.timeout, closing: c.closing, grace: closeGrace, pongs: c.pongs}
 	for {
@@ -809,8 +821,8 @@ func (c *conn) readLoop(h *hub) (int, error) {
 		}
 		f, err := checkLocal(c, data)
 		if err != nil {
-			if n, ok := malformed.hit(time.Now()); ok {
-				c.log.Warn("malformed message dropped", "bytes", len(data), "count", n, "err", err)
+			if n, ok := h.malformed.hit(time.Now()); ok {
+				c.log.Warn("malformed messages dropped", "bytes", len(data), "count", n, "err", err)
 			}
 			continue
 		}
@@ -1124,6 +1136,15 @@ func closeCodeFor(err error) int {
 	return closeNormal
 }
 
+// heldBack is the log attribute that says how many lines a budget held
+// back, or nothing.
+func heldBack(n int64) []any {
+	if n == 0 {
+		return nil
+	}
+	return []any{"lines_held_back", n}
+}
+
 // throttle lets one repeated log line through at most once per warnEvery
 // and counts the events in between. Each throttle is owned by one goroutine.
 type throttle struct {
@@ -1140,4 +1161,50 @@ func (t *throttle) hit(now time.Time) (n int, ok bool) {
 	}
 	n, t.count, t.last = t.count, 0, now
 	return n, true
+}
+
+// sharedThrottle is a throttle for log lines that many goroutines may hit
+// at once: one compare-and-swap decides who logs, nobody waits.
+type sharedThrottle struct {
+	last  atomic.Int64 // UnixNano of the last line
+	count atomic.Int64 // events since then
+}
+
+// hit counts one event; it reports whether to log now and for how many.
+func (t *sharedThrottle) hit(now time.Time) (int64, bool) {
+	t.count.Add(1)
+	last := t.last.Load()
+	if last != 0 && now.UnixNano()-last < int64(warnEvery) {
+		return 0, false
+	}
+	if !t.last.CompareAndSwap(last, now.UnixNano()) {
+		return 0, false
+	}
+	return t.count.Swap(0), true
+}
+
+// lineBudget lets up to n lines through per warnEvery, from any number of
+// goroutines, and counts the rest: for lines a person wants to see one by
+// one (connects, disconnects) but that a client in a loop must not turn
+// into a flood.
+type lineBudget struct {
+	n       int64
+	window  atomic.Int64 // UnixNano of the window's start
+	used    atomic.Int64
+	dropped atomic.Int64
+}
+
+// allow reports whether a line may be written now and how many were held
+// back in the windows before, to say so on it.
+func (b *lineBudget) allow(now time.Time) (held int64, ok bool) {
+	start := b.window.Load()
+	if now.UnixNano()-start >= int64(warnEvery) && b.window.CompareAndSwap(start, now.UnixNano()) {
+		b.used.Store(0)
+		held = b.dropped.Swap(0)
+	}
+	if b.used.Add(1) > b.n {
+		b.dropped.Add(1)
+		return 0, false
+	}
+	return held, true
 }

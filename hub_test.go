@@ -770,7 +770,7 @@ func TestMalformedMessageDroppedConnStaysOpen(t *testing.T) {
 	send(t, ws, update1)
 	// Only awareness noise from the joins may come before the good update.
 	receiveSkipping(t, bystander, func(m []byte) bool { return bytes.Equal(m, update1) })
-	r.logs.waitFor(t, "malformed message dropped")
+	r.logs.waitFor(t, "malformed messages dropped")
 }
 
 // rawJoin upgrades a plain TCP connection to doc, so that the test can

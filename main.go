@@ -886,26 +886,6 @@ func checkIdentifier(doc string) error {
 	return nil
 }
 
-// sharedThrottle is a throttle for log lines that many goroutines may hit
-// at once: one compare-and-swap decides who logs, nobody waits.
-type sharedThrottle struct {
-	last  atomic.Int64 // UnixNano of the last line
-	count atomic.Int64 // events since then
-}
-
-// hit counts one event; it reports whether to log now and for how many.
-func (t *sharedThrottle) hit(now time.Time) (int64, bool) {
-	t.count.Add(1)
-	last := t.last.Load()
-	if last != 0 && now.UnixNano()-last < int64(warnEvery) {
-		return 0, false
-	}
-	if !t.last.CompareAndSwap(last, now.UnixNano()) {
-		return 0, false
-	}
-	return t.count.Swap(0), true
-}
-
 // isWebSocketUpgrade reports whether r asks to switch to WebSocket.
 func isWebSocketUpgrade(r *http.Request) bool {
 	return headerHasToken(r.Header, "Connection", "upgrade") && headerHasToken(r.Header, "Upgrade", "websocket")

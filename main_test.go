@@ -571,6 +571,31 @@ func TestOpenCloseLoopKeepsResourcesBounded(t *testing.T) {
 	if after := heapInUse(); after > before+8<<20 {
 		t.Errorf("heap grew from %d to %d bytes", before, after)
 	}
+	// A thousand connections, but the log holds a bounded number of lines.
+	if n := strings.Count(r.logs.String(), "editor connected"); n > 2*connLinesPerWindow {
+		t.Errorf("%d 'editor connected' lines for one client in a loop", n)
+	}
+
+	// Connections held open before the upgrade are capped too: past
+	// --max-connections plus a few, the relay stops accepting.
+	var held []net.Conn
+	for range 300 {
+		conn, err := net.DialTimeout("tcp", r.addr, testTimeout)
+		if err != nil {
+			break // the kernel's backlog is full: fine
+		}
+		fmt.Fprintf(conn, "GET /doc HTTP/1.1\r\nHost: loc")
+		held = append(held, conn)
+	}
+	// Each accepted connection costs the server a goroutine or two; 300
+	// would be far more than the cap allows.
+	if n := runtime.NumGoroutine(); n > goroutines+2*(16+preUpgradeSlots)+10 {
+		t.Errorf("%d goroutines with 300 connections held, %d before", n, goroutines)
+	}
+	for _, conn := range held {
+		conn.Close()
+	}
+	waitForGoroutines(t, goroutines)
 	// The relay still serves.
 	join(t, r.addr, "doc")
 }

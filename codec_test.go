@@ -251,6 +251,15 @@ func awarenessMsg(entries ...any) []byte {
 	return append(appendVaruint([]byte{msgAwareness}, uint64(len(update))), update...)
 }
 
+// manyClients is an awareness message with n clients.
+func manyClients(n int) []byte {
+	var entries []any
+	for i := range n {
+		entries = append(entries, i, 1, "{}")
+	}
+	return awarenessMsg(entries...)
+}
+
 func TestReadAwareness(t *testing.T) {
 	tests := []struct {
 		name string
@@ -269,10 +278,15 @@ func TestReadAwareness(t *testing.T) {
 		{"state longer than update", unhex(t, "01 05 01 01 01 09 6e"), nil, errShortFrame},
 		{"truncated clock", unhex(t, "01 04 01 01 80 80"), nil, errShortFrame},
 		{"update longer than message", unhex(t, "01 09 01"), nil, errShortFrame},
+		{"too many entries", manyClients(maxAwarenessEntries + 1), nil, errTooManyEntries},
+		{"as many entries as allowed", manyClients(maxAwarenessEntries), nil, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := readAwareness(tt.in, nil)
+			if tt.want == nil && err == nil {
+				return // only the count matters
+			}
 			if !errors.Is(err, tt.err) || (err == nil && !slices.Equal(got, tt.want)) {
 				t.Errorf("got %v, %v; want %v, %v", got, err, tt.want, tt.err)
 			}

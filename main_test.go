@@ -75,12 +75,19 @@ type testRelay struct {
 // test ends, and fails the test if it does not stop in time.
 func startRelay(t testing.TB, args ...string) *testRelay {
 	t.Helper()
+	return startRelayAt(t, slog.LevelDebug, args...)
+}
+
+// startRelayAt is startRelay with the log at level, for tests of what a
+// user sees without -v.
+func startRelayAt(t testing.TB, level slog.Level, args ...string) *testRelay {
+	t.Helper()
 	cfg, err := parseArgs(append(args, "127.0.0.1", "0"), func(string) string { return "" })
 	if err != nil {
 		t.Fatalf("parseArgs: %v", err)
 	}
 	logs := newLogBuffer()
-	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: level}))
 	s, err := listen(cfg, log)
 	if err != nil {
 		t.Fatalf("listen: %v", err)

@@ -5,6 +5,8 @@ import (
 	"encoding/pem"
 	"io"
 	"log"
+	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -193,5 +195,87 @@ func TestBackoff(t *testing.T) {
 	}
 	if low < 300 || high < 300 {
 		t.Errorf("delays below/above half the bound: %d/%d of 1000, want both near 500", low, high)
+	}
+}
+
+func TestCheckUpstreamRefusesNamesNoEditorCanHave(t *testing.T) {
+	for _, doc := range []string{strings.Repeat("n", 300), "a\x00b", "a\nb", string([]byte{0xff})} {
+		frame := append(appendIDPrefix(nil, magicSeed, doc), update1...)
+		if _, err := checkUpstream(magicSeed, frame); err == nil {
+			t.Errorf("a frame for %q was accepted", shorten(doc, 20))
+		}
+	}
+}
+
+// TestHostileHandshakeIsBounded runs the relay against servers that answer
+// the upgrade with endless headers or a giant status line: the relay must
+// give up at 64 KiB and log a short line, not grow without bound.
+func TestHostileHandshakeIsBounded(t *testing.T) {
+	for _, answer := range []struct {
+		name  string
+		start string
+		fill  string
+	}{
+		{"endless headers", "HTTP/1.1 101 Switching Protocols\r\n", "X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n"},
+		{"giant status line", "HTTP/1.1 401 ", "a"},
+	} {
+		t.Run(answer.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			go func() {
+				for {
+					conn, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					go func() {
+						defer conn.Close()
+						conn.SetDeadline(time.Now().Add(testTimeout))
+						buf := make([]byte, 4096)
+						conn.Read(buf) // the request
+						fill := []byte(strings.Repeat(answer.fill, 32<<10/len(answer.fill)))
+						conn.Write([]byte(answer.start))
+						for range 640 { // up to 20 MiB, or until the relay hangs up
+							if _, err := conn.Write(fill); err != nil {
+								return
+							}
+						}
+					}()
+				}
+			}()
+			r := startRelayAt(t, slog.LevelInfo, "--server", "ws://"+ln.Addr().String()+"/")
+			line := r.logs.waitFor(t, "upstream unavailable")
+			if len(line) > 2048 {
+				t.Errorf("a %d-byte log line", len(line))
+			}
+			if !strings.Contains(line, "64 KiB") && !strings.Contains(line, "unreadable response") {
+				t.Errorf("the line does not say what was wrong: %s", shorten(line, 300))
+			}
+		})
+	}
+}
+
+// TestEveryNewReasonIsLoggedWithoutVerbose checks what a user sees at the
+// default level: one warning per outage and per new reason, not only for
+// the first failure after the relay started.
+func TestEveryNewReasonIsLoggedWithoutVerbose(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	srv.refuse.Store(http.StatusServiceUnavailable)
+	r := startRelayAt(t, slog.LevelInfo, "--server", srv.url(), "--retry-max", "500ms")
+	r.logs.waitFor(t, "503 Service Unavailable")
+	srv.refuse.Store(http.StatusForbidden)
+	r.logs.waitFor(t, "403 Forbidden")
+	srv.refuse.Store(0)
+	r.logs.waitFor(t, "upstream connected")
+	srv.waitConnected(t)
+	srv.refuse.Store(http.StatusBadGateway)
+	srv.dropAll()
+	r.logs.waitFor(t, "upstream connection lost")
+	r.logs.waitFor(t, "502 Bad Gateway") // after the loss, the reason is news again
+	if strings.Contains(r.logs.String(), "level=DEBUG") {
+		t.Error("debug lines at info level")
 	}
 }

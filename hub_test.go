@@ -65,6 +65,16 @@ func leave(h *hub, c *conn) {
 	h.release(c.doc)
 }
 
+// twoEditors joins two editors to doc and consumes the query-awareness
+// that the second one's arrival sends the first.
+func twoEditors(t *testing.T, h *hub, doc string) (a, b *conn) {
+	t.Helper()
+	a = memConn(t, h, doc, connQueue)
+	b = memConn(t, h, doc, connQueue)
+	expect(t, a, queryAwareness)
+	return a, b
+}
+
 // memLink attaches a socketless upstream link with a queue of size queue.
 func memLink(h *hub, queue int) *link {
 	l := &link{send: make(chan frame, queue)}
@@ -162,9 +172,7 @@ func TestHubSyncGoesToOthersNotBackToSender(t *testing.T) {
 
 func TestHubAwarenessEchoesToSender(t *testing.T) {
 	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
+	a, b := twoEditors(t, h, "d1")
 	post(t, h, a, awareness)
 	expect(t, a, awareness)
 	expect(t, b, awareness)
@@ -180,9 +188,7 @@ func TestHubLoneEditorHearsItsAwareness(t *testing.T) {
 
 func TestHubQueriesAwarenessOnJoin(t *testing.T) {
 	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
+	a, b := twoEditors(t, h, "d1")
 	c := memConn(t, h, "d1", connQueue)
 	expect(t, a, queryAwareness)
 	expect(t, b, queryAwareness)
@@ -205,9 +211,7 @@ func TestHubIsolatesDocuments(t *testing.T) {
 
 func TestHubUpstreamFramesReachEveryLocalEditor(t *testing.T) {
 	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
+	a, b := twoEditors(t, h, "d1")
 	other := memConn(t, h, "d2", connQueue)
 	h.remote <- frame{doc: "nobody-here", data: update2, kind: msgSync} // dropped
 	h.remote <- frame{doc: "d1", data: update1, kind: msgSync}
@@ -336,9 +340,7 @@ func postAwareness(t *testing.T, h *hub, c *conn, msg []byte) {
 
 func TestHubResyncsEveryDocumentOnAttach(t *testing.T) {
 	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
+	a, b := twoEditors(t, h, "d1")
 	c := memConn(t, h, "d2", connQueue)
 	up := memLink(h, upstreamQueue)
 	// Upstream: an empty step 1 for each document, which joins its room.
@@ -381,9 +383,7 @@ func TestHubResyncsEveryDocumentOnAttach(t *testing.T) {
 
 func TestHubAsksAnotherEditorWhenTheAskedOneLeaves(t *testing.T) {
 	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
+	a, b := twoEditors(t, h, "d1")
 	memLink(h, upstreamQueue)
 	asked, other := a, b
 	select {
@@ -474,9 +474,7 @@ func TestHubDropsAwarenessFromAClosedEditor(t *testing.T) {
 
 func TestHubRevivesAClientThatComesBack(t *testing.T) {
 	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
+	a, b := twoEditors(t, h, "d1")
 	postAwareness(t, h, b, awarenessMsg(7, 4, "{}"))
 	expect(t, a, awarenessMsg(7, 4, "{}"))
 	leave(h, b)
@@ -498,9 +496,7 @@ func TestHubRevivesAClientThatComesBack(t *testing.T) {
 
 func TestHubSendsRemovalsMadeWhileDownOnReconnect(t *testing.T) {
 	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
+	a, b := twoEditors(t, h, "d1")
 	postAwareness(t, h, b, awarenessMsg(9, 2, "{}"))
 	expect(t, a, awarenessMsg(9, 2, "{}"))
 	leave(h, b) // the upstream is down
@@ -532,9 +528,7 @@ func TestHubResyncAnswerIsTheStep2ForItsOwnStep1(t *testing.T) {
 func TestHubMarksAwarenessGoneWhenEditorLeaves(t *testing.T) {
 	h, _ := startHub(t)
 	up := memLink(h, upstreamQueue)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
+	a, b := twoEditors(t, h, "d1")
 
 	own := awarenessMsg(7, 3, `{"user":"a"}`, 8, 1, `{"user":"a2"}`)
 	postAwareness(t, h, a, own)
@@ -584,9 +578,7 @@ func TestHubMarksAwarenessGoneForSlowEditor(t *testing.T) {
 
 func TestHubAwarenessClocks(t *testing.T) {
 	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
+	a, b := twoEditors(t, h, "d1")
 	postAwareness(t, h, a, awarenessMsg(7, 3, "{}"))
 	expect(t, b, awarenessMsg(7, 3, "{}"))
 	// b announces a newer clock for 7 first: now b owns it (say, a client

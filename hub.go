@@ -162,7 +162,7 @@ type hub struct {
 	gone map[string]map[uint64]uint64
 	// goneWhileDown keeps, per document, the removals that could not go
 	// upstream, for the next connection. Bounded.
-	goneWhileDown map[string][]awarenessEntry
+	goneWhileDown map[string]map[uint64]uint64
 	stopping      bool      // stop has begun: no more resync questions
 	stopBy        time.Time // when stop gives up waiting
 	goodbyes      []frame   // awareness removals waiting to be routed
@@ -185,7 +185,7 @@ func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *
 		limits:        lim,
 		perDoc:        make(map[string]int),
 		gone:          make(map[string]map[uint64]uint64),
-		goneWhileDown: make(map[string][]awarenessEntry),
+		goneWhileDown: make(map[string]map[uint64]uint64),
 		join:          make(chan *conn),
 		leave:         make(chan departure),
 		local:         make(chan frame, inboxQueue),
@@ -339,8 +339,9 @@ func (h *hub) remove(c *conn, code int) {
 		h.askForState(d) // another editor answers in its place
 	}
 	if gone := d.release(c); len(gone) > 0 {
-		msg := appendAwarenessGone(nil, gone)
-		h.goodbyes = append(h.goodbyes, frame{doc: c.doc, data: msg, kind: msgAwareness, from: c})
+		for _, msg := range goneMessages(gone) {
+			h.goodbyes = append(h.goodbyes, frame{doc: c.doc, data: msg, kind: msgAwareness, from: c})
+		}
 		h.rememberGone(c.doc, gone)
 	}
 	if len(d.conns) == 0 {
@@ -374,9 +375,28 @@ func (h *hub) rememberGone(doc string, gone []awarenessEntry) {
 	if len(h.goneWhileDown) >= maxGoneDocs {
 		clear(h.goneWhileDown)
 	}
-	if pending := h.goneWhileDown[doc]; len(pending)+len(gone) <= maxTrackedClients {
-		h.goneWhileDown[doc] = append(pending, gone...)
+	pending := h.goneWhileDown[doc]
+	if pending == nil {
+		pending = make(map[uint64]uint64)
+		h.goneWhileDown[doc] = pending
 	}
+	for _, e := range gone { // one entry per client: its last clock
+		if _, ok := pending[e.client]; ok || len(pending) < maxTrackedClients {
+			pending[e.client] = e.clock
+		}
+	}
+}
+
+// goneMessages marks the clients in gone as gone, in awareness messages of
+// at most maxAwarenessEntries entries each, which every relay accepts.
+func goneMessages(gone []awarenessEntry) [][]byte {
+	var msgs [][]byte
+	for len(gone) > 0 {
+		n := min(len(gone), maxAwarenessEntries)
+		msgs = append(msgs, appendAwarenessGone(nil, gone[:n]))
+		gone = gone[n:]
+	}
+	return msgs
 }
 
 // revive answers an editor that announces client id at a clock no newer
@@ -421,7 +441,9 @@ func (h *hub) fromLocal(f frame) {
 		// their states must not come back from its last frames.
 		return
 	case f.kind == msgAwareness:
-		h.track(d, f.from, f.aware)
+		if h.track(d, f.from, f.aware); !d.has(f.from) {
+			return // closed while tracking: as above
+		}
 	case isStep2(f.data):
 		f.from.step2s++
 		if d != nil && f.from == d.asked && f.from.step2s >= d.askedAt {
@@ -470,7 +492,9 @@ func (h *hub) fromUpstream(f frame) {
 func (h *hub) track(d *document, owner *conn, entries []awarenessEntry) {
 	for _, e := range entries {
 		if owner != nil {
-			h.revive(owner, e)
+			if h.revive(owner, e); !d.has(owner) {
+				return // revive closed it as slow: it owns nothing now
+			}
 		}
 		p, known := d.clients[e.client]
 		switch {
@@ -481,10 +505,16 @@ func (h *hub) track(d *document, owner *conn, entries []awarenessEntry) {
 			}
 		case e.gone:
 			d.forget(e.client)
-		case known || h.makeRoom(d):
+		case known || h.makeRoom(d, owner):
 			d.set(e.client, presence{clock: e.clock, owner: owner})
 		}
 	}
+}
+
+// has reports whether c is one of d's editors.
+func (d *document) has(c *conn) bool {
+	_, ok := d.conns[c]
+	return ok
 }
 
 // set records p for client, keeping the count of upstream-owned entries.
@@ -508,13 +538,16 @@ func (d *document) forget(client uint64) {
 	}
 }
 
-// makeRoom reports whether d may track one more client, forgetting the
-// upstream's clients when the table is full.
-func (h *hub) makeRoom(d *document) bool {
+// makeRoom reports whether d may track one more client for owner. When the
+// table is full, a client of the upstream is not tracked (it needs no
+// goodbye from this relay), and a local one makes room by forgetting the
+// upstream's clients: a scan that empties them all, so it cannot repeat
+// per entry.
+func (h *hub) makeRoom(d *document, owner *conn) bool {
 	if len(d.clients) < maxTrackedClients {
 		return true
 	}
-	if d.remote > 0 { // else there is nothing to forget: no scan
+	if owner != nil && d.remote > 0 {
 		for id, p := range d.clients {
 			if p.owner == nil {
 				d.forget(id)
@@ -609,6 +642,14 @@ func (h *hub) toUpstream(f frame) {
 			h.up.backlog.done(len(f.data))
 		}
 	}
+	if h.stopping {
+		// Closing the link now would lose the flush of everything queued;
+		// what does not fit (goodbyes at most) is dropped instead.
+		if n, ok := h.notSentUp.hit(time.Now()); ok {
+			h.log.Warn("stop: upstream queue full; messages not flushed", "count", n)
+		}
+		return
+	}
 	h.log.Warn("upstream send queue full: reconnecting", "frames", len(h.up.send), "bytes", h.up.backlog.bytes.Load())
 	h.closeLink()
 }
@@ -621,8 +662,14 @@ func (h *hub) attachLink(l *link) {
 	}
 	h.up = l
 	h.resync()
-	for doc, gone := range h.goneWhileDown {
-		h.toUpstream(frame{doc: doc, data: appendAwarenessGone(nil, gone), kind: msgAwareness})
+	for doc, pending := range h.goneWhileDown {
+		gone := make([]awarenessEntry, 0, len(pending))
+		for client, clock := range pending {
+			gone = append(gone, awarenessEntry{client: client, clock: clock})
+		}
+		for _, msg := range goneMessages(gone) {
+			h.toUpstream(frame{doc: doc, data: msg, kind: msgAwareness})
+		}
 	}
 	clear(h.goneWhileDown)
 }
@@ -950,7 +997,7 @@ func writeMessage(ws *websocket.Conn, msg []byte) error {
 // ws.PayloadType. The deadline is cleared afterwards so that no write can
 // ever meet a stale one.
 func writeFrame(ws *websocket.Conn, opcode byte, msg []byte) error {
-	if err := ws.SetWriteDeadline(time.Now().Add(writeWait)); err != nil {
+	if err := ws.SetWriteDeadline(time.Now().Add(transferTime(writeWait, len(msg)))); err != nil {
 		return err
 	}
 	defer ws.SetWriteDeadline(time.Time{})
@@ -958,6 +1005,17 @@ func writeFrame(ws *websocket.Conn, opcode byte, msg []byte) error {
 	_, err := ws.Write(msg)
 	ws.PayloadType = websocket.BinaryFrame
 	return err
+}
+
+// minTransferRate is the slowest a peer may take a large message, or send
+// one: deadlines grant time in proportion to the bytes, so that a big
+// document's step 2 over a slow link is not cut off (and then resent in
+// full on every reconnect) while a dead peer is still found.
+const minTransferRate = 64 << 10 // bytes per second
+
+// transferTime is base plus the time size bytes take at minTransferRate.
+func transferTime(base time.Duration, size int) time.Duration {
+	return base + time.Duration(size)*time.Second/minTransferRate
 }
 
 // writeClose sends a close frame with code within writeWait.
@@ -1040,6 +1098,15 @@ func (r *frameReader) next() ([]byte, error) {
 		case opcode != websocket.BinaryFrame:
 			return nil, fmt.Errorf("%w: reserved opcode %d", errProtocol, opcode)
 		}
+		if r.idle > 0 && !r.closed && size > exactRead {
+			// A large payload may take longer than idle to arrive.
+			if err := r.ws.SetReadDeadline(time.Now().Add(transferTime(r.idle, size))); err != nil {
+				return nil, err
+			}
+			if err := r.checkClosing(); err != nil {
+				return nil, err
+			}
+		}
 		return readPayload(fr, size)
 	}
 }
@@ -1055,6 +1122,12 @@ func (r *frameReader) setDeadline() error {
 			return err
 		}
 	}
+	return r.checkClosing()
+}
+
+// checkClosing, called after any deadline the reader sets, applies the
+// grace deadline once closing is closed (see endReader for the order).
+func (r *frameReader) checkClosing() error {
 	select {
 	case <-r.closing:
 		r.closed = true

@@ -1083,3 +1083,60 @@ func TestHubClosesEditorOverItsByteBudget(t *testing.T) {
 	expect(t, a, awareness)           // both routed
 	expectClosed(t, b, closeTryAgain) // with one frame queued of 256
 }
+
+func TestHubNoGhostWhenReviveClosesItsEditor(t *testing.T) {
+	h, _ := startHub(t)
+	a, b := twoEditors(t, h, "d1")
+	postAwareness(t, h, b, awarenessMsg(7, 4, "{}"))
+	expect(t, a, awarenessMsg(7, 4, "{}"))
+	leave(h, b)
+	expect(t, a, awarenessMsg(7, 5, "null"))
+	back := stuffed(t, h, "d1") // full: the revive closes it
+	expect(t, a, queryAwareness)
+	postAwareness(t, h, back, awarenessMsg(7, 4, "{}", 8, 1, `{"cursor":1}`))
+	barrier(t, h)
+	<-back.send
+	expectClosed(t, back, closeTryAgain)
+	// Neither client 7 nor 8 reached a, so no goodbye is owed either.
+	post(t, h, a, awareness)
+	expect(t, a, awareness)
+}
+
+func TestHubRemovalsKeptWhileDownAreOnePerClient(t *testing.T) {
+	h, _ := startHub(t)
+	memConn(t, h, "d1", connQueue) // keeps the document open
+	for i := range 1100 {          // one client that flaps while the upstream is down
+		b := memConn(t, h, "d1", connQueue)
+		postAwareness(t, h, b, awarenessMsg(9, 2*i+2, "{}"))
+		expect(t, b, awarenessMsg(9, 2*i+2, "{}"))
+		leave(h, b)
+	}
+	up := memLink(h, upstreamQueue)
+	expectUpstream(t, up, awarenessMsg(9, 2*1099+3, "null")) // its last clock only
+}
+
+func TestHubGoodbyesAtStopDoNotCloseTheLink(t *testing.T) {
+	h, cancel := startHub(t)
+	up := memLink(h, 2)
+	a := memConn(t, h, "d1", connQueue)
+	postAwareness(t, h, a, awarenessMsg(5, 1, "{}")) // queue: 1 of 2
+	post(t, h, a, update1)                           // queue: 2 of 2
+	barrier(t, h)
+	cancel() // a's goodbye does not fit
+	expectClosed(t, a, closeGoingAway)
+	got := make(chan [][]byte)
+	go func() { // the upstream writer drains the queue meanwhile
+		var frames [][]byte
+		for f := range up.send {
+			frames = append(frames, f.data)
+		}
+		got <- frames
+	}()
+	post(t, h, a, update2) // the reader still delivers
+	leave(h, a)
+	<-h.quit
+	frames := <-got
+	if !slices.ContainsFunc(frames, func(b []byte) bool { return bytes.Equal(b, update2) }) {
+		t.Errorf("update2, accepted during the stop, never reached the upstream: % x", frames)
+	}
+}

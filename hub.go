@@ -356,14 +356,7 @@ const maxGoneDocs = 1024
 // rememberGone notes the clients just marked gone on doc: for revive, and
 // for the upstream if it is down now.
 func (h *hub) rememberGone(doc string, gone []awarenessEntry) {
-	if len(h.gone) >= maxGoneDocs {
-		clear(h.gone)
-	}
-	clocks := h.gone[doc]
-	if clocks == nil {
-		clocks = make(map[uint64]uint64)
-		h.gone[doc] = clocks
-	}
+	clocks := clocksOf(h.gone, doc)
 	for _, e := range gone {
 		if len(clocks) < maxTrackedClients {
 			clocks[e.client] = e.clock + 1
@@ -372,19 +365,26 @@ func (h *hub) rememberGone(doc string, gone []awarenessEntry) {
 	if h.up != nil {
 		return
 	}
-	if len(h.goneWhileDown) >= maxGoneDocs {
-		clear(h.goneWhileDown)
-	}
-	pending := h.goneWhileDown[doc]
-	if pending == nil {
-		pending = make(map[uint64]uint64)
-		h.goneWhileDown[doc] = pending
-	}
+	pending := clocksOf(h.goneWhileDown, doc)
 	for _, e := range gone { // one entry per client: its last clock
 		if _, ok := pending[e.client]; ok || len(pending) < maxTrackedClients {
 			pending[e.client] = e.clock
 		}
 	}
+}
+
+// clocksOf returns doc's client → clock map in m, made if need be. Past
+// maxGoneDocs documents m starts afresh, which bounds it.
+func clocksOf(m map[string]map[uint64]uint64, doc string) map[uint64]uint64 {
+	if len(m) >= maxGoneDocs {
+		clear(m)
+	}
+	clocks := m[doc]
+	if clocks == nil {
+		clocks = make(map[uint64]uint64)
+		m[doc] = clocks
+	}
+	return clocks
 }
 
 // goneMessages marks the clients in gone as gone, in awareness messages of
@@ -421,7 +421,7 @@ func (h *hub) revive(c *conn, e awarenessEntry) {
 // may close more conns, whose removals are routed in turn.
 func (h *hub) sayGoodbyes() {
 	for i := 0; i < len(h.goodbyes); i++ {
-		h.route(h.goodbyes[i])
+		h.route(h.docs[h.goodbyes[i].doc], h.goodbyes[i])
 	}
 	clear(h.goodbyes)
 	h.goodbyes = h.goodbyes[:0]
@@ -450,14 +450,16 @@ func (h *hub) fromLocal(f frame) {
 			d.asked = nil
 		}
 	}
-	h.route(f)
+	h.route(d, f)
 }
 
 // route passes a local message on. Sync messages never go back to their
 // sender; awareness messages do, as the reference Yjs server does: a lone
 // y-websocket client that hears nothing for 30 s drops its socket.
-func (h *hub) route(f frame) {
-	if d := h.docs[f.doc]; d != nil {
+// d is f.doc's document, nil when it has no editor (any more); the caller
+// has looked it up already.
+func (h *hub) route(d *document, f frame) {
+	if d != nil {
 		for c := range d.conns {
 			if c == f.from && f.kind != msgAwareness {
 				continue

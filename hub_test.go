@@ -679,9 +679,7 @@ func TestSlowSocketClosedWithoutStallingOthers(t *testing.T) {
 func TestPongAfterQuietPeriod(t *testing.T) {
 	// Regression: a write deadline left over from the last write made the
 	// library's pong fail once writeWait had passed, and every write after.
-	saved := writeWait
-	writeWait = 100 * time.Millisecond
-	t.Cleanup(func() { writeWait = saved })
+	shortWriteWait(t, 100*time.Millisecond)
 	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "0", "--peer-timeout", "0")
 	conn, br := rawJoin(t, r.addr, "doc")
 	conn.Write(maskedFrame(0x82, awareness)) // its echo proves conn joined
@@ -1045,9 +1043,7 @@ func TestPingFloodFromAPeerThatDoesNotRead(t *testing.T) {
 	// Pongs are written by the writer goroutine with a deadline: a peer
 	// that pings without reading is closed once a write times out, rather
 	// than holding a reader blocked in a pong write for ever.
-	saved := writeWait
-	writeWait = 200 * time.Millisecond
-	t.Cleanup(func() { writeWait = saved })
+	shortWriteWait(t, 200*time.Millisecond)
 	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "0", "--peer-timeout", "0")
 	conn, _ := rawJoin(t, r.addr, "doc")
 	conn.SetDeadline(time.Time{})
@@ -1139,4 +1135,11 @@ func TestHubGoodbyesAtStopDoNotCloseTheLink(t *testing.T) {
 	if !slices.ContainsFunc(frames, func(b []byte) bool { return bytes.Equal(b, update2) }) {
 		t.Errorf("update2, accepted during the stop, never reached the upstream: % x", frames)
 	}
+}
+
+// shortWriteWait sets writeWait to d for one test.
+func shortWriteWait(t *testing.T, d time.Duration) {
+	saved := writeWait
+	writeWait = d
+	t.Cleanup(func() { writeWait = saved })
 }

@@ -147,9 +147,12 @@ type hub struct {
 	maxMessage int
 	connBytes  int64 // byte budget of an editor's send queue
 	linkBytes  int64 // byte budget of the upstream send queue
-	keepalive  keepalive
-	limits     limits
-	log        *slog.Logger
+	// upstreamMax is the largest frame the upstream server takes, in bytes,
+	// ID prefix included (--upstream-max-message); 0: no limit.
+	upstreamMax int
+	keepalive   keepalive
+	limits      limits
+	log         *slog.Logger
 
 	// Owned by run.
 	docs     map[string]*document

@@ -127,13 +127,16 @@ type config struct {
 	password   string
 	magic      idMagic
 	maxMessage int
-	logFile    string
-	verbose    bool
-	keepalive  keepalive
-	retryMax   time.Duration
-	tls        *tls.Config // nil: the system's roots
-	gate       gate
-	limits     limits
+	// upstreamMaxMessage is the largest frame the server takes, in bytes
+	// (--upstream-max-message); 0 until the flag is wired.
+	upstreamMaxMessage int
+	logFile            string
+	verbose            bool
+	keepalive          keepalive
+	retryMax           time.Duration
+	tls                *tls.Config // nil: the system's roots
+	gate               gate
+	limits             limits
 	// warnings are logged once the logger exists.
 	warnings []string
 }
@@ -601,6 +604,7 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		return nil, err
 	}
 	h := newHub(connQueue, cfg.maxMessage, cfg.keepalive, cfg.limits, log)
+	h.upstreamMax = cfg.upstreamMaxMessage
 	u := &upstream{
 		url:        cfg.server,
 		user:       cfg.user,

@@ -72,6 +72,8 @@ type upstream struct {
 	tls        *tls.Config   // nil: system roots
 	hub        *hub
 	log        *slog.Logger
+	// handshakeTimeout bounds one dial and upgrade; 0: dialTimeout.
+	handshakeTimeout time.Duration
 
 	// Owned by run.
 	authorization string // Basic credentials, once the server asked for them
@@ -195,15 +197,21 @@ func (u *upstream) connect(ctx context.Context) (*websocket.Conn, net.Conn, erro
 	return ws, raw, err
 }
 
-// handshake dials the server and upgrades the connection. It dials itself
-// rather than through websocket.DialConfig so that a refusal can be reported
-// with its HTTP status and body, which the library's ErrBadStatus hides.
-// raw is the TCP (or TLS) connection under ws, to close it without a
-// second close frame.
-func (u *upstream) handshake(ctx context.Context) (ws *websocket.Conn, raw net.Conn, err error) {
-	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
+// handshake dials the server and upgrades the connection within
+// u.handshakeTimeout (dialTimeout when 0). It dials itself rather than
+// through websocket.DialConfig so that a refusal can be reported with its
+// HTTP status and body, which the library's ErrBadStatus hides. It returns
+// the WebSocket and raw, the TCP (or TLS) connection under it, to close it
+// without a second close frame; errors: the dial's, a *statusError for a
+// refusal, or the context's when the relay stops.
+func (u *upstream) handshake(ctx context.Context) (*websocket.Conn, net.Conn, error) {
+	timeout := u.handshakeTimeout
+	if timeout <= 0 {
+		timeout = dialTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	raw, err = u.dial(ctx)
+	raw, err := u.dial(ctx)
 	var certErr *tls.CertificateVerificationError
 	if errors.As(err, &certErr) {
 		return nil, nil, fmt.Errorf("TLS certificate of %s rejected: %w (a private CA goes in --ca-file)", u.url.Host, certErr.Err)
@@ -211,37 +219,49 @@ func (u *upstream) handshake(ctx context.Context) (ws *websocket.Conn, raw net.C
 	if err != nil {
 		return nil, nil, fmt.Errorf("dial %s: %w", u.url.Host, err)
 	}
-	// The deadline bounds the handshake; closing on cancel ends it at shutdown.
+	// The deadline bounds the handshake; closing on cancel ends it at a
+	// stop. The callback runs on another goroutine: it closes over conn,
+	// which nothing assigns again, never over a result that a return
+	// statement overwrites (that was a nil-pointer crash).
+	conn := raw
 	deadline, _ := ctx.Deadline()
-	raw.SetDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { raw.Close() })
-	defer stop()
+	conn.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	ws, err := u.upgrade(conn)
+	if !stop() && err == nil {
+		// The callback ran or runs: the connection is closed under ws.
+		err = fmt.Errorf("websocket handshake with %s: %w", u.url.Host, ctx.Err())
+	}
+	if err != nil {
+		conn.Close()
+		return nil, nil, err
+	}
+	conn.SetDeadline(time.Time{})
+	ws.PayloadType = websocket.BinaryFrame
+	return ws, conn, nil
+}
 
+// upgrade runs the client side of the WebSocket handshake on conn. A
+// refusal comes back as a *statusError with the server's status and body
+// (credentials scrubbed); the caller closes conn on any error.
+func (u *upstream) upgrade(conn net.Conn) (*websocket.Conn, error) {
 	cfg, err := websocket.NewConfig(u.url.String(), u.origin())
 	if err != nil {
-		raw.Close()
-		return nil, nil, fmt.Errorf("upstream config: %w", err)
+		return nil, fmt.Errorf("upstream config: %w", err)
 	}
 	if u.authorization != "" {
 		cfg.Header = http.Header{"Authorization": {u.authorization}}
 	}
-	rec := &recordingConn{Conn: raw, recording: true}
-	ws, err = websocket.NewClient(cfg, rec)
-	if err != nil {
-		defer raw.Close()
-		if errors.Is(err, websocket.ErrBadStatus) {
-			return nil, nil, u.redact(readRefusal(rec.kept, raw))
-		}
-		return nil, nil, fmt.Errorf("websocket handshake with %s: %s", u.url.Host, shorten(err.Error(), maxErrorBody))
+	rec := &recordingConn{Conn: conn, recording: true}
+	ws, err := websocket.NewClient(cfg, rec)
+	if errors.Is(err, websocket.ErrBadStatus) {
+		return nil, u.redact(readRefusal(rec.kept, conn))
 	}
-	if !stop() {
-		raw.Close()
-		return nil, nil, fmt.Errorf("websocket handshake with %s: %w", u.url.Host, ctx.Err())
+	if err != nil {
+		return nil, fmt.Errorf("websocket handshake with %s: %s", u.url.Host, shorten(err.Error(), maxErrorBody))
 	}
 	rec.recording, rec.kept = false, nil
-	raw.SetDeadline(time.Time{})
-	ws.PayloadType = websocket.BinaryFrame
-	return ws, raw, nil
+	return ws, nil
 }
 
 // redact removes the credentials from a refusal's body: a proxy that

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bufio"
+	"context"
 	"encoding/base64"
 	"encoding/pem"
 	"io"
@@ -9,9 +11,11 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -278,4 +282,105 @@ func TestEveryNewReasonIsLoggedWithoutVerbose(t *testing.T) {
 	if strings.Contains(r.logs.String(), "level=DEBUG") {
 		t.Error("debug lines at info level")
 	}
+}
+
+// silentServer accepts TCP connections and never answers the upgrade, as
+// a server that hangs does. It returns the ws:// URL.
+func silentServer(t *testing.T) *url.URL {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	return &url.URL{Scheme: "ws", Host: ln.Addr().String(), Path: "/"}
+}
+
+// requestServer hands each connection to the test once it has read its
+// upgrade request, so that the test decides when and what to answer.
+func requestServer(t *testing.T) (*url.URL, <-chan net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	conns := make(chan net.Conn)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				c.SetDeadline(time.Now().Add(testTimeout))
+				if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+					c.Close()
+					return
+				}
+				conns <- c
+			}()
+		}
+	}()
+	return &url.URL{Scheme: "ws", Host: ln.Addr().String(), Path: "/"}, conns
+}
+
+// TestHandshakeTimeoutsAndStopsNeverCrash runs many handshakes against a
+// server that never answers, with short timeouts, and stops handshakes
+// while a refusal arrives: the callback that closes the connection on
+// cancel once read a result that the function's return had set to nil,
+// which crashed the relay. Under -race this also catches the data race.
+func TestHandshakeTimeoutsAndStopsNeverCrash(t *testing.T) {
+	t.Run("silent server", func(t *testing.T) {
+		u := &upstream{url: silentServer(t), log: discard, handshakeTimeout: 5 * time.Millisecond}
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for range 25 {
+					ws, _, err := u.handshake(context.Background())
+					if err == nil || ws != nil {
+						t.Errorf("handshake with a silent server: got %v, %v; want an error", ws, err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+	})
+	t.Run("stop during a refusal", func(t *testing.T) {
+		addr, conns := requestServer(t)
+		u := &upstream{url: addr, log: discard}
+		for i := range 50 {
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() {
+				_, _, err := u.handshake(ctx)
+				done <- err
+			}()
+			c := <-conns
+			go cancel() // the stop races the refusal
+			io.WriteString(c, "HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+			if err := <-done; err == nil {
+				t.Errorf("handshake %d: got no error", i)
+			}
+			c.Close()
+		}
+	})
 }

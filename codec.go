@@ -6,8 +6,10 @@ package main
 // length before it indexes, so hostile bytes give an error, never a panic.
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"unicode/utf8"
 )
 
 // Yjs message types (the first varuint of every message, see PROTOCOL.md §1).
@@ -273,3 +275,51 @@ func isStep2(msg []byte) bool {
 // nothing, send me everything". Every Yjs peer answers it with a step 2
 // holding its whole document. Shared, never modified.
 var emptyStep1 = []byte{msgSync, syncStep1, 1, 0}
+
+// peerCloseError is the close frame a peer sent (RFC 6455 §5.5.1): its
+// status code, 1005 when it gave none (§7.1.5), and its reason.
+type peerCloseError struct {
+	code   int
+	reason string
+}
+
+func (e *peerCloseError) Error() string {
+	if e.reason == "" {
+		return fmt.Sprintf("closed by the peer with code %d", e.code)
+	}
+	return fmt.Sprintf("closed by the peer with code %d: %q", e.code, e.reason)
+}
+
+// isPeerClose reports whether err is the peer's close frame.
+func isPeerClose(err error) bool {
+	var pc *peerCloseError
+	return errors.As(err, &pc)
+}
+
+// parseClose decodes a close frame's payload: nothing, or a two-byte
+// big-endian status code and a UTF-8 reason (RFC 6455 §5.5.1). Anything
+// else is a protocol error.
+func parseClose(payload []byte) (*peerCloseError, error) {
+	switch {
+	case len(payload) == 0:
+		return &peerCloseError{code: 1005}, nil
+	case len(payload) == 1:
+		return nil, fmt.Errorf("%w: close frame with a one-byte payload", errProtocol)
+	case !utf8.Valid(payload[2:]):
+		return nil, fmt.Errorf("%w: close reason is not UTF-8", errProtocol)
+	}
+	return &peerCloseError{code: int(binary.BigEndian.Uint16(payload)), reason: string(payload[2:])}, nil
+}
+
+// echoCode is the code that answers a peer's close: the peer's own, as
+// RFC 6455 §5.5.1 suggests, when an endpoint may send it (§7.4: not 1005,
+// 1006, 1015 or unassigned ones), else 1000.
+func echoCode(code int) int {
+	switch {
+	case code >= 3000 && code <= 4999:
+		return code
+	case code >= 1000 && code <= 1014 && code != 1004 && code != 1005 && code != 1006:
+		return code
+	}
+	return closeNormal
+}

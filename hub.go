@@ -1,12 +1,14 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"math"
+	"net"
 	"sync/atomic"
 	"time"
 
@@ -43,6 +45,10 @@ const (
 	closeUnsupported = 1003
 	closeTooBig      = 1009
 	closeTryAgain    = 1013
+	// closePeerTimeout closes a peer that sent nothing for --peer-timeout:
+	// a private code (RFC 6455 §7.4.2), the one Hocuspocus uses for
+	// "Connection Timeout".
+	closePeerTimeout = 4408
 )
 
 var (
@@ -68,23 +74,17 @@ type frame struct {
 	aware []awarenessEntry // decoded by the reader for awareness messages
 }
 
-// conn is one local editor's WebSocket. readLoop and writeLoop own the two
-// directions of ws; the hub owns membership and alone closes send.
+// conn is one local editor's WebSocket. readLoop and the write pump own
+// the two directions of its peer; the hub owns membership and alone closes
+// send.
 type conn struct {
+	peer // the socket; log carries doc and remote
+
 	// Static after construction.
 	doc     string
 	remote  string
-	ws      *websocket.Conn
-	log     *slog.Logger  // carries doc and remote
-	send    chan []byte   // closed by the hub only
-	backlog backlog       // bytes in send: added by the hub, done by the writer
-	pongs   chan []byte   // pings to answer, from the reader to the writer
-	closing chan struct{} // closed by goodbye: the reader stops
-	done    chan struct{} // closed when writeLoop returns
-
-	// closeCode is written by the hub just before it closes send and read by
-	// writeLoop after send is closed, so the channel close orders the two.
-	closeCode int
+	send    chan []byte // closed by the hub only
+	backlog backlog     // bytes in send: added by the hub, done by the writer
 
 	// Owned by the hub: sync step 1s queued to this editor and step 2s it
 	// sent. A Yjs client answers every step 1 with one step 2, in order, so
@@ -811,37 +811,47 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 	ws.PayloadType = websocket.BinaryFrame
 	remote := ws.Request().RemoteAddr
 	c := &conn{
-		doc:     doc,
-		remote:  remote,
-		ws:      ws,
-		log:     h.log.With("doc", doc, "remote", remote),
-		send:    make(chan []byte, h.connQueue),
-		pongs:   make(chan []byte, 1),
-		closing: make(chan struct{}),
-		done:    make(chan struct{}),
+		peer:   newPeer(ws, h.log.With("doc", doc, "remote", remote), h.keepalive),
+		doc:    doc,
+		remote: remote,
+		send:   make(chan []byte, h.connQueue),
 	}
 	select {
 	case h.join <- c:
 	case <-h.quit:
-		c.goodbye(closeGoingAway)
+		c.sayClose(closeGoingAway)
 		return
 	}
 	if held, ok := h.connLines.allow(time.Now()); ok {
 		c.log.Info("editor connected", heldBack(held)...)
 	}
-	go c.writeLoop(h.keepalive)
+	go pump(&c.peer, c.send, sendAsIs, func(msg []byte) { c.backlog.done(len(msg)) })
 	code, err := c.readLoop(h)
 	select {
 	case h.leave <- departure{c, code}:
 	case <-h.quit:
 	}
 	<-c.done
-	if code != closeNormal {
+	if code != closeNormal && !isPeerClose(err) {
 		c.awaitPeerClose(h.maxMessage)
 	}
 	if held, ok := h.connLines.allow(time.Now()); ok {
-		c.log.Info("editor disconnected", append([]any{"code", c.closeCode, "reason", err}, heldBack(held)...)...)
+		c.log.Info("editor disconnected", append(closeAttrs(c.closeCode, err), heldBack(held)...)...)
 	}
+}
+
+// sendAsIs is the encoding of an editor's queue: messages go out unchanged.
+func sendAsIs(msg []byte) []byte { return msg }
+
+// closeAttrs gives the log attributes of a connection's end: the code the
+// relay closed with, and the peer's own code and reason when the peer
+// closed, or the error that ended the reader.
+func closeAttrs(code int, err error) []any {
+	var pc *peerCloseError
+	if errors.As(err, &pc) {
+		return []any{"code", code, "closed_by", "peer", "peer_code", pc.code, "peer_reason", pc.reason}
+	}
+	return []any{"code", code, "err", err}
 }
 
 // awaitPeerClose reads and drops frames until the peer answers the close
@@ -849,7 +859,7 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 // goodbye) runs out. Closing the socket with the peer's bytes unread would
 // make the kernel reset it, and the peer might never see the close code.
 func (c *conn) awaitPeerClose(max int) {
-	r := frameReader{ws: c.ws, max: max}
+	r := frameReader{p: &c.peer, max: max}
 	for {
 		if _, err := r.next(); err != nil {
 			return
@@ -865,7 +875,7 @@ func (c *conn) awaitPeerClose(max int) {
 // peer could lose what the relay sent last.
 func (c *conn) readLoop(h *hub) (int, error) {
 	debug := c.log.Enabled(context.Background(), slog.LevelDebug)
-	r := frameReader{ws: c.ws, max: h.maxMessage, idle: h.keepalive.timeout, closing: c.closing, grace: closeGrace, pongs: c.pongs}
+	r := frameReader{p: &c.peer, max: h.maxMessage}
 	for {
 		data, err := r.next()
 		if err != nil {
@@ -917,55 +927,140 @@ func checkLocal(c *conn, data []byte) (frame, error) {
 	return f, err
 }
 
-// writeLoop is the conn's writer, the only code that writes frames to c.ws,
-// pings included. After a failed write it keeps draining send, so the hub
-// never sees this dead conn as slow, until the hub closes send.
-func (c *conn) writeLoop(ka keepalive) {
-	defer close(c.done)
-	ping := newTicker(ka.interval)
-	defer ping.Stop()
-	alive := true
-	fail := func(err error) {
-		c.log.Debug("write to editor failed", "err", err)
-		alive = false
-		c.ws.Close() // ends readLoop at once
+// peer is one WebSocket, an editor's or the upstream's, and what its two
+// goroutines share: the reader (a frameReader) and the writer (pump).
+type peer struct {
+	// Static after construction.
+	ws      *websocket.Conn
+	raw     io.Closer // closes the socket without a close frame
+	log     *slog.Logger
+	ka      keepalive
+	grace   time.Duration // how long to wait for the answer to a close frame
+	live    *liveness     // the read deadline, pushed out by both goroutines
+	pongs   chan []byte   // ping payloads to answer, reader → writer; room for one
+	echo    chan int      // the peer's close code to answer, reader → writer; room for one
+	closing chan struct{} // closed by the writer once its close frame is out
+	done    chan struct{} // closed when the writer returns
+
+	// closeCode is written by the hub just before it closes the send queue
+	// and read by the writer after that, so the channel close orders the
+	// two. 0: closeNormal.
+	closeCode int
+}
+
+// newPeer wraps ws, whose pings and dead-peer checks follow ka.
+func newPeer(ws *websocket.Conn, log *slog.Logger, ka keepalive) peer {
+	return peer{
+		ws:      ws,
+		raw:     ws,
+		log:     log,
+		ka:      ka,
+		grace:   closeGrace,
+		live:    &liveness{ws: ws, timeout: ka.timeout},
+		pongs:   make(chan []byte, 1),
+		echo:    make(chan int, 1),
+		closing: make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+}
+
+// sayClose sends a close frame with code and gives the peer p.grace to
+// answer before the reader gives up. Writer goroutine only.
+func (p *peer) sayClose(code int) {
+	writeClose(p.ws, code)
+	endReader(p.ws, p.closing, p.grace)
+}
+
+// closed reports whether the relay's close frame is out.
+func (p *peer) closed() bool {
+	select {
+	case <-p.closing:
+		return true
+	default:
+		return false
+	}
+}
+
+// pump is a peer's writer goroutine, the only code that writes to p.ws: the
+// messages from send (encoded by encode; written is called for each, sent
+// or not, to free its bytes), pings every p.ka.interval, pongs and the
+// answer to the peer's close. After a failed write it drains send until
+// the hub closes it, so the hub never sees a dead peer as slow. When send
+// is closed it has written everything queued; it sends its close frame
+// (p.closeCode) and returns.
+func pump[T any](p *peer, send <-chan T, encode func(T) []byte, written func(T)) {
+	defer close(p.done)
+	w := pumpState{p: p}
+	var tick <-chan time.Time // nil: no pings
+	if p.ka.interval > 0 {
+		t := time.NewTicker(p.ka.interval)
+		defer t.Stop()
+		tick = t.C
 	}
 	for {
 		select {
-		case msg, ok := <-c.send:
+		case m, ok := <-send:
 			if !ok {
-				if alive {
-					c.goodbye(c.closeCode)
-				}
+				w.close(cmp.Or(p.closeCode, closeNormal))
 				return
 			}
-			if alive {
-				if err := writeMessage(c.ws, msg); err != nil {
-					fail(err)
-				}
+			if w.open() {
+				w.data(encode(m))
 			}
-			c.backlog.done(len(msg))
-		case <-ping.C:
-			if alive {
-				if err := writePing(c.ws); err != nil {
-					fail(err)
-				}
-			}
-		case payload := <-c.pongs:
-			if alive {
-				if err := writeFrame(c.ws, websocket.PongFrame, payload); err != nil {
-					fail(err)
-				}
-			}
+			written(m)
+		case <-tick:
+			w.control(websocket.PingFrame, nil)
+		case payload := <-p.pongs:
+			w.control(websocket.PongFrame, payload)
+		case code := <-p.echo:
+			w.close(code) // RFC 6455 §5.5.1: answer, then send no more data
 		}
 	}
 }
 
-// goodbye sends a close frame with code and gives the peer closeGrace to
-// answer before the reader gives up.
-func (c *conn) goodbye(code int) {
-	writeClose(c.ws, code)
-	endReader(c.ws, c.closing, closeGrace)
+// pumpState is what the writer knows of its socket. Writer goroutine only.
+type pumpState struct {
+	p      *peer
+	failed bool // a write failed: the socket is closed
+	closed bool // the close frame is out: no more frames
+}
+
+// open reports whether frames may still be written.
+func (w *pumpState) open() bool { return !w.failed && !w.closed }
+
+// data writes one binary message and credits the peer with the time its
+// bytes take to arrive (see liveness).
+func (w *pumpState) data(msg []byte) {
+	if err := writeMessage(w.p.ws, msg); err != nil {
+		w.fail(err)
+		return
+	}
+	w.p.live.sent(len(msg))
+}
+
+// control writes a ping or pong frame, if frames may still be written.
+func (w *pumpState) control(opcode byte, payload []byte) {
+	if w.open() {
+		if err := writeFrame(w.p.ws, opcode, payload); err != nil {
+			w.fail(err)
+		}
+	}
+}
+
+// close sends the close frame with code, once.
+func (w *pumpState) close(code int) {
+	if w.open() {
+		w.p.sayClose(code)
+	}
+	w.closed = true
+}
+
+// fail ends writing after an error: the socket is closed, which ends the
+// reader at once.
+func (w *pumpState) fail(err error) {
+	w.p.log.Debug("write failed", "err", err)
+	w.failed = true
+	w.p.raw.Close()
 }
 
 // endReader tells a frameReader that the close frame is out: it may read
@@ -977,19 +1072,62 @@ func endReader(ws *websocket.Conn, closing chan struct{}, grace time.Duration) {
 	ws.SetReadDeadline(time.Now().Add(grace))
 }
 
-// writePing writes a ping frame within writeWait.
-func writePing(ws *websocket.Conn) error {
-	return writeFrame(ws, websocket.PingFrame, nil)
+// liveness is a peer's read deadline, which only ever moves later: the
+// reader pushes it to now + timeout for every frame it reads, and the
+// writer adds the time each message it writes takes at minTransferRate.
+// A peer behind a slow link that is still taking a large write is thus
+// alive although its pongs wait behind that write; a peer that takes
+// nothing is found dead once those bytes could have arrived, and small
+// messages to a dead peer move its end by little.
+type liveness struct {
+	ws      *websocket.Conn
+	timeout time.Duration // 0: no deadline
+	at      atomic.Int64  // the deadline, UnixNano
 }
 
-// newTicker is a ticker that never fires when d is 0.
-func newTicker(d time.Duration) *time.Ticker {
-	if d <= 0 {
-		t := time.NewTicker(time.Hour)
-		t.Stop()
-		return t
+// heard restarts the deadline: the peer sent a frame.
+func (l *liveness) heard() error { return l.atLeast(time.Now().Add(l.timeout)) }
+
+// expect grants the peer the time size more bytes of a frame take.
+func (l *liveness) expect(size int) error {
+	return l.atLeast(time.Now().Add(transferTime(l.timeout, size)))
+}
+
+// sent adds the time n bytes written to the peer take at minTransferRate.
+func (l *liveness) sent(n int) {
+	if l.timeout > 0 {
+		l.at.Add(int64(transferTime(0, n)))
+		l.apply()
 	}
-	return time.NewTicker(d)
+}
+
+// atLeast moves the deadline to t unless it is later already.
+func (l *liveness) atLeast(t time.Time) error {
+	if l.timeout <= 0 {
+		return nil
+	}
+	for want := t.UnixNano(); ; {
+		cur := l.at.Load()
+		if want <= cur || l.at.CompareAndSwap(cur, want) {
+			break
+		}
+	}
+	return l.apply()
+}
+
+// apply sets the socket's read deadline to l.at. The reader and the writer
+// both set it, so their calls can land out of order: it sets again until
+// the value it set is the latest, which leaves the latest in place.
+func (l *liveness) apply() error {
+	for {
+		at := l.at.Load()
+		if err := l.ws.SetReadDeadline(time.Unix(0, at)); err != nil {
+			return err
+		}
+		if l.at.Load() == at {
+			return nil
+		}
+	}
 }
 
 // writeMessage writes msg as one binary frame within writeWait.
@@ -1045,19 +1183,9 @@ const maxControlPayload = 125
 // binary message ends the conn before any of it is passed on, and pings are
 // answered by the writer goroutine.
 type frameReader struct {
-	ws   *websocket.Conn
-	max  int           // largest message accepted
-	idle time.Duration // 0: no idle deadline
-	// closing is closed once the relay's close frame is out (endReader):
-	// from then on the reader waits at most grace, without idle deadlines,
-	// for the peer's answer. nil: never.
-	closing <-chan struct{}
-	grace   time.Duration
-	closed  bool // closing has been seen
-	// pongs takes the payload of each ping for the writer to answer; it has
-	// room for one, as a pong for the latest ping is enough (RFC 6455 §5.5.3).
-	// nil: pings are not answered.
-	pongs chan<- []byte
+	p      *peer
+	max    int  // largest message accepted, in bytes
+	closed bool // p.closing has been seen: wait p.grace at most, for the answer
 }
 
 // next returns the payload of the next binary message. Every frame, control
@@ -1067,7 +1195,7 @@ func (r *frameReader) next() ([]byte, error) {
 		if err := r.setDeadline(); err != nil {
 			return nil, err
 		}
-		fr, err := r.ws.NewFrameReader()
+		fr, err := r.p.ws.NewFrameReader()
 		if err != nil {
 			return nil, err
 		}
@@ -1079,7 +1207,7 @@ func (r *frameReader) next() ([]byte, error) {
 		if n < 2 {
 			return nil, fmt.Errorf("%w: short frame header", errProtocol)
 		}
-		if err := checkFrameHeader(hdr[:n], r.ws.IsServerConn()); err != nil {
+		if err := checkFrameHeader(hdr[:n], r.p.ws.IsServerConn()); err != nil {
 			return nil, err
 		}
 		fin, opcode := hdr[0]&0x80 != 0, hdr[0]&0x0f
@@ -1103,9 +1231,9 @@ func (r *frameReader) next() ([]byte, error) {
 		case opcode != websocket.BinaryFrame:
 			return nil, fmt.Errorf("%w: reserved opcode %d", errProtocol, opcode)
 		}
-		if r.idle > 0 && !r.closed && size > exactRead {
-			// A large payload may take longer than idle to arrive.
-			if err := r.ws.SetReadDeadline(time.Now().Add(transferTime(r.idle, size))); err != nil {
+		if !r.closed && size > exactRead {
+			// A large payload may take longer than the timeout to arrive.
+			if err := r.p.live.expect(size); err != nil {
 				return nil, err
 			}
 			if err := r.checkClosing(); err != nil {
@@ -1122,10 +1250,8 @@ func (r *frameReader) setDeadline() error {
 	if r.closed {
 		return nil
 	}
-	if r.idle > 0 {
-		if err := r.ws.SetReadDeadline(time.Now().Add(r.idle)); err != nil {
-			return err
-		}
+	if err := r.p.live.heard(); err != nil {
+		return err
 	}
 	return r.checkClosing()
 }
@@ -1134,16 +1260,17 @@ func (r *frameReader) setDeadline() error {
 // grace deadline once closing is closed (see endReader for the order).
 func (r *frameReader) checkClosing() error {
 	select {
-	case <-r.closing:
+	case <-r.p.closing:
 		r.closed = true
-		return r.ws.SetReadDeadline(time.Now().Add(r.grace))
+		return r.p.ws.SetReadDeadline(time.Now().Add(r.p.grace))
 	default:
 		return nil
 	}
 }
 
-// control handles a control frame: a close ends the reader (io.EOF), a
-// ping is handed to the writer, a pong only proves the peer alive.
+// control handles a control frame: a close is handed to the writer to
+// answer and ends the reader (a *peerCloseError), a ping is handed to the
+// writer, a pong only proves the peer alive.
 func (r *frameReader) control(fr io.Reader, fin bool, opcode byte, size int) error {
 	if !fin || size > maxControlPayload || size < 0 {
 		return fmt.Errorf("%w: bad control frame", errProtocol)
@@ -1154,19 +1281,34 @@ func (r *frameReader) control(fr io.Reader, fin bool, opcode byte, size int) err
 	}
 	switch opcode {
 	case websocket.CloseFrame:
-		return io.EOF
-	case websocket.PingFrame:
-		if r.pongs != nil {
-			select {
-			case r.pongs <- payload:
-			default: // a pong is due already
-			}
+		pc, err := parseClose(payload)
+		if err != nil {
+			return err
 		}
+		select {
+		case r.p.echo <- echoCode(pc.code):
+		default: // answered already
+		}
+		return pc
+	case websocket.PingFrame:
+		answerLatest(r.p.pongs, payload)
 	case websocket.PongFrame:
 	default:
 		return fmt.Errorf("%w: reserved opcode %d", errProtocol, opcode)
 	}
 	return nil
+}
+
+// answerLatest puts payload on pongs (room for one) in place of a ping
+// still waiting there: with two pings pending, a pong answers the latest
+// (RFC 6455 §5.5.3). The reader is the only sender, so the send after the
+// drain never blocks.
+func answerLatest(pongs chan []byte, payload []byte) {
+	select {
+	case <-pongs:
+	default:
+	}
+	pongs <- payload
 }
 
 // checkFrameHeader rejects what the relay does not speak: RSV bits (no
@@ -1203,7 +1345,13 @@ func readPayload(payload io.Reader, size int) ([]byte, error) {
 
 // closeCodeFor maps the reason a reader ended to the close code it answers with.
 func closeCodeFor(err error) int {
+	var pc *peerCloseError
+	var netErr net.Error
 	switch {
+	case errors.As(err, &pc):
+		return echoCode(pc.code)
+	case errors.As(err, &netErr) && netErr.Timeout():
+		return closePeerTimeout
 	case errors.Is(err, errTextFrame), errors.Is(err, errFragmented):
 		return closeUnsupported
 	case errors.Is(err, errTooLarge):

@@ -49,7 +49,7 @@ func memConn(t *testing.T, h *hub, doc string, queue int) *conn {
 	if err := h.admit(doc); err != nil {
 		t.Fatalf("admit: %v", err)
 	}
-	c := &conn{doc: doc, remote: "mem", log: discard, send: make(chan []byte, queue)}
+	c := &conn{peer: peer{log: discard}, doc: doc, remote: "mem", send: make(chan []byte, queue)}
 	h.join <- c
 	t.Cleanup(func() { leave(h, c) })
 	return c
@@ -847,7 +847,7 @@ func BenchmarkHubRoute(b *testing.B) {
 	go h.run(ctx)
 	up := &link{send: make(chan frame, upstreamQueue)}
 	h.attach <- up
-	sender := &conn{doc: "d", log: discard, send: make(chan []byte, connQueue)}
+	sender := &conn{peer: peer{log: discard}, doc: "d", send: make(chan []byte, connQueue)}
 	h.join <- sender
 	var drained sync.WaitGroup
 	drain := func(n int, ch func() bool) {
@@ -858,7 +858,7 @@ func BenchmarkHubRoute(b *testing.B) {
 	}
 	var conns []*conn
 	for range benchEditors {
-		c := &conn{doc: "d", log: discard, send: make(chan []byte, connQueue)}
+		c := &conn{peer: peer{log: discard}, doc: "d", send: make(chan []byte, connQueue)}
 		h.join <- c
 		conns = append(conns, c)
 	}

@@ -305,20 +305,29 @@ func (u *upstream) origin() string {
 }
 
 // serve runs one upstream connection until it ends: the reader here, the
-// writer in its own goroutine. It returns why the connection ended. outage
-// is how long the upstream was down before (0: it was not), for the log.
+// writer (pump) in its own goroutine. It returns why the connection ended.
+// outage is how long the upstream was down before (0: it was not), for the
+// log. The socket is owned by serve: it closes raw once both goroutines
+// are done with it.
 func (u *upstream) serve(ws *websocket.Conn, raw net.Conn, outage time.Duration) error {
 	l := &link{send: make(chan frame, upstreamQueue)}
 	select {
 	case u.hub.attach <- l:
 	case <-u.hub.quit:
-		ws.Close()
+		raw.Close()
 		return errStopping
 	}
-	closing := make(chan struct{})
-	pongs := make(chan []byte, 1)
-	done := make(chan struct{})
-	go u.writeLoop(ws, raw, l, pongs, closing, done)
+	p := newPeer(ws, u.log, u.keepalive)
+	p.raw, p.grace = raw, upstreamCloseGrace
+	var buf []byte
+	encode := func(f frame) []byte {
+		msg := append(appendIDPrefix(buf[:0], u.magic, f.doc), f.data...)
+		if cap(msg) <= 1<<20 {
+			buf = msg // reused; a large message's buffer is not kept for good
+		}
+		return msg
+	}
+	go pump(&p, l.send, encode, func(f frame) { l.backlog.done(len(f.data)) })
 	// Logged once the hub sends frames here and the writer runs, so the
 	// line means "in use".
 	if outage > 0 {
@@ -326,18 +335,34 @@ func (u *upstream) serve(ws *websocket.Conn, raw net.Conn, outage time.Duration)
 	} else {
 		u.log.Info("upstream connected", "server", u.url.String())
 	}
-	err := u.readLoop(frameReader{ws: ws, max: u.maxMessage + upstreamSlack, idle: u.keepalive.timeout,
-		closing: closing, grace: upstreamCloseGrace, pongs: pongs})
-	// Whatever ended the reader, a writer blocked on a dead peer must not
-	// wait for its write deadline: after a flush at stop the writer has
-	// finished already.
+	err := u.readLoop(frameReader{p: &p, max: u.maxMessage + upstreamSlack})
+	if isPeerClose(err) {
+		// The writer answers the server's close (RFC 6455 §5.5.1) before
+		// the socket goes: else the server sees 1006.
+		awaitClosed(&p)
+	}
+	// Whatever else ended the reader, a writer blocked on a dead peer must
+	// not wait for its write deadline: after a flush at stop the writer
+	// has finished already.
 	raw.Close()
 	select {
 	case u.hub.detach <- l:
 	case <-u.hub.quit:
 	}
-	<-done
+	<-p.done
 	return err
+}
+
+// awaitClosed waits until p's writer has sent its close frame or ended,
+// at most closeGrace: the writer may be in a long write.
+func awaitClosed(p *peer) {
+	t := time.NewTimer(closeGrace)
+	defer t.Stop()
+	select {
+	case <-p.closing:
+	case <-p.done:
+	case <-t.C:
+	}
 }
 
 // readLoop is the upstream reader: it strips the ID prefix of every frame
@@ -371,7 +396,7 @@ func (u *upstream) readLoop(r frameReader) error {
 		if debug {
 			u.log.Debug("message from upstream", "doc", f.doc, "kind", f.kind, "bytes", len(f.data))
 		}
-		if hubGone || r.closed {
+		if hubGone || r.closed || r.p.closed() {
 			continue
 		}
 		select {
@@ -404,59 +429,6 @@ func checkUpstream(m idMagic, data []byte) (frame, error) {
 		f.aware, err = readAwareness(msg, nil)
 	}
 	return f, err
-}
-
-// writeLoop is the upstream writer, the only code that writes frames to
-// ws, pings included. It prefixes every message with its document's ID.
-// After the hub closes l.send it flushes what is queued and closes the
-// connection; after a failed write it drains l.send until then, so the hub
-// never sees a full queue for a connection that is already dead.
-func (u *upstream) writeLoop(ws *websocket.Conn, raw net.Conn, l *link, pongs <-chan []byte, closing chan struct{}, done chan<- struct{}) {
-	defer close(done)
-	ping := newTicker(u.keepalive.interval)
-	defer ping.Stop()
-	var buf []byte
-	alive := true
-	fail := func(err error) {
-		u.log.Debug("write to upstream failed", "err", err)
-		alive = false
-		raw.Close() // ends readLoop at once
-	}
-	for {
-		select {
-		case f, ok := <-l.send:
-			if !ok {
-				if alive {
-					writeClose(ws, closeNormal)
-					endReader(ws, closing, upstreamCloseGrace)
-				}
-				return
-			}
-			l.backlog.done(len(f.data))
-			if !alive {
-				continue
-			}
-			buf = append(appendIDPrefix(buf[:0], u.magic, f.doc), f.data...)
-			if err := writeMessage(ws, buf); err != nil {
-				fail(err)
-			}
-			if cap(buf) > 1<<20 {
-				buf = nil // do not keep a large message's buffer for good
-			}
-		case <-ping.C:
-			if alive {
-				if err := writePing(ws); err != nil {
-					fail(err)
-				}
-			}
-		case payload := <-pongs:
-			if alive {
-				if err := writeFrame(ws, websocket.PongFrame, payload); err != nil {
-					fail(err)
-				}
-			}
-		}
-	}
 }
 
 // readRefusal reads the HTTP response of a refused handshake from the bytes

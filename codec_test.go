@@ -360,3 +360,59 @@ func FuzzCheckUpstream(f *testing.F) {
 		}
 	})
 }
+
+func TestParseCloseAndEcho(t *testing.T) {
+	tests := []struct {
+		name    string
+		payload []byte
+		code    int
+		reason  string
+		echo    int
+		err     error
+	}{
+		{"no status", nil, 1005, "", closeNormal, nil},
+		{"normal", []byte{0x03, 0xe8}, 1000, "", 1000, nil},
+		{"going away with reason", []byte{0x03, 0xe9, 'b', 'y', 'e'}, 1001, "bye", 1001, nil},
+		{"too big", []byte{0x03, 0xf1}, 1009, "", 1009, nil},
+		{"private", []byte{0x0f, 0xa0}, 4000, "", 4000, nil},
+		{"reserved 1006 is not echoed", []byte{0x03, 0xee}, 1006, "", closeNormal, nil},
+		{"unassigned 2000 is not echoed", []byte{0x07, 0xd0}, 2000, "", closeNormal, nil},
+		{"one byte", []byte{0x03}, 0, "", 0, errProtocol},
+		{"reason not UTF-8", []byte{0x03, 0xe8, 0xff}, 0, "", 0, errProtocol},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pc, err := parseClose(tt.payload)
+			if !errors.Is(err, tt.err) {
+				t.Fatalf("got error %v, want %v", err, tt.err)
+			}
+			if err != nil {
+				return
+			}
+			if pc.code != tt.code || pc.reason != tt.reason || echoCode(pc.code) != tt.echo {
+				t.Errorf("got %d %q echo %d; want %d %q echo %d", pc.code, pc.reason, echoCode(pc.code), tt.code, tt.reason, tt.echo)
+			}
+		})
+	}
+}
+
+// FuzzParseClose checks that any close payload decodes without a panic
+// and that a decoded one re-encodes to the same bytes.
+func FuzzParseClose(f *testing.F) {
+	f.Add([]byte{})
+	f.Add([]byte{0x03, 0xe8})
+	f.Add([]byte{0x0f, 0xa0, 'b', 'y', 'e'})
+	f.Fuzz(func(t *testing.T, payload []byte) {
+		pc, err := parseClose(payload)
+		if err != nil || len(payload) == 0 {
+			return
+		}
+		again := append([]byte{byte(pc.code >> 8), byte(pc.code)}, pc.reason...)
+		if !bytes.Equal(again, payload) {
+			t.Errorf("% x decoded to %d %q", payload, pc.code, pc.reason)
+		}
+		if c := echoCode(pc.code); c < 1000 || c > 4999 || c == 1005 || c == 1006 {
+			t.Errorf("echo code %d may not be sent", c)
+		}
+	})
+}

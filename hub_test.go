@@ -797,7 +797,7 @@ func maskedFrame(first byte, payload []byte) []byte {
 	return append(f, payload...)
 }
 
-// readFrame reads one unmasked server frame.
+// readFrame reads one frame, unmasking a client's.
 func readFrame(t *testing.T, br *bufio.Reader) (opcode byte, payload []byte) {
 	t.Helper()
 	var hdr [2]byte
@@ -815,9 +815,16 @@ func readFrame(t *testing.T, br *bufio.Reader) (opcode byte, payload []byte) {
 		io.ReadFull(br, ext[:])
 		size = binary.BigEndian.Uint64(ext[:])
 	}
+	var mask [4]byte
+	if hdr[1]&0x80 != 0 { // a client's frame
+		io.ReadFull(br, mask[:])
+	}
 	payload = make([]byte, size)
 	if _, err := io.ReadFull(br, payload); err != nil {
 		t.Fatalf("frame payload: %v", err)
+	}
+	for i := range payload {
+		payload[i] ^= mask[i%4]
 	}
 	return hdr[0] & 0x0f, payload
 }
@@ -1007,11 +1014,14 @@ func TestSilentEditorClosedAfterPeerTimeout(t *testing.T) {
 	conn.Write(maskedFrame(0x82, awarenessMsg(77, 3, "{}")))
 	pings := 0
 	for {
-		op, _ := readFrame(t, br)
+		op, payload := readFrame(t, br)
 		if op == websocket.PingFrame {
 			pings++
 		}
 		if op == websocket.CloseFrame {
+			if pc, err := parseClose(payload); err != nil || pc.code != closePeerTimeout {
+				t.Errorf("closed with % x, want code %d (peer timeout)", payload, closePeerTimeout)
+			}
 			break
 		}
 	}
@@ -1142,4 +1152,117 @@ func shortWriteWait(t *testing.T, d time.Duration) {
 	saved := writeWait
 	writeWait = d
 	t.Cleanup(func() { writeWait = saved })
+}
+
+// slowLink is a TCP proxy to target that passes what the relay sends at
+// rate bytes per second, as a slow downlink does, or not at all once
+// frozen; the other way it passes everything at once.
+type slowLink struct {
+	ln     net.Listener
+	target string
+	rate   int
+	frozen chan struct{} // closed: nothing more reaches the client
+}
+
+// startSlowLink listens on a loopback port; the test's end closes it.
+func startSlowLink(t *testing.T, target string, rate int) *slowLink {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &slowLink{ln: ln, target: target, rate: rate, frozen: make(chan struct{})}
+	t.Cleanup(func() { ln.Close() })
+	go p.accept(t)
+	return p
+}
+
+// accept proxies every connection until the listener closes.
+func (p *slowLink) accept(t *testing.T) {
+	for {
+		client, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		relay, err := net.Dial("tcp", p.target)
+		if err != nil {
+			client.Close()
+			return
+		}
+		t.Cleanup(func() { client.Close(); relay.Close() })
+		go io.Copy(relay, client)
+		go p.pace(client, relay)
+	}
+}
+
+// pace copies src to dst at p.rate in 4 KiB steps. The waits shape a
+// link's speed; they synchronise nothing.
+func (p *slowLink) pace(dst, src net.Conn) {
+	buf := make([]byte, 4<<10)
+	start, sent := time.Now(), 0
+	for {
+		n, err := src.Read(buf)
+		if err != nil {
+			return
+		}
+		select {
+		case <-p.frozen:
+			<-make(chan struct{}) // takes nothing more, like a vanished peer
+		default:
+		}
+		if _, err := dst.Write(buf[:n]); err != nil {
+			return
+		}
+		sent += n
+		time.Sleep(time.Until(start.Add(time.Duration(sent) * time.Second / time.Duration(p.rate))))
+	}
+}
+
+// TestLiveEditorOnASlowLinkIsNotCutOff sends an editor behind a slow
+// downlink a message that takes it several peer timeouts to receive: its
+// pongs wait behind that message, yet it stays connected and gets the
+// next message too. The same editor once its link takes nothing more is
+// closed as dead.
+func TestLiveEditorOnASlowLinkIsNotCutOff(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "200ms", "--peer-timeout", "1s")
+	link := startSlowLink(t, r.addr, 96<<10)
+	slow := join(t, link.ln.Addr().String(), "doc")
+	fast := join(t, r.addr, "doc")
+	big := updateMsg(bytes.Repeat([]byte{7}, 256<<10)) // 2.7 s over the link
+	send(t, fast, big)
+	receiveSkipping(t, slow, func(m []byte) bool { return bytes.Equal(m, big) })
+	small := updateMsg([]byte{1, 2, 3})
+	send(t, fast, small)
+	receiveSkipping(t, slow, func(m []byte) bool { return bytes.Equal(m, small) })
+	if strings.Contains(r.logs.String(), "editor disconnected") {
+		t.Fatalf("an editor was closed: %s", r.logs.String())
+	}
+
+	close(link.frozen)
+	send(t, fast, big)
+	line := r.logs.waitFor(t, "editor disconnected")
+	if !strings.Contains(line, "code=4408") {
+		t.Errorf("a dead peer closed for another reason than the peer timeout: %s", line)
+	}
+}
+
+// updateMsg wraps update in a sync update message (00 02 bytes).
+func updateMsg(update []byte) []byte {
+	return append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(update))), update...)
+}
+
+// TestPongAnswersTheLatestPing checks the rule of RFC 6455 §5.5.3: with
+// two pings waiting, the pong carries the newer one's payload.
+func TestPongAnswersTheLatestPing(t *testing.T) {
+	pongs := make(chan []byte, 1)
+	answerLatest(pongs, []byte("older"))
+	answerLatest(pongs, []byte("newer"))
+	if got := <-pongs; string(got) != "newer" {
+		t.Errorf("pong for %q, want the latest ping, %q", got, "newer")
+	}
+	select {
+	case got := <-pongs:
+		t.Errorf("a second pong %q is waiting", got)
+	default:
+	}
 }

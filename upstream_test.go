@@ -3,8 +3,10 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/sha1"
 	"encoding/base64"
 	"encoding/pem"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
@@ -383,4 +385,63 @@ func TestHandshakeTimeoutsAndStopsNeverCrash(t *testing.T) {
 			c.Close()
 		}
 	})
+}
+
+// closingServer upgrades the relay's connection by hand, sends a close
+// frame with code 4000 and the reason "bye", and hands the test what the
+// relay answers: the opcode and payload of its next frame.
+func closingServer(t *testing.T) (*url.URL, <-chan []byte) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	answers := make(chan []byte, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(testTimeout))
+		br := bufio.NewReader(c)
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		sum := sha1.Sum([]byte(req.Header.Get("Sec-WebSocket-Key") + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+		fmt.Fprintf(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
+			base64.StdEncoding.EncodeToString(sum[:]))
+		c.Write([]byte{0x88, 5, 0x0f, 0xa0, 'b', 'y', 'e'})
+		for {
+			op, payload := readFrame(t, br)
+			if op == websocket.CloseFrame {
+				answers <- append([]byte{op}, payload...)
+				return
+			}
+		}
+	}()
+	return &url.URL{Scheme: "ws", Host: ln.Addr().String(), Path: "/"}, answers
+}
+
+// TestUpstreamCloseIsAnsweredAndLogged checks that the relay answers the
+// server's close frame with one of its own, echoing the code (RFC 6455
+// §5.5.1), rather than dropping the socket (which the server sees as
+// 1006), and logs the server's code and reason.
+func TestUpstreamCloseIsAnsweredAndLogged(t *testing.T) {
+	srv, answers := closingServer(t)
+	r := startRelay(t, "--server", srv.String())
+	select {
+	case got := <-answers:
+		if len(got) < 3 || got[0] != websocket.CloseFrame || int(got[1])<<8|int(got[2]) != 4000 {
+			t.Errorf("answer % x, want a close frame with code 4000", got)
+		}
+	case <-time.After(testTimeout):
+		t.Fatal("the relay never answered the close frame")
+	}
+	line := r.logs.waitFor(t, "upstream connection lost")
+	if !strings.Contains(line, "4000") || !strings.Contains(line, "bye") {
+		t.Errorf("the log does not name the server's code and reason: %s", line)
+	}
 }

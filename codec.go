@@ -114,6 +114,21 @@ func appendIDPrefix(b []byte, m idMagic, doc string) []byte {
 	return append(b, doc...)
 }
 
+// idPrefixLen is the length of the ID prefix of doc: magic, varuint
+// length, the name's bytes.
+func idPrefixLen(doc string) int {
+	return 2 + varuintLen(uint64(len(doc))) + len(doc)
+}
+
+// varuintLen is the number of bytes appendVaruint takes for v.
+func varuintLen(v uint64) int {
+	n := 1
+	for ; v >= 0x80; v >>= 7 {
+		n++
+	}
+	return n
+}
+
 // splitIDFrame decodes an upstream frame into its document ID and the local
 // message that follows the prefix. msg aliases frame.
 func splitIDFrame(m idMagic, frame []byte) (doc string, msg []byte, err error) {

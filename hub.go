@@ -116,6 +116,9 @@ type document struct {
 	// when none is due.
 	asked   *conn
 	askedAt int
+	// introduced is when the relay last asked an editor here for the
+	// awareness states it knows, for a client new upstream.
+	introduced time.Time
 }
 
 // presence is one awareness client as the hub last heard of it.
@@ -150,29 +153,36 @@ type hub struct {
 	// upstreamMax is the largest frame the upstream server takes, in bytes,
 	// ID prefix included (--upstream-max-message); 0: no limit.
 	upstreamMax int
-	keepalive   keepalive
-	limits      limits
-	log         *slog.Logger
+	// stopWait bounds the hub's part of a stop; 0: hubStopTimeout.
+	stopWait time.Duration
+	// after makes the sweep's timer channels: time.After, or a test's.
+	after     func(time.Duration) <-chan time.Time
+	keepalive keepalive
+	limits    limits
+	log       *slog.Logger
 
 	// Owned by run.
 	docs     map[string]*document
 	up       *link          // nil while the upstream is down
 	handlers int            // admitted requests whose handler has not returned
 	perDoc   map[string]int // the same, per document
-	// gone remembers, per document, the awareness clients the relay marked
-	// gone and the clock it used, so that a client that comes back with an
-	// older clock can be told to step past it (see revive). Bounded.
-	gone map[string]map[uint64]uint64
-	// goneWhileDown keeps, per document, the removals that could not go
-	// upstream, for the next connection. Bounded.
-	goneWhileDown map[string]map[uint64]uint64
-	stopping      bool      // stop has begun: no more resync questions
-	stopBy        time.Time // when stop gives up waiting
-	goodbyes      []frame   // awareness removals waiting to be routed
-	unknownDoc    throttle
-	notSentUp     throttle
-	slowClosing   throttle
-	untracked     throttle
+	// gone remembers the awareness clients the relay marked gone, for
+	// revive and for the removals owed to the upstream; sweep fires when
+	// its oldest entry expires (nil: it is empty).
+	gone     goneTable
+	sweep    <-chan time.Time
+	stopping bool      // stop has begun: no more resync questions
+	stopBy   time.Time // when stop gives up waiting
+	// cut lists, during the stop, the documents of which a frame could
+	// not be flushed upstream: nothing later of them goes, so that the
+	// server never sees update n+1 without update n.
+	cut         map[string]bool
+	goodbyes    []frame         // awareness removals waiting to be routed
+	tooBigNamed map[string]bool // documents named in a too-large warning; bounded
+	unknownDoc  throttle
+	notSentUp   throttle
+	slowClosing throttle
+	untracked   throttle
 
 	// Shared by the conns' goroutines.
 	malformed sharedThrottle // malformed messages, from all editors
@@ -183,27 +193,28 @@ type hub struct {
 // accept messages of up to maxMessage bytes.
 func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *hub {
 	return &hub{
-		admission:     make(chan ticket),
-		released:      make(chan string),
-		limits:        lim,
-		perDoc:        make(map[string]int),
-		gone:          make(map[string]map[uint64]uint64),
-		goneWhileDown: make(map[string]map[uint64]uint64),
-		join:          make(chan *conn),
-		leave:         make(chan departure),
-		local:         make(chan frame, inboxQueue),
-		remote:        make(chan frame, inboxQueue),
-		attach:        make(chan *link),
-		detach:        make(chan *link),
-		quit:          make(chan struct{}),
-		connQueue:     queue,
-		maxMessage:    maxMessage,
-		connBytes:     queueBytes(maxMessage),
-		linkBytes:     4 * queueBytes(maxMessage),
-		keepalive:     ka,
-		log:           log,
-		docs:          make(map[string]*document),
-		connLines:     lineBudget{n: connLinesPerWindow},
+		admission:   make(chan ticket),
+		released:    make(chan string),
+		limits:      lim,
+		perDoc:      make(map[string]int),
+		cut:         make(map[string]bool),
+		after:       time.After,
+		tooBigNamed: make(map[string]bool),
+		join:        make(chan *conn),
+		leave:       make(chan departure),
+		local:       make(chan frame, inboxQueue),
+		remote:      make(chan frame, inboxQueue),
+		attach:      make(chan *link),
+		detach:      make(chan *link),
+		quit:        make(chan struct{}),
+		connQueue:   queue,
+		maxMessage:  maxMessage,
+		connBytes:   queueBytes(maxMessage),
+		linkBytes:   4 * queueBytes(maxMessage),
+		keepalive:   ka,
+		log:         log,
+		docs:        make(map[string]*document),
+		connLines:   lineBudget{n: connLinesPerWindow},
 	}
 }
 
@@ -237,6 +248,8 @@ func (h *hub) run(ctx context.Context) {
 			h.attachLink(l)
 		case l := <-h.detach:
 			h.detachLink(l)
+		case now := <-h.sweep:
+			h.expireGone(now)
 		}
 		h.sayGoodbyes()
 	}
@@ -315,6 +328,14 @@ func (h *hub) add(c *conn) {
 	// c goes in first: should the query close every other editor as slow,
 	// the document must still be there for c.
 	d.conns[c] = struct{}{}
+	// A y-websocket client sends only its step 1 when it connects; a Yjs
+	// server answers with step 2 and a step 1 of its own, which makes the
+	// client send what the server lacks (PROTOCOL.md §1). The relay has no
+	// state vector of its own, so it asks for everything: what the joiner
+	// made while disconnected reaches the others and the upstream.
+	if !h.queue(c, emptyStep1) {
+		return // closed as slow at once: a queue with no room
+	}
 	for other := range d.conns {
 		if other != c {
 			h.queue(other, queryAwareness)
@@ -338,8 +359,11 @@ func (h *hub) remove(c *conn, code int) {
 	delete(d.conns, c)
 	c.closeCode = code
 	close(c.send)
-	if d.asked == c && !h.stopping {
-		h.askForState(d) // another editor answers in its place
+	if d.asked == c {
+		d.asked = nil
+		if h.up != nil && !h.stopping {
+			h.askForState(d) // another editor answers in its place
+		}
 	}
 	if gone := d.release(c); len(gone) > 0 {
 		for _, msg := range goneMessages(gone) {
@@ -352,43 +376,144 @@ func (h *hub) remove(c *conn, code int) {
 	}
 }
 
-// maxGoneDocs bounds the documents for which gone and goneWhileDown keep
-// entries; past it they start afresh.
-const maxGoneDocs = 1024
-
 // rememberGone notes the clients just marked gone on doc: for revive, and
-// for the upstream if it is down now.
+// as owed to the upstream if it is down now.
 func (h *hub) rememberGone(doc string, gone []awarenessEntry) {
-	clocks := clocksOf(h.gone, doc)
+	now := time.Now()
 	for _, e := range gone {
-		if len(clocks) < maxTrackedClients {
-			clocks[e.client] = e.clock + 1
-		}
+		h.gone.note(doc, e.client, e.clock, h.up == nil, now)
 	}
-	if h.up != nil {
-		return
-	}
-	pending := clocksOf(h.goneWhileDown, doc)
-	for _, e := range gone { // one entry per client: its last clock
-		if _, ok := pending[e.client]; ok || len(pending) < maxTrackedClients {
-			pending[e.client] = e.clock
-		}
+	if h.sweep == nil {
+		h.sweep = h.after(goneTTL)
 	}
 }
 
-// clocksOf returns doc's client → clock map in m, made if need be. Past
-// maxGoneDocs documents m starts afresh, which bounds it.
-func clocksOf(m map[string]map[uint64]uint64, doc string) map[uint64]uint64 {
-	if len(m) >= maxGoneDocs {
-		clear(m)
+// expireGone forgets the gone clients older than goneTTL and sets the
+// sweep for the next one.
+func (h *hub) expireGone(now time.Time) {
+	h.sweep = nil
+	if next := h.gone.expire(now); !next.IsZero() {
+		h.sweep = h.after(max(next.Sub(now), time.Second))
 	}
-	clocks := m[doc]
-	if clocks == nil {
-		clocks = make(map[uint64]uint64)
-		m[doc] = clocks
-	}
-	return clocks
 }
+
+// goneTTL is how long the relay remembers an awareness client it marked
+// gone: Yjs clients forget a peer they have not heard of for 30 s
+// (y-protocols awareness outdatedTimeout), so neither a revival nor a
+// removal owed to the upstream matters after that.
+const goneTTL = 30 * time.Second
+
+// maxGone bounds the entries of the gone table over all documents; past
+// it the oldest entry makes room, one at a time.
+const maxGone = 1 << 16
+
+// goneKey names one awareness client of one document.
+type goneKey struct {
+	doc    string
+	client uint64
+}
+
+// goneEntry is a client the relay marked gone: the last clock it had, when,
+// and whether the removal still has to go upstream.
+type goneEntry struct {
+	clock uint64
+	at    time.Time
+	owed  bool
+}
+
+// goneTable remembers the awareness clients the relay marked gone, for
+// goneTTL: to revive one that comes back with an old clock, and to send
+// the upstream the removals it missed while down. A pure table: no
+// channels, no logging; the hub owns it.
+type goneTable struct {
+	entries map[goneKey]goneEntry
+	// order lists the notes oldest first; a key noted again appears twice,
+	// and the older mention is skipped when it comes up.
+	order []goneNote
+	max   int // 0: maxGone
+}
+
+// goneNote is one mention in goneTable.order.
+type goneNote struct {
+	key goneKey
+	at  time.Time
+}
+
+// note remembers that client of doc was marked gone at clock, now; owed
+// says that the removal could not go upstream.
+func (g *goneTable) note(doc string, client, clock uint64, owed bool, now time.Time) {
+	if g.entries == nil {
+		g.entries = make(map[goneKey]goneEntry)
+	}
+	key := goneKey{doc, client}
+	if _, ok := g.entries[key]; !ok {
+		for len(g.entries) >= cmp.Or(g.max, maxGone) {
+			g.dropOldest()
+		}
+	}
+	g.entries[key] = goneEntry{clock: clock, at: now, owed: owed}
+	g.order = append(g.order, goneNote{key, now})
+}
+
+// lookup returns the entry of client on doc.
+func (g *goneTable) lookup(doc string, client uint64) (goneEntry, bool) {
+	e, ok := g.entries[goneKey{doc, client}]
+	return e, ok
+}
+
+// forget drops the entry of client on doc: it is back.
+func (g *goneTable) forget(doc string, client uint64) {
+	delete(g.entries, goneKey{doc, client})
+	g.shrink()
+}
+
+// takeOwed returns the removals owed to the upstream, by document, and
+// marks them sent.
+func (g *goneTable) takeOwed() map[string][]awarenessEntry {
+	owed := make(map[string][]awarenessEntry)
+	for key, e := range g.entries {
+		if e.owed {
+			owed[key.doc] = append(owed[key.doc], awarenessEntry{client: key.client, clock: e.clock})
+			e.owed = false
+			g.entries[key] = e
+		}
+	}
+	return owed
+}
+
+// expire drops the entries noted goneTTL or more before now, and returns
+// when the next one expires (zero: the table is empty).
+func (g *goneTable) expire(now time.Time) time.Time {
+	for len(g.order) > 0 && now.Sub(g.order[0].at) >= goneTTL {
+		g.dropOldest()
+	}
+	if len(g.order) == 0 {
+		return time.Time{}
+	}
+	return g.order[0].at.Add(goneTTL)
+}
+
+// dropOldest drops the oldest mention, and its entry unless that was
+// noted again since.
+func (g *goneTable) dropOldest() {
+	n := g.order[0]
+	g.order = g.order[1:]
+	if e, ok := g.entries[n.key]; ok && e.at.Equal(n.at) {
+		delete(g.entries, n.key)
+	}
+	g.shrink()
+}
+
+// shrink lets the memory of an emptied table go: Go maps and slices keep
+// their size after deletes.
+func (g *goneTable) shrink() {
+	if len(g.entries) == 0 {
+		g.entries, g.order = nil, nil
+	}
+}
+
+// len is the number of clients remembered.
+func (g *goneTable) len() int { return len(g.entries) }
 
 // goneMessages marks the clients in gone as gone, in awareness messages of
 // at most maxAwarenessEntries entries each, which every relay accepts.
@@ -409,14 +534,13 @@ func goneMessages(gone []awarenessEntry) [][]byte {
 // announces itself again, to everyone. A client that reconnects after the
 // relay closed it is thus visible at once rather than after two renewals.
 func (h *hub) revive(c *conn, e awarenessEntry) {
-	clocks := h.gone[c.doc]
-	goneAt, ok := clocks[e.client]
+	was, ok := h.gone.lookup(c.doc, e.client)
 	if !ok || e.gone {
 		return
 	}
-	delete(clocks, e.client)
-	if e.clock <= goneAt {
-		h.queue(c, appendAwarenessGone(nil, []awarenessEntry{{client: e.client, clock: goneAt - 1}}))
+	h.gone.forget(c.doc, e.client)
+	if e.clock <= was.clock+1 { // the removal went out at was.clock+1
+		h.queue(c, appendAwarenessGone(nil, []awarenessEntry{{client: e.client, clock: was.clock}}))
 	}
 }
 
@@ -483,22 +607,48 @@ func (h *hub) fromUpstream(f frame) {
 		}
 		return
 	}
-	if f.kind == msgAwareness {
-		h.track(d, nil, f.aware)
-	}
+	fresh := f.kind == msgAwareness && h.track(d, nil, f.aware)
 	for c := range d.conns {
 		h.queue(c, f.data)
+	}
+	if fresh {
+		h.introduce(d)
+	}
+}
+
+// introduceEvery is the least time between two awareness queries that
+// newcomers on other relays cause on one document.
+const introduceEvery = time.Second
+
+// introduce asks one local editor of d for every awareness state it knows,
+// because a client new to the relay has appeared upstream: an editor that
+// joined through another relay (or straight on the server) would otherwise
+// see this relay's editors only at their next renewal, up to 15 s later.
+// The answer goes upstream like any awareness message. At most one query
+// per introduceEvery and document, so a stream of new client IDs cannot
+// turn into a stream of answers.
+func (h *hub) introduce(d *document) {
+	now := time.Now()
+	if now.Sub(d.introduced) < introduceEvery {
+		return
+	}
+	d.introduced = now
+	for c := range d.conns {
+		if h.queue(c, queryAwareness) {
+			return
+		}
 	}
 }
 
 // track notes the awareness entries that owner announced on d (owner nil:
 // the upstream). A newer clock takes the client over; a null state at the
-// same or a newer clock forgets it.
-func (h *hub) track(d *document, owner *conn, entries []awarenessEntry) {
+// same or a newer clock forgets it. It reports whether a client new to d
+// appeared.
+func (h *hub) track(d *document, owner *conn, entries []awarenessEntry) (fresh bool) {
 	for _, e := range entries {
 		if owner != nil {
 			if h.revive(owner, e); !d.has(owner) {
-				return // revive closed it as slow: it owns nothing now
+				return fresh // revive closed it as slow: it owns nothing now
 			}
 		}
 		p, known := d.clients[e.client]
@@ -512,8 +662,10 @@ func (h *hub) track(d *document, owner *conn, entries []awarenessEntry) {
 			d.forget(e.client)
 		case known || h.makeRoom(d, owner):
 			d.set(e.client, presence{clock: e.clock, owner: owner})
+			fresh = fresh || !known
 		}
 	}
+	return fresh
 }
 
 // has reports whether c is one of d's editors.
@@ -639,6 +791,9 @@ func (h *hub) toUpstream(f frame) {
 		}
 		return
 	}
+	if (h.cut[f.doc] && f.kind == msgSync) || !h.fitsUpstream(f) {
+		return
+	}
 	if h.up.backlog.add(len(f.data), h.linkBytes) {
 		select {
 		case h.up.send <- f:
@@ -649,10 +804,9 @@ func (h *hub) toUpstream(f frame) {
 	}
 	if h.stopping {
 		// Closing the link now would lose the flush of everything queued;
-		// what does not fit (goodbyes at most) is dropped instead.
-		if n, ok := h.notSentUp.hit(time.Now()); ok {
-			h.log.Warn("stop: upstream queue full; messages not flushed", "count", n)
-		}
+		// what does not fit is dropped instead, with the rest of its
+		// document.
+		h.cutAtStop(f)
 		return
 	}
 	h.log.Warn("upstream send queue full: reconnecting", "frames", len(h.up.send), "bytes", h.up.backlog.bytes.Load())
@@ -667,16 +821,48 @@ func (h *hub) attachLink(l *link) {
 	}
 	h.up = l
 	h.resync()
-	for doc, pending := range h.goneWhileDown {
-		gone := make([]awarenessEntry, 0, len(pending))
-		for client, clock := range pending {
-			gone = append(gone, awarenessEntry{client: client, clock: clock})
-		}
+	for doc, gone := range h.gone.takeOwed() {
 		for _, msg := range goneMessages(gone) {
 			h.toUpstream(frame{doc: doc, data: msg, kind: msgAwareness})
 		}
 	}
-	clear(h.goneWhileDown)
+}
+
+// fitsUpstream reports whether f, with its ID prefix, is within the
+// upstream's message limit. A server closes the whole connection on a
+// larger one (Python websockets: 1009), and every resync would send it
+// again; so it is dropped, and its document named once, while its local
+// editors keep working together.
+func (h *hub) fitsUpstream(f frame) bool {
+	size := idPrefixLen(f.doc) + len(f.data)
+	if h.upstreamMax <= 0 || size <= h.upstreamMax {
+		return true
+	}
+	if !h.tooBigNamed[f.doc] {
+		if len(h.tooBigNamed) >= maxGoneDocs {
+			clear(h.tooBigNamed)
+		}
+		h.tooBigNamed[f.doc] = true
+		h.log.Warn("message too large for the upstream: not sent; the document stays in sync among local editors only",
+			"doc", f.doc, "bytes", size, "limit", h.upstreamMax, "flag", "--upstream-max-message")
+	}
+	return false
+}
+
+// maxGoneDocs bounds the documents named in too-large warnings.
+const maxGoneDocs = 1024
+
+// cutAtStop drops f, which could not be flushed at the stop, and if it is
+// a sync message everything later of its document too: a server must never
+// get update n+1 without update n, which would stall every later update of
+// that document. Awareness messages make no such chain.
+func (h *hub) cutAtStop(f frame) {
+	if f.kind == msgSync {
+		h.cut[f.doc] = true
+	}
+	if n, ok := h.notSentUp.hit(time.Now()); ok {
+		h.log.Warn("stop: upstream queue full; not flushed", "doc", f.doc, "kind", f.kind, "count", n)
+	}
 }
 
 // resync brings every document with local editors up to date both ways
@@ -737,14 +923,14 @@ const hubStopTimeout = 3 * time.Second
 // link closed, so that its writer flushes everything the relay accepted.
 func (h *hub) stop() {
 	h.stopping = true
-	h.stopBy = time.Now().Add(hubStopTimeout)
+	h.stopBy = time.Now().Add(cmp.Or(h.stopWait, hubStopTimeout))
 	for _, d := range h.docs {
 		for c := range d.conns {
 			h.remove(c, closeGoingAway)
 		}
 	}
 	h.sayGoodbyes()
-	timeout := time.NewTimer(hubStopTimeout)
+	timeout := time.NewTimer(time.Until(h.stopBy))
 	defer timeout.Stop()
 	for h.handlers > 0 {
 		select {
@@ -784,7 +970,7 @@ func (h *hub) stop() {
 // for a full queue would throw away what the relay accepted. Awareness is
 // dropped: every editor has been said goodbye for already.
 func (h *hub) flushUp(f frame) {
-	if h.up == nil || f.kind == msgAwareness {
+	if h.up == nil || f.kind == msgAwareness || h.cut[f.doc] || !h.fitsUpstream(f) {
 		return
 	}
 	h.up.backlog.add(len(f.data), math.MaxInt64) // waiting, not dropping
@@ -799,9 +985,7 @@ func (h *hub) flushUp(f frame) {
 	case h.up.send <- f:
 	case <-wait.C:
 		h.up.backlog.done(len(f.data))
-		if n, ok := h.notSentUp.hit(time.Now()); ok {
-			h.log.Warn("stop: upstream queue full; messages not flushed", "count", n)
-		}
+		h.cutAtStop(f)
 	}
 }
 

@@ -52,6 +52,7 @@ func memConn(t *testing.T, h *hub, doc string, queue int) *conn {
 	c := &conn{peer: peer{log: discard}, doc: doc, remote: "mem", send: make(chan []byte, queue)}
 	h.join <- c
 	t.Cleanup(func() { leave(h, c) })
+	expect(t, c, emptyStep1) // every newcomer is asked for its document
 	return c
 }
 
@@ -401,7 +402,9 @@ func TestHubAsksAnotherEditorWhenTheAskedOneLeaves(t *testing.T) {
 	c := memConn(t, h, "d1", connQueue)
 	expect(t, other, queryAwareness) // c's arrival
 	step2 := []byte{msgSync, syncStep2, 2, 0, 0}
-	post(t, h, other, step2)
+	post(t, h, other, step2) // the answer to its join's step 1
+	post(t, h, other, step2) // and to the resync's
+	expect(t, c, step2)
 	expect(t, c, step2)
 	leave(h, other)
 	post(t, h, c, awareness)
@@ -1264,5 +1267,230 @@ func TestPongAnswersTheLatestPing(t *testing.T) {
 	case got := <-pongs:
 		t.Errorf("a second pong %q is waiting", got)
 	default:
+	}
+}
+
+// loggingHub runs a hub that logs into a buffer, set up by configure
+// before it starts, until the test ends.
+func loggingHub(t *testing.T, configure func(*hub)) (*hub, *logBuffer, context.CancelFunc) {
+	t.Helper()
+	logs := newLogBuffer()
+	h := newHub(connQueue, defaultMaxMessage, keepalive{}, limits{}, slog.New(slog.NewTextHandler(logs, nil)))
+	configure(h)
+	ctx, cancel := context.WithCancel(context.Background())
+	go h.run(ctx)
+	t.Cleanup(func() {
+		cancel()
+		<-h.quit
+	})
+	return h, logs, cancel
+}
+
+// TestHubAsksANewcomerForItsDocument checks that a joining editor gets a
+// step 1, as a Yjs server sends one, so that what it made while
+// disconnected reaches the editors already there, with no upstream.
+func TestHubAsksANewcomerForItsDocument(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	b := memConn(t, h, "d1", connQueue) // memConn checks b's step 1
+	expect(t, a, queryAwareness)
+	offline := []byte{msgSync, syncStep2, 2, 0xb1, 0}
+	post(t, h, b, offline)
+	expect(t, a, offline)
+}
+
+// TestHubIntroducesNewcomersFromOtherRelays checks that a client new to
+// the relay, announced by the upstream, makes the relay ask one local
+// editor for the states it knows, which then go upstream: an editor on
+// another relay sees this relay's editors at once, not at their renewal.
+func TestHubIntroducesNewcomersFromOtherRelays(t *testing.T) {
+	h, _ := startHub(t)
+	a := memConn(t, h, "d1", connQueue)
+	up := memLink(h, upstreamQueue)
+	expect(t, a, emptyStep1) // the resync
+	expect(t, a, queryAwareness)
+	expectUpstream(t, up, emptyStep1)
+	fromUpstream := func(msg []byte) {
+		h.remote <- frame{doc: "d1", data: msg, kind: msgAwareness, aware: mustAwareness(t, msg)}
+	}
+	fromUpstream(awarenessMsg(42, 1, "{}"))
+	expect(t, a, awarenessMsg(42, 1, "{}"))
+	expect(t, a, queryAwareness)
+	// A known client's renewal, and another newcomer within a second,
+	// cause no second question.
+	fromUpstream(awarenessMsg(42, 2, "{}"))
+	fromUpstream(awarenessMsg(43, 1, "{}"))
+	expect(t, a, awarenessMsg(42, 2, "{}"))
+	expect(t, a, awarenessMsg(43, 1, "{}"))
+	postAwareness(t, h, a, awareness)
+	expect(t, a, awareness)
+}
+
+// TestHubAsksNobodyWhileTheUpstreamIsDown checks that when the editor
+// asked for its document leaves while the upstream is down, nobody else
+// is asked: the answer could go nowhere, and the reconnect asks anyway.
+func TestHubAsksNobodyWhileTheUpstreamIsDown(t *testing.T) {
+	h, _ := startHub(t)
+	a, b := twoEditors(t, h, "d1")
+	up := memLink(h, upstreamQueue)
+	asked, other := a, b
+	select {
+	case <-b.send:
+		asked, other = b, a
+	case <-a.send:
+	case <-time.After(testTimeout):
+		t.Fatal("nobody was asked")
+	}
+	expect(t, asked, queryAwareness)
+	h.detach <- up
+	leave(h, asked)
+	postAwareness(t, h, other, awareness)
+	expect(t, other, awareness) // no step 1 before it
+}
+
+// TestHubNeverSendsTheUpstreamMoreThanItsLimit checks that a message over
+// --upstream-max-message reaches the local editors but not the upstream,
+// that its document is named once, and that later messages that fit go.
+func TestHubNeverSendsTheUpstreamMoreThanItsLimit(t *testing.T) {
+	h, logs, _ := loggingHub(t, func(h *hub) { h.upstreamMax = 100 })
+	up := memLink(h, upstreamQueue)
+	a, b := twoEditors(t, h, "big")
+	tooBig := updateMsg(make([]byte, 100))
+	post(t, h, a, tooBig)
+	post(t, h, a, tooBig)
+	expect(t, b, tooBig)
+	expect(t, b, tooBig)
+	post(t, h, a, update1)
+	expectUpstream(t, up, update1)
+	if n := strings.Count(logs.String(), "message too large for the upstream"); n != 1 {
+		t.Errorf("%d warnings, want 1:\n%s", n, logs.String())
+	}
+	if line := logs.waitFor(t, "too large"); !strings.Contains(line, "doc=big") || !strings.Contains(line, "limit=100") {
+		t.Errorf("the warning does not say which document and limit: %s", line)
+	}
+}
+
+// TestHubStopNeverLeavesAGapUpstream checks that once a sync message of a
+// document could not be flushed at the stop, nothing later of it is: the
+// server must never get update n+1 without update n.
+func TestHubStopNeverLeavesAGapUpstream(t *testing.T) {
+	h, logs, cancel := loggingHub(t, func(h *hub) { h.stopWait = 50 * time.Millisecond })
+	up := memLink(h, 1)
+	a := memConn(t, h, "d1", connQueue)
+	post(t, h, a, update1) // fills the upstream queue
+	barrier(t, h)
+	cancel()
+	expectClosed(t, a, closeGoingAway)
+	post(t, h, a, update2) // finds no room in time
+	logs.waitFor(t, "not flushed")
+	expectUpstream(t, up, update1) // room again
+	update3 := []byte{msgSync, syncUpdate, 1, 0xa3}
+	post(t, h, a, update3)
+	leave(h, a)
+	<-h.quit
+	for f := range up.send {
+		t.Errorf("% x went upstream after update2 was dropped", f.data)
+	}
+}
+
+// TestGoneTable checks the rules of the table of clients marked gone:
+// entries expire after goneTTL, a new note renews one, the bound drops
+// the oldest one at a time (never all at once, owed ones included), the
+// owed removals are handed out once, and an emptied table lets its memory
+// go.
+func TestGoneTable(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	type step struct {
+		op     string // note, owednote, expire, forget, takeOwed
+		doc    string
+		client uint64
+		at     time.Duration // after t0
+	}
+	tests := []struct {
+		name  string
+		max   int
+		steps []step
+		want  []string // doc/client of the entries left, sorted
+		owed  int      // removals that takeOwed hands out at the end
+	}{
+		{"kept before the TTL", 0, []step{{"note", "d", 1, 0}, {"expire", "", 0, goneTTL - time.Second}}, []string{"d/1"}, 0},
+		{"gone after the TTL", 0, []step{{"note", "d", 1, 0}, {"expire", "", 0, goneTTL}}, nil, 0},
+		{"a new note renews", 0, []step{{"note", "d", 1, 0}, {"note", "d", 1, 20 * time.Second}, {"expire", "", 0, goneTTL + time.Second}}, []string{"d/1"}, 0},
+		{"forget", 0, []step{{"note", "d", 1, 0}, {"note", "e", 1, 0}, {"forget", "d", 1, 0}}, []string{"e/1"}, 0},
+		{"bound drops the oldest only", 3, []step{{"owednote", "a", 1, 0}, {"owednote", "b", 1, 1}, {"owednote", "c", 1, 2}, {"owednote", "d", 1, 3}}, []string{"b/1", "c/1", "d/1"}, 3},
+		{"owed handed out once", 0, []step{{"owednote", "a", 1, 0}, {"note", "a", 2, 0}, {"takeOwed", "", 0, 0}}, []string{"a/1", "a/2"}, 0},
+		{"owed expire too", 0, []step{{"owednote", "a", 1, 0}, {"expire", "", 0, goneTTL}}, nil, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			g := goneTable{max: tt.max}
+			for _, s := range tt.steps {
+				now := t0.Add(s.at)
+				switch s.op {
+				case "note", "owednote":
+					g.note(s.doc, s.client, 7, s.op == "owednote", now)
+				case "expire":
+					g.expire(now)
+				case "forget":
+					g.forget(s.doc, s.client)
+				case "takeOwed":
+					g.takeOwed()
+				}
+			}
+			var left []string
+			for k := range g.entries {
+				left = append(left, fmt.Sprintf("%s/%d", k.doc, k.client))
+			}
+			slices.Sort(left)
+			if !slices.Equal(left, tt.want) {
+				t.Errorf("left %v, want %v", left, tt.want)
+			}
+			owed := 0
+			for _, gone := range g.takeOwed() {
+				owed += len(gone)
+			}
+			if owed != tt.owed {
+				t.Errorf("%d removals owed, want %d", owed, tt.owed)
+			}
+			if len(tt.want) == 0 && (g.entries != nil || g.order != nil) {
+				t.Error("an empty table still holds its memory")
+			}
+		})
+	}
+}
+
+// TestHubForgetsDepartedClients plays the report: many editors on many
+// documents announce awareness clients and leave. The hub's table of gone
+// clients stays within its bound, and once the records expired it is
+// empty, with the removals that were owed to the upstream sent first.
+func TestHubForgetsDepartedClients(t *testing.T) {
+	sweep := make(chan time.Time)
+	h, _, cancel := loggingHub(t, func(h *hub) {
+		h.after = func(time.Duration) <-chan time.Time { return sweep }
+	})
+	for i := range 1100 { // more documents than the old per-document cap
+		doc := fmt.Sprintf("d%d", i)
+		c := memConn(t, h, doc, connQueue)
+		postAwareness(t, h, c, awarenessMsg(i+1, 1, "{}"))
+		expect(t, c, awarenessMsg(i+1, 1, "{}"))
+		leave(h, c)
+	}
+	up := memLink(h, upstreamQueue*2)
+	barrier(t, h)
+	owed := 0
+	for len(up.send) > 0 {
+		if f := <-up.send; f.kind == msgAwareness {
+			owed++
+		}
+	}
+	if owed != 1100 {
+		t.Errorf("%d removals sent on reconnect, want 1100 (none dropped wholesale)", owed)
+	}
+	sweep <- time.Now().Add(goneTTL)
+	barrier(t, h)
+	cancel()
+	<-h.quit // the hub's fields are the test's now
+	if n := h.gone.len(); n != 0 || h.gone.entries != nil {
+		t.Errorf("%d gone clients remembered after their TTL, want none", n)
 	}
 }

@@ -100,12 +100,21 @@ type relayProcess struct {
 
 var listeningRE = regexp.MustCompile(`msg=listening addr=(\S+)`)
 
-// startRelayProcess runs the binary with args and waits until it listens
-// and its upstream is connected. At cleanup it sends SIGTERM and expects
-// exit status 0 within testTimeout.
+// startRelayProcess runs the binary with args on a port the OS picks and
+// waits until it listens and its upstream is connected.
 func startRelayProcess(t *testing.T, args ...string) *relayProcess {
 	t.Helper()
-	cmd := exec.Command(relayBinary(t), append(args, "127.0.0.1", "0")...)
+	p := launchRelay(t, "0", args...)
+	p.waitLog(t, "upstream connected")
+	return p
+}
+
+// launchRelay runs the binary with args on 127.0.0.1:port (port "0": the
+// OS picks one) and waits until it listens, not for its upstream. At
+// cleanup it sends SIGTERM and expects exit status 0 within testTimeout.
+func launchRelay(t *testing.T, port string, args ...string) *relayProcess {
+	t.Helper()
+	cmd := exec.Command(relayBinary(t), append(args, "127.0.0.1", port)...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -119,10 +128,37 @@ func startRelayProcess(t *testing.T, args ...string) *relayProcess {
 		p.done <- cmd.Wait()
 	}()
 	t.Cleanup(func() { p.stop(t) })
-	line := p.logs.waitFor(t, "msg=listening")
+	line := p.waitLog(t, "msg=listening")
 	p.addr = listeningRE.FindStringSubmatch(line)[1]
-	p.logs.waitFor(t, "upstream connected")
 	return p
+}
+
+// waitLog returns the next log line that contains substr. It fails the
+// test after testTimeout, or at once when the relay exits first (for
+// example because it refuses its arguments).
+func (p *relayProcess) waitLog(t *testing.T, substr string) string {
+	t.Helper()
+	deadline := time.After(testTimeout)
+	for {
+		select {
+		case line := <-p.logs.lines:
+			if strings.Contains(line, substr) {
+				return line
+			}
+		case err := <-p.done:
+			p.done <- nil // for the cleanup: this failure is reported here
+			for len(p.logs.lines) > 0 {
+				if line := <-p.logs.lines; strings.Contains(line, substr) {
+					return line
+				}
+			}
+			t.Fatalf("the relay exited (%v) before logging %q:\n%s", err, substr, p.logs.String())
+			return ""
+		case <-deadline:
+			t.Fatalf("timed out waiting for a log line with %q", substr)
+			return ""
+		}
+	}
 }
 
 // stop ends the process with SIGTERM, or kills it after testTimeout.
@@ -257,7 +293,13 @@ func (e *editors) join(t *testing.T, name, url, doc string) {
 // checks the report.
 func (e *editors) converge(t *testing.T) []editorReport {
 	t.Helper()
-	a := e.try(t, map[string]any{"cmd": "converge", "timeoutMs": 30000})
+	return e.convergeWithin(t, 30*time.Second)
+}
+
+// convergeWithin is converge with another bound on the wait.
+func (e *editors) convergeWithin(t *testing.T, timeout time.Duration) []editorReport {
+	t.Helper()
+	a := e.try(t, map[string]any{"cmd": "converge", "timeoutMs": timeout.Milliseconds()})
 	if !a.OK {
 		t.Errorf("editors did not converge: %s", a.Error)
 	}
@@ -372,17 +414,19 @@ func madeByDoc(report []editorReport) map[string][]string {
 // or persistent mode, which a test can kill and start again on its port.
 type nodeServer struct {
 	mode  string
-	store string // persistent mode: where documents survive a restart
+	store string   // persistent mode: where documents survive a restart
+	extra []string // more options, such as --max-payload
 	port  string
 	cmd   *exec.Cmd
 	done  chan error
 }
 
-// startNodeServer starts the server on a free port; it is killed at the end.
-func startNodeServer(t *testing.T, mode string) *nodeServer {
+// startNodeServer starts the server on a free port, with the options in
+// extra; it is killed at the end.
+func startNodeServer(t *testing.T, mode string, extra ...string) *nodeServer {
 	t.Helper()
 	requireNode(t)
-	s := &nodeServer{mode: mode, store: t.TempDir(), port: "0"}
+	s := &nodeServer{mode: mode, store: t.TempDir(), extra: extra, port: "0"}
 	s.start(t)
 	t.Cleanup(func() { s.kill(t) })
 	return s
@@ -394,7 +438,8 @@ func (s *nodeServer) url() string { return "ws://127.0.0.1:" + s.port + "/" }
 // start runs the server on s.port and waits until it listens.
 func (s *nodeServer) start(t *testing.T) {
 	t.Helper()
-	s.cmd = exec.Command("node", "elva-server.mjs", "--port", s.port, "--mode", s.mode, "--store", s.store)
+	args := append([]string{"elva-server.mjs", "--port", s.port, "--mode", s.mode, "--store", s.store}, s.extra...)
+	s.cmd = exec.Command("node", args...)
 	s.cmd.Dir = "interop"
 	s.cmd.Stderr = os.Stderr
 	stdout, err := s.cmd.StdoutPipe()
@@ -851,4 +896,58 @@ func TestInteropHostileInputLeavesOtherDocumentsAlone(t *testing.T) {
 	if after > before+16<<20 {
 		t.Errorf("heap grew from %d to %d bytes", before, after)
 	}
+}
+
+// syncBound bounds how long editors may take to converge once nobody types.
+// A sync handshake takes milliseconds; the bound only keeps a failing run
+// short, because y-websocket clients never resync on their own: edits that
+// missed the handshake stay missing for ever.
+const syncBound = 10 * time.Second
+
+// deadUpstream returns a ws:// URI on 127.0.0.1 where nothing listens: a
+// port the OS picked, closed again.
+func deadUpstream(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return "ws://" + addr + "/"
+}
+
+// editWhileAway has alice drop her socket; while she is away she and bob
+// edit, she comes back, and everyone edits once more. Then every editor
+// must converge within syncBound: a joining editor must be asked for what
+// it has (a sync step 1), or its offline edits, and every later edit that
+// depends on them, never reach the others.
+func editWhileAway(t *testing.T, ed *editors) {
+	t.Helper()
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 2})
+	ed.convergeWithin(t, syncBound) // online edits work
+	ed.do(t, map[string]any{"cmd": "disconnect", "name": "alice"})
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 3, "names": []string{"alice", "bob"}})
+	ed.do(t, map[string]any{"cmd": "connect", "name": "alice"})
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 1})
+	ed.convergeWithin(t, syncBound)
+}
+
+func TestInteropOfflineEditsUpstreamDown(t *testing.T) {
+	relay := launchRelay(t, "0", "--server", deadUpstream(t))
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+relay.addr, "notes")
+	ed.join(t, "bob", "ws://"+relay.addr, "notes")
+	editWhileAway(t, ed)
+}
+
+func TestInteropOfflineEditsReachOtherRelays(t *testing.T) {
+	srv := startNodeServer(t, "broadcast")
+	r1 := startRelayProcess(t, "--server", srv.url())
+	r2 := startRelayProcess(t, "--server", srv.url())
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+r1.addr, "notes")
+	ed.join(t, "bob", "ws://"+r1.addr, "notes")
+	ed.join(t, "carol", "ws://"+r2.addr, "notes")
+	editWhileAway(t, ed)
 }

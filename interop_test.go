@@ -951,3 +951,48 @@ func TestInteropOfflineEditsReachOtherRelays(t *testing.T) {
 	ed.join(t, "carol", "ws://"+r2.addr, "notes")
 	editWhileAway(t, ed)
 }
+
+func TestInteropOfflineDocumentJoins(t *testing.T) {
+	srv := startNodeServer(t, "broadcast")
+	r1 := startRelayProcess(t, "--server", srv.url())
+	r2 := startRelayProcess(t, "--server", srv.url())
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+r1.addr, "notes")
+	ed.join(t, "carol", "ws://"+r2.addr, "notes")
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 2})
+	// bob, then dave, opens the document stored with edits made offline.
+	// Each is checked before the next joins: a later joiner's step 1 makes
+	// the earlier ones send what they have, which would hide the fault.
+	for _, j := range []struct{ name, addr string }{{"bob", r1.addr}, {"dave", r2.addr}} {
+		ed.do(t, map[string]any{"cmd": "join", "name": j.name, "url": "ws://" + j.addr, "doc": "notes", "offline": 3})
+		ed.do(t, map[string]any{"cmd": "edit", "rounds": 1})
+		ed.convergeWithin(t, syncBound)
+	}
+}
+
+func TestInteropRelayRestartWhileTyping(t *testing.T) {
+	upstream := deadUpstream(t)
+	relay := launchRelay(t, "0", "--server", upstream)
+	_, port, err := net.SplitHostPort(relay.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ed := startEditors(t)
+	// Editors come back at different times, as browser tabs do: alice
+	// retries every 50 ms, bob backs off to 2.5 s as y-websocket does by
+	// default. (Two that connect within the same few milliseconds get each
+	// other's step 1 and hide the fault.)
+	ed.do(t, map[string]any{"cmd": "join", "name": "alice", "url": "ws://" + relay.addr, "doc": "notes", "maxBackoffMs": 50})
+	ed.join(t, "bob", "ws://"+relay.addr, "notes")
+	ed.do(t, map[string]any{"cmd": "startEditing", "intervalMs": 20})
+	ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+	relay.stop(t)
+	ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5}) // while it is down
+	// The same port: the editors' providers reconnect by themselves.
+	relay = launchRelay(t, port, "--server", upstream)
+	relay.waitLog(t, "editor connected")
+	relay.waitLog(t, "editor connected")
+	ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+	ed.do(t, map[string]any{"cmd": "stopEditing"})
+	ed.convergeWithin(t, syncBound)
+}

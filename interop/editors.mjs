@@ -7,10 +7,12 @@
 // JSON line on stdout ({"ok": true, ...} or {"ok": false, "error": ...}).
 // Commands:
 //
-//   {"cmd":"join","name":"alice","url":"ws://127.0.0.1:PORT","doc":"notes","offline":2,"timeoutMs":10000}
+//   {"cmd":"join","name":"alice","url":"ws://127.0.0.1:PORT","doc":"notes","offline":2,"timeoutMs":10000,"maxBackoffMs":2500}
 //       a new editor with awareness {user:{name}}; answers once connected.
 //       offline (default 0): tokens it makes before it connects, as an
-//       editor that opens a document it stored while offline
+//       editor that opens a document it stored while offline.
+//       maxBackoffMs: the provider's longest wait between reconnection
+//       attempts (y-websocket's maxBackoffTime, default 2500)
 //   {"cmd":"edit","rounds":3,"names":["alice"]}
 //       every editor (or those named) inserts rounds tokens "[name:i]"
 //       into the Y.Text "text"
@@ -80,7 +82,7 @@ const waitFor = (check, timeoutMs) => new Promise((resolve, reject) => {
   recheck()
 })
 
-const join = ({ name, url, doc, offline, timeoutMs }) => new Promise((resolve, reject) => {
+const join = ({ name, url, doc, offline, timeoutMs, maxBackoffMs }) => new Promise((resolve, reject) => {
   const ydoc = new Y.Doc()
   const e = { name, doc, ydoc, text: ydoc.getText('text'), made: [] }
   for (let i = 0; i < (offline ?? 0); i++) editOne(e)
@@ -89,7 +91,8 @@ const join = ({ name, url, doc, offline, timeoutMs }) => new Promise((resolve, r
     // Editors in one process would otherwise sync through a
     // BroadcastChannel and bypass the relay.
     disableBc: true,
-    connect: false
+    connect: false,
+    maxBackoffTime: maxBackoffMs ?? 2500
   })
   provider.awareness.setLocalStateField('user', { name })
   e.provider = provider

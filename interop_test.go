@@ -996,3 +996,21 @@ func TestInteropRelayRestartWhileTyping(t *testing.T) {
 	ed.do(t, map[string]any{"cmd": "stopEditing"})
 	ed.convergeWithin(t, syncBound)
 }
+
+func TestInteropNewcomerSeesEditorsOnOtherRelays(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	srv.frames = nil
+	r1 := startRelayProcess(t, "--server", srv.url())
+	r2 := startRelayProcess(t, "--server", srv.url())
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+r1.addr, "notes")
+	ed.join(t, "carol", "ws://"+r2.addr, "notes")
+	// alice renews her awareness 15 s after she joined, and carol joined
+	// right after her, so a bound well below 15 s is a check of behaviour,
+	// not a timing assertion: carol sees alice in it only if someone
+	// prompted alice to announce herself when carol came (within about a
+	// second; on one relay it takes some 26 ms), never by the renewal.
+	a := ed.do(t, map[string]any{"cmd": "awareness", "name": "carol", "of": "alice", "present": true, "timeoutMs": 5000})
+	t.Logf("carol saw alice after %d ms", a.MS)
+	ed.do(t, map[string]any{"cmd": "awareness", "name": "alice", "of": "carol", "present": true, "timeoutMs": 5000})
+}

@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -1013,4 +1015,42 @@ func TestInteropNewcomerSeesEditorsOnOtherRelays(t *testing.T) {
 	a := ed.do(t, map[string]any{"cmd": "awareness", "name": "carol", "of": "alice", "present": true, "timeoutMs": 5000})
 	t.Logf("carol saw alice after %d ms", a.MS)
 	ed.do(t, map[string]any{"cmd": "awareness", "name": "alice", "of": "carol", "present": true, "timeoutMs": 5000})
+}
+
+func TestInteropPercentInRoomName(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	relay := startRelayProcess(t, "--server", srv.url())
+	ed := startEditors(t)
+	// y-websocket puts the room name into the URL as it is: "100% sure"
+	// asks for /100%%20sure and "50%off" for /50%off, which are no valid
+	// escapes; "a%2Fb" asks for /a%2Fb, a real one.
+	rooms := []string{"100% sure", "50%off", "a%2Fb"}
+	for i, room := range rooms {
+		for _, who := range []string{"first", "second"} {
+			join := map[string]any{"cmd": "join", "name": fmt.Sprintf("%s%d", who, i), "url": "ws://" + relay.addr, "doc": room, "timeoutMs": 3000}
+			if a := ed.try(t, join); !a.OK {
+				t.Errorf("room %q: %s", room, a.Error)
+			}
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 2})
+	ed.convergeWithin(t, syncBound)
+	if strings.Contains(relay.logs.String(), "refused") {
+		t.Errorf("the relay refused a request:\n%s", relay.logs.String())
+	}
+	// Three rooms, three documents upstream.
+	seen := map[string]bool{}
+	for len(srv.frames) > 0 {
+		doc, _, err := splitIDFrame(magicSeed, <-srv.frames)
+		if err != nil {
+			t.Fatalf("upstream frame without prefix: %v", err)
+		}
+		seen[doc] = true
+	}
+	if len(seen) != len(rooms) {
+		t.Errorf("upstream saw documents %q, want one for each of %q", slices.Sorted(maps.Keys(seen)), rooms)
+	}
 }

@@ -126,7 +126,14 @@ func launchRelay(t *testing.T, port string, args ...string) *relayProcess {
 	}
 	p := &relayProcess{cmd: cmd, logs: newLogBuffer(), done: make(chan error, 1)}
 	go func() {
-		io.Copy(p.logs, stderr)
+		// One write per line: a read from the pipe can hold several, and
+		// waiting for one of them must not swallow the next.
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(nil, 1<<20)
+		for sc.Scan() {
+			p.logs.Write(append(sc.Bytes(), '\n'))
+		}
+		io.Copy(p.logs, stderr) // the rest after an overlong line
 		p.done <- cmd.Wait()
 	}()
 	t.Cleanup(func() { p.stop(t) })

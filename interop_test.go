@@ -1061,3 +1061,41 @@ func TestInteropPercentInRoomName(t *testing.T) {
 		t.Errorf("upstream saw documents %q, want one for each of %q", slices.Sorted(maps.Keys(seen)), rooms)
 	}
 }
+
+func TestInteropOversizedDocumentLeavesUpstreamAlone(t *testing.T) {
+	const limit = "200000"
+	srv := startNodeServer(t, "broadcast", "--max-payload", limit)
+	args := []string{"--server", srv.url(), "--upstream-max-message", limit, "--retry-max", "1s"}
+	r1 := startRelayProcess(t, args...)
+	r2 := startRelayProcess(t, args...)
+	ed := startEditors(t)
+	ed.join(t, "big1", "ws://"+r1.addr, "big")
+	ed.join(t, "big2", "ws://"+r1.addr, "big")
+	ed.join(t, "small1", "ws://"+r1.addr, "small")
+	ed.join(t, "small2", "ws://"+r2.addr, "small")
+	// One update of some 300 KB: below the relay's --max-message, above
+	// what the server takes.
+	ed.do(t, map[string]any{"cmd": "insert", "name": "big1", "bytes": 300000})
+	// Once big2 has it, the relay has queued it for the upstream too: the
+	// edits below go up after it, on the same connection, and reach small2
+	// without a reconnect only if the relay kept the big frame back.
+	ed.convergeWithin(t, syncBound)
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 3})
+	ed.convergeWithin(t, syncBound) // big among its local editors, small through the upstream
+
+	logs := r1.logs.String()
+	var told []string
+	for line := range strings.Lines(logs) {
+		if strings.Contains(line, "big") && strings.Contains(line, limit) {
+			told = append(told, line)
+		}
+	}
+	if len(told) != 1 {
+		t.Errorf("%d log lines name the document big and the limit %s, want 1:\n%s", len(told), limit, strings.Join(told, ""))
+	}
+	for i, r := range []*relayProcess{r1, r2} {
+		if n := strings.Count(r.logs.String(), "upstream connected"); n != 1 {
+			t.Errorf("relay %d connected upstream %d times, want 1: it never sends a frame over the limit", i+1, n)
+		}
+	}
+}

@@ -7,10 +7,22 @@
 // JSON line on stdout ({"ok": true, ...} or {"ok": false, "error": ...}).
 // Commands:
 //
-//   {"cmd":"join","name":"alice","url":"ws://127.0.0.1:PORT","doc":"notes"}
-//       a new editor with awareness {user:{name}}; answers once connected
-//   {"cmd":"edit","rounds":3}
-//       every editor inserts rounds tokens "[name:i]" into the Y.Text "text"
+//   {"cmd":"join","name":"alice","url":"ws://127.0.0.1:PORT","doc":"notes","offline":2,"timeoutMs":10000,"maxBackoffMs":2500}
+//       a new editor with awareness {user:{name}}; answers once connected.
+//       offline (default 0): tokens it makes before it connects, as an
+//       editor that opens a document it stored while offline.
+//       maxBackoffMs: the provider's longest wait between reconnection
+//       attempts (y-websocket's maxBackoffTime, default 2500)
+//   {"cmd":"edit","rounds":3,"names":["alice"]}
+//       every editor (or those named) inserts rounds tokens "[name:i]"
+//       into the Y.Text "text"
+//   {"cmd":"insert","name":"alice","bytes":300000}
+//       alice makes one token followed by bytes filler characters, in one
+//       update
+//   {"cmd":"disconnect","name":"alice"}   closes alice's provider's socket;
+//       she keeps editing locally when told to
+//   {"cmd":"connect","name":"alice"}      connects it again; answers once
+//       connected
 //   {"cmd":"startEditing","intervalMs":20}   every editor inserts a token
 //   {"cmd":"stopEditing"}                    every interval, until stopped
 //   {"cmd":"waitEdits","count":10}  waits until every editor made count more
@@ -70,21 +82,24 @@ const waitFor = (check, timeoutMs) => new Promise((resolve, reject) => {
   recheck()
 })
 
-const join = ({ name, url, doc }) => new Promise((resolve, reject) => {
+const join = ({ name, url, doc, offline, timeoutMs, maxBackoffMs }) => new Promise((resolve, reject) => {
   const ydoc = new Y.Doc()
+  const e = { name, doc, ydoc, text: ydoc.getText('text'), made: [] }
+  for (let i = 0; i < (offline ?? 0); i++) editOne(e)
   const provider = new WebsocketProvider(url, doc, ydoc, {
     WebSocketPolyfill: WebSocket,
     // Editors in one process would otherwise sync through a
     // BroadcastChannel and bypass the relay.
     disableBc: true,
-    connect: false
+    connect: false,
+    maxBackoffTime: maxBackoffMs ?? 2500
   })
   provider.awareness.setLocalStateField('user', { name })
-  const e = { name, doc, ydoc, provider, text: ydoc.getText('text'), made: [] }
+  e.provider = provider
   const timer = setTimeout(() => {
     provider.destroy()
-    reject(new Error(`${name}: not connected after 10 s`))
-  }, 10000)
+    reject(new Error(`${name}: not connected after ${timeoutMs ?? 10000} ms`))
+  }, timeoutMs ?? 10000)
   provider.on('status', ({ status }) => {
     if (status === 'connected' && !editors.has(name)) {
       clearTimeout(timer)
@@ -95,14 +110,26 @@ const join = ({ name, url, doc }) => new Promise((resolve, reject) => {
   provider.connect()
 })
 
-/** edit makes one token per editor, at either end of the text (inside
- * would split another editor's token). */
-const edit = () => {
+/** editOne makes one token of editor e, at either end of the text (inside
+ * would split another editor's token), followed by filler characters. */
+const editOne = (e, filler = '') => {
+  const t = token(e.name, e.made.length)
+  e.text.insert(Math.random() < 0.5 ? 0 : e.text.length, t + filler)
+  e.made.push(t)
+}
+
+/** edit makes one token per editor, or per editor named in names. */
+const edit = (names) => {
   for (const e of editors.values()) {
-    const t = token(e.name, e.made.length)
-    e.text.insert(Math.random() < 0.5 ? 0 : e.text.length, t)
-    e.made.push(t)
+    if (!names || names.includes(e.name)) editOne(e)
   }
+}
+
+/** editor returns the editor called name, or throws. */
+const editor = (name) => {
+  const e = editors.get(name)
+  if (!e) throw new Error(`no editor ${name}`)
+  return e
 }
 
 let editing = null
@@ -122,15 +149,41 @@ const converged = (expect) => {
 
 const commands = {
   join,
-  edit: async ({ rounds }) => {
+  edit: async ({ rounds, names }) => {
     for (let i = 0; i < rounds; i++) {
-      edit()
+      edit(names)
       await new Promise((resolve) => setImmediate(resolve))
     }
     return {}
   },
+  insert: async ({ name, bytes }) => {
+    editOne(editor(name), 'x'.repeat(bytes))
+    return {}
+  },
+  disconnect: async ({ name }) => {
+    editor(name).provider.disconnect()
+    return {}
+  },
+  connect: async ({ name, timeoutMs }) => {
+    const { provider } = editor(name)
+    const connected = new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        provider.off('status', onStatus)
+        reject(new Error(`${name}: not connected after ${timeoutMs ?? 10000} ms`))
+      }, timeoutMs ?? 10000)
+      const onStatus = ({ status }) => {
+        if (status !== 'connected') return
+        clearTimeout(timer)
+        provider.off('status', onStatus)
+        resolve({})
+      }
+      provider.on('status', onStatus)
+    })
+    provider.connect()
+    return connected
+  },
   startEditing: async ({ intervalMs }) => {
-    editing = setInterval(edit, intervalMs ?? 20)
+    editing = setInterval(() => edit(), intervalMs ?? 20)
     return {}
   },
   waitEdits: async ({ count, timeoutMs }) => {
@@ -156,8 +209,7 @@ const commands = {
     }
   },
   awareness: async ({ name, of, present, timeoutMs }) => {
-    const e = editors.get(name)
-    if (!e) throw new Error(`no editor ${name}`)
+    const e = editor(name)
     const ms = await waitFor(() => awarenessNames(e).includes(of) === present, timeoutMs ?? 20000)
     return { ms }
   },

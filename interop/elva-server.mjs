@@ -3,6 +3,7 @@
 // (magic, varuint length, UTF-8 name) followed by a plain Yjs message.
 //
 //   node elva-server.mjs --port 0 --mode broadcast|persistent [--magic 0200] [--store DIR]
+//                        [--max-payload BYTES]
 //
 // broadcast:  each frame goes, prefix and all, to the other connections in
 //             the document's room.
@@ -11,6 +12,10 @@
 //             and its own step 1 (to the sender only), applies step 2 and
 //             updates and broadcasts the changes as updates to the others.
 //             Awareness is broadcast as it is.
+//
+// --max-payload is the largest frame the server takes (the ws library's
+// maxPayload, default 100 MiB); a larger one closes that connection with
+// 1009 (message too big), as real servers with a message limit do.
 //
 // It prints "listening PORT" on stdout once it accepts connections, and
 // listens on 127.0.0.1 only.
@@ -30,7 +35,8 @@ const { values: opts } = parseArgs({
     port: { type: 'string', default: '0' },
     mode: { type: 'string', default: 'broadcast' },
     magic: { type: 'string', default: '0200' },
-    store: { type: 'string' }
+    store: { type: 'string' },
+    'max-payload': { type: 'string', default: String(100 * 1024 * 1024) }
   }
 })
 const magic = Buffer.from(opts.magic, 'hex')
@@ -110,7 +116,7 @@ const handlePersistent = (conn, name, r, msg) => {
   }
 }
 
-const wss = new WebSocketServer({ noServer: true })
+const wss = new WebSocketServer({ noServer: true, maxPayload: Number(opts['max-payload']) })
 wss.on('connection', (conn) => {
   const joined = new Set()
   conn.on('message', (data) => {
@@ -134,6 +140,9 @@ wss.on('connection', (conn) => {
       console.error(`elva-server: ${frame.name}: ${err.stack}`)
     }
   })
+  // A frame over --max-payload is an error of the connection, which ws
+  // then closes with 1009; without a listener the error would end the server.
+  conn.on('error', (err) => console.error(`elva-server: connection closed: ${err.message}`))
   conn.on('close', () => {
     for (const name of joined) rooms.get(name)?.conns.delete(conn)
   })

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -199,4 +200,60 @@ func rawUpgrade(t *testing.T, addr, path string) (net.Conn, *bufio.Reader) {
 	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
 		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", path)
 	return conn, bufio.NewReader(conn)
+}
+
+func TestRewritePercent(t *testing.T) {
+	tests := []struct {
+		name string
+		in   string
+		want string
+	}{
+		{"lone percent", "GET /100% HTTP/1.1\r\n", "GET /100%25 HTTP/1.1\r\n"},
+		{"percent before an escape", "GET /100%%20sure HTTP/1.1\r\n", "GET /100%25%20sure HTTP/1.1\r\n"},
+		{"not hex", "GET /a%zz HTTP/1.1\r\n", "GET /a%25zz HTTP/1.1\r\n"},
+		{"one hex digit", "GET /a%4 HTTP/1.1\r\n", "GET /a%254 HTTP/1.1\r\n"},
+		{"trailing percent before the query", "GET /a%?x=1 HTTP/1.1\r\n", "GET /a%25?x=1 HTTP/1.1\r\n"},
+		{"valid escape unchanged", "GET /%41%c3%bc HTTP/1.1\r\n", "GET /%41%c3%bc HTTP/1.1\r\n"},
+		{"query left alone", "GET /a?x=%zz HTTP/1.1\r\n", "GET /a?x=%zz HTTP/1.1\r\n"},
+		{"bare LF", "GET /%\n", "GET /%25\n"},
+		{"no target", "GET\r\n", "GET\r\n"},
+		{"only the request line", "GET /a HTTP/1.1\r\nX-A: %\r\n", "GET /a HTTP/1.1\r\nX-A: %\r\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := string(rewritePercent([]byte(tt.in))); got != tt.want {
+				t.Errorf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestPercentInDocumentName checks over real HTTP that a document name
+// with a '%' that starts no escape, as browsers send it, is decoded as a
+// browser would and reaches the upstream under that name.
+func TestPercentInDocumentName(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	r := startRelay(t, "--server", srv.url())
+	r.logs.waitFor(t, "upstream connected")
+	tests := []struct {
+		name   string
+		target string
+		doc    string
+	}{
+		{"y-websocket room '100% sure'", "100%%20sure", "100% sure"},
+		{"not hex", "a%zz", "a%zz"},
+		{"trailing percent", "50%", "50%"},
+		{"valid escape", "Gr%C3%BC%C3%9Fe", "Grüße"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			conn, _ := rawJoin(t, r.addr, tt.target)
+			msg := unhex(t, "00 00 01 00")
+			conn.Write(maskedFrame(0x82, msg))
+			want := append(appendIDPrefix(nil, magicSeed, tt.doc), msg...)
+			if got := srv.nextFrame(t); !bytes.Equal(got, want) {
+				t.Errorf("upstream got % x, want % x", got, want)
+			}
+		})
+	}
 }

@@ -14,6 +14,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -30,12 +31,13 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"syscall"
 	"time"
 	"unicode"
 	"unicode/utf8"
 
+	"golang.org/x/net/netutil"
 	"golang.org/x/net/websocket"
 )
 
@@ -655,37 +657,194 @@ func listenAll(host string, port int, log *slog.Logger) ([]net.Listener, error) 
 // --max-connections: requests on their way to an upgrade or a refusal.
 const preUpgradeSlots = 64
 
-// limitListener lets at most cap(slots) connections be open at once, on
-// all listeners together; past it, Accept waits and new clients wait in
-// the kernel's backlog. The hub's limits count upgraded connections only;
-// this bounds what requests that never upgrade can hold.
-type limitListener struct {
-	net.Listener
-	slots chan struct{} // one token per open connection
+// limitConns lets at most n connections be open at once on all of lns
+// together; past it, Accept waits and new clients wait in the kernel's
+// backlog. The hub's limits count upgraded connections only; this bounds
+// what requests that never upgrade can hold. netutil.LimitListener counts
+// per listener, and a split of n between 127.0.0.1 and ::1 would halve
+// the room of a browser that uses only one of them, so the listeners are
+// merged first and limited once. The merge's accept loops hold at most
+// one connection each beyond n while they wait to hand it over.
+func limitConns(lns []net.Listener, n int) net.Listener {
+	return netutil.LimitListener(newMergedListener(lns), n)
 }
 
-func (l *limitListener) Accept() (net.Conn, error) {
-	l.slots <- struct{}{}
+// mergedListener accepts from several listeners as one. Each listener has
+// an accept goroutine that hands its connections over on conns and
+// returns at its listener's first error that is not temporary.
+type mergedListener struct {
+	lns       []net.Listener // static after construction
+	conns     chan accepted  // from the accept goroutines to Accept; never closed
+	done      chan struct{}  // closed by Close
+	closeOnce sync.Once
+}
+
+// accepted is one result of a listener's Accept.
+type accepted struct {
+	conn net.Conn
+	err  error
+}
+
+// newMergedListener starts an accept goroutine for each of lns.
+func newMergedListener(lns []net.Listener) *mergedListener {
+	m := &mergedListener{lns: lns, conns: make(chan accepted), done: make(chan struct{})}
+	for _, ln := range lns {
+		go m.acceptLoop(ln)
+	}
+	return m
+}
+
+// acceptLoop is ln's accept goroutine. It returns after ln's first error
+// that is not temporary, or once m is closed (closing what it holds).
+func (m *mergedListener) acceptLoop(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		select {
+		case m.conns <- accepted{c, err}:
+		case <-m.done:
+			if c != nil {
+				c.Close()
+			}
+			return
+		}
+		var ne net.Error
+		if err != nil && !(errors.As(err, &ne) && ne.Timeout()) {
+			return
+		}
+	}
+}
+
+// Accept returns the next connection from any listener, or the first
+// error one of them returned, or net.ErrClosed once m is closed.
+func (m *mergedListener) Accept() (net.Conn, error) {
+	select {
+	case a := <-m.conns:
+		return a.conn, a.err
+	case <-m.done:
+		return nil, net.ErrClosed
+	}
+}
+
+// Close closes every listener; the accept goroutines then return.
+func (m *mergedListener) Close() error {
+	var errs []error
+	m.closeOnce.Do(func() {
+		close(m.done)
+		for _, ln := range m.lns {
+			errs = append(errs, ln.Close())
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// Addr is the first listener's address.
+func (m *mergedListener) Addr() net.Addr { return m.lns[0].Addr() }
+
+// percentListener wraps each accepted connection in a percentConn.
+type percentListener struct{ net.Listener }
+
+// Accept returns the next connection, wrapped.
+func (l percentListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
-		<-l.slots
 		return nil, err
 	}
-	return &limitedConn{Conn: c, slots: l.slots}, nil
+	return &percentConn{Conn: c}, nil
 }
 
-// limitedConn gives its token back when it is closed, once.
-type limitedConn struct {
+// percentConn rewrites, in its first request line only, each '%' that
+// does not start an escape into "%25" before net/http reads it. Browsers
+// and the ws package send a room such as "100% sure" as /100%%20sure,
+// which net/http would refuse with a bare 400. With keep-alives off, the
+// first request line is the only one. Its fields are owned by the one
+// goroutine that reads: net/http's, then the WebSocket reader's.
+type percentConn struct {
 	net.Conn
-	slots    chan struct{}
-	released atomic.Bool
+	started bool   // the request line has been read
+	pending []byte // what was read ahead, rewritten, not yet returned
+	err     error  // the read error that ended the read-ahead
 }
 
-func (c *limitedConn) Close() error {
-	if c.released.CompareAndSwap(false, true) {
-		<-c.slots
+// Read returns the rewritten request line and what was read with it,
+// then reads the connection directly.
+func (c *percentConn) Read(p []byte) (int, error) {
+	if !c.started {
+		c.started = true
+		c.pending, c.err = c.readRequestLine()
 	}
-	return c.Conn.Close()
+	if len(c.pending) > 0 {
+		n := copy(p, c.pending)
+		c.pending = c.pending[n:]
+		return n, nil
+	}
+	if c.err != nil {
+		err := c.err
+		c.err = nil
+		return 0, err
+	}
+	return c.Conn.Read(p)
+}
+
+// readRequestLine reads until the first line feed, at most maxHeaderBytes,
+// and returns what it read with the request line rewritten; without a
+// line feed in that much, or after a read error, it returns it unchanged
+// and the error.
+func (c *percentConn) readRequestLine() ([]byte, error) {
+	buf := make([]byte, 0, 1024)
+	for len(buf) < maxHeaderBytes {
+		if len(buf) == cap(buf) {
+			buf = append(buf, make([]byte, len(buf))...)[:len(buf)]
+		}
+		n, err := c.Conn.Read(buf[len(buf):min(cap(buf), maxHeaderBytes)])
+		buf = buf[:len(buf)+n]
+		if bytes.IndexByte(buf, '\n') >= 0 {
+			return rewritePercent(buf), err
+		}
+		if err != nil {
+			return buf, err
+		}
+	}
+	return buf, nil
+}
+
+// rewritePercent returns b with each '%' in the path of its first line's
+// request target that is not followed by two hex digits replaced by
+// "%25", as a browser decodes it: it stays a literal '%'. The query is
+// left alone (net/http does not check it, and the relay ignores it), and
+// so is everything when b holds no request line.
+func rewritePercent(b []byte) []byte {
+	end := bytes.IndexByte(b, '\n')
+	if end < 0 {
+		return b
+	}
+	line := bytes.TrimSuffix(b[:end], []byte("\r"))
+	sp := bytes.IndexByte(line, ' ')
+	if sp < 0 {
+		return b
+	}
+	start := sp + 1
+	stop := len(line)
+	if i := bytes.IndexAny(line[start:], " ?"); i >= 0 {
+		stop = start + i
+	}
+	path := line[start:stop]
+	if bytes.IndexByte(path, '%') < 0 {
+		return b
+	}
+	out := make([]byte, 0, len(b)+2*bytes.Count(path, []byte("%")))
+	out = append(out, b[:start]...)
+	for i := 0; i < len(path); i++ {
+		out = append(out, path[i])
+		if path[i] == '%' && !(i+2 < len(path) && isHex(path[i+1]) && isHex(path[i+2])) {
+			out = append(out, '2', '5')
+		}
+	}
+	return append(out, b[stop:]...)
+}
+
+// isHex reports whether b is a hexadecimal digit.
+func isHex(b byte) bool {
+	return '0' <= b && b <= '9' || 'a' <= b && b <= 'f' || 'A' <= b && b <= 'F'
 }
 
 // addr is the first address the relay listens on, with the port it got.
@@ -721,11 +880,12 @@ func (s *service) run(ctx context.Context) int {
 		MaxHeaderBytes: maxHeaderBytes,
 		ErrorLog:       slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
-	srvDone := make(chan error, len(s.lns))
-	slots := make(chan struct{}, s.cfg.limits.conns+preUpgradeSlots)
-	for _, ln := range s.lns {
-		go func() { srvDone <- srv.Serve(&limitListener{Listener: ln, slots: slots}) }()
-	}
+	// A local relay gains nothing from keep-alive, and with one request per
+	// connection percentConn needs to rewrite only the first request line.
+	srv.SetKeepAlivesEnabled(false)
+	srvDone := make(chan error, 1)
+	ln := percentListener{limitConns(s.lns, s.cfg.limits.conns+preUpgradeSlots)}
+	go func() { srvDone <- srv.Serve(ln) }()
 
 	status := 0
 	upWait := (<-chan error)(upDone)
@@ -896,6 +1056,9 @@ func isWebSocketUpgrade(r *http.Request) bool {
 }
 
 // headerHasToken reports whether a comma-separated header lists token.
+// It is what httpguts.HeaderValuesContainsToken does, but httpguts imports
+// x/net/idna and with it golang.org/x/text, a second module in go.mod for
+// these ten lines.
 func headerHasToken(h http.Header, name, token string) bool {
 	for _, v := range h.Values(name) {
 		for _, t := range strings.Split(v, ",") {

@@ -25,6 +25,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
@@ -422,13 +423,11 @@ func (c *config) setAddress(positional []string) error {
 		c.port = port
 		fallthrough
 	case 1:
-		if positional[0] == "" {
-			return errors.New("host is empty")
+		host, err := checkHost(positional[0])
+		if err != nil {
+			return err
 		}
-		if strings.Contains(positional[0], "/") {
-			return fmt.Errorf("host %q: want a name or an address (is it the server? use --server)", redactArg(positional[0]))
-		}
-		c.host = positional[0]
+		c.host = host
 	case 0:
 	default:
 		shown := make([]string, len(positional))
@@ -438,6 +437,59 @@ func (c *config) setAddress(positional []string) error {
 		return fmt.Errorf("too many arguments: %q (want at most HOST PORT)", shown)
 	}
 	return nil
+}
+
+// checkHost returns HOST without IPv6 brackets if it is an IP literal,
+// localhost or a valid DNS host name (RFC 1123), so that nothing else is
+// ever looked up or logged. The error does not quote an argument with an
+// '@' or a ':' in it: it may hold credentials.
+func checkHost(host string) (string, error) {
+	switch {
+	case host == "":
+		return "", errors.New("host is empty")
+	case strings.Contains(host, "@"):
+		return "", errors.New("HOST looks like credentials or a URI (it has an '@'): use --server for the server URI and its credentials")
+	case strings.Contains(host, "/"):
+		return "", fmt.Errorf("host %q: want a name or an address (is it the server? use --server)", host)
+	case strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]"):
+		inner := host[1 : len(host)-1]
+		if ip, err := netip.ParseAddr(inner); err == nil && ip.Is6() {
+			return inner, nil
+		}
+		return "", errors.New("host in brackets is not an IPv6 address, nor a host name")
+	}
+	if _, err := netip.ParseAddr(host); err == nil || strings.EqualFold(host, "localhost") {
+		return host, nil
+	}
+	if strings.Contains(host, ":") {
+		return "", errors.New("host is not an IP address, nor a host name: give HOST and PORT as two arguments, e.g. localhost 9000")
+	}
+	if !isHostName(host) {
+		return "", fmt.Errorf("host %q is not a host name: want an IP address, localhost or a name of letters, digits, '-' and '.'", host)
+	}
+	return host, nil
+}
+
+// isHostName reports whether name is a DNS host name as RFC 1123 has it:
+// dot-separated labels of 1 to 63 letters, digits and inner hyphens, at
+// most 253 bytes, with an optional final dot.
+func isHostName(name string) bool {
+	name = strings.TrimSuffix(name, ".")
+	if name == "" || len(name) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(name, ".") {
+		if len(label) < 1 || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			b := label[i]
+			if !('a' <= b && b <= 'z' || 'A' <= b && b <= 'Z' || '0' <= b && b <= '9' || b == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // redactArg hides the password of a URI given where HOST or PORT belong:

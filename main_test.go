@@ -440,6 +440,18 @@ func TestParseArgs(t *testing.T) {
 		{"bad size", []string{"--server", "ws://e/", "--max-message", "lots"}, nil, nil, "--max-message"},
 		{"server is the relay itself", []string{"--server", "ws://localhost:8000/"}, nil, nil, "identical to the service address"},
 		{"server is the relay by loopback address", []string{"--server", "ws://127.0.0.1:9000/", "localhost", "9000"}, nil, nil, "identical"},
+		{"IPv6 host", []string{"--server", "wss://e/", "::1", "9000"}, nil, func(c *config) bool { return c.host == "::1" && c.port == 9000 }, ""},
+		{"bracketed IPv6 host", []string{"--server", "wss://e/", "[::1]", "9000"}, nil, func(c *config) bool { return c.host == "::1" }, ""},
+		{"IPv4 host", []string{"--server", "wss://e/", "127.0.0.1", "9000"}, nil, func(c *config) bool { return c.host == "127.0.0.1" }, ""},
+		{"upper-case localhost", []string{"--server", "wss://e/", "LOCALHOST", "9000"}, nil, func(c *config) bool { return c.host == "LOCALHOST" }, ""},
+		{"host name", []string{"--server", "wss://e/", "notes-1.example.org", "9000"}, nil, func(c *config) bool { return c.host == "notes-1.example.org" }, ""},
+		{"credentials as HOST", []string{"--server", "ws://ada:secret@127.0.0.1:9/", "ada:secret@127.0.0.1", "40445"}, nil, nil, "looks like credentials or a URI"},
+		{"host with a port", []string{"--server", "wss://e/", "localhost:9000"}, nil, nil, "give HOST and PORT as two arguments"},
+		{"label ends with a dash", []string{"--server", "wss://e/", "x-.example", "1"}, nil, nil, "not a host name"},
+		{"underscore", []string{"--server", "wss://e/", "a_b", "1"}, nil, nil, "not a host name"},
+		{"empty label", []string{"--server", "wss://e/", "a..b", "1"}, nil, nil, "not a host name"},
+		{"label of 64 bytes", []string{"--server", "wss://e/", strings.Repeat("a", 64) + ".org", "1"}, nil, nil, "not a host name"},
+		{"bracketed IPv4", []string{"--server", "wss://e/", "[127.0.0.1]", "1"}, nil, nil, "not an IPv6 address"},
 		{"other port is fine", []string{"--server", "ws://localhost:8001/"}, nil, func(c *config) bool { return c.port == 8000 }, ""},
 	}
 	for _, tt := range tests {
@@ -477,6 +489,8 @@ func TestRunExitStatus(t *testing.T) {
 		{"malformed URI", []string{"--server", "ws://a b/"}, 2, "", "invalid character"},
 		{"password not echoed", []string{"--server", "ws://u:topsecret@%zz/"}, 2, "", "elva-service:"},
 		{"password in a positional not echoed", []string{"--server", "wss://e/", "h", "ws://u:topsecret@e/"}, 2, "", "port"},
+		{"credentials as HOST not echoed", []string{"--server", "ws://ada:topsecret@127.0.0.1:9/", "ada:topsecret@127.0.0.1", "40445"}, 2, "", "use --server"},
+		{"credentials as lone HOST not echoed", []string{"--server", "ws://127.0.0.1:9/", "ada:topsecret@localhost"}, 2, "", "credentials"},
 		{"password in extra arguments not echoed", []string{"--server", "wss://e/", "h", "1", "ws://u:topsecret@e/"}, 2, "", "too many"},
 	}
 	for _, tt := range tests {

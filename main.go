@@ -15,6 +15,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -54,6 +55,10 @@ const (
 	defaultPeerTimeout = 30 * time.Second
 	// defaultMaxConns bounds the local connections (--max-connections).
 	defaultMaxConns = 1024
+	// defaultUpstreamMax is the largest frame the upstream server takes
+	// (--upstream-max-message): 1 MiB, the default message limit of Python
+	// websockets, which the original ELVA server runs on.
+	defaultUpstreamMax = "1MiB"
 	// defaultMaxPerDoc bounds the local connections to one document
 	// (--max-per-document).
 	defaultMaxPerDoc = 256
@@ -102,7 +107,10 @@ Flags:
   --id-magic HEX      ID message type on the upstream: 0200 (default, the
                       documented protocol) or 4944 (ELVA server, mid-2025)
   --max-message SIZE  largest message accepted, e.g. 32MiB (default), 512KiB
-  --ping-interval D   ping every peer this often (default 10s, 0: never)
+  --upstream-max-message SIZE  largest frame the server takes, ID prefix
+                      included (default 1MiB; env ELVA_UPSTREAM_MAX_MESSAGE)
+  --ping-interval D   ping every peer this often (default 10s, 0: never,
+                      which turns --peer-timeout off too unless it is given)
   --peer-timeout D    close a peer silent for this long, which finds
                       half-open connections (default 30s, 0: never)
   --retry-max D       longest wait between upstream reconnect attempts
@@ -130,8 +138,8 @@ type config struct {
 	password   string
 	magic      idMagic
 	maxMessage int
-	// upstreamMaxMessage is the largest frame the server takes, in bytes
-	// (--upstream-max-message); 0 until the flag is wired.
+	// upstreamMaxMessage is the largest frame the server takes, in bytes,
+	// ID prefix included (--upstream-max-message).
 	upstreamMaxMessage int
 	logFile            string
 	verbose            bool
@@ -196,82 +204,171 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	return s.run(ctx)
 }
 
+// flagValues holds what the flags set, before it is checked.
+type flagValues struct {
+	server, user, password, passwordFile, caFile, logFile *string
+	magic, maxMessage, upstreamMax                        *string
+	pingInterval, peerTimeout, retryMax                   *time.Duration
+	maxConns, maxPerDoc                                   *int
+	origins                                               originList
+	verbose, showVersion, insecureAuth                    bool
+}
+
+// defineFlags defines every flag on fs, with the ELVA_* environment
+// variables as the defaults of those that have one.
+func defineFlags(fs *flag.FlagSet, getenv func(string) string) *flagValues {
+	v := &flagValues{
+		server:       fs.String("server", getenv("ELVA_SERVER"), ""),
+		user:         fs.String("user", getenv("ELVA_USER"), ""),
+		password:     fs.String("password", getenv("ELVA_PASSWORD"), ""),
+		passwordFile: fs.String("password-file", "", ""),
+		caFile:       fs.String("ca-file", "", ""),
+		logFile:      fs.String("log", "", ""),
+		magic:        fs.String("id-magic", magicSeed.String(), ""),
+		maxMessage:   fs.String("max-message", "32MiB", ""),
+		upstreamMax:  fs.String("upstream-max-message", cmp.Or(getenv("ELVA_UPSTREAM_MAX_MESSAGE"), defaultUpstreamMax), ""),
+		pingInterval: durationFlag(fs, "ping-interval", defaultPingInterval),
+		peerTimeout:  durationFlag(fs, "peer-timeout", defaultPeerTimeout),
+		retryMax:     durationFlag(fs, "retry-max", defaultRetryMax),
+		maxConns:     intFlag(fs, "max-connections", defaultMaxConns),
+		maxPerDoc:    intFlag(fs, "max-per-document", defaultMaxPerDoc),
+	}
+	fs.Var(&v.origins, "allow-origin", "")
+	fs.BoolVar(&v.verbose, "v", false, "")
+	fs.BoolVar(&v.verbose, "verbose", false, "")
+	fs.BoolVar(&v.showVersion, "version", false, "")
+	fs.BoolVar(&v.insecureAuth, "allow-insecure-auth", false, "")
+	return v
+}
+
 // parseArgs reads flags, the positional HOST and PORT in any order, and the
 // ELVA_* environment variables, which flags override.
 func parseArgs(args []string, getenv func(string) string) (*config, error) {
 	fs := flag.NewFlagSet("elva-service", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
-	server := fs.String("server", getenv("ELVA_SERVER"), "")
-	user := fs.String("user", getenv("ELVA_USER"), "")
-	password := fs.String("password", getenv("ELVA_PASSWORD"), "")
-	magic := fs.String("id-magic", magicSeed.String(), "")
-	maxMessage := fs.String("max-message", "32MiB", "")
-	logFile := fs.String("log", "", "")
-	pingInterval := fs.Duration("ping-interval", defaultPingInterval, "")
-	retryMax := fs.Duration("retry-max", defaultRetryMax, "")
-	peerTimeout := fs.Duration("peer-timeout", defaultPeerTimeout, "")
-	passwordFile := fs.String("password-file", "", "")
-	caFile := fs.String("ca-file", "", "")
-	maxConns := fs.Int("max-connections", defaultMaxConns, "")
-	maxPerDoc := fs.Int("max-per-document", defaultMaxPerDoc, "")
-	var origins originList
-	fs.Var(&origins, "allow-origin", "")
-	var verbose, showVersion, insecureAuth bool
-	fs.BoolVar(&verbose, "v", false, "")
-	fs.BoolVar(&verbose, "verbose", false, "")
-	fs.BoolVar(&showVersion, "version", false, "")
-	fs.BoolVar(&insecureAuth, "allow-insecure-auth", false, "")
-
+	v := defineFlags(fs, getenv)
 	positional, err := parseInterleaved(fs, args)
 	if err != nil {
 		return nil, err
 	}
-	if showVersion {
+	if v.showVersion {
 		return nil, errVersion
 	}
-	cfg := &config{host: "localhost", port: 8000, logFile: *logFile, verbose: verbose, user: *user, password: *password}
+	cfg := &config{host: "localhost", port: 8000, logFile: *v.logFile, verbose: v.verbose, user: *v.user, password: *v.password}
 	if err := cfg.setAddress(positional); err != nil {
 		return nil, err
 	}
-	if cfg.magic, err = parseIDMagic(*magic); err != nil {
-		return nil, fmt.Errorf("--id-magic: %w", err)
-	}
-	if cfg.maxMessage, err = parseSize(*maxMessage); err != nil {
-		return nil, fmt.Errorf("--max-message: %w", err)
-	}
-	if err := cfg.setKeepalive(*pingInterval, *peerTimeout); err != nil {
+	if err := cfg.setTuning(fs, v); err != nil {
 		return nil, err
 	}
-	if *retryMax < backoffBase {
-		return nil, fmt.Errorf("--retry-max %v: want at least %v", *retryMax, backoffBase)
-	}
-	cfg.retryMax = *retryMax
-	if *maxConns < 1 || *maxPerDoc < 1 {
-		return nil, errors.New("--max-connections and --max-per-document must be at least 1")
-	}
-	cfg.limits = limits{conns: *maxConns, perDoc: *maxPerDoc}
 	if flagSet(fs, "password") {
 		cfg.warnings = append(cfg.warnings, "--password is visible to other users in the process list; use --password-file or ELVA_PASSWORD")
 	}
-	if *passwordFile != "" && !flagSet(fs, "password") {
-		if cfg.password, err = readPasswordFile(*passwordFile); err != nil {
+	if *v.passwordFile != "" && !flagSet(fs, "password") {
+		if cfg.password, err = readPasswordFile(*v.passwordFile); err != nil {
 			return nil, err
 		}
 	}
-	if err := cfg.setServer(*server); err != nil {
+	if err := cfg.setServer(*v.server); err != nil {
 		return nil, err
 	}
-	if err := cfg.checkAuthTransport(insecureAuth); err != nil {
+	if err := cfg.checkAuthTransport(v.insecureAuth); err != nil {
 		return nil, err
 	}
-	if *caFile != "" {
-		if cfg.tls, err = loadCAFile(*caFile); err != nil {
+	if *v.caFile != "" {
+		if cfg.tls, err = loadCAFile(*v.caFile); err != nil {
 			return nil, err
 		}
 	}
-	cfg.setGate(origins)
+	cfg.setGate(v.origins)
 	return cfg, nil
+}
+
+// setTuning checks and takes the ID magic, the sizes, the keepalive, the
+// retry bound and the connection limits.
+func (c *config) setTuning(fs *flag.FlagSet, v *flagValues) error {
+	var err error
+	if c.magic, err = parseIDMagic(*v.magic); err != nil {
+		return fmt.Errorf("--id-magic: %w", err)
+	}
+	if c.maxMessage, err = parseSize(*v.maxMessage); err != nil {
+		return fmt.Errorf("--max-message: %w", err)
+	}
+	if c.upstreamMaxMessage, err = parseSize(*v.upstreamMax); err != nil {
+		return fmt.Errorf("--upstream-max-message (or ELVA_UPSTREAM_MAX_MESSAGE): %w", err)
+	}
+	peerTimeout := *v.peerTimeout
+	if *v.pingInterval == 0 && !flagSet(fs, "peer-timeout") {
+		peerTimeout = 0 // without pings a quiet peer is not a dead one
+	}
+	if err := c.setKeepalive(*v.pingInterval, peerTimeout); err != nil {
+		return err
+	}
+	if *v.retryMax < backoffBase {
+		return fmt.Errorf("--retry-max %v: want at least %v", *v.retryMax, backoffBase)
+	}
+	c.retryMax = *v.retryMax
+	if *v.maxConns < 1 || *v.maxPerDoc < 1 {
+		return errors.New("--max-connections and --max-per-document must be at least 1")
+	}
+	c.limits = limits{conns: *v.maxConns, perDoc: *v.maxPerDoc}
+	return nil
+}
+
+// durationValue is a duration flag whose error says what is wanted: the
+// flag package's own says only "parse error".
+type durationValue struct{ d *time.Duration }
+
+// durationFlag defines a duration flag on fs and returns where it is kept.
+func durationFlag(fs *flag.FlagSet, name string, def time.Duration) *time.Duration {
+	d := def
+	fs.Var(durationValue{&d}, name, "")
+	return &d
+}
+
+func (v durationValue) String() string {
+	if v.d == nil {
+		return ""
+	}
+	return v.d.String()
+}
+
+// Set parses s, e.g. 10s or 1m30s; a number without a unit is an error.
+func (v durationValue) Set(s string) error {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return errors.New("use a unit, e.g. 10s")
+	}
+	*v.d = d
+	return nil
+}
+
+// intValue is an integer flag whose error says what is wanted.
+type intValue struct{ n *int }
+
+// intFlag defines an integer flag on fs and returns where it is kept.
+func intFlag(fs *flag.FlagSet, name string, def int) *int {
+	n := def
+	fs.Var(intValue{&n}, name, "")
+	return &n
+}
+
+func (v intValue) String() string {
+	if v.n == nil {
+		return ""
+	}
+	return strconv.Itoa(*v.n)
+}
+
+// Set parses s as a decimal whole number.
+func (v intValue) Set(s string) error {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return errors.New("want a whole number, e.g. 100")
+	}
+	*v.n = n
+	return nil
 }
 
 // flagSet reports whether the command line set the flag name.
@@ -423,6 +520,9 @@ func (c *config) setAddress(positional []string) error {
 		c.port = port
 		fallthrough
 	case 1:
+		if isDigits(positional[0]) {
+			return fmt.Errorf("%q looks like a port: give HOST PORT, e.g. localhost %s", positional[0], positional[0])
+		}
 		host, err := checkHost(positional[0])
 		if err != nil {
 			return err
@@ -461,6 +561,9 @@ func checkHost(host string) (string, error) {
 	if _, err := netip.ParseAddr(host); err == nil || strings.EqualFold(host, "localhost") {
 		return host, nil
 	}
+	if isDigits(host) {
+		return "", fmt.Errorf("host %q looks like a port: give HOST PORT, e.g. localhost 9000", host)
+	}
 	if strings.Contains(host, ":") {
 		return "", errors.New("host is not an IP address, nor a host name: give HOST and PORT as two arguments, e.g. localhost 9000")
 	}
@@ -468,6 +571,11 @@ func checkHost(host string) (string, error) {
 		return "", fmt.Errorf("host %q is not a host name: want an IP address, localhost or a name of letters, digits, '-' and '.'", host)
 	}
 	return host, nil
+}
+
+// isDigits reports whether s is a non-empty string of ASCII digits.
+func isDigits(s string) bool {
+	return s != "" && strings.Trim(s, "0123456789") == ""
 }
 
 // isHostName reports whether name is a DNS host name as RFC 1123 has it:
@@ -511,7 +619,7 @@ func (c *config) setKeepalive(interval, timeout time.Duration) error {
 	case interval < 0 || timeout < 0:
 		return errors.New("--ping-interval and --peer-timeout must not be negative")
 	case timeout > 0 && interval == 0:
-		return errors.New("--peer-timeout needs pings: set --ping-interval too")
+		return fmt.Errorf("--peer-timeout %v needs pings: set --ping-interval too, or --peer-timeout 0", timeout)
 	case timeout > 0 && timeout < 2*interval:
 		return fmt.Errorf("--peer-timeout %v must be at least twice --ping-interval %v", timeout, interval)
 	}

@@ -452,6 +452,27 @@ func TestParseArgs(t *testing.T) {
 		{"empty label", []string{"--server", "wss://e/", "a..b", "1"}, nil, nil, "not a host name"},
 		{"label of 64 bytes", []string{"--server", "wss://e/", strings.Repeat("a", 64) + ".org", "1"}, nil, nil, "not a host name"},
 		{"bracketed IPv4", []string{"--server", "wss://e/", "[127.0.0.1]", "1"}, nil, nil, "not an IPv6 address"},
+		{"lone port", []string{"--server", "wss://e/", "9000"}, nil, nil, `"9000" looks like a port: give HOST PORT, e.g. localhost 9000`},
+		{"lone zero", []string{"0", "--server", "wss://e/"}, nil, nil, "looks like a port"},
+		{"no pings turn the peer timeout off", []string{"--server", "wss://e/", "--ping-interval", "0"}, nil, func(c *config) bool {
+			return c.keepalive == keepalive{}
+		}, ""},
+		{"no pings, explicit peer timeout", []string{"--server", "wss://e/", "--ping-interval", "0", "--peer-timeout", "30s"}, nil, nil, "--peer-timeout 30s needs pings"},
+		{"no pings, no peer timeout", []string{"--server", "wss://e/", "--ping-interval", "0", "--peer-timeout", "0"}, nil, func(c *config) bool {
+			return c.keepalive == keepalive{}
+		}, ""},
+		{"duration without a unit", []string{"--server", "wss://e/", "--ping-interval", "10"}, nil, nil, `invalid value "10" for flag -ping-interval: use a unit, e.g. 10s`},
+		{"integer flag not a number", []string{"--server", "wss://e/", "--max-connections", "many"}, nil, nil, "want a whole number"},
+		{"upstream max message default", []string{"--server", "wss://e/"}, nil, func(c *config) bool { return c.upstreamMaxMessage == 1<<20 }, ""},
+		{"upstream max message flag", []string{"--server", "wss://e/", "--upstream-max-message", "64KiB"}, nil, func(c *config) bool { return c.upstreamMaxMessage == 64<<10 }, ""},
+		{"upstream max message environment", []string{"--server", "wss://e/"}, map[string]string{"ELVA_UPSTREAM_MAX_MESSAGE": "2MiB"}, func(c *config) bool {
+			return c.upstreamMaxMessage == 2<<20
+		}, ""},
+		{"upstream max message flag beats environment", []string{"--server", "wss://e/", "--upstream-max-message", "3M"}, map[string]string{"ELVA_UPSTREAM_MAX_MESSAGE": "2MiB"}, func(c *config) bool {
+			return c.upstreamMaxMessage == 3<<20
+		}, ""},
+		{"bad upstream max message", []string{"--server", "wss://e/", "--upstream-max-message", "big"}, nil, nil, "--upstream-max-message"},
+		{"bad upstream max message in the environment", []string{"--server", "wss://e/"}, map[string]string{"ELVA_UPSTREAM_MAX_MESSAGE": "0"}, nil, "--upstream-max-message"},
 		{"other port is fine", []string{"--server", "ws://localhost:8001/"}, nil, func(c *config) bool { return c.port == 8000 }, ""},
 	}
 	for _, tt := range tests {
@@ -491,6 +512,7 @@ func TestRunExitStatus(t *testing.T) {
 		{"password in a positional not echoed", []string{"--server", "wss://e/", "h", "ws://u:topsecret@e/"}, 2, "", "port"},
 		{"credentials as HOST not echoed", []string{"--server", "ws://ada:topsecret@127.0.0.1:9/", "ada:topsecret@127.0.0.1", "40445"}, 2, "", "use --server"},
 		{"credentials as lone HOST not echoed", []string{"--server", "ws://127.0.0.1:9/", "ada:topsecret@localhost"}, 2, "", "credentials"},
+		{"duration without a unit", []string{"--server", "wss://e/", "--retry-max", "10"}, 2, "", "use a unit, e.g. 10s (see --help)\n"},
 		{"password in extra arguments not echoed", []string{"--server", "wss://e/", "h", "1", "ws://u:topsecret@e/"}, 2, "", "too many"},
 	}
 	for _, tt := range tests {

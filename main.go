@@ -152,27 +152,66 @@ type config struct {
 	warnings []string
 }
 
+// main runs the relay until the first SIGINT or SIGTERM has stopped it.
 func main() {
 	ctx, cancel := context.WithCancel(context.Background())
-	go stopOnSignals(cancel)
+	// One channel takes both signals, so a second one that comes quickly
+	// is never lost to a handler that is still being replaced.
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	stop := &signalStop{signals: signals, cancel: cancel, now: time.Now, exit: os.Exit, stderr: os.Stderr}
+	go stop.run()
 	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr, os.Getenv))
 }
 
-// stopOnSignals starts a graceful stop at the first SIGINT or SIGTERM and
-// exits at once at the second, with 128 + the signal's number as the shell
-// does. One channel takes both, so a second signal that comes quickly is
-// never lost to a handler that is still being replaced.
-func stopOnSignals(cancel context.CancelFunc) {
-	signals := make(chan os.Signal, 2)
-	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
-	<-signals
-	cancel()
-	sig := <-signals
-	fmt.Fprintf(os.Stderr, "elva-service: second %v: exiting at once\n", sig)
-	if n, ok := sig.(syscall.Signal); ok {
-		os.Exit(128 + int(n))
+// signalWindow is how soon after the first signal a second one is the
+// same stop delivered twice: coreutils timeout(1) signals the relay and
+// then its process group, and systemd's default KillMode=control-group
+// signals every process of the unit, so the relay gets two at once. A
+// person who presses Ctrl-C again is slower than this.
+const signalWindow = 250 * time.Millisecond
+
+// signalStop starts a graceful stop at the first signal and exits at once,
+// with 128 + the signal's number as the shell does, at a second one that
+// comes signalWindow or later after it. Static after construction.
+type signalStop struct {
+	signals <-chan os.Signal
+	cancel  context.CancelFunc // starts the graceful stop
+	now     func() time.Time   // called once per signal
+	exit    func(code int)
+	stderr  io.Writer
+	log     *slog.Logger // nil: slog.Default(), which run sets
+}
+
+// run is the signal goroutine. It returns after calling exit, or when
+// signals is closed (in tests; main never closes it).
+func (s *signalStop) run() {
+	if _, ok := <-s.signals; !ok {
+		return
 	}
-	os.Exit(1)
+	first := s.now()
+	s.cancel()
+	for sig := range s.signals {
+		if s.now().Sub(first) < signalWindow {
+			s.logger().Debug("signal ignored: the stop has begun just now", "signal", sig.String())
+			continue
+		}
+		fmt.Fprintf(s.stderr, "elva-service: second %v: exiting at once\n", sig)
+		code := 1
+		if n, ok := sig.(syscall.Signal); ok {
+			code = 128 + int(n)
+		}
+		s.exit(code)
+		return
+	}
+}
+
+// logger is s.log, or the default logger.
+func (s *signalStop) logger() *slog.Logger {
+	if s.log != nil {
+		return s.log
+	}
+	return slog.Default()
 }
 
 // run is main without the process around it, for tests: it returns the
@@ -196,6 +235,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return 1
 	}
 	defer closeLog()
+	slog.SetDefault(log) // for the signal goroutine, started before log
 	s, err := listen(cfg, log)
 	if err != nil {
 		log.Error("cannot listen", "err", err)

@@ -10,10 +10,12 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -763,4 +765,165 @@ func heapInUse() uint64 {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	return m.HeapInuse
+}
+
+func TestSignalStop(t *testing.T) {
+	type event struct {
+		sig os.Signal
+		at  time.Duration // after the first signal
+	}
+	tests := []struct {
+		name   string
+		events []event
+		exit   int // -1: no exit, the graceful stop runs
+	}{
+		{"one signal stops gracefully", []event{{syscall.SIGTERM, 0}}, -1},
+		{"timeout(1): relay, then its group", []event{{syscall.SIGTERM, 0}, {syscall.SIGTERM, time.Millisecond}}, -1},
+		{"just inside the window", []event{{syscall.SIGTERM, 0}, {syscall.SIGTERM, signalWindow - 1}}, -1},
+		{"at the window", []event{{syscall.SIGTERM, 0}, {syscall.SIGTERM, signalWindow}}, 128 + int(syscall.SIGTERM)},
+		{"Ctrl-C again", []event{{os.Interrupt, 0}, {os.Interrupt, 2 * time.Second}}, 128 + int(syscall.SIGINT)},
+		{"duplicate, then deliberate", []event{{syscall.SIGTERM, 0}, {syscall.SIGTERM, 0}, {syscall.SIGINT, time.Second}}, 128 + int(syscall.SIGINT)},
+	}
+	base := time.Date(2026, 11, 1, 12, 0, 0, 0, time.UTC)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			signals, times := make(chan os.Signal), make(chan time.Time)
+			exited, canceled, done := make(chan int, 1), make(chan struct{}), make(chan struct{})
+			s := &signalStop{
+				signals: signals,
+				cancel:  sync.OnceFunc(func() { close(canceled) }),
+				now:     func() time.Time { return <-times },
+				exit:    func(code int) { exited <- code },
+				stderr:  io.Discard,
+				log:     slog.New(slog.DiscardHandler),
+			}
+			go func() {
+				s.run()
+				close(done)
+			}()
+			deadline := time.After(testTimeout)
+		events:
+			for _, e := range tt.events {
+				for _, step := range []func() bool{
+					func() bool { return sendOrDone(signals, e.sig, done, deadline) },
+					func() bool { return sendOrDone(times, base.Add(e.at), done, deadline) },
+				} {
+					if !step() {
+						break events
+					}
+				}
+			}
+			close(signals)
+			select {
+			case <-done:
+			case <-deadline:
+				t.Fatal("the signal goroutine did not return")
+			}
+			got := -1
+			select {
+			case got = <-exited:
+			default:
+			}
+			select {
+			case <-canceled:
+			default:
+				t.Error("the first signal did not start the graceful stop")
+			}
+			if got != tt.exit {
+				t.Errorf("got exit %d, want %d (-1: none)", got, tt.exit)
+			}
+		})
+	}
+}
+
+// sendOrDone sends v on ch; it reports false if done is closed first, and
+// panics at the deadline, which only a broken signalStop reaches.
+func sendOrDone[T any](ch chan<- T, v T, done <-chan struct{}, deadline <-chan time.Time) bool {
+	select {
+	case ch <- v:
+		return true
+	case <-done:
+		return false
+	case <-deadline:
+		panic("signalStop neither took a signal nor returned")
+	}
+}
+
+// TestDoubleSignalStopsGracefully runs the built binary and delivers the
+// stop twice, as timeout(1) and systemd do: it must still stop gracefully
+// (the "stopped" line, status 0), not exit with 143 midway. An editor that
+// never answers the close frame holds the stop open for closeGrace, so
+// that a second signal that is not ignored would cut it short.
+func TestDoubleSignalStopsGracefully(t *testing.T) {
+	tests := []struct {
+		name    string
+		wrapper []string // command that runs the relay; the test signals it
+		twice   bool     // the test sends the second SIGTERM itself
+	}{
+		{"two SIGTERMs back to back", nil, true},
+		{"under timeout(1)", []string{"timeout", "--preserve-status", "60"}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if len(tt.wrapper) > 0 {
+				if _, err := exec.LookPath(tt.wrapper[0]); err != nil {
+					t.Skipf("%s not installed", tt.wrapper[0])
+				}
+			}
+			srv := newELVAServer(t, magicSeed)
+			argv := append(append(tt.wrapper, relayBinary(t)), "--server", srv.url(), "127.0.0.1", "0")
+			p := startProcess(t, exec.Command(argv[0], argv[1:]...))
+			conn, _ := rawJoin(t, p.addr, "doc")
+			conn.Write(maskedFrame(0x82, awareness))
+			p.logs.waitFor(t, "editor connected")
+			p.cmd.Process.Signal(syscall.SIGTERM) // timeout(1) signals the relay, then its group
+			if tt.twice {
+				p.logs.waitFor(t, "msg=stopping") // the first signal is in
+				p.cmd.Process.Signal(syscall.SIGTERM)
+			}
+			select {
+			case err := <-p.done:
+				p.done <- err // for the cleanup
+				if err != nil {
+					t.Errorf("exit %v, want status 0 after a graceful stop", err)
+				}
+			case <-time.After(testTimeout):
+				t.Fatal("the relay did not stop")
+			}
+			if !strings.Contains(p.logs.String(), "msg=stopped") {
+				t.Errorf("no 'stopped' line: the stop was cut short:\n%s", p.logs.String())
+			}
+		})
+	}
+}
+
+// startProcess starts cmd, which runs the relay binary with its log on
+// stderr, and waits until the relay listens and its upstream is
+// connected. At cleanup the process is stopped with SIGTERM, then its
+// process group killed if it is still there.
+func startProcess(t *testing.T, cmd *exec.Cmd) *relayProcess {
+	t.Helper()
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &relayProcess{cmd: cmd, logs: newLogBuffer(), done: make(chan error, 1)}
+	go func() {
+		io.Copy(p.logs, stderr)
+		p.done <- cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		p.stop(t)
+		if t.Failed() {
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) // what a failed stop left
+		}
+	})
+	line := p.logs.waitFor(t, "msg=listening")
+	p.addr = listeningRE.FindStringSubmatch(line)[1]
+	p.logs.waitFor(t, "upstream connected")
+	return p
 }

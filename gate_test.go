@@ -89,7 +89,10 @@ func TestGateCheck(t *testing.T) {
 			if tt.origin != "" {
 				r.Header.Set("Origin", tt.origin)
 			}
-			doc, status, reason := tt.gate.check(r)
+			doc, status, kind, reason := tt.gate.check(r)
+			if (status == 0) != (kind == "") {
+				t.Errorf("status %d with reason kind %q: want a kind exactly with a refusal", status, kind)
+			}
 			if status != tt.status || doc != tt.doc || !strings.Contains(reason, tt.reason) {
 				t.Errorf("got %q, %d, %q; want %q, %d, %q", doc, status, reason, tt.doc, tt.status, tt.reason)
 			}
@@ -145,10 +148,10 @@ func TestGateOverHTTP(t *testing.T) {
 			}
 		})
 	}
-	// One rate-limited line for all those refusals.
+	// One rate-limited line per reason: the two bad names share one.
 	logs := r.logs.String()
-	if n := strings.Count(logs, "request refused"); n != 1 {
-		t.Errorf("%d 'request refused' lines, want 1 (rate-limited):\n%s", n, logs)
+	if n := strings.Count(logs, "request refused"); n != 4 {
+		t.Errorf("%d 'request refused' lines, want 4 (one per reason):\n%s", n, logs)
 	}
 	if !strings.Contains(logs, "origin=https://evil.example") {
 		t.Errorf("the log line does not name the origin:\n%s", logs)
@@ -253,6 +256,47 @@ func TestPercentInDocumentName(t *testing.T) {
 			want := append(appendIDPrefix(nil, magicSeed, tt.doc), msg...)
 			if got := srv.nextFrame(t); !bytes.Equal(got, want) {
 				t.Errorf("upstream got % x, want % x", got, want)
+			}
+		})
+	}
+}
+
+// TestRefusalsLoggedPerReason checks that the log throttle is per reason:
+// a refused origin is named even right after a refusal of another kind.
+func TestRefusalsLoggedPerReason(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/")
+	tests := []struct {
+		name   string
+		host   string
+		origin string
+		want   []string // in the log line
+	}{
+		{"rebinding host", "attacker.example", "", []string{"reason=host", `detail="host \"attacker.example\" not allowed`}},
+		{"foreign origin", "", "https://evil.example", []string{"reason=origin", "origin=https://evil.example"}},
+		{"plain request", "", "", []string{`reason="not an upgrade"`}},
+	}
+	client := &http.Client{Timeout: testTimeout}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req, _ := http.NewRequest("GET", "http://"+r.addr+"/doc", nil)
+			if tt.host != "" {
+				req.Host = tt.host
+			}
+			if tt.origin != "" {
+				req.Header.Set("Origin", tt.origin)
+				req.Header.Set("Connection", "Upgrade")
+				req.Header.Set("Upgrade", "websocket")
+			}
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			line := r.logs.waitFor(t, "request refused")
+			for _, want := range tt.want {
+				if !strings.Contains(line, want) {
+					t.Errorf("got %q, want %q in it", line, want)
+				}
 			}
 		})
 	}

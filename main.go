@@ -793,7 +793,7 @@ type service struct {
 	log     *slog.Logger
 	lns     []net.Listener
 	gate    gate
-	refused sharedThrottle
+	refused map[refusal]*sharedThrottle // one per reason; static after construction
 	hub     *hub
 	up      *upstream
 }
@@ -819,7 +819,11 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		hub:        h,
 		log:        log,
 	}
-	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: u}, nil
+	refused := make(map[refusal]*sharedThrottle, len(refusals))
+	for _, kind := range refusals {
+		refused[kind] = new(sharedThrottle)
+	}
+	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, refused: refused, hub: h, up: u}, nil
 }
 
 // listenAll opens the listeners for host and port.
@@ -1128,18 +1132,19 @@ func (s *service) waitForStop(upDone <-chan error) {
 // that passes the gate and the connection limits joins that document;
 // anything else gets a short, clear HTTP answer before any upgrade.
 func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	doc, status, reason := s.gate.check(r)
+	doc, status, kind, detail := s.gate.check(r)
 	if status != 0 {
-		s.refuse(w, r, status, reason)
+		s.refuse(w, r, status, kind, detail)
 		return
 	}
 	if !isWebSocketUpgrade(r) {
 		w.Header().Set("Upgrade", "websocket")
-		http.Error(w, "elva-service: this is a Yjs WebSocket relay; open ws://"+r.Host+r.URL.EscapedPath()+" with a Yjs client", http.StatusUpgradeRequired)
+		s.refuse(w, r, http.StatusUpgradeRequired, refusedNotUpgrade,
+			"this is a Yjs WebSocket relay; open ws://"+r.Host+r.URL.EscapedPath()+" with a Yjs client")
 		return
 	}
 	if err := s.hub.admit(doc); err != nil {
-		s.refuse(w, r, http.StatusServiceUnavailable, err.Error())
+		s.refuse(w, r, http.StatusServiceUnavailable, admitRefusal(err), err.Error())
 		return
 	}
 	defer s.hub.release(doc)
@@ -1152,14 +1157,46 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ws.ServeHTTP(w, r)
 }
 
-// refuse answers a request that may not connect, with the reason in the
-// body, and logs it at most once per warnEvery (handlers run in many
-// goroutines, hence the shared, lock-free throttle).
-func (s *service) refuse(w http.ResponseWriter, r *http.Request, status int, reason string) {
-	http.Error(w, "elva-service: "+reason, status)
-	if n, ok := s.refused.hit(time.Now()); ok {
-		s.log.Warn("request refused", "status", status, "reason", reason, "origin", r.Header.Get("Origin"),
-			"host", r.Host, "remote", r.RemoteAddr, "count", n)
+// refusal is the kind of reason a local request is refused for; each has
+// its own log throttle, so that one kind cannot hide another.
+type refusal string
+
+const (
+	refusedHost          refusal = "host"                  // Host header not allowed (DNS rebinding)
+	refusedOrigin        refusal = "origin"                // a web page not allowed
+	refusedNoDoc         refusal = "no document name"      // path "/"
+	refusedBadDoc        refusal = "bad document name"     // too long, bad UTF-8, control characters
+	refusedTooMany       refusal = "too many connections"  // --max-connections
+	refusedTooManyPerDoc refusal = "too many per document" // --max-per-document
+	refusedStopping      refusal = "stopping"              // the relay is stopping
+	refusedNotUpgrade    refusal = "not an upgrade"        // a plain HTTP request
+)
+
+// refusals lists every refusal, for the throttles.
+var refusals = []refusal{refusedHost, refusedOrigin, refusedNoDoc, refusedBadDoc,
+	refusedTooMany, refusedTooManyPerDoc, refusedStopping, refusedNotUpgrade}
+
+// admitRefusal names the reason of an error from hub.admit.
+func admitRefusal(err error) refusal {
+	switch {
+	case errors.Is(err, errTooManyPerDoc):
+		return refusedTooManyPerDoc
+	case errors.Is(err, errStopping):
+		return refusedStopping
+	default:
+		return refusedTooMany
+	}
+}
+
+// refuse answers a request that may not connect, with detail in the body,
+// and logs it with its kind and detail. The first refusal of each kind is
+// logged, then at most one per kind and warnEvery, with the count since
+// (handlers run in many goroutines, hence the lock-free throttles).
+func (s *service) refuse(w http.ResponseWriter, r *http.Request, status int, kind refusal, detail string) {
+	http.Error(w, "elva-service: "+detail, status)
+	if n, ok := s.refused[kind].hit(time.Now()); ok {
+		s.log.Warn("request refused", "reason", string(kind), "detail", detail, "status", status,
+			"origin", r.Header.Get("Origin"), "host", r.Host, "remote", r.RemoteAddr, "count", n)
 	}
 }
 
@@ -1177,25 +1214,25 @@ type gate struct {
 	anyOrigin bool            // --allow-origin '*'
 }
 
-// check returns the document r asks for, or the status and reason to
-// refuse it with.
-func (g *gate) check(r *http.Request) (doc string, status int, reason string) {
+// check returns the document r asks for, or the status, kind and detail
+// to refuse it with.
+func (g *gate) check(r *http.Request) (doc string, status int, kind refusal, detail string) {
 	if !g.hostAllowed(r.Host) {
-		return "", http.StatusForbidden, fmt.Sprintf("host %q not allowed: connect to localhost or 127.0.0.1", r.Host)
+		return "", http.StatusForbidden, refusedHost, fmt.Sprintf("host %q not allowed: connect to localhost or 127.0.0.1", r.Host)
 	}
 	if origin := r.Header.Get("Origin"); origin != "" && !g.originAllowed(origin) {
-		return "", http.StatusForbidden, fmt.Sprintf("origin %q not allowed (see --allow-origin)", origin)
+		return "", http.StatusForbidden, refusedOrigin, fmt.Sprintf("origin %q not allowed (see --allow-origin)", origin)
 	}
 	// r.URL.Path is percent-decoded and has no query: /Gr%C3%BC%C3%9Fe?x=1
 	// is the document "Grüße", the same for every kind of client.
 	doc = strings.TrimPrefix(r.URL.Path, "/")
 	if doc == "" {
-		return "", http.StatusForbidden, "no document name; connect to ws://" + r.Host + "/<document>"
+		return "", http.StatusForbidden, refusedNoDoc, "no document name; connect to ws://" + r.Host + "/<document>"
 	}
 	if err := checkIdentifier(doc); err != nil {
-		return "", http.StatusBadRequest, err.Error()
+		return "", http.StatusBadRequest, refusedBadDoc, err.Error()
 	}
-	return doc, 0, ""
+	return doc, 0, "", ""
 }
 
 // hostAllowed accepts loopback names and addresses, the configured host

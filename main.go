@@ -367,6 +367,7 @@ func durationFlag(fs *flag.FlagSet, name string, def time.Duration) *time.Durati
 	return &d
 }
 
+// String is the duration as time.Duration prints it.
 func (v durationValue) String() string {
 	if v.d == nil {
 		return ""
@@ -394,6 +395,7 @@ func intFlag(fs *flag.FlagSet, name string, def int) *int {
 	return &n
 }
 
+// String is the number in decimal.
 func (v intValue) String() string {
 	if v.n == nil {
 		return ""
@@ -421,8 +423,10 @@ func flagSet(fs *flag.FlagSet, name string) bool {
 // originList collects the repeatable --allow-origin.
 type originList []string
 
+// String lists the origins, comma-separated.
 func (o *originList) String() string { return strings.Join(*o, ",") }
 
+// Set adds one origin, normalised, or '*'.
 func (o *originList) Set(v string) error {
 	if v != "*" {
 		norm, ok := normalOrigin(v)

@@ -768,65 +768,22 @@ func heapInUse() uint64 {
 }
 
 func TestSignalStop(t *testing.T) {
-	type event struct {
-		sig os.Signal
-		at  time.Duration // after the first signal
-	}
 	tests := []struct {
 		name   string
-		events []event
+		events []signalEvent
 		exit   int // -1: no exit, the graceful stop runs
 	}{
-		{"one signal stops gracefully", []event{{syscall.SIGTERM, 0}}, -1},
-		{"timeout(1): relay, then its group", []event{{syscall.SIGTERM, 0}, {syscall.SIGTERM, time.Millisecond}}, -1},
-		{"just inside the window", []event{{syscall.SIGTERM, 0}, {syscall.SIGTERM, signalWindow - 1}}, -1},
-		{"at the window", []event{{syscall.SIGTERM, 0}, {syscall.SIGTERM, signalWindow}}, 128 + int(syscall.SIGTERM)},
-		{"Ctrl-C again", []event{{os.Interrupt, 0}, {os.Interrupt, 2 * time.Second}}, 128 + int(syscall.SIGINT)},
-		{"duplicate, then deliberate", []event{{syscall.SIGTERM, 0}, {syscall.SIGTERM, 0}, {syscall.SIGINT, time.Second}}, 128 + int(syscall.SIGINT)},
+		{"one signal stops gracefully", []signalEvent{{syscall.SIGTERM, 0}}, -1},
+		{"timeout(1): relay, then its group", []signalEvent{{syscall.SIGTERM, 0}, {syscall.SIGTERM, time.Millisecond}}, -1},
+		{"just inside the window", []signalEvent{{syscall.SIGTERM, 0}, {syscall.SIGTERM, signalWindow - 1}}, -1},
+		{"at the window", []signalEvent{{syscall.SIGTERM, 0}, {syscall.SIGTERM, signalWindow}}, 128 + int(syscall.SIGTERM)},
+		{"Ctrl-C again", []signalEvent{{os.Interrupt, 0}, {os.Interrupt, 2 * time.Second}}, 128 + int(syscall.SIGINT)},
+		{"duplicate, then deliberate", []signalEvent{{syscall.SIGTERM, 0}, {syscall.SIGTERM, 0}, {syscall.SIGINT, time.Second}}, 128 + int(syscall.SIGINT)},
 	}
-	base := time.Date(2026, 11, 1, 12, 0, 0, 0, time.UTC)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			signals, times := make(chan os.Signal), make(chan time.Time)
-			exited, canceled, done := make(chan int, 1), make(chan struct{}), make(chan struct{})
-			s := &signalStop{
-				signals: signals,
-				cancel:  sync.OnceFunc(func() { close(canceled) }),
-				now:     func() time.Time { return <-times },
-				exit:    func(code int) { exited <- code },
-				stderr:  io.Discard,
-				log:     slog.New(slog.DiscardHandler),
-			}
-			go func() {
-				s.run()
-				close(done)
-			}()
-			deadline := time.After(testTimeout)
-		events:
-			for _, e := range tt.events {
-				for _, step := range []func() bool{
-					func() bool { return sendOrDone(signals, e.sig, done, deadline) },
-					func() bool { return sendOrDone(times, base.Add(e.at), done, deadline) },
-				} {
-					if !step() {
-						break events
-					}
-				}
-			}
-			close(signals)
-			select {
-			case <-done:
-			case <-deadline:
-				t.Fatal("the signal goroutine did not return")
-			}
-			got := -1
-			select {
-			case got = <-exited:
-			default:
-			}
-			select {
-			case <-canceled:
-			default:
+			got, canceled := runSignalStop(t, tt.events)
+			if !canceled {
 				t.Error("the first signal did not start the graceful stop")
 			}
 			if got != tt.exit {
@@ -834,6 +791,56 @@ func TestSignalStop(t *testing.T) {
 			}
 		})
 	}
+}
+
+// signalEvent is one signal for runSignalStop, at a time after the first.
+type signalEvent struct {
+	sig os.Signal
+	at  time.Duration
+}
+
+// runSignalStop feeds events to a signalStop with a fake clock and returns
+// the exit status it asked for (-1: none) and whether it started the stop.
+func runSignalStop(t *testing.T, events []signalEvent) (exit int, canceled bool) {
+	t.Helper()
+	base := time.Date(2026, 11, 1, 12, 0, 0, 0, time.UTC)
+	signals, times := make(chan os.Signal), make(chan time.Time)
+	exited, stopped, done := make(chan int, 1), make(chan struct{}), make(chan struct{})
+	s := &signalStop{
+		signals: signals,
+		cancel:  sync.OnceFunc(func() { close(stopped) }),
+		now:     func() time.Time { return <-times },
+		exit:    func(code int) { exited <- code },
+		stderr:  io.Discard,
+		log:     slog.New(slog.DiscardHandler),
+	}
+	go func() {
+		s.run()
+		close(done)
+	}()
+	deadline := time.After(testTimeout)
+	for _, e := range events {
+		if !sendOrDone(signals, e.sig, done, deadline) || !sendOrDone(times, base.Add(e.at), done, deadline) {
+			break
+		}
+	}
+	close(signals)
+	select {
+	case <-done:
+	case <-deadline:
+		t.Fatal("the signal goroutine did not return")
+	}
+	exit = -1
+	select {
+	case exit = <-exited:
+	default:
+	}
+	select {
+	case <-stopped:
+		canceled = true
+	default:
+	}
+	return exit, canceled
 }
 
 // sendOrDone sends v on ch; it reports false if done is closed first, and

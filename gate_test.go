@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -88,7 +89,10 @@ func TestGateCheck(t *testing.T) {
 			if tt.origin != "" {
 				r.Header.Set("Origin", tt.origin)
 			}
-			doc, status, reason := tt.gate.check(r)
+			doc, status, kind, reason := tt.gate.check(r)
+			if (status == 0) != (kind == "") {
+				t.Errorf("status %d with reason kind %q: want a kind exactly with a refusal", status, kind)
+			}
 			if status != tt.status || doc != tt.doc || !strings.Contains(reason, tt.reason) {
 				t.Errorf("got %q, %d, %q; want %q, %d, %q", doc, status, reason, tt.doc, tt.status, tt.reason)
 			}
@@ -144,10 +148,10 @@ func TestGateOverHTTP(t *testing.T) {
 			}
 		})
 	}
-	// One rate-limited line for all those refusals.
+	// One rate-limited line per reason: the two bad names share one.
 	logs := r.logs.String()
-	if n := strings.Count(logs, "request refused"); n != 1 {
-		t.Errorf("%d 'request refused' lines, want 1 (rate-limited):\n%s", n, logs)
+	if n := strings.Count(logs, "request refused"); n != 4 {
+		t.Errorf("%d 'request refused' lines, want 4 (one per reason):\n%s", n, logs)
 	}
 	if !strings.Contains(logs, "origin=https://evil.example") {
 		t.Errorf("the log line does not name the origin:\n%s", logs)
@@ -199,4 +203,101 @@ func rawUpgrade(t *testing.T, addr, path string) (net.Conn, *bufio.Reader) {
 	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
 		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", path)
 	return conn, bufio.NewReader(conn)
+}
+
+func TestRewritePercent(t *testing.T) {
+	tests := []struct {
+		name string
+		in   string
+		want string
+	}{
+		{"lone percent", "GET /100% HTTP/1.1\r\n", "GET /100%25 HTTP/1.1\r\n"},
+		{"percent before an escape", "GET /100%%20sure HTTP/1.1\r\n", "GET /100%25%20sure HTTP/1.1\r\n"},
+		{"not hex", "GET /a%zz HTTP/1.1\r\n", "GET /a%25zz HTTP/1.1\r\n"},
+		{"one hex digit", "GET /a%4 HTTP/1.1\r\n", "GET /a%254 HTTP/1.1\r\n"},
+		{"trailing percent before the query", "GET /a%?x=1 HTTP/1.1\r\n", "GET /a%25?x=1 HTTP/1.1\r\n"},
+		{"valid escape unchanged", "GET /%41%c3%bc HTTP/1.1\r\n", "GET /%41%c3%bc HTTP/1.1\r\n"},
+		{"query left alone", "GET /a?x=%zz HTTP/1.1\r\n", "GET /a?x=%zz HTTP/1.1\r\n"},
+		{"bare LF", "GET /%\n", "GET /%25\n"},
+		{"no target", "GET\r\n", "GET\r\n"},
+		{"only the request line", "GET /a HTTP/1.1\r\nX-A: %\r\n", "GET /a HTTP/1.1\r\nX-A: %\r\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := string(rewritePercent([]byte(tt.in))); got != tt.want {
+				t.Errorf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestPercentInDocumentName checks over real HTTP that a document name
+// with a '%' that starts no escape, as browsers send it, is decoded as a
+// browser would and reaches the upstream under that name.
+func TestPercentInDocumentName(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	r := startRelay(t, "--server", srv.url())
+	r.logs.waitFor(t, "upstream connected")
+	tests := []struct {
+		name   string
+		target string
+		doc    string
+	}{
+		{"y-websocket room '100% sure'", "100%%20sure", "100% sure"},
+		{"not hex", "a%zz", "a%zz"},
+		{"trailing percent", "50%", "50%"},
+		{"valid escape", "Gr%C3%BC%C3%9Fe", "Grüße"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			conn, _ := rawJoin(t, r.addr, tt.target)
+			msg := unhex(t, "00 00 01 00")
+			conn.Write(maskedFrame(0x82, msg))
+			want := append(appendIDPrefix(nil, magicSeed, tt.doc), msg...)
+			if got := srv.nextFrame(t); !bytes.Equal(got, want) {
+				t.Errorf("upstream got % x, want % x", got, want)
+			}
+		})
+	}
+}
+
+// TestRefusalsLoggedPerReason checks that the log throttle is per reason:
+// a refused origin is named even right after a refusal of another kind.
+func TestRefusalsLoggedPerReason(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/")
+	tests := []struct {
+		name   string
+		host   string
+		origin string
+		want   []string // in the log line
+	}{
+		{"rebinding host", "attacker.example", "", []string{"reason=host", `detail="host \"attacker.example\" not allowed`}},
+		{"foreign origin", "", "https://evil.example", []string{"reason=origin", "origin=https://evil.example"}},
+		{"plain request", "", "", []string{`reason="not an upgrade"`}},
+	}
+	client := &http.Client{Timeout: testTimeout}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req, _ := http.NewRequest("GET", "http://"+r.addr+"/doc", nil)
+			if tt.host != "" {
+				req.Host = tt.host
+			}
+			if tt.origin != "" {
+				req.Header.Set("Origin", tt.origin)
+				req.Header.Set("Connection", "Upgrade")
+				req.Header.Set("Upgrade", "websocket")
+			}
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			line := r.logs.waitFor(t, "request refused")
+			for _, want := range tt.want {
+				if !strings.Contains(line, want) {
+					t.Errorf("got %q, want %q in it", line, want)
+				}
+			}
+		})
+	}
 }

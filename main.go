@@ -14,6 +14,8 @@ package main
 
 import (
 	"bufio"
+	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -24,18 +26,20 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
 	"strconv"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"syscall"
 	"time"
 	"unicode"
 	"unicode/utf8"
 
+	"golang.org/x/net/netutil"
 	"golang.org/x/net/websocket"
 )
 
@@ -51,6 +55,10 @@ const (
 	defaultPeerTimeout = 30 * time.Second
 	// defaultMaxConns bounds the local connections (--max-connections).
 	defaultMaxConns = 1024
+	// defaultUpstreamMax is the largest frame the upstream server takes
+	// (--upstream-max-message): 1 MiB, the default message limit of Python
+	// websockets, which the original ELVA server runs on.
+	defaultUpstreamMax = "1MiB"
 	// defaultMaxPerDoc bounds the local connections to one document
 	// (--max-per-document).
 	defaultMaxPerDoc = 256
@@ -99,7 +107,10 @@ Flags:
   --id-magic HEX      ID message type on the upstream: 0200 (default, the
                       documented protocol) or 4944 (ELVA server, mid-2025)
   --max-message SIZE  largest message accepted, e.g. 32MiB (default), 512KiB
-  --ping-interval D   ping every peer this often (default 10s, 0: never)
+  --upstream-max-message SIZE  largest frame the server takes, ID prefix
+                      included (default 1MiB; env ELVA_UPSTREAM_MAX_MESSAGE)
+  --ping-interval D   ping every peer this often (default 10s, 0: never,
+                      which turns --peer-timeout off too unless it is given)
   --peer-timeout D    close a peer silent for this long, which finds
                       half-open connections (default 30s, 0: never)
   --retry-max D       longest wait between upstream reconnect attempts
@@ -127,8 +138,8 @@ type config struct {
 	password   string
 	magic      idMagic
 	maxMessage int
-	// upstreamMaxMessage is the largest frame the server takes, in bytes
-	// (--upstream-max-message); 0 until the flag is wired.
+	// upstreamMaxMessage is the largest frame the server takes, in bytes,
+	// ID prefix included (--upstream-max-message).
 	upstreamMaxMessage int
 	logFile            string
 	verbose            bool
@@ -141,27 +152,66 @@ type config struct {
 	warnings []string
 }
 
+// main runs the relay until the first SIGINT or SIGTERM has stopped it.
 func main() {
 	ctx, cancel := context.WithCancel(context.Background())
-	go stopOnSignals(cancel)
+	// One channel takes both signals, so a second one that comes quickly
+	// is never lost to a handler that is still being replaced.
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	stop := &signalStop{signals: signals, cancel: cancel, now: time.Now, exit: os.Exit, stderr: os.Stderr}
+	go stop.run()
 	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr, os.Getenv))
 }
 
-// stopOnSignals starts a graceful stop at the first SIGINT or SIGTERM and
-// exits at once at the second, with 128 + the signal's number as the shell
-// does. One channel takes both, so a second signal that comes quickly is
-// never lost to a handler that is still being replaced.
-func stopOnSignals(cancel context.CancelFunc) {
-	signals := make(chan os.Signal, 2)
-	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
-	<-signals
-	cancel()
-	sig := <-signals
-	fmt.Fprintf(os.Stderr, "elva-service: second %v: exiting at once\n", sig)
-	if n, ok := sig.(syscall.Signal); ok {
-		os.Exit(128 + int(n))
+// signalWindow is how soon after the first signal a second one is the
+// same stop delivered twice: coreutils timeout(1) signals the relay and
+// then its process group, and systemd's default KillMode=control-group
+// signals every process of the unit, so the relay gets two at once. A
+// person who presses Ctrl-C again is slower than this.
+const signalWindow = 250 * time.Millisecond
+
+// signalStop starts a graceful stop at the first signal and exits at once,
+// with 128 + the signal's number as the shell does, at a second one that
+// comes signalWindow or later after it. Static after construction.
+type signalStop struct {
+	signals <-chan os.Signal
+	cancel  context.CancelFunc // starts the graceful stop
+	now     func() time.Time   // called once per signal
+	exit    func(code int)
+	stderr  io.Writer
+	log     *slog.Logger // nil: slog.Default(), which run sets
+}
+
+// run is the signal goroutine. It returns after calling exit, or when
+// signals is closed (in tests; main never closes it).
+func (s *signalStop) run() {
+	if _, ok := <-s.signals; !ok {
+		return
 	}
-	os.Exit(1)
+	first := s.now()
+	s.cancel()
+	for sig := range s.signals {
+		if s.now().Sub(first) < signalWindow {
+			s.logger().Debug("signal ignored: the stop has begun just now", "signal", sig.String())
+			continue
+		}
+		fmt.Fprintf(s.stderr, "elva-service: second %v: exiting at once\n", sig)
+		code := 1
+		if n, ok := sig.(syscall.Signal); ok {
+			code = 128 + int(n)
+		}
+		s.exit(code)
+		return
+	}
+}
+
+// logger is s.log, or the default logger.
+func (s *signalStop) logger() *slog.Logger {
+	if s.log != nil {
+		return s.log
+	}
+	return slog.Default()
 }
 
 // run is main without the process around it, for tests: it returns the
@@ -185,6 +235,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		return 1
 	}
 	defer closeLog()
+	slog.SetDefault(log) // for the signal goroutine, started before log
 	s, err := listen(cfg, log)
 	if err != nil {
 		log.Error("cannot listen", "err", err)
@@ -193,82 +244,173 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	return s.run(ctx)
 }
 
+// flagValues holds what the flags set, before it is checked.
+type flagValues struct {
+	server, user, password, passwordFile, caFile, logFile *string
+	magic, maxMessage, upstreamMax                        *string
+	pingInterval, peerTimeout, retryMax                   *time.Duration
+	maxConns, maxPerDoc                                   *int
+	origins                                               originList
+	verbose, showVersion, insecureAuth                    bool
+}
+
+// defineFlags defines every flag on fs, with the ELVA_* environment
+// variables as the defaults of those that have one.
+func defineFlags(fs *flag.FlagSet, getenv func(string) string) *flagValues {
+	v := &flagValues{
+		server:       fs.String("server", getenv("ELVA_SERVER"), ""),
+		user:         fs.String("user", getenv("ELVA_USER"), ""),
+		password:     fs.String("password", getenv("ELVA_PASSWORD"), ""),
+		passwordFile: fs.String("password-file", "", ""),
+		caFile:       fs.String("ca-file", "", ""),
+		logFile:      fs.String("log", "", ""),
+		magic:        fs.String("id-magic", magicSeed.String(), ""),
+		maxMessage:   fs.String("max-message", "32MiB", ""),
+		upstreamMax:  fs.String("upstream-max-message", cmp.Or(getenv("ELVA_UPSTREAM_MAX_MESSAGE"), defaultUpstreamMax), ""),
+		pingInterval: durationFlag(fs, "ping-interval", defaultPingInterval),
+		peerTimeout:  durationFlag(fs, "peer-timeout", defaultPeerTimeout),
+		retryMax:     durationFlag(fs, "retry-max", defaultRetryMax),
+		maxConns:     intFlag(fs, "max-connections", defaultMaxConns),
+		maxPerDoc:    intFlag(fs, "max-per-document", defaultMaxPerDoc),
+	}
+	fs.Var(&v.origins, "allow-origin", "")
+	fs.BoolVar(&v.verbose, "v", false, "")
+	fs.BoolVar(&v.verbose, "verbose", false, "")
+	fs.BoolVar(&v.showVersion, "version", false, "")
+	fs.BoolVar(&v.insecureAuth, "allow-insecure-auth", false, "")
+	return v
+}
+
 // parseArgs reads flags, the positional HOST and PORT in any order, and the
 // ELVA_* environment variables, which flags override.
 func parseArgs(args []string, getenv func(string) string) (*config, error) {
 	fs := flag.NewFlagSet("elva-service", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
-	server := fs.String("server", getenv("ELVA_SERVER"), "")
-	user := fs.String("user", getenv("ELVA_USER"), "")
-	password := fs.String("password", getenv("ELVA_PASSWORD"), "")
-	magic := fs.String("id-magic", magicSeed.String(), "")
-	maxMessage := fs.String("max-message", "32MiB", "")
-	logFile := fs.String("log", "", "")
-	pingInterval := fs.Duration("ping-interval", defaultPingInterval, "")
-	retryMax := fs.Duration("retry-max", defaultRetryMax, "")
-	peerTimeout := fs.Duration("peer-timeout", defaultPeerTimeout, "")
-	passwordFile := fs.String("password-file", "", "")
-	caFile := fs.String("ca-file", "", "")
-	maxConns := fs.Int("max-connections", defaultMaxConns, "")
-	maxPerDoc := fs.Int("max-per-document", defaultMaxPerDoc, "")
-	var origins originList
-	fs.Var(&origins, "allow-origin", "")
-	var verbose, showVersion, insecureAuth bool
-	fs.BoolVar(&verbose, "v", false, "")
-	fs.BoolVar(&verbose, "verbose", false, "")
-	fs.BoolVar(&showVersion, "version", false, "")
-	fs.BoolVar(&insecureAuth, "allow-insecure-auth", false, "")
-
+	v := defineFlags(fs, getenv)
 	positional, err := parseInterleaved(fs, args)
 	if err != nil {
 		return nil, err
 	}
-	if showVersion {
+	if v.showVersion {
 		return nil, errVersion
 	}
-	cfg := &config{host: "localhost", port: 8000, logFile: *logFile, verbose: verbose, user: *user, password: *password}
+	cfg := &config{host: "localhost", port: 8000, logFile: *v.logFile, verbose: v.verbose, user: *v.user, password: *v.password}
 	if err := cfg.setAddress(positional); err != nil {
 		return nil, err
 	}
-	if cfg.magic, err = parseIDMagic(*magic); err != nil {
-		return nil, fmt.Errorf("--id-magic: %w", err)
-	}
-	if cfg.maxMessage, err = parseSize(*maxMessage); err != nil {
-		return nil, fmt.Errorf("--max-message: %w", err)
-	}
-	if err := cfg.setKeepalive(*pingInterval, *peerTimeout); err != nil {
+	if err := cfg.setTuning(fs, v); err != nil {
 		return nil, err
 	}
-	if *retryMax < backoffBase {
-		return nil, fmt.Errorf("--retry-max %v: want at least %v", *retryMax, backoffBase)
-	}
-	cfg.retryMax = *retryMax
-	if *maxConns < 1 || *maxPerDoc < 1 {
-		return nil, errors.New("--max-connections and --max-per-document must be at least 1")
-	}
-	cfg.limits = limits{conns: *maxConns, perDoc: *maxPerDoc}
 	if flagSet(fs, "password") {
 		cfg.warnings = append(cfg.warnings, "--password is visible to other users in the process list; use --password-file or ELVA_PASSWORD")
 	}
-	if *passwordFile != "" && !flagSet(fs, "password") {
-		if cfg.password, err = readPasswordFile(*passwordFile); err != nil {
+	if *v.passwordFile != "" && !flagSet(fs, "password") {
+		if cfg.password, err = readPasswordFile(*v.passwordFile); err != nil {
 			return nil, err
 		}
 	}
-	if err := cfg.setServer(*server); err != nil {
+	if err := cfg.setServer(*v.server); err != nil {
 		return nil, err
 	}
-	if err := cfg.checkAuthTransport(insecureAuth); err != nil {
+	if err := cfg.checkAuthTransport(v.insecureAuth); err != nil {
 		return nil, err
 	}
-	if *caFile != "" {
-		if cfg.tls, err = loadCAFile(*caFile); err != nil {
+	if *v.caFile != "" {
+		if cfg.tls, err = loadCAFile(*v.caFile); err != nil {
 			return nil, err
 		}
 	}
-	cfg.setGate(origins)
+	cfg.setGate(v.origins)
 	return cfg, nil
+}
+
+// setTuning checks and takes the ID magic, the sizes, the keepalive, the
+// retry bound and the connection limits.
+func (c *config) setTuning(fs *flag.FlagSet, v *flagValues) error {
+	var err error
+	if c.magic, err = parseIDMagic(*v.magic); err != nil {
+		return fmt.Errorf("--id-magic: %w", err)
+	}
+	if c.maxMessage, err = parseSize(*v.maxMessage); err != nil {
+		return fmt.Errorf("--max-message: %w", err)
+	}
+	if c.upstreamMaxMessage, err = parseSize(*v.upstreamMax); err != nil {
+		return fmt.Errorf("--upstream-max-message (or ELVA_UPSTREAM_MAX_MESSAGE): %w", err)
+	}
+	peerTimeout := *v.peerTimeout
+	if *v.pingInterval == 0 && !flagSet(fs, "peer-timeout") {
+		peerTimeout = 0 // without pings a quiet peer is not a dead one
+	}
+	if err := c.setKeepalive(*v.pingInterval, peerTimeout); err != nil {
+		return err
+	}
+	if *v.retryMax < backoffBase {
+		return fmt.Errorf("--retry-max %v: want at least %v", *v.retryMax, backoffBase)
+	}
+	c.retryMax = *v.retryMax
+	if *v.maxConns < 1 || *v.maxPerDoc < 1 {
+		return errors.New("--max-connections and --max-per-document must be at least 1")
+	}
+	c.limits = limits{conns: *v.maxConns, perDoc: *v.maxPerDoc}
+	return nil
+}
+
+// durationValue is a duration flag whose error says what is wanted: the
+// flag package's own says only "parse error".
+type durationValue struct{ d *time.Duration }
+
+// durationFlag defines a duration flag on fs and returns where it is kept.
+func durationFlag(fs *flag.FlagSet, name string, def time.Duration) *time.Duration {
+	d := def
+	fs.Var(durationValue{&d}, name, "")
+	return &d
+}
+
+// String is the duration as time.Duration prints it.
+func (v durationValue) String() string {
+	if v.d == nil {
+		return ""
+	}
+	return v.d.String()
+}
+
+// Set parses s, e.g. 10s or 1m30s; a number without a unit is an error.
+func (v durationValue) Set(s string) error {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return errors.New("use a unit, e.g. 10s")
+	}
+	*v.d = d
+	return nil
+}
+
+// intValue is an integer flag whose error says what is wanted.
+type intValue struct{ n *int }
+
+// intFlag defines an integer flag on fs and returns where it is kept.
+func intFlag(fs *flag.FlagSet, name string, def int) *int {
+	n := def
+	fs.Var(intValue{&n}, name, "")
+	return &n
+}
+
+// String is the number in decimal.
+func (v intValue) String() string {
+	if v.n == nil {
+		return ""
+	}
+	return strconv.Itoa(*v.n)
+}
+
+// Set parses s as a decimal whole number.
+func (v intValue) Set(s string) error {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return errors.New("want a whole number, e.g. 100")
+	}
+	*v.n = n
+	return nil
 }
 
 // flagSet reports whether the command line set the flag name.
@@ -281,8 +423,10 @@ func flagSet(fs *flag.FlagSet, name string) bool {
 // originList collects the repeatable --allow-origin.
 type originList []string
 
+// String lists the origins, comma-separated.
 func (o *originList) String() string { return strings.Join(*o, ",") }
 
+// Set adds one origin, normalised, or '*'.
 func (o *originList) Set(v string) error {
 	if v != "*" {
 		norm, ok := normalOrigin(v)
@@ -420,13 +564,14 @@ func (c *config) setAddress(positional []string) error {
 		c.port = port
 		fallthrough
 	case 1:
-		if positional[0] == "" {
-			return errors.New("host is empty")
+		if isDigits(positional[0]) {
+			return fmt.Errorf("%q looks like a port: give HOST PORT, e.g. localhost %s", positional[0], positional[0])
 		}
-		if strings.Contains(positional[0], "/") {
-			return fmt.Errorf("host %q: want a name or an address (is it the server? use --server)", redactArg(positional[0]))
+		host, err := checkHost(positional[0])
+		if err != nil {
+			return err
 		}
-		c.host = positional[0]
+		c.host = host
 	case 0:
 	default:
 		shown := make([]string, len(positional))
@@ -436,6 +581,67 @@ func (c *config) setAddress(positional []string) error {
 		return fmt.Errorf("too many arguments: %q (want at most HOST PORT)", shown)
 	}
 	return nil
+}
+
+// checkHost returns HOST without IPv6 brackets if it is an IP literal,
+// localhost or a valid DNS host name (RFC 1123), so that nothing else is
+// ever looked up or logged. The error does not quote an argument with an
+// '@' or a ':' in it: it may hold credentials.
+func checkHost(host string) (string, error) {
+	switch {
+	case host == "":
+		return "", errors.New("host is empty")
+	case strings.Contains(host, "@"):
+		return "", errors.New("HOST looks like credentials or a URI (it has an '@'): use --server for the server URI and its credentials")
+	case strings.Contains(host, "/"):
+		return "", fmt.Errorf("host %q: want a name or an address (is it the server? use --server)", host)
+	case strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]"):
+		inner := host[1 : len(host)-1]
+		if ip, err := netip.ParseAddr(inner); err == nil && ip.Is6() {
+			return inner, nil
+		}
+		return "", errors.New("host in brackets is not an IPv6 address, nor a host name")
+	}
+	if _, err := netip.ParseAddr(host); err == nil || strings.EqualFold(host, "localhost") {
+		return host, nil
+	}
+	if isDigits(host) {
+		return "", fmt.Errorf("host %q looks like a port: give HOST PORT, e.g. localhost 9000", host)
+	}
+	if strings.Contains(host, ":") {
+		return "", errors.New("host is not an IP address, nor a host name: give HOST and PORT as two arguments, e.g. localhost 9000")
+	}
+	if !isHostName(host) {
+		return "", fmt.Errorf("host %q is not a host name: want an IP address, localhost or a name of letters, digits, '-' and '.'", host)
+	}
+	return host, nil
+}
+
+// isDigits reports whether s is a non-empty string of ASCII digits.
+func isDigits(s string) bool {
+	return s != "" && strings.Trim(s, "0123456789") == ""
+}
+
+// isHostName reports whether name is a DNS host name as RFC 1123 has it:
+// dot-separated labels of 1 to 63 letters, digits and inner hyphens, at
+// most 253 bytes, with an optional final dot.
+func isHostName(name string) bool {
+	name = strings.TrimSuffix(name, ".")
+	if name == "" || len(name) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(name, ".") {
+		if len(label) < 1 || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			b := label[i]
+			if !('a' <= b && b <= 'z' || 'A' <= b && b <= 'Z' || '0' <= b && b <= '9' || b == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // redactArg hides the password of a URI given where HOST or PORT belong:
@@ -457,7 +663,7 @@ func (c *config) setKeepalive(interval, timeout time.Duration) error {
 	case interval < 0 || timeout < 0:
 		return errors.New("--ping-interval and --peer-timeout must not be negative")
 	case timeout > 0 && interval == 0:
-		return errors.New("--peer-timeout needs pings: set --ping-interval too")
+		return fmt.Errorf("--peer-timeout %v needs pings: set --ping-interval too, or --peer-timeout 0", timeout)
 	case timeout > 0 && timeout < 2*interval:
 		return fmt.Errorf("--peer-timeout %v must be at least twice --ping-interval %v", timeout, interval)
 	}
@@ -591,7 +797,7 @@ type service struct {
 	log     *slog.Logger
 	lns     []net.Listener
 	gate    gate
-	refused sharedThrottle
+	refused map[refusal]*sharedThrottle // one per reason; static after construction
 	hub     *hub
 	up      *upstream
 }
@@ -617,7 +823,11 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		hub:        h,
 		log:        log,
 	}
-	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: u}, nil
+	refused := make(map[refusal]*sharedThrottle, len(refusals))
+	for _, kind := range refusals {
+		refused[kind] = new(sharedThrottle)
+	}
+	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, refused: refused, hub: h, up: u}, nil
 }
 
 // listenAll opens the listeners for host and port.
@@ -655,37 +865,194 @@ func listenAll(host string, port int, log *slog.Logger) ([]net.Listener, error) 
 // --max-connections: requests on their way to an upgrade or a refusal.
 const preUpgradeSlots = 64
 
-// limitListener lets at most cap(slots) connections be open at once, on
-// all listeners together; past it, Accept waits and new clients wait in
-// the kernel's backlog. The hub's limits count upgraded connections only;
-// this bounds what requests that never upgrade can hold.
-type limitListener struct {
-	net.Listener
-	slots chan struct{} // one token per open connection
+// limitConns lets at most n connections be open at once on all of lns
+// together; past it, Accept waits and new clients wait in the kernel's
+// backlog. The hub's limits count upgraded connections only; this bounds
+// what requests that never upgrade can hold. netutil.LimitListener counts
+// per listener, and a split of n between 127.0.0.1 and ::1 would halve
+// the room of a browser that uses only one of them, so the listeners are
+// merged first and limited once. The merge's accept loops hold at most
+// one connection each beyond n while they wait to hand it over.
+func limitConns(lns []net.Listener, n int) net.Listener {
+	return netutil.LimitListener(newMergedListener(lns), n)
 }
 
-func (l *limitListener) Accept() (net.Conn, error) {
-	l.slots <- struct{}{}
+// mergedListener accepts from several listeners as one. Each listener has
+// an accept goroutine that hands its connections over on conns and
+// returns at its listener's first error that is not temporary.
+type mergedListener struct {
+	lns       []net.Listener // static after construction
+	conns     chan accepted  // from the accept goroutines to Accept; never closed
+	done      chan struct{}  // closed by Close
+	closeOnce sync.Once
+}
+
+// accepted is one result of a listener's Accept.
+type accepted struct {
+	conn net.Conn
+	err  error
+}
+
+// newMergedListener starts an accept goroutine for each of lns.
+func newMergedListener(lns []net.Listener) *mergedListener {
+	m := &mergedListener{lns: lns, conns: make(chan accepted), done: make(chan struct{})}
+	for _, ln := range lns {
+		go m.acceptLoop(ln)
+	}
+	return m
+}
+
+// acceptLoop is ln's accept goroutine. It returns after ln's first error
+// that is not temporary, or once m is closed (closing what it holds).
+func (m *mergedListener) acceptLoop(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		select {
+		case m.conns <- accepted{c, err}:
+		case <-m.done:
+			if c != nil {
+				c.Close()
+			}
+			return
+		}
+		var ne net.Error
+		if err != nil && !(errors.As(err, &ne) && ne.Timeout()) {
+			return
+		}
+	}
+}
+
+// Accept returns the next connection from any listener, or the first
+// error one of them returned, or net.ErrClosed once m is closed.
+func (m *mergedListener) Accept() (net.Conn, error) {
+	select {
+	case a := <-m.conns:
+		return a.conn, a.err
+	case <-m.done:
+		return nil, net.ErrClosed
+	}
+}
+
+// Close closes every listener; the accept goroutines then return.
+func (m *mergedListener) Close() error {
+	var errs []error
+	m.closeOnce.Do(func() {
+		close(m.done)
+		for _, ln := range m.lns {
+			errs = append(errs, ln.Close())
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// Addr is the first listener's address.
+func (m *mergedListener) Addr() net.Addr { return m.lns[0].Addr() }
+
+// percentListener wraps each accepted connection in a percentConn.
+type percentListener struct{ net.Listener }
+
+// Accept returns the next connection, wrapped.
+func (l percentListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
-		<-l.slots
 		return nil, err
 	}
-	return &limitedConn{Conn: c, slots: l.slots}, nil
+	return &percentConn{Conn: c}, nil
 }
 
-// limitedConn gives its token back when it is closed, once.
-type limitedConn struct {
+// percentConn rewrites, in its first request line only, each '%' that
+// does not start an escape into "%25" before net/http reads it. Browsers
+// and the ws package send a room such as "100% sure" as /100%%20sure,
+// which net/http would refuse with a bare 400. With keep-alives off, the
+// first request line is the only one. Its fields are owned by the one
+// goroutine that reads: net/http's, then the WebSocket reader's.
+type percentConn struct {
 	net.Conn
-	slots    chan struct{}
-	released atomic.Bool
+	started bool   // the request line has been read
+	pending []byte // what was read ahead, rewritten, not yet returned
+	err     error  // the read error that ended the read-ahead
 }
 
-func (c *limitedConn) Close() error {
-	if c.released.CompareAndSwap(false, true) {
-		<-c.slots
+// Read returns the rewritten request line and what was read with it,
+// then reads the connection directly.
+func (c *percentConn) Read(p []byte) (int, error) {
+	if !c.started {
+		c.started = true
+		c.pending, c.err = c.readRequestLine()
 	}
-	return c.Conn.Close()
+	if len(c.pending) > 0 {
+		n := copy(p, c.pending)
+		c.pending = c.pending[n:]
+		return n, nil
+	}
+	if c.err != nil {
+		err := c.err
+		c.err = nil
+		return 0, err
+	}
+	return c.Conn.Read(p)
+}
+
+// readRequestLine reads until the first line feed, at most maxHeaderBytes,
+// and returns what it read with the request line rewritten; without a
+// line feed in that much, or after a read error, it returns it unchanged
+// and the error.
+func (c *percentConn) readRequestLine() ([]byte, error) {
+	buf := make([]byte, 0, 1024)
+	for len(buf) < maxHeaderBytes {
+		if len(buf) == cap(buf) {
+			buf = append(buf, make([]byte, len(buf))...)[:len(buf)]
+		}
+		n, err := c.Conn.Read(buf[len(buf):min(cap(buf), maxHeaderBytes)])
+		buf = buf[:len(buf)+n]
+		if bytes.IndexByte(buf, '\n') >= 0 {
+			return rewritePercent(buf), err
+		}
+		if err != nil {
+			return buf, err
+		}
+	}
+	return buf, nil
+}
+
+// rewritePercent returns b with each '%' in the path of its first line's
+// request target that is not followed by two hex digits replaced by
+// "%25", as a browser decodes it: it stays a literal '%'. The query is
+// left alone (net/http does not check it, and the relay ignores it), and
+// so is everything when b holds no request line.
+func rewritePercent(b []byte) []byte {
+	end := bytes.IndexByte(b, '\n')
+	if end < 0 {
+		return b
+	}
+	line := bytes.TrimSuffix(b[:end], []byte("\r"))
+	sp := bytes.IndexByte(line, ' ')
+	if sp < 0 {
+		return b
+	}
+	start := sp + 1
+	stop := len(line)
+	if i := bytes.IndexAny(line[start:], " ?"); i >= 0 {
+		stop = start + i
+	}
+	path := line[start:stop]
+	if bytes.IndexByte(path, '%') < 0 {
+		return b
+	}
+	out := make([]byte, 0, len(b)+2*bytes.Count(path, []byte("%")))
+	out = append(out, b[:start]...)
+	for i := 0; i < len(path); i++ {
+		out = append(out, path[i])
+		if path[i] == '%' && !(i+2 < len(path) && isHex(path[i+1]) && isHex(path[i+2])) {
+			out = append(out, '2', '5')
+		}
+	}
+	return append(out, b[stop:]...)
+}
+
+// isHex reports whether b is a hexadecimal digit.
+func isHex(b byte) bool {
+	return '0' <= b && b <= '9' || 'a' <= b && b <= 'f' || 'A' <= b && b <= 'F'
 }
 
 // addr is the first address the relay listens on, with the port it got.
@@ -721,11 +1088,12 @@ func (s *service) run(ctx context.Context) int {
 		MaxHeaderBytes: maxHeaderBytes,
 		ErrorLog:       slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
-	srvDone := make(chan error, len(s.lns))
-	slots := make(chan struct{}, s.cfg.limits.conns+preUpgradeSlots)
-	for _, ln := range s.lns {
-		go func() { srvDone <- srv.Serve(&limitListener{Listener: ln, slots: slots}) }()
-	}
+	// A local relay gains nothing from keep-alive, and with one request per
+	// connection percentConn needs to rewrite only the first request line.
+	srv.SetKeepAlivesEnabled(false)
+	srvDone := make(chan error, 1)
+	ln := percentListener{limitConns(s.lns, s.cfg.limits.conns+preUpgradeSlots)}
+	go func() { srvDone <- srv.Serve(ln) }()
 
 	status := 0
 	upWait := (<-chan error)(upDone)
@@ -768,18 +1136,19 @@ func (s *service) waitForStop(upDone <-chan error) {
 // that passes the gate and the connection limits joins that document;
 // anything else gets a short, clear HTTP answer before any upgrade.
 func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	doc, status, reason := s.gate.check(r)
+	doc, status, kind, detail := s.gate.check(r)
 	if status != 0 {
-		s.refuse(w, r, status, reason)
+		s.refuse(w, r, status, kind, detail)
 		return
 	}
 	if !isWebSocketUpgrade(r) {
 		w.Header().Set("Upgrade", "websocket")
-		http.Error(w, "elva-service: this is a Yjs WebSocket relay; open ws://"+r.Host+r.URL.EscapedPath()+" with a Yjs client", http.StatusUpgradeRequired)
+		s.refuse(w, r, http.StatusUpgradeRequired, refusedNotUpgrade,
+			"this is a Yjs WebSocket relay; open ws://"+r.Host+r.URL.EscapedPath()+" with a Yjs client")
 		return
 	}
 	if err := s.hub.admit(doc); err != nil {
-		s.refuse(w, r, http.StatusServiceUnavailable, err.Error())
+		s.refuse(w, r, http.StatusServiceUnavailable, admitRefusal(err), err.Error())
 		return
 	}
 	defer s.hub.release(doc)
@@ -792,14 +1161,46 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ws.ServeHTTP(w, r)
 }
 
-// refuse answers a request that may not connect, with the reason in the
-// body, and logs it at most once per warnEvery (handlers run in many
-// goroutines, hence the shared, lock-free throttle).
-func (s *service) refuse(w http.ResponseWriter, r *http.Request, status int, reason string) {
-	http.Error(w, "elva-service: "+reason, status)
-	if n, ok := s.refused.hit(time.Now()); ok {
-		s.log.Warn("request refused", "status", status, "reason", reason, "origin", r.Header.Get("Origin"),
-			"host", r.Host, "remote", r.RemoteAddr, "count", n)
+// refusal is the kind of reason a local request is refused for; each has
+// its own log throttle, so that one kind cannot hide another.
+type refusal string
+
+const (
+	refusedHost          refusal = "host"                  // Host header not allowed (DNS rebinding)
+	refusedOrigin        refusal = "origin"                // a web page not allowed
+	refusedNoDoc         refusal = "no document name"      // path "/"
+	refusedBadDoc        refusal = "bad document name"     // too long, bad UTF-8, control characters
+	refusedTooMany       refusal = "too many connections"  // --max-connections
+	refusedTooManyPerDoc refusal = "too many per document" // --max-per-document
+	refusedStopping      refusal = "stopping"              // the relay is stopping
+	refusedNotUpgrade    refusal = "not an upgrade"        // a plain HTTP request
+)
+
+// refusals lists every refusal, for the throttles.
+var refusals = []refusal{refusedHost, refusedOrigin, refusedNoDoc, refusedBadDoc,
+	refusedTooMany, refusedTooManyPerDoc, refusedStopping, refusedNotUpgrade}
+
+// admitRefusal names the reason of an error from hub.admit.
+func admitRefusal(err error) refusal {
+	switch {
+	case errors.Is(err, errTooManyPerDoc):
+		return refusedTooManyPerDoc
+	case errors.Is(err, errStopping):
+		return refusedStopping
+	default:
+		return refusedTooMany
+	}
+}
+
+// refuse answers a request that may not connect, with detail in the body,
+// and logs it with its kind and detail. The first refusal of each kind is
+// logged, then at most one per kind and warnEvery, with the count since
+// (handlers run in many goroutines, hence the lock-free throttles).
+func (s *service) refuse(w http.ResponseWriter, r *http.Request, status int, kind refusal, detail string) {
+	http.Error(w, "elva-service: "+detail, status)
+	if n, ok := s.refused[kind].hit(time.Now()); ok {
+		s.log.Warn("request refused", "reason", string(kind), "detail", detail, "status", status,
+			"origin", r.Header.Get("Origin"), "host", r.Host, "remote", r.RemoteAddr, "count", n)
 	}
 }
 
@@ -817,25 +1218,25 @@ type gate struct {
 	anyOrigin bool            // --allow-origin '*'
 }
 
-// check returns the document r asks for, or the status and reason to
-// refuse it with.
-func (g *gate) check(r *http.Request) (doc string, status int, reason string) {
+// check returns the document r asks for, or the status, kind and detail
+// to refuse it with.
+func (g *gate) check(r *http.Request) (doc string, status int, kind refusal, detail string) {
 	if !g.hostAllowed(r.Host) {
-		return "", http.StatusForbidden, fmt.Sprintf("host %q not allowed: connect to localhost or 127.0.0.1", r.Host)
+		return "", http.StatusForbidden, refusedHost, fmt.Sprintf("host %q not allowed: connect to localhost or 127.0.0.1", r.Host)
 	}
 	if origin := r.Header.Get("Origin"); origin != "" && !g.originAllowed(origin) {
-		return "", http.StatusForbidden, fmt.Sprintf("origin %q not allowed (see --allow-origin)", origin)
+		return "", http.StatusForbidden, refusedOrigin, fmt.Sprintf("origin %q not allowed (see --allow-origin)", origin)
 	}
 	// r.URL.Path is percent-decoded and has no query: /Gr%C3%BC%C3%9Fe?x=1
 	// is the document "Grüße", the same for every kind of client.
 	doc = strings.TrimPrefix(r.URL.Path, "/")
 	if doc == "" {
-		return "", http.StatusForbidden, "no document name; connect to ws://" + r.Host + "/<document>"
+		return "", http.StatusForbidden, refusedNoDoc, "no document name; connect to ws://" + r.Host + "/<document>"
 	}
 	if err := checkIdentifier(doc); err != nil {
-		return "", http.StatusBadRequest, err.Error()
+		return "", http.StatusBadRequest, refusedBadDoc, err.Error()
 	}
-	return doc, 0, ""
+	return doc, 0, "", ""
 }
 
 // hostAllowed accepts loopback names and addresses, the configured host
@@ -896,6 +1297,9 @@ func isWebSocketUpgrade(r *http.Request) bool {
 }
 
 // headerHasToken reports whether a comma-separated header lists token.
+// It is what httpguts.HeaderValuesContainsToken does, but httpguts imports
+// x/net/idna and with it golang.org/x/text, a second module in go.mod for
+// these ten lines.
 func headerHasToken(h http.Header, name, token string) bool {
 	for _, v := range h.Values(name) {
 		for _, t := range strings.Split(v, ",") {

@@ -10,10 +10,12 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -440,6 +442,39 @@ func TestParseArgs(t *testing.T) {
 		{"bad size", []string{"--server", "ws://e/", "--max-message", "lots"}, nil, nil, "--max-message"},
 		{"server is the relay itself", []string{"--server", "ws://localhost:8000/"}, nil, nil, "identical to the service address"},
 		{"server is the relay by loopback address", []string{"--server", "ws://127.0.0.1:9000/", "localhost", "9000"}, nil, nil, "identical"},
+		{"IPv6 host", []string{"--server", "wss://e/", "::1", "9000"}, nil, func(c *config) bool { return c.host == "::1" && c.port == 9000 }, ""},
+		{"bracketed IPv6 host", []string{"--server", "wss://e/", "[::1]", "9000"}, nil, func(c *config) bool { return c.host == "::1" }, ""},
+		{"IPv4 host", []string{"--server", "wss://e/", "127.0.0.1", "9000"}, nil, func(c *config) bool { return c.host == "127.0.0.1" }, ""},
+		{"upper-case localhost", []string{"--server", "wss://e/", "LOCALHOST", "9000"}, nil, func(c *config) bool { return c.host == "LOCALHOST" }, ""},
+		{"host name", []string{"--server", "wss://e/", "notes-1.example.org", "9000"}, nil, func(c *config) bool { return c.host == "notes-1.example.org" }, ""},
+		{"credentials as HOST", []string{"--server", "ws://ada:secret@127.0.0.1:9/", "ada:secret@127.0.0.1", "40445"}, nil, nil, "looks like credentials or a URI"},
+		{"host with a port", []string{"--server", "wss://e/", "localhost:9000"}, nil, nil, "give HOST and PORT as two arguments"},
+		{"label ends with a dash", []string{"--server", "wss://e/", "x-.example", "1"}, nil, nil, "not a host name"},
+		{"underscore", []string{"--server", "wss://e/", "a_b", "1"}, nil, nil, "not a host name"},
+		{"empty label", []string{"--server", "wss://e/", "a..b", "1"}, nil, nil, "not a host name"},
+		{"label of 64 bytes", []string{"--server", "wss://e/", strings.Repeat("a", 64) + ".org", "1"}, nil, nil, "not a host name"},
+		{"bracketed IPv4", []string{"--server", "wss://e/", "[127.0.0.1]", "1"}, nil, nil, "not an IPv6 address"},
+		{"lone port", []string{"--server", "wss://e/", "9000"}, nil, nil, `"9000" looks like a port: give HOST PORT, e.g. localhost 9000`},
+		{"lone zero", []string{"0", "--server", "wss://e/"}, nil, nil, "looks like a port"},
+		{"no pings turn the peer timeout off", []string{"--server", "wss://e/", "--ping-interval", "0"}, nil, func(c *config) bool {
+			return c.keepalive == keepalive{}
+		}, ""},
+		{"no pings, explicit peer timeout", []string{"--server", "wss://e/", "--ping-interval", "0", "--peer-timeout", "30s"}, nil, nil, "--peer-timeout 30s needs pings"},
+		{"no pings, no peer timeout", []string{"--server", "wss://e/", "--ping-interval", "0", "--peer-timeout", "0"}, nil, func(c *config) bool {
+			return c.keepalive == keepalive{}
+		}, ""},
+		{"duration without a unit", []string{"--server", "wss://e/", "--ping-interval", "10"}, nil, nil, `invalid value "10" for flag -ping-interval: use a unit, e.g. 10s`},
+		{"integer flag not a number", []string{"--server", "wss://e/", "--max-connections", "many"}, nil, nil, "want a whole number"},
+		{"upstream max message default", []string{"--server", "wss://e/"}, nil, func(c *config) bool { return c.upstreamMaxMessage == 1<<20 }, ""},
+		{"upstream max message flag", []string{"--server", "wss://e/", "--upstream-max-message", "64KiB"}, nil, func(c *config) bool { return c.upstreamMaxMessage == 64<<10 }, ""},
+		{"upstream max message environment", []string{"--server", "wss://e/"}, map[string]string{"ELVA_UPSTREAM_MAX_MESSAGE": "2MiB"}, func(c *config) bool {
+			return c.upstreamMaxMessage == 2<<20
+		}, ""},
+		{"upstream max message flag beats environment", []string{"--server", "wss://e/", "--upstream-max-message", "3M"}, map[string]string{"ELVA_UPSTREAM_MAX_MESSAGE": "2MiB"}, func(c *config) bool {
+			return c.upstreamMaxMessage == 3<<20
+		}, ""},
+		{"bad upstream max message", []string{"--server", "wss://e/", "--upstream-max-message", "big"}, nil, nil, "--upstream-max-message"},
+		{"bad upstream max message in the environment", []string{"--server", "wss://e/"}, map[string]string{"ELVA_UPSTREAM_MAX_MESSAGE": "0"}, nil, "--upstream-max-message"},
 		{"other port is fine", []string{"--server", "ws://localhost:8001/"}, nil, func(c *config) bool { return c.port == 8000 }, ""},
 	}
 	for _, tt := range tests {
@@ -477,6 +512,9 @@ func TestRunExitStatus(t *testing.T) {
 		{"malformed URI", []string{"--server", "ws://a b/"}, 2, "", "invalid character"},
 		{"password not echoed", []string{"--server", "ws://u:topsecret@%zz/"}, 2, "", "elva-service:"},
 		{"password in a positional not echoed", []string{"--server", "wss://e/", "h", "ws://u:topsecret@e/"}, 2, "", "port"},
+		{"credentials as HOST not echoed", []string{"--server", "ws://ada:topsecret@127.0.0.1:9/", "ada:topsecret@127.0.0.1", "40445"}, 2, "", "use --server"},
+		{"credentials as lone HOST not echoed", []string{"--server", "ws://127.0.0.1:9/", "ada:topsecret@localhost"}, 2, "", "credentials"},
+		{"duration without a unit", []string{"--server", "wss://e/", "--retry-max", "10"}, 2, "", "use a unit, e.g. 10s (see --help)\n"},
 		{"password in extra arguments not echoed", []string{"--server", "wss://e/", "h", "1", "ws://u:topsecret@e/"}, 2, "", "too many"},
 	}
 	for _, tt := range tests {
@@ -727,4 +765,172 @@ func heapInUse() uint64 {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	return m.HeapInuse
+}
+
+func TestSignalStop(t *testing.T) {
+	tests := []struct {
+		name   string
+		events []signalEvent
+		exit   int // -1: no exit, the graceful stop runs
+	}{
+		{"one signal stops gracefully", []signalEvent{{syscall.SIGTERM, 0}}, -1},
+		{"timeout(1): relay, then its group", []signalEvent{{syscall.SIGTERM, 0}, {syscall.SIGTERM, time.Millisecond}}, -1},
+		{"just inside the window", []signalEvent{{syscall.SIGTERM, 0}, {syscall.SIGTERM, signalWindow - 1}}, -1},
+		{"at the window", []signalEvent{{syscall.SIGTERM, 0}, {syscall.SIGTERM, signalWindow}}, 128 + int(syscall.SIGTERM)},
+		{"Ctrl-C again", []signalEvent{{os.Interrupt, 0}, {os.Interrupt, 2 * time.Second}}, 128 + int(syscall.SIGINT)},
+		{"duplicate, then deliberate", []signalEvent{{syscall.SIGTERM, 0}, {syscall.SIGTERM, 0}, {syscall.SIGINT, time.Second}}, 128 + int(syscall.SIGINT)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, canceled := runSignalStop(t, tt.events)
+			if !canceled {
+				t.Error("the first signal did not start the graceful stop")
+			}
+			if got != tt.exit {
+				t.Errorf("got exit %d, want %d (-1: none)", got, tt.exit)
+			}
+		})
+	}
+}
+
+// signalEvent is one signal for runSignalStop, at a time after the first.
+type signalEvent struct {
+	sig os.Signal
+	at  time.Duration
+}
+
+// runSignalStop feeds events to a signalStop with a fake clock and returns
+// the exit status it asked for (-1: none) and whether it started the stop.
+func runSignalStop(t *testing.T, events []signalEvent) (exit int, canceled bool) {
+	t.Helper()
+	base := time.Date(2026, 11, 1, 12, 0, 0, 0, time.UTC)
+	signals, times := make(chan os.Signal), make(chan time.Time)
+	exited, stopped, done := make(chan int, 1), make(chan struct{}), make(chan struct{})
+	s := &signalStop{
+		signals: signals,
+		cancel:  sync.OnceFunc(func() { close(stopped) }),
+		now:     func() time.Time { return <-times },
+		exit:    func(code int) { exited <- code },
+		stderr:  io.Discard,
+		log:     slog.New(slog.DiscardHandler),
+	}
+	go func() {
+		s.run()
+		close(done)
+	}()
+	deadline := time.After(testTimeout)
+	for _, e := range events {
+		if !sendOrDone(signals, e.sig, done, deadline) || !sendOrDone(times, base.Add(e.at), done, deadline) {
+			break
+		}
+	}
+	close(signals)
+	select {
+	case <-done:
+	case <-deadline:
+		t.Fatal("the signal goroutine did not return")
+	}
+	exit = -1
+	select {
+	case exit = <-exited:
+	default:
+	}
+	select {
+	case <-stopped:
+		canceled = true
+	default:
+	}
+	return exit, canceled
+}
+
+// sendOrDone sends v on ch; it reports false if done is closed first, and
+// panics at the deadline, which only a broken signalStop reaches.
+func sendOrDone[T any](ch chan<- T, v T, done <-chan struct{}, deadline <-chan time.Time) bool {
+	select {
+	case ch <- v:
+		return true
+	case <-done:
+		return false
+	case <-deadline:
+		panic("signalStop neither took a signal nor returned")
+	}
+}
+
+// TestDoubleSignalStopsGracefully runs the built binary and delivers the
+// stop twice, as timeout(1) and systemd do: it must still stop gracefully
+// (the "stopped" line, status 0), not exit with 143 midway. An editor that
+// never answers the close frame holds the stop open for closeGrace, so
+// that a second signal that is not ignored would cut it short.
+func TestDoubleSignalStopsGracefully(t *testing.T) {
+	tests := []struct {
+		name    string
+		wrapper []string // command that runs the relay; the test signals it
+		twice   bool     // the test sends the second SIGTERM itself
+	}{
+		{"two SIGTERMs back to back", nil, true},
+		{"under timeout(1)", []string{"timeout", "--preserve-status", "60"}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if len(tt.wrapper) > 0 {
+				if _, err := exec.LookPath(tt.wrapper[0]); err != nil {
+					t.Skipf("%s not installed", tt.wrapper[0])
+				}
+			}
+			srv := newELVAServer(t, magicSeed)
+			argv := append(append(tt.wrapper, relayBinary(t)), "--server", srv.url(), "127.0.0.1", "0")
+			p := startProcess(t, exec.Command(argv[0], argv[1:]...))
+			conn, _ := rawJoin(t, p.addr, "doc")
+			conn.Write(maskedFrame(0x82, awareness))
+			p.logs.waitFor(t, "editor connected")
+			p.cmd.Process.Signal(syscall.SIGTERM) // timeout(1) signals the relay, then its group
+			if tt.twice {
+				p.logs.waitFor(t, "msg=stopping") // the first signal is in
+				p.cmd.Process.Signal(syscall.SIGTERM)
+			}
+			select {
+			case err := <-p.done:
+				p.done <- err // for the cleanup
+				if err != nil {
+					t.Errorf("exit %v, want status 0 after a graceful stop", err)
+				}
+			case <-time.After(testTimeout):
+				t.Fatal("the relay did not stop")
+			}
+			if !strings.Contains(p.logs.String(), "msg=stopped") {
+				t.Errorf("no 'stopped' line: the stop was cut short:\n%s", p.logs.String())
+			}
+		})
+	}
+}
+
+// startProcess starts cmd, which runs the relay binary with its log on
+// stderr, and waits until the relay listens and its upstream is
+// connected. At cleanup the process is stopped with SIGTERM, then its
+// process group killed if it is still there.
+func startProcess(t *testing.T, cmd *exec.Cmd) *relayProcess {
+	t.Helper()
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &relayProcess{cmd: cmd, logs: newLogBuffer(), done: make(chan error, 1)}
+	go func() {
+		io.Copy(p.logs, stderr)
+		p.done <- cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		p.stop(t)
+		if t.Failed() {
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) // what a failed stop left
+		}
+	})
+	line := p.logs.waitFor(t, "msg=listening")
+	p.addr = listeningRE.FindStringSubmatch(line)[1]
+	p.logs.waitFor(t, "upstream connected")
+	return p
 }

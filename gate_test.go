@@ -90,7 +90,7 @@ func TestGateCheck(t *testing.T) {
 				r.Header.Set("Origin", tt.origin)
 			}
 			doc, status, kind, reason := tt.gate.check(r)
-			if (status == 0) != (kind == "") {
+			if (status == 0) != (kind == noDrop) {
 				t.Errorf("status %d with reason kind %q: want a kind exactly with a refusal", status, kind)
 			}
 			if status != tt.status || doc != tt.doc || !strings.Contains(reason, tt.reason) {

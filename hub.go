@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -173,20 +174,17 @@ type hub struct {
 	sweep    <-chan time.Time
 	stopping bool      // stop has begun: no more resync questions
 	stopBy   time.Time // when stop gives up waiting
-	// cut lists, during the stop, the documents of which a frame could
-	// not be flushed upstream: nothing later of them goes, so that the
-	// server never sees update n+1 without update n.
+	// cut lists the documents of which a sync message could not go
+	// upstream (too large, or not flushed at the stop): nothing later of
+	// them goes until the next connection's resync, so that the server
+	// never sees update n+1 without update n.
 	cut         map[string]bool
 	goodbyes    []frame         // awareness removals waiting to be routed
 	tooBigNamed map[string]bool // documents named in a too-large warning; bounded
-	unknownDoc  throttle
-	notSentUp   throttle
-	slowClosing throttle
-	untracked   throttle
 
-	// Shared by the conns' goroutines.
-	malformed sharedThrottle // malformed messages, from all editors
-	connLines lineBudget     // "editor connected" and "disconnected"
+	// Shared by every goroutine of the relay: counts and logs what is
+	// dropped and why.
+	drops *drops
 }
 
 // newHub returns a hub whose conns queue up to queue frames and whose readers
@@ -214,13 +212,9 @@ func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *
 		keepalive:   ka,
 		log:         log,
 		docs:        make(map[string]*document),
-		connLines:   lineBudget{n: connLinesPerWindow},
+		drops:       &drops{},
 	}
 }
-
-// connLinesPerWindow is how many connect and disconnect lines are logged
-// per warnEvery; past it they are counted, and the next line says so.
-const connLinesPerWindow = 50
 
 // run is the hub goroutine: the only code that touches h.docs and h.up.
 // When ctx is done it stops (see stop) and closes h.quit, so that readers
@@ -373,6 +367,9 @@ func (h *hub) remove(c *conn, code int) {
 	}
 	if len(d.conns) == 0 {
 		delete(h.docs, c.doc)
+		if !h.stopping {
+			delete(h.cut, c.doc) // a joiner's step 2 is the first again
+		}
 	}
 }
 
@@ -442,17 +439,33 @@ type goneNote struct {
 // note remembers that client of doc was marked gone at clock, now; owed
 // says that the removal could not go upstream.
 func (g *goneTable) note(doc string, client, clock uint64, owed bool, now time.Time) {
-	if g.entries == nil {
-		g.entries = make(map[goneKey]goneEntry)
-	}
 	key := goneKey{doc, client}
 	if _, ok := g.entries[key]; !ok {
 		for len(g.entries) >= cmp.Or(g.max, maxGone) {
 			g.dropOldest()
 		}
 	}
+	if g.entries == nil {
+		g.entries = make(map[goneKey]goneEntry)
+	}
 	g.entries[key] = goneEntry{clock: clock, at: now, owed: owed}
 	g.order = append(g.order, goneNote{key, now})
+	if len(g.order) > 2*cmp.Or(g.max, maxGone) {
+		g.compact()
+	}
+}
+
+// compact drops the mentions of keys noted again since, which a client
+// that comes and goes leaves behind: order stays within twice the bound.
+func (g *goneTable) compact() {
+	kept := g.order[:0]
+	for _, n := range g.order {
+		if e, ok := g.entries[n.key]; ok && e.at.Equal(n.at) {
+			kept = append(kept, n)
+		}
+	}
+	clear(g.order[len(kept):])
+	g.order = kept
 }
 
 // lookup returns the entry of client on doc.
@@ -602,9 +615,7 @@ func (h *hub) route(d *document, f frame) {
 func (h *hub) fromUpstream(f frame) {
 	d := h.docs[f.doc]
 	if d == nil {
-		if n, ok := h.unknownDoc.hit(time.Now()); ok {
-			h.log.Info("upstream messages for a document without local editors dropped", "doc", f.doc, "count", n)
-		}
+		h.drops.note(h.log, dropNoEditors, "doc", f.doc)
 		return
 	}
 	fresh := f.kind == msgAwareness && h.track(d, nil, f.aware)
@@ -714,9 +725,7 @@ func (h *hub) makeRoom(d *document, owner *conn) bool {
 	if len(d.clients) < maxTrackedClients {
 		return true
 	}
-	if n, ok := h.untracked.hit(time.Now()); ok {
-		h.log.Warn("too many awareness clients on a document; new ones are not tracked", "limit", maxTrackedClients, "count", n)
-	}
+	h.drops.note(h.log, dropUntracked, "limit", maxTrackedClients)
 	return false
 }
 
@@ -747,9 +756,7 @@ func (h *hub) queue(c *conn, data []byte) bool {
 			c.backlog.done(len(data))
 		}
 	}
-	if n, ok := h.slowClosing.hit(time.Now()); ok {
-		c.log.Warn("slow editor closed: send queue full", "frames", len(c.send), "bytes", c.backlog.bytes.Load(), "count", n)
-	}
+	h.drops.note(c.log, dropSlowEditor, "frames", len(c.send), "bytes", c.backlog.bytes.Load())
 	h.remove(c, closeTryAgain)
 	return false
 }
@@ -786,9 +793,7 @@ func queueBytes(maxMessage int) int64 {
 // it (see resync).
 func (h *hub) toUpstream(f frame) {
 	if h.up == nil {
-		if n, ok := h.notSentUp.hit(time.Now()); ok {
-			h.log.Debug("upstream down: local messages wait for the resync", "doc", f.doc, "count", n)
-		}
+		h.drops.note(h.log, dropUpstreamDown, "doc", f.doc)
 		return
 	}
 	if (h.cut[f.doc] && f.kind == msgSync) || !h.fitsUpstream(f) {
@@ -820,6 +825,7 @@ func (h *hub) attachLink(l *link) {
 		h.closeLink()
 	}
 	h.up = l
+	clear(h.cut) // the resync sends each document whole
 	h.resync()
 	for doc, gone := range h.gone.takeOwed() {
 		for _, msg := range goneMessages(gone) {
@@ -832,20 +838,29 @@ func (h *hub) attachLink(l *link) {
 // upstream's message limit. A server closes the whole connection on a
 // larger one (Python websockets: 1009), and every resync would send it
 // again; so it is dropped, and its document named once, while its local
-// editors keep working together.
+// editors keep working together. After a sync message, nothing later of
+// the document goes either (see cut): it would wait at the server for the
+// one that is missing.
 func (h *hub) fitsUpstream(f frame) bool {
 	size := idPrefixLen(f.doc) + len(f.data)
 	if h.upstreamMax <= 0 || size <= h.upstreamMax {
 		return true
 	}
-	if !h.tooBigNamed[f.doc] {
-		if len(h.tooBigNamed) >= maxGoneDocs {
-			clear(h.tooBigNamed)
-		}
-		h.tooBigNamed[f.doc] = true
-		h.log.Warn("message too large for the upstream: not sent; the document stays in sync among local editors only",
-			"doc", f.doc, "bytes", size, "limit", h.upstreamMax, "flag", "--upstream-max-message")
+	if f.kind == msgSync {
+		h.cut[f.doc] = true // later updates would depend on this one
 	}
+	if h.tooBigNamed[f.doc] {
+		h.drops.allow(dropTooBigUpstream, time.Now()) // counted; named once
+		return false
+	}
+	if len(h.tooBigNamed) >= maxGoneDocs {
+		clear(h.tooBigNamed)
+	}
+	h.tooBigNamed[f.doc] = true
+	h.drops.counts[dropTooBigUpstream].total.Add(1)
+	info := dropInfo[dropTooBigUpstream]
+	h.log.Log(context.Background(), info.level, info.msg, "doc", f.doc, "bytes", size, "limit", h.upstreamMax,
+		"flag", "--upstream-max-message", "reason", info.name)
 	return false
 }
 
@@ -860,9 +875,7 @@ func (h *hub) cutAtStop(f frame) {
 	if f.kind == msgSync {
 		h.cut[f.doc] = true
 	}
-	if n, ok := h.notSentUp.hit(time.Now()); ok {
-		h.log.Warn("stop: upstream queue full; not flushed", "doc", f.doc, "kind", f.kind, "count", n)
-	}
+	h.drops.note(h.log, dropNotFlushed, "doc", f.doc, "kind", f.kind)
 }
 
 // resync brings every document with local editors up to date both ways
@@ -1006,9 +1019,7 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 		c.sayClose(closeGoingAway)
 		return
 	}
-	if held, ok := h.connLines.allow(time.Now()); ok {
-		c.log.Info("editor connected", heldBack(held)...)
-	}
+	h.drops.note(c.log, editorJoined)
 	go pump(&c.peer, c.send, sendAsIs, func(msg []byte) { c.backlog.done(len(msg)) })
 	code, err := c.readLoop(h)
 	select {
@@ -1019,9 +1030,25 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 	if code != closeNormal && !isPeerClose(err) {
 		c.awaitPeerClose(h.maxMessage)
 	}
-	if held, ok := h.connLines.allow(time.Now()); ok {
-		c.log.Info("editor disconnected", append(closeAttrs(c.closeCode, err), heldBack(held)...)...)
+	h.drops.note(c.log, closeReason(c.closeCode, err), closeAttrs(c.closeCode, err)...)
+}
+
+// closeReason sorts the end of an editor's connection, from the code the
+// relay closed it with and the error that ended its reader.
+func closeReason(code int, err error) dropReason {
+	switch {
+	case isPeerClose(err):
+		return closedByEditor
+	case code == closePeerTimeout:
+		return closedTimeout
+	case code == closeTryAgain:
+		return closedSlow
+	case code == closeGoingAway:
+		return closedStop
+	case code == closeProtocol, code == closeUnsupported, code == closeTooBig:
+		return closedBadFrame
 	}
+	return closedBroken
 }
 
 // sendAsIs is the encoding of an editor's queue: messages go out unchanged.
@@ -1067,9 +1094,7 @@ func (c *conn) readLoop(h *hub) (int, error) {
 		}
 		f, err := checkLocal(c, data)
 		if err != nil {
-			if n, ok := h.malformed.hit(time.Now()); ok {
-				c.log.Warn("malformed messages dropped", "bytes", len(data), "count", n, "err", err)
-			}
+			h.drops.note(c.log, dropMalformed, "bytes", len(data), "err", err)
 			continue
 		}
 		if c.handOn(h, f) && debug {
@@ -1116,7 +1141,7 @@ func checkLocal(c *conn, data []byte) (frame, error) {
 type peer struct {
 	// Static after construction.
 	ws      *websocket.Conn
-	raw     io.Closer // closes the socket without a close frame
+	raw     io.Closer // closes the socket (the upstream's TCP or TLS conn; an editor's ws)
 	log     *slog.Logger
 	ka      keepalive
 	grace   time.Duration // how long to wait for the answer to a close frame
@@ -1140,7 +1165,7 @@ func newPeer(ws *websocket.Conn, log *slog.Logger, ka keepalive) peer {
 		log:     log,
 		ka:      ka,
 		grace:   closeGrace,
-		live:    &liveness{ws: ws, timeout: ka.timeout},
+		live:    newLiveness(ws, ka.timeout),
 		pongs:   make(chan []byte, 1),
 		echo:    make(chan int, 1),
 		closing: make(chan struct{}),
@@ -1193,7 +1218,7 @@ func pump[T any](p *peer, send <-chan T, encode func(T) []byte, written func(T))
 			}
 			written(m)
 		case <-tick:
-			w.control(websocket.PingFrame, nil)
+			w.control(websocket.PingFrame, p.live.pingPayload())
 		case payload := <-p.pongs:
 			w.control(websocket.PongFrame, payload)
 		case code := <-p.echo:
@@ -1244,6 +1269,9 @@ func (w *pumpState) close(code int) {
 func (w *pumpState) fail(err error) {
 	w.p.log.Debug("write failed", "err", err)
 	w.failed = true
+	// An editor's raw is its websocket.Conn, whose Close writes a close
+	// frame first: the expired deadline keeps that from blocking.
+	w.p.ws.SetWriteDeadline(time.Now())
 	w.p.raw.Close()
 }
 
@@ -1256,59 +1284,91 @@ func endReader(ws *websocket.Conn, closing chan struct{}, grace time.Duration) {
 	ws.SetReadDeadline(time.Now().Add(grace))
 }
 
-// liveness is a peer's read deadline, which only ever moves later: the
-// reader pushes it to now + timeout for every frame it reads, and the
-// writer adds the time each message it writes takes at minTransferRate.
-// A peer behind a slow link that is still taking a large write is thus
-// alive although its pongs wait behind that write; a peer that takes
-// nothing is found dead once those bytes could have arrived, and small
-// messages to a dead peer move its end by little.
+// liveness is a peer's read deadline: the time of the last frame heard from
+// the peer, plus --peer-timeout, plus the time the bytes still owed to or
+// by the peer take at minTransferRate. Bytes the relay wrote are owed until
+// a pong proves them delivered: every ping carries the count of bytes
+// written before it, and TCP delivers in order, so its pong acknowledges
+// them all. A peer behind a slow link that is still taking a large write is
+// thus alive although its pongs wait behind that write; a peer that takes
+// nothing is found dead once those bytes could have arrived; and a peer
+// that has taken everything gets no more time than the timeout.
 type liveness struct {
-	ws      *websocket.Conn
-	timeout time.Duration // 0: no deadline
-	at      atomic.Int64  // the deadline, UnixNano
+	ws       *websocket.Conn
+	timeout  time.Duration // 0: no deadline
+	heard    atomic.Int64  // UnixNano of the last frame from the peer
+	incoming atomic.Int64  // bytes of the frame being read
+	written  atomic.Int64  // data bytes written to the peer
+	acked    atomic.Int64  // of those, the ones a pong proved delivered
 }
 
-// heard restarts the deadline: the peer sent a frame.
-func (l *liveness) heard() error { return l.atLeast(time.Now().Add(l.timeout)) }
-
-// expect grants the peer the time size more bytes of a frame take.
-func (l *liveness) expect(size int) error {
-	return l.atLeast(time.Now().Add(transferTime(l.timeout, size)))
+// newLiveness starts the clock of a peer heard from just now.
+func newLiveness(ws *websocket.Conn, timeout time.Duration) *liveness {
+	l := &liveness{ws: ws, timeout: timeout}
+	l.heard.Store(time.Now().UnixNano())
+	return l
 }
 
-// sent adds the time n bytes written to the peer take at minTransferRate.
-func (l *liveness) sent(n int) {
-	if l.timeout > 0 {
-		l.at.Add(int64(transferTime(0, n)))
-		l.apply()
-	}
-}
-
-// atLeast moves the deadline to t unless it is later already.
-func (l *liveness) atLeast(t time.Time) error {
-	if l.timeout <= 0 {
-		return nil
-	}
-	for want := t.UnixNano(); ; {
-		cur := l.at.Load()
-		if want <= cur || l.at.CompareAndSwap(cur, want) {
-			break
-		}
-	}
+// heardFrame restarts the clock: the peer sent a frame. Reader only.
+func (l *liveness) heardFrame() error {
+	l.heard.Store(time.Now().UnixNano())
+	l.incoming.Store(0)
 	return l.apply()
 }
 
-// apply sets the socket's read deadline to l.at. The reader and the writer
-// both set it, so their calls can land out of order: it sets again until
-// the value it set is the latest, which leaves the latest in place.
+// expect grants the peer the time size bytes of a frame take to arrive.
+// Reader only.
+func (l *liveness) expect(size int) error {
+	l.incoming.Store(int64(size))
+	return l.apply()
+}
+
+// sent counts n more data bytes written to the peer. Writer only.
+func (l *liveness) sent(n int) {
+	l.written.Add(int64(n))
+	l.apply()
+}
+
+// pingPayload is the payload of the next ping: the count of bytes written
+// so far, 8 bytes big-endian. A peer must echo it in its pong (RFC 6455
+// §5.5.3).
+func (l *liveness) pingPayload() []byte {
+	return binary.BigEndian.AppendUint64(nil, uint64(l.written.Load()))
+}
+
+// pong takes a pong's payload as proof that the bytes it counts were
+// delivered. Other payloads (unsolicited pongs) prove only that the peer
+// is there. Reader only.
+func (l *liveness) pong(payload []byte) {
+	if len(payload) != 8 {
+		return
+	}
+	n := min(int64(binary.BigEndian.Uint64(payload)), l.written.Load())
+	if n > l.acked.Load() { // the reader is the only writer of acked
+		l.acked.Store(n)
+	}
+}
+
+// deadline computes the read deadline from the counters.
+func (l *liveness) deadline() int64 {
+	owed := max(0, l.written.Load()-l.acked.Load()) + l.incoming.Load()
+	return l.heard.Load() + int64(l.timeout+transferTime(0, int(owed)))
+}
+
+// apply sets the socket's read deadline. The reader and the writer both
+// set it, so their calls can land out of order: it sets again until the
+// deadline it set is the one the counters give, which leaves the latest
+// in place.
 func (l *liveness) apply() error {
+	if l.timeout <= 0 {
+		return nil
+	}
 	for {
-		at := l.at.Load()
+		at := l.deadline()
 		if err := l.ws.SetReadDeadline(time.Unix(0, at)); err != nil {
 			return err
 		}
-		if l.at.Load() == at {
+		if l.deadline() == at {
 			return nil
 		}
 	}
@@ -1434,7 +1494,7 @@ func (r *frameReader) setDeadline() error {
 	if r.closed {
 		return nil
 	}
-	if err := r.p.live.heard(); err != nil {
+	if err := r.p.live.heardFrame(); err != nil {
 		return err
 	}
 	return r.checkClosing()
@@ -1454,7 +1514,7 @@ func (r *frameReader) checkClosing() error {
 
 // control handles a control frame: a close is handed to the writer to
 // answer and ends the reader (a *peerCloseError), a ping is handed to the
-// writer, a pong only proves the peer alive.
+// writer, a pong proves the peer alive and what it has received.
 func (r *frameReader) control(fr io.Reader, fin bool, opcode byte, size int) error {
 	if !fin || size > maxControlPayload || size < 0 {
 		return fmt.Errorf("%w: bad control frame", errProtocol)
@@ -1477,6 +1537,7 @@ func (r *frameReader) control(fr io.Reader, fin bool, opcode byte, size int) err
 	case websocket.PingFrame:
 		answerLatest(r.p.pongs, payload)
 	case websocket.PongFrame:
+		r.p.live.pong(payload)
 	default:
 		return fmt.Errorf("%w: reserved opcode %d", errProtocol, opcode)
 	}
@@ -1544,77 +1605,4 @@ func closeCodeFor(err error) int {
 		return closeProtocol
 	}
 	return closeNormal
-}
-
-// heldBack is the log attribute that says how many lines a budget held
-// back, or nothing.
-func heldBack(n int64) []any {
-	if n == 0 {
-		return nil
-	}
-	return []any{"lines_held_back", n}
-}
-
-// throttle lets one repeated log line through at most once per warnEvery
-// and counts the events in between. Each throttle is owned by one goroutine.
-type throttle struct {
-	count int
-	last  time.Time
-}
-
-// hit counts one event. It reports whether to log now and, if so, how many
-// events the line stands for.
-func (t *throttle) hit(now time.Time) (n int, ok bool) {
-	t.count++
-	if !t.last.IsZero() && now.Sub(t.last) < warnEvery {
-		return 0, false
-	}
-	n, t.count, t.last = t.count, 0, now
-	return n, true
-}
-
-// sharedThrottle is a throttle for log lines that many goroutines may hit
-// at once: one compare-and-swap decides who logs, nobody waits.
-type sharedThrottle struct {
-	last  atomic.Int64 // UnixNano of the last line
-	count atomic.Int64 // events since then
-}
-
-// hit counts one event; it reports whether to log now and for how many.
-func (t *sharedThrottle) hit(now time.Time) (int64, bool) {
-	t.count.Add(1)
-	last := t.last.Load()
-	if last != 0 && now.UnixNano()-last < int64(warnEvery) {
-		return 0, false
-	}
-	if !t.last.CompareAndSwap(last, now.UnixNano()) {
-		return 0, false
-	}
-	return t.count.Swap(0), true
-}
-
-// lineBudget lets up to n lines through per warnEvery, from any number of
-// goroutines, and counts the rest: for lines a person wants to see one by
-// one (connects, disconnects) but that a client in a loop must not turn
-// into a flood.
-type lineBudget struct {
-	n       int64
-	window  atomic.Int64 // UnixNano of the window's start
-	used    atomic.Int64
-	dropped atomic.Int64
-}
-
-// allow reports whether a line may be written now and how many were held
-// back in the windows before, to say so on it.
-func (b *lineBudget) allow(now time.Time) (held int64, ok bool) {
-	start := b.window.Load()
-	if now.UnixNano()-start >= int64(warnEvery) && b.window.CompareAndSwap(start, now.UnixNano()) {
-		b.used.Store(0)
-		held = b.dropped.Swap(0)
-	}
-	if b.used.Add(1) > b.n {
-		b.dropped.Add(1)
-		return 0, false
-	}
-	return held, true
 }

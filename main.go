@@ -34,6 +34,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unicode"
@@ -790,16 +791,143 @@ func buildVersion() string {
 	return v
 }
 
+// dropReason names why the relay dropped a message or a request, or closed
+// an editor. Each reason has its own counter (for the metrics) and its own
+// log budget, so that a flood of one reason never hides the first line of
+// another.
+type dropReason int
+
+const (
+	noDrop                dropReason = iota // the zero value: nothing was dropped
+	dropMalformed                           // an editor's message failed the envelope check
+	dropUpstreamMalformed                   // an upstream frame without a valid ID prefix or envelope
+	dropUpstreamText                        // a text frame from the upstream
+	dropNoEditors                           // an upstream message for a document without local editors
+	dropUpstreamDown                        // a local message while the upstream is down: the resync makes up
+	dropTooBigUpstream                      // over --upstream-max-message: local editors only
+	dropNotFlushed                          // not flushed upstream at the stop
+	dropUntracked                           // an awareness client past the per-document table
+	dropSlowEditor                          // an editor's queue was full: it is closed with 1013
+	refusedHost                             // Host header not allowed (DNS rebinding)
+	refusedOrigin                           // a web page not allowed
+	refusedNoDoc                            // path "/"
+	refusedBadDoc                           // too long, bad UTF-8, control characters
+	refusedTooMany                          // --max-connections
+	refusedTooManyPerDoc                    // --max-per-document
+	refusedStopping                         // the relay is stopping
+	refusedNotUpgrade                       // a plain HTTP request
+	closedByEditor                          // the editor sent a close frame
+	closedTimeout                           // nothing heard for --peer-timeout (4408)
+	closedSlow                              // its send queue was full (1013)
+	closedBadFrame                          // a frame the relay does not take (1002, 1003, 1009)
+	closedStop                              // the relay stopped (1001)
+	closedBroken                            // the connection broke without a close frame
+	editorJoined                            // not a drop: connect lines share the budget
+	numDropReasons
+)
+
+// dropInfo gives each reason its name (a metrics label), the level and
+// message of its log line, and how many lines it may log per warnEvery.
+var dropInfo = [numDropReasons]struct {
+	name  string
+	level slog.Level
+	msg   string
+	burst int64
+}{
+	dropMalformed:         {"malformed", slog.LevelWarn, "malformed messages dropped", 1},
+	dropUpstreamMalformed: {"upstream_malformed", slog.LevelWarn, "malformed upstream message dropped", 1},
+	dropUpstreamText:      {"upstream_text", slog.LevelWarn, "upstream text frame dropped", 1},
+	dropNoEditors:         {"no_editors", slog.LevelInfo, "upstream messages for a document without local editors dropped", 1},
+	dropUpstreamDown:      {"upstream_down", slog.LevelDebug, "upstream down: local messages wait for the resync", 1},
+	dropTooBigUpstream:    {"too_big_upstream", slog.LevelWarn, "message too large for the upstream: the document stays among local editors until the next reconnect", 1},
+	dropNotFlushed:        {"not_flushed", slog.LevelWarn, "stop: upstream queue full; not flushed", 1},
+	dropUntracked:         {"untracked", slog.LevelWarn, "too many awareness clients on a document; new ones are not tracked", 1},
+	dropSlowEditor:        {"slow editor", slog.LevelWarn, "slow editor closed: send queue full", 1},
+	refusedHost:           {"host", slog.LevelWarn, "request refused", 1},
+	refusedOrigin:         {"origin", slog.LevelWarn, "request refused", 1},
+	refusedNoDoc:          {"no document name", slog.LevelWarn, "request refused", 1},
+	refusedBadDoc:         {"bad document name", slog.LevelWarn, "request refused", 1},
+	refusedTooMany:        {"too many connections", slog.LevelWarn, "request refused", 1},
+	refusedTooManyPerDoc:  {"too many per document", slog.LevelWarn, "request refused", 1},
+	refusedStopping:       {"stopping", slog.LevelWarn, "request refused", 1},
+	refusedNotUpgrade:     {"not an upgrade", slog.LevelWarn, "request refused", 1},
+	closedByEditor:        {"closed by editor", slog.LevelInfo, "editor disconnected", editorLines},
+	closedTimeout:         {"peer timeout", slog.LevelInfo, "editor disconnected", editorLines},
+	closedSlow:            {"slow", slog.LevelInfo, "editor disconnected", editorLines},
+	closedBadFrame:        {"bad frame", slog.LevelInfo, "editor disconnected", editorLines},
+	closedStop:            {"relay stopping", slog.LevelInfo, "editor disconnected", editorLines},
+	closedBroken:          {"connection broken", slog.LevelInfo, "editor disconnected", editorLines},
+	editorJoined:          {"joined", slog.LevelInfo, "editor connected", editorLines},
+}
+
+// editorLines is how many connect or disconnect lines of one reason are
+// logged per warnEvery: a person wants to see them one by one, but a client
+// in an open/close loop must not turn them into a flood.
+const editorLines = 50
+
+// String is the reason's name.
+func (r dropReason) String() string { return dropInfo[r].name }
+
+// drops counts every drop and close by reason and logs them within each
+// reason's budget. Safe for any number of goroutines: atomics only, and
+// nobody waits.
+type drops struct {
+	log    *slog.Logger
+	counts [numDropReasons]reasonCount
+}
+
+// reasonCount is one reason's counter and log budget.
+type reasonCount struct {
+	total  atomic.Int64 // events in all
+	window atomic.Int64 // UnixNano when the current budget window began
+	used   atomic.Int64 // lines logged in the window
+	held   atomic.Int64 // events not logged since the last line
+}
+
+// note counts one event of reason and logs it with attrs (plus the reason
+// and, as count, how many events the line stands for) if the reason's
+// budget allows: the first event of a reason always.
+func (d *drops) note(log *slog.Logger, reason dropReason, attrs ...any) {
+	n, ok := d.allow(reason, time.Now())
+	if !ok || log == nil {
+		return
+	}
+	info := dropInfo[reason]
+	attrs = append(attrs, "reason", info.name)
+	if n > 1 {
+		attrs = append(attrs, "count", n)
+	}
+	log.Log(context.Background(), info.level, info.msg, attrs...)
+}
+
+// allow counts one event of reason at now and reports whether to log it,
+// and for how many events the line stands.
+func (d *drops) allow(reason dropReason, now time.Time) (int64, bool) {
+	c := &d.counts[reason]
+	c.total.Add(1)
+	start := c.window.Load()
+	if now.UnixNano()-start >= int64(warnEvery) && c.window.CompareAndSwap(start, now.UnixNano()) {
+		c.used.Store(0)
+	}
+	if c.used.Add(1) > dropInfo[reason].burst {
+		c.held.Add(1)
+		return 0, false
+	}
+	return 1 + c.held.Swap(0), true
+}
+
+// total is how many events of reason were counted.
+func (d *drops) total(reason dropReason) int64 { return d.counts[reason].total.Load() }
+
 // service is a listening relay: the local HTTP endpoint, the hub and the
 // upstream, started by run.
 type service struct {
-	cfg     *config
-	log     *slog.Logger
-	lns     []net.Listener
-	gate    gate
-	refused map[refusal]*sharedThrottle // one per reason; static after construction
-	hub     *hub
-	up      *upstream
+	cfg  *config
+	log  *slog.Logger
+	lns  []net.Listener
+	gate gate
+	hub  *hub
+	up   *upstream
 }
 
 // listen binds the local address: for localhost, both 127.0.0.1 and ::1
@@ -823,11 +951,7 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		hub:        h,
 		log:        log,
 	}
-	refused := make(map[refusal]*sharedThrottle, len(refusals))
-	for _, kind := range refusals {
-		refused[kind] = new(sharedThrottle)
-	}
-	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, refused: refused, hub: h, up: u}, nil
+	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: u}, nil
 }
 
 // listenAll opens the listeners for host and port.
@@ -1161,27 +1285,8 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ws.ServeHTTP(w, r)
 }
 
-// refusal is the kind of reason a local request is refused for; each has
-// its own log throttle, so that one kind cannot hide another.
-type refusal string
-
-const (
-	refusedHost          refusal = "host"                  // Host header not allowed (DNS rebinding)
-	refusedOrigin        refusal = "origin"                // a web page not allowed
-	refusedNoDoc         refusal = "no document name"      // path "/"
-	refusedBadDoc        refusal = "bad document name"     // too long, bad UTF-8, control characters
-	refusedTooMany       refusal = "too many connections"  // --max-connections
-	refusedTooManyPerDoc refusal = "too many per document" // --max-per-document
-	refusedStopping      refusal = "stopping"              // the relay is stopping
-	refusedNotUpgrade    refusal = "not an upgrade"        // a plain HTTP request
-)
-
-// refusals lists every refusal, for the throttles.
-var refusals = []refusal{refusedHost, refusedOrigin, refusedNoDoc, refusedBadDoc,
-	refusedTooMany, refusedTooManyPerDoc, refusedStopping, refusedNotUpgrade}
-
 // admitRefusal names the reason of an error from hub.admit.
-func admitRefusal(err error) refusal {
+func admitRefusal(err error) dropReason {
 	switch {
 	case errors.Is(err, errTooManyPerDoc):
 		return refusedTooManyPerDoc
@@ -1196,12 +1301,10 @@ func admitRefusal(err error) refusal {
 // and logs it with its kind and detail. The first refusal of each kind is
 // logged, then at most one per kind and warnEvery, with the count since
 // (handlers run in many goroutines, hence the lock-free throttles).
-func (s *service) refuse(w http.ResponseWriter, r *http.Request, status int, kind refusal, detail string) {
+func (s *service) refuse(w http.ResponseWriter, r *http.Request, status int, kind dropReason, detail string) {
 	http.Error(w, "elva-service: "+detail, status)
-	if n, ok := s.refused[kind].hit(time.Now()); ok {
-		s.log.Warn("request refused", "reason", string(kind), "detail", detail, "status", status,
-			"origin", r.Header.Get("Origin"), "host", r.Host, "remote", r.RemoteAddr, "count", n)
-	}
+	s.hub.drops.note(s.log, kind, "detail", detail, "status", status,
+		"origin", r.Header.Get("Origin"), "host", r.Host, "remote", r.RemoteAddr)
 }
 
 // maxIDBytes is the longest document name accepted, after percent-decoding.
@@ -1220,7 +1323,7 @@ type gate struct {
 
 // check returns the document r asks for, or the status, kind and detail
 // to refuse it with.
-func (g *gate) check(r *http.Request) (doc string, status int, kind refusal, detail string) {
+func (g *gate) check(r *http.Request) (doc string, status int, kind dropReason, detail string) {
 	if !g.hostAllowed(r.Host) {
 		return "", http.StatusForbidden, refusedHost, fmt.Sprintf("host %q not allowed: connect to localhost or 127.0.0.1", r.Host)
 	}
@@ -1236,7 +1339,7 @@ func (g *gate) check(r *http.Request) (doc string, status int, kind refusal, det
 	if err := checkIdentifier(doc); err != nil {
 		return "", http.StatusBadRequest, refusedBadDoc, err.Error()
 	}
-	return doc, 0, "", ""
+	return doc, 0, noDrop, ""
 }
 
 // hostAllowed accepts loopback names and addresses, the configured host

@@ -617,7 +617,7 @@ func TestOpenCloseLoopKeepsResourcesBounded(t *testing.T) {
 		t.Errorf("heap grew from %d to %d bytes", before, after)
 	}
 	// A thousand connections, but the log holds a bounded number of lines.
-	if n := strings.Count(r.logs.String(), "editor connected"); n > 2*connLinesPerWindow {
+	if n := strings.Count(r.logs.String(), "editor connected"); n > 2*editorLines {
 		t.Errorf("%d 'editor connected' lines for one client in a loop", n)
 	}
 
@@ -933,4 +933,42 @@ func startProcess(t *testing.T, cmd *exec.Cmd) *relayProcess {
 	p.addr = listeningRE.FindStringSubmatch(line)[1]
 	p.logs.waitFor(t, "upstream connected")
 	return p
+}
+
+// TestDropsBudgetPerReason checks the drops logger: every event is
+// counted; the first of each reason is logged however busy another reason
+// is; within warnEvery a reason logs at most its burst, and the next line
+// says how many events it stands for.
+func TestDropsBudgetPerReason(t *testing.T) {
+	var d drops
+	start := time.Now()
+	tests := []struct {
+		name   string
+		reason dropReason
+		at     time.Duration
+		want   int64 // events the line stands for; 0: not logged
+	}{
+		{"first malformed", dropMalformed, 0, 1},
+		{"second malformed, same window", dropMalformed, time.Second, 0},
+		{"third malformed, same window", dropMalformed, 2 * time.Second, 0},
+		{"first origin refusal despite the others", refusedOrigin, 3 * time.Second, 1},
+		{"malformed after the window", dropMalformed, warnEvery, 3},
+	}
+	for _, tt := range tests {
+		n, ok := d.allow(tt.reason, start.Add(tt.at))
+		if ok != (tt.want > 0) || n != tt.want {
+			t.Errorf("%s: got %d, %v; want %d", tt.name, n, ok, tt.want)
+		}
+	}
+	for range editorLines {
+		if _, ok := d.allow(editorJoined, start); !ok {
+			t.Fatal("a connect line within the budget was held back")
+		}
+	}
+	if _, ok := d.allow(editorJoined, start); ok {
+		t.Error("a connect line past the budget was logged")
+	}
+	if got := d.total(dropMalformed); got != 4 {
+		t.Errorf("malformed counted %d times, want 4", got)
+	}
 }

@@ -372,15 +372,12 @@ func awaitClosed(p *peer) {
 // runs out): returning would close the connection under the writer's
 // flush, or reset it under bytes the server has not read yet.
 func (u *upstream) readLoop(r frameReader) error {
-	var bad throttle
 	hubGone := false
 	debug := u.log.Enabled(context.Background(), slog.LevelDebug)
 	for {
 		data, err := r.next()
 		if errors.Is(err, errTextFrame) {
-			if n, ok := bad.hit(time.Now()); ok {
-				u.log.Warn("upstream text frame dropped", "count", n)
-			}
+			u.hub.drops.note(u.log, dropUpstreamText)
 			continue
 		}
 		if err != nil {
@@ -388,9 +385,7 @@ func (u *upstream) readLoop(r frameReader) error {
 		}
 		f, err := checkUpstream(u.magic, data)
 		if err != nil {
-			if n, ok := bad.hit(time.Now()); ok {
-				u.log.Warn("malformed upstream message dropped", "bytes", len(data), "count", n, "err", err)
-			}
+			u.hub.drops.note(u.log, dropUpstreamMalformed, "bytes", len(data), "err", err)
 			continue
 		}
 		if debug {

@@ -1,15 +1,12 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/binary"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"slices"
 	"strings"
@@ -25,9 +22,6 @@ import (
 // join is an unbuffered send, so the hub has added the conn before the
 // test goes on; frames on h.local are handled in order, so a frame that
 // arrives proves that every earlier frame has been routed.
-
-// discard is a logger for tests that do not look at logs.
-var discard = slog.New(slog.DiscardHandler)
 
 // startHub runs a hub until the test ends.
 func startHub(t *testing.T) (*hub, context.CancelFunc) {
@@ -144,13 +138,6 @@ func expectClosed(t *testing.T, c *conn, code int) {
 		}
 	}
 }
-
-var (
-	update1   = []byte{msgSync, syncUpdate, 1, 0xa1}
-	update2   = []byte{msgSync, syncUpdate, 1, 0xa2}
-	step1     = []byte{msgSync, syncStep1, 1, 0}
-	awareness = []byte{msgAwareness, 1, 0}
-)
 
 func TestHubSyncGoesToOthersNotBackToSender(t *testing.T) {
 	h, _ := startHub(t)
@@ -766,88 +753,6 @@ func TestMalformedMessageDroppedConnStaysOpen(t *testing.T) {
 	r.logs.waitFor(t, "malformed messages dropped")
 }
 
-// rawJoin upgrades a plain TCP connection to doc, so that the test can
-// write frames that x/net/websocket would never send.
-func rawJoin(t *testing.T, addr, doc string) (net.Conn, *bufio.Reader) {
-	t.Helper()
-	conn, err := net.DialTimeout("tcp", addr, testTimeout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	conn.SetDeadline(time.Now().Add(testTimeout))
-	fmt.Fprintf(conn, "GET /%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
-		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", doc, addr)
-	br := bufio.NewReader(conn)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatalf("upgrade: %v, %v", resp, err)
-	}
-	return conn, br
-}
-
-// maskedFrame builds a client frame with the zero masking key, so that
-// the payload goes out as it is. first is the FIN bit and opcode byte.
-func maskedFrame(first byte, payload []byte) []byte {
-	f := []byte{first}
-	switch n := len(payload); {
-	case n < 126:
-		f = append(f, 0x80|byte(n))
-	default:
-		f = append(f, 0x80|126, byte(n>>8), byte(n))
-	}
-	f = append(f, 0, 0, 0, 0)
-	return append(f, payload...)
-}
-
-// readFrame reads one frame, unmasking a client's.
-func readFrame(t *testing.T, br *bufio.Reader) (opcode byte, payload []byte) {
-	t.Helper()
-	var hdr [2]byte
-	if _, err := io.ReadFull(br, hdr[:]); err != nil {
-		t.Fatalf("no frame: %v", err)
-	}
-	size := uint64(hdr[1] & 0x7f)
-	switch size {
-	case 126:
-		var ext [2]byte
-		io.ReadFull(br, ext[:])
-		size = uint64(binary.BigEndian.Uint16(ext[:]))
-	case 127:
-		var ext [8]byte
-		io.ReadFull(br, ext[:])
-		size = binary.BigEndian.Uint64(ext[:])
-	}
-	var mask [4]byte
-	if hdr[1]&0x80 != 0 { // a client's frame
-		io.ReadFull(br, mask[:])
-	}
-	payload = make([]byte, size)
-	if _, err := io.ReadFull(br, payload); err != nil {
-		t.Fatalf("frame payload: %v", err)
-	}
-	for i := range payload {
-		payload[i] ^= mask[i%4]
-	}
-	return hdr[0] & 0x0f, payload
-}
-
-// readCloseCode reads server frames until a close frame and returns its
-// code; then it checks that the server sends nothing after it.
-func readCloseCode(t *testing.T, br *bufio.Reader) int {
-	t.Helper()
-	for {
-		op, payload := readFrame(t, br)
-		if op != websocket.CloseFrame || len(payload) < 2 {
-			continue
-		}
-		if extra, err := br.ReadByte(); err == nil {
-			t.Errorf("byte %#x after the close frame, want the end", extra)
-		}
-		return int(binary.BigEndian.Uint16(payload))
-	}
-}
-
 // BenchmarkHubRoute measures the hub alone: one local update routed to
 // benchEditors other editors and the upstream queue, all drained.
 func BenchmarkHubRoute(b *testing.B) {
@@ -1150,13 +1055,6 @@ func TestHubGoodbyesAtStopDoNotCloseTheLink(t *testing.T) {
 	}
 }
 
-// shortWriteWait sets writeWait to d for one test.
-func shortWriteWait(t *testing.T, d time.Duration) {
-	saved := writeWait
-	writeWait = d
-	t.Cleanup(func() { writeWait = saved })
-}
-
 // slowLink is a TCP proxy to target that passes what the relay sends at
 // rate bytes per second, as a slow downlink does, or not at all once
 // frozen; the other way it passes everything at once.
@@ -1247,11 +1145,6 @@ func TestLiveEditorOnASlowLinkIsNotCutOff(t *testing.T) {
 	if !strings.Contains(line, "code=4408") {
 		t.Errorf("a dead peer closed for another reason than the peer timeout: %s", line)
 	}
-}
-
-// updateMsg wraps update in a sync update message (00 02 bytes).
-func updateMsg(update []byte) []byte {
-	return append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(update))), update...)
 }
 
 // TestPongAnswersTheLatestPing checks the rule of RFC 6455 §5.5.3: with

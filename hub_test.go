@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -365,39 +366,114 @@ func (h *hubHarness) askedOne(a, b *conn) (asked, other *conn) {
 	return asked, other
 }
 
-func TestHubSyncGoesToOthersNotBackToSender(t *testing.T) {
-	h := startHub(t, nil, nil)
-	up := h.attach(upstreamQueue)
-	a := h.join("d1", connQueue)
-	b := h.join("d1", connQueue)
-	h.expect(a, queryAwareness) // b's arrival
-	other := h.join("d2", connQueue)
-
-	h.post(a, update1)
-	h.expect(b, update1)
-	if m, _ := h.nextUp(up); m.doc != "d1" || !bytes.Equal(m.data, update1) {
-		t.Errorf("upstream got %q % x, want d1 % x", m.doc, m.data, update1)
+// TestRoutingRules checks who hears each kind of message: its sender, the
+// other editors of its document, an editor of another document, the
+// upstream. Every case runs an editor a on d1, a second editor b on d1
+// unless a is lone, an editor c on d2, and an upstream link if attached.
+// An upstream message counts all of d1's editors as "others".
+func TestRoutingRules(t *testing.T) {
+	aware := awarenessMsg(5, 1, "{}") // an editor's own client
+	step2 := []byte{msgSync, syncStep2, 1, 0xb2}
+	query := []byte{msgQueryAwareness}
+	auth := []byte{msgAuth, 0, 0} // y-websocket: "permission denied"
+	tests := []struct {
+		name string
+		from string // "editor" (a) or "upstream"
+		doc  string // the message's document; "": d1
+		msg  []byte
+		up   bool   // an upstream link is attached
+		lone bool   // a is d1's only editor
+		want string // who hears msg, of: sender others elsewhere upstream
+	}{
+		{"step 1 from an editor", "editor", "", step1, true, false, "others upstream"},
+		{"step 1 from an editor, upstream down", "editor", "", step1, false, false, "others"},
+		{"step 1 from a lone editor", "editor", "", step1, true, true, "upstream"},
+		{"step 1 from a lone editor, upstream down", "editor", "", step1, false, true, ""},
+		{"step 2 from an editor", "editor", "", step2, true, false, "others upstream"},
+		{"step 2 from an editor, upstream down", "editor", "", step2, false, false, "others"},
+		{"update from an editor", "editor", "", update1, true, false, "others upstream"},
+		{"update from an editor, upstream down", "editor", "", update1, false, false, "others"},
+		{"update from a lone editor", "editor", "", update1, true, true, "upstream"},
+		{"update from a lone editor, upstream down", "editor", "", update1, false, true, ""},
+		{"awareness from an editor", "editor", "", aware, true, false, "sender others upstream"},
+		{"awareness from an editor, upstream down", "editor", "", aware, false, false, "sender others"},
+		{"awareness from a lone editor", "editor", "", aware, true, true, "sender upstream"},
+		{"awareness from a lone editor, upstream down", "editor", "", aware, false, true, "sender"},
+		{"query-awareness from an editor", "editor", "", query, true, false, "others upstream"},
+		{"query-awareness from a lone editor, upstream down", "editor", "", query, false, true, ""},
+		{"auth from an editor", "editor", "", auth, true, false, "others upstream"},
+		{"step 1 from the upstream", "upstream", "", step1, true, false, "others"},
+		{"step 2 from the upstream", "upstream", "", step2, true, false, "others"},
+		{"update from the upstream", "upstream", "", update1, true, false, "others"},
+		{"update from the upstream to a lone editor", "upstream", "", update1, true, true, "others"},
+		{"update from the upstream after its link ended", "upstream", "", update1, false, false, "others"},
+		{"update from the upstream for a document without editors", "upstream", "nobody-here", update1, true, false, ""},
+		// A client new to the relay also makes one editor be asked for
+		// its awareness: TestHubIntroducesNewcomersFromOtherRelays.
+		{"awareness from the upstream", "upstream", "", awareness, true, false, "others"},
+		{"query-awareness from the upstream", "upstream", "", query, true, false, "others"},
 	}
-	h.post(b, update2)   // a barrier: routed after update1
-	h.expect(a, update2) // a never got its own update1
-	h.expectEmpty(b)
-	h.expectEmpty(other)
-}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := startHub(t, nil, nil)
+			var up *link
+			if tt.up {
+				up = h.attach(upstreamQueue)
+			}
+			a := h.join("d1", connQueue)
+			var b *conn
+			if !tt.lone {
+				b = h.join("d1", connQueue)
+			}
+			c := h.join("d2", connQueue)
+			h.barrier()
+			h.queued(a) // the joins' queries
+			if up != nil {
+				h.queuedUp(up)
+			}
 
-func TestHubAwarenessEchoesToSender(t *testing.T) {
-	h := startHub(t, nil, nil)
-	a, b := h.twoEditors("d1")
-	h.post(a, awareness)
-	h.expect(a, awareness)
-	h.expect(b, awareness)
-}
+			doc := cmp.Or(tt.doc, "d1")
+			if tt.from == "editor" {
+				h.post(a, tt.msg)
+			} else {
+				h.fromUpstream(doc, tt.msg)
+			}
+			h.barrier()
 
-func TestHubLoneEditorHearsItsAwareness(t *testing.T) {
-	h := startHub(t, nil, nil)
-	a := h.join("d1", connQueue)
-	h.post(a, step1)
-	h.post(a, awareness)
-	h.expect(a, awareness) // and not its step 1
+			hears := make(map[string]bool)
+			for _, who := range strings.Fields(tt.want) {
+				hears[who] = true
+			}
+			check := func(name string, got [][]byte, want bool) {
+				t.Helper()
+				switch {
+				case want && !(len(got) == 1 && bytes.Equal(got[0], tt.msg)):
+					t.Errorf("%s got % x, want % x once", name, got, tt.msg)
+				case !want && len(got) > 0:
+					t.Errorf("%s got % x, want nothing", name, got)
+				}
+			}
+			if tt.from == "editor" {
+				check("sender a", h.queued(a), hears["sender"])
+			} else {
+				check("editor a of d1", h.queued(a), hears["others"])
+			}
+			if b != nil {
+				check("editor b of d1", h.queued(b), hears["others"])
+			}
+			check("editor c of d2", h.queued(c), hears["elsewhere"])
+			if up != nil {
+				var got [][]byte
+				for _, m := range h.queuedUp(up) {
+					if m.doc != doc {
+						t.Errorf("upstream got % x for %s, want %s", m.data, m.doc, doc)
+					}
+					got = append(got, m.data)
+				}
+				check("upstream", got, hears["upstream"])
+			}
+		})
+	}
 }
 
 func TestHubQueriesAwarenessOnJoin(t *testing.T) {
@@ -410,30 +486,6 @@ func TestHubQueriesAwarenessOnJoin(t *testing.T) {
 	h.expect(a, update1) // nothing was queued for c at its own join
 	h.expect(b, update1)
 	h.expectEmpty(c)
-}
-
-func TestHubIsolatesDocuments(t *testing.T) {
-	h := startHub(t, nil, nil)
-	a := h.join("d1", connQueue)
-	b := h.join("d2", connQueue)
-	h.post(a, update1)
-	h.post(b, awareness)
-	h.expect(b, awareness) // b's echo, after a's update was routed
-	h.expectEmpty(b)
-	h.expectEmpty(a)
-}
-
-func TestHubUpstreamFramesReachEveryLocalEditor(t *testing.T) {
-	h := startHub(t, nil, nil)
-	a, b := h.twoEditors("d1")
-	other := h.join("d2", connQueue)
-	h.fromUpstream("nobody-here", update2) // dropped
-	h.fromUpstream("d1", update1)
-	h.expect(a, update1)
-	h.expect(b, update1)
-	h.fromUpstream("d2", update2)
-	h.expect(other, update2) // the only frame for d2
-	h.expectEmpty(a)
 }
 
 func TestHubClosesSlowEditorWithoutStallingOthers(t *testing.T) {

@@ -753,11 +753,16 @@ func TestHubMarksAwarenessGoneWhenEditorLeaves(t *testing.T) {
 	h.post(b, awarenessMsg(7, 3, `{"user":"a"}`))
 	h.expect(a, awarenessMsg(7, 3, `{"user":"a"}`))
 	h.expect(b, awarenessMsg(7, 3, `{"user":"a"}`))
-	// A remote client, announced by the upstream.
+	// A remote client, announced by the upstream. It is new to the relay,
+	// so one of the editors, either, is asked for the states it knows.
 	remote := awarenessMsg(99, 5, `{"user":"r"}`)
 	h.fromUpstream("d1", remote)
 	h.expect(a, remote)
 	h.expect(b, remote)
+	h.barrier()
+	if got := append(h.queued(a), h.queued(b)...); len(got) != 1 || !bytes.Equal(got[0], queryAwareness) {
+		t.Fatalf("after the remote newcomer the editors got % x, want one query-awareness", got)
+	}
 
 	h.leave(a)
 	h.expectClosed(a, closeNormal)

@@ -1055,7 +1055,7 @@ func TestHubGoodbyesAtStopDoNotCloseTheLink(t *testing.T) {
 func TestHubAsksANewcomerForItsDocument(t *testing.T) {
 	h := startHub(t, nil, nil)
 	a := h.join("d1", connQueue)
-	b := h.join("d1", connQueue) // memConn checks b's step 1
+	b := h.join("d1", connQueue) // join checks b's step 1
 	h.expect(a, queryAwareness)
 	offline := []byte{msgSync, syncStep2, 2, 0xb1, 0}
 	h.post(b, offline)

@@ -10,16 +10,6 @@ import (
 	"testing"
 )
 
-// unhex turns "02 00 05" into bytes; it fails the test on bad input.
-func unhex(t testing.TB, s string) []byte {
-	t.Helper()
-	b, err := hex.DecodeString(strings.ReplaceAll(s, " ", ""))
-	if err != nil {
-		t.Fatalf("bad hex %q: %v", s, err)
-	}
-	return b
-}
-
 func TestReadVaruint(t *testing.T) {
 	tests := []struct {
 		name string
@@ -235,20 +225,6 @@ func FuzzMessageKind(f *testing.F) {
 			t.Fatalf("messageKind(% x) = %d, but the type varuint is %d, %v", msg, kind, first, verr)
 		}
 	})
-}
-
-// awarenessMsg builds an awareness message from (client, clock, state) triples.
-func awarenessMsg(entries ...any) []byte {
-	var update []byte
-	update = appendVaruint(update, uint64(len(entries)/3))
-	for i := 0; i < len(entries); i += 3 {
-		update = appendVaruint(update, uint64(entries[i].(int)))
-		update = appendVaruint(update, uint64(entries[i+1].(int)))
-		state := entries[i+2].(string)
-		update = appendVaruint(update, uint64(len(state)))
-		update = append(update, state...)
-	}
-	return append(appendVaruint([]byte{msgAwareness}, uint64(len(update))), update...)
 }
 
 // manyClients is an awareness message with n clients.

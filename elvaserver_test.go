@@ -12,9 +12,6 @@ import (
 	"golang.org/x/net/websocket"
 )
 
-// testTimeout bounds every wait in these tests; a wait that times out fails.
-const testTimeout = 10 * time.Second
-
 // elvaServer is an in-test ELVA server in broadcast mode (PROTOCOL.md §2):
 // it accepts upgrades on / only, reads the ID prefix of each frame, joins
 // the sender to that document's room and passes the frame, prefix and all,

@@ -1,15 +1,11 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
+	"cmp"
 	"context"
-	"encoding/binary"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
 	"slices"
 	"strings"
@@ -20,115 +16,257 @@ import (
 	"golang.org/x/net/websocket"
 )
 
-// The hub is tested in memory: conns are bare send queues without a
-// socket, and the tests play their readers by sending to h.local. Each
-// join is an unbuffered send, so the hub has added the conn before the
-// test goes on; frames on h.local are handled in order, so a frame that
-// arrives proves that every earlier frame has been routed.
+// The hub is tested in memory through a hubHarness: conns are bare send
+// queues without a socket, the upstream is a bare link queue, and the
+// harness plays the readers, handlers and upstream around them. The
+// harness is the only test code that knows the hub's channels and
+// fields: when they change, only it changes.
 
-// discard is a logger for tests that do not look at logs.
-var discard = slog.New(slog.DiscardHandler)
-
-// startHub runs a hub until the test ends.
-func startHub(t *testing.T) (*hub, context.CancelFunc) {
-	t.Helper()
-	h := newHub(connQueue, defaultMaxMessage, keepalive{}, limits{}, discard)
-	ctx, cancel := context.WithCancel(context.Background())
-	go h.run(ctx)
-	t.Cleanup(func() {
-		cancel()
-		<-h.quit
-	})
-	return h, cancel
+// hubHarness runs one hub for a test and plays its surroundings: the HTTP
+// handlers that admit, join and release editors, the editors' readers that
+// post frames and leave, and the upstream that attaches, delivers frames
+// and detaches.
+type hubHarness struct {
+	t      testing.TB
+	hub    *hub
+	cancel context.CancelFunc
+	// released marks the conns whose handler has returned: each releases
+	// its admission once, as serve does.
+	released map[*conn]bool
 }
 
-// memConn joins a socketless conn with a queue of size queue to doc. At
-// the end of the test its reader leaves, as a real one always does.
-func memConn(t *testing.T, h *hub, doc string, queue int) *conn {
+// startHub runs a hub that logs to log (nil: nowhere), set up by configure
+// (nil: the defaults) before it starts, until the test ends.
+func startHub(t testing.TB, log *slog.Logger, configure func(*hub)) *hubHarness {
 	t.Helper()
-	if err := h.admit(doc); err != nil {
-		t.Fatalf("admit: %v", err)
+	if log == nil {
+		log = discard
+	}
+	hb := newHub(connQueue, defaultMaxMessage, keepalive{}, limits{}, log)
+	if configure != nil {
+		configure(hb)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	go hb.run(ctx)
+	h := &hubHarness{t: t, hub: hb, cancel: cancel, released: make(map[*conn]bool)}
+	t.Cleanup(h.stop)
+	return h
+}
+
+// withUpstreamMax sets --upstream-max-message, for startHub.
+func withUpstreamMax(n int) func(*hub) { return func(hb *hub) { hb.upstreamMax = n } }
+
+// withStopWait bounds the hub's part of a stop, for startHub.
+func withStopWait(d time.Duration) func(*hub) { return func(hb *hub) { hb.stopWait = d } }
+
+// withSweep makes every timer of the gone table's sweep fire when the
+// test sends on sweep, for startHub.
+func withSweep(sweep chan time.Time) func(*hub) {
+	return func(hb *hub) { hb.after = func(time.Duration) <-chan time.Time { return sweep } }
+}
+
+// join plays an editor's handler: admitted, then joined to doc with a
+// send queue of queue frames. It checks what every newcomer gets first,
+// the empty step 1 that asks for its document. At the end of the test the
+// editor leaves, as a real one always does.
+func (h *hubHarness) join(doc string, queue int) *conn {
+	h.t.Helper()
+	if err := h.hub.admit(doc); err != nil {
+		h.t.Fatalf("admit: %v", err)
 	}
 	c := &conn{peer: peer{log: discard}, doc: doc, remote: "mem", send: make(chan []byte, queue)}
-	h.join <- c
-	t.Cleanup(func() { leave(h, c) })
-	expect(t, c, emptyStep1) // every newcomer is asked for its document
+	h.hub.join <- c
+	h.t.Cleanup(func() { h.leave(c) })
+	h.expect(c, emptyStep1)
 	return c
-}
-
-// leave plays the end of c's reader and handler.
-func leave(h *hub, c *conn) {
-	select {
-	case h.leave <- departure{c, closeNormal}:
-	case <-h.quit:
-		return
-	}
-	h.release(c.doc)
 }
 
 // twoEditors joins two editors to doc and consumes the query-awareness
 // that the second one's arrival sends the first.
-func twoEditors(t *testing.T, h *hub, doc string) (a, b *conn) {
-	t.Helper()
-	a = memConn(t, h, doc, connQueue)
-	b = memConn(t, h, doc, connQueue)
-	expect(t, a, queryAwareness)
+func (h *hubHarness) twoEditors(doc string) (a, b *conn) {
+	h.t.Helper()
+	a = h.join(doc, connQueue)
+	b = h.join(doc, connQueue)
+	h.expect(a, queryAwareness)
 	return a, b
 }
 
-// memLink attaches a socketless upstream link with a queue of size queue.
-func memLink(h *hub, queue int) *link {
+// stuffed joins an editor whose queue of one is already full, as a slow
+// editor's is.
+func (h *hubHarness) stuffed(doc string) *conn {
+	h.t.Helper()
+	c := h.join(doc, 1)
+	c.send <- []byte{0xff} // a backlog the test never reads
+	return c
+}
+
+// post plays c's reader: it checks msg as the reader does (its kind, and
+// its entries if it is awareness) and hands it to the hub.
+func (h *hubHarness) post(c *conn, msg []byte) {
+	h.t.Helper()
+	h.hub.local <- h.frame(c.doc, msg, c)
+}
+
+// fromUpstream plays the upstream reader: msg arrives for doc.
+func (h *hubHarness) fromUpstream(doc string, msg []byte) {
+	h.t.Helper()
+	h.hub.remote <- h.frame(doc, msg, nil)
+}
+
+// frame decodes msg as the readers do.
+func (h *hubHarness) frame(doc string, msg []byte, from *conn) frame {
+	h.t.Helper()
+	kind, err := messageKind(msg)
+	if err != nil {
+		h.t.Fatalf("test message % x: %v", msg, err)
+	}
+	f := frame{doc: doc, data: msg, kind: kind, from: from}
+	if kind == msgAwareness {
+		if f.aware, err = readAwareness(msg, nil); err != nil {
+			h.t.Fatalf("test message % x: %v", msg, err)
+		}
+	}
+	return f
+}
+
+// leave plays the end of c's reader (a normal close) and of its handler.
+func (h *hubHarness) leave(c *conn) { h.leaveWith(c, closeNormal) }
+
+// leaveWith plays the end of c's reader, which answers with code, and of
+// its handler. The hub ignores a reader that ends after the hub closed
+// its conn; a handler releases its admission once.
+func (h *hubHarness) leaveWith(c *conn, code int) {
+	select {
+	case h.hub.leave <- departure{c, code}:
+	case <-h.hub.quit:
+		return
+	}
+	if !h.released[c] {
+		h.released[c] = true
+		h.hub.release(c.doc)
+	}
+}
+
+// attach plays a new upstream connection whose send queue takes queue
+// frames.
+func (h *hubHarness) attach(queue int) *link {
 	l := &link{send: make(chan frame, queue)}
-	h.attach <- l
+	h.hub.attach <- l
 	return l
 }
 
-// post plays c's reader: it hands msg to the hub.
-func post(t *testing.T, h *hub, c *conn, msg []byte) {
-	t.Helper()
-	kind, err := messageKind(msg)
-	if err != nil {
-		t.Fatalf("test message % x: %v", msg, err)
+// detach plays the end of l's connection.
+func (h *hubHarness) detach(l *link) { h.hub.detach <- l }
+
+// barrier returns once the hub has handled everything sent to it before,
+// frames still waiting in its inboxes included: an admission is a round
+// trip through its loop, and the inboxes are empty once the loop has
+// taken their last frame. During a stop the admission is refused, which
+// is the same round trip.
+func (h *hubHarness) barrier() {
+	h.t.Helper()
+	for {
+		pending := len(h.hub.local) > 0 || len(h.hub.remote) > 0
+		switch err := h.hub.admit("barrier"); err {
+		case nil:
+			h.hub.release("barrier")
+		case errStopping:
+		default:
+			h.t.Fatalf("barrier: %v", err)
+		}
+		if !pending {
+			return
+		}
 	}
-	h.local <- frame{doc: c.doc, data: msg, kind: kind, from: c}
+}
+
+// beginStop cancels the hub's context: it starts its stop, which waits
+// for the editors' handlers to return.
+func (h *hubHarness) beginStop() { h.cancel() }
+
+// stop stops the hub and waits until it has returned.
+func (h *hubHarness) stop() {
+	h.cancel()
+	<-h.hub.quit
+}
+
+// goneAfterStop stops the hub and returns the size of its table of gone
+// clients and whether the table still holds memory: once the hub has
+// returned, its fields are the test's.
+func (h *hubHarness) goneAfterStop() (n int, holdsMemory bool) {
+	h.stop()
+	return h.hub.gone.len(), h.hub.gone.entries != nil || h.hub.gone.order != nil
+}
+
+// sendBudget is the byte budget of an editor's send queue.
+func (h *hubHarness) sendBudget() int64 { return h.hub.connBytes }
+
+// drain takes n messages from c's queue, waiting for each. It fails
+// nothing, so that it may run on a goroutine of its own.
+func (h *hubHarness) drain(c *conn, n int) {
+	for range n {
+		<-c.send
+	}
+}
+
+// drainUp takes n messages from l's queue, as drain does.
+func (h *hubHarness) drainUp(l *link, n int) {
+	for range n {
+		<-l.send
+	}
 }
 
 // next returns the next message queued for c.
-func next(t *testing.T, c *conn) []byte {
-	t.Helper()
+func (h *hubHarness) next(c *conn) []byte {
+	h.t.Helper()
 	select {
 	case msg, ok := <-c.send:
 		if !ok {
-			t.Fatalf("conn on %s was closed (code %d)", c.doc, c.closeCode)
+			h.t.Fatalf("conn on %s was closed (code %d)", c.doc, c.closeCode)
 		}
 		return msg
 	case <-time.After(testTimeout):
-		t.Fatalf("nothing queued for conn on %s", c.doc)
+		h.t.Fatalf("nothing queued for conn on %s", c.doc)
 		return nil
 	}
 }
 
 // expect fails unless c's next message is want.
-func expect(t *testing.T, c *conn, want []byte) {
-	t.Helper()
-	if got := next(t, c); !bytes.Equal(got, want) {
-		t.Fatalf("conn on %s got % x, want % x", c.doc, got, want)
+func (h *hubHarness) expect(c *conn, want []byte) {
+	h.t.Helper()
+	if got := h.next(c); !bytes.Equal(got, want) {
+		h.t.Fatalf("conn on %s got % x, want % x", c.doc, got, want)
+	}
+}
+
+// queued takes every message queued for c now, without waiting.
+func (h *hubHarness) queued(c *conn) [][]byte {
+	var msgs [][]byte
+	for {
+		select {
+		case msg, ok := <-c.send:
+			if !ok {
+				return msgs
+			}
+			msgs = append(msgs, msg)
+		default:
+			return msgs
+		}
 	}
 }
 
 // expectEmpty fails if anything is queued for c.
-func expectEmpty(t *testing.T, c *conn) {
-	t.Helper()
-	select {
-	case msg := <-c.send:
-		t.Fatalf("conn on %s got % x, want nothing", c.doc, msg)
-	default:
+func (h *hubHarness) expectEmpty(c *conn) {
+	h.t.Helper()
+	if msgs := h.queued(c); len(msgs) > 0 {
+		h.t.Fatalf("conn on %s got % x, want nothing", c.doc, msgs)
 	}
 }
 
-// expectClosed fails unless c's queue is closed, after draining it, with code.
-func expectClosed(t *testing.T, c *conn, code int) {
-	t.Helper()
+// expectClosed fails unless c's queue is closed, after draining it, with
+// code.
+func (h *hubHarness) expectClosed(c *conn, code int) {
+	h.t.Helper()
 	for {
 		select {
 		case _, ok := <-c.send:
@@ -136,480 +274,37 @@ func expectClosed(t *testing.T, c *conn, code int) {
 				continue
 			}
 			if c.closeCode != code {
-				t.Fatalf("closed with %d, want %d", c.closeCode, code)
+				h.t.Fatalf("closed with %d, want %d", c.closeCode, code)
 			}
 			return
 		case <-time.After(testTimeout):
-			t.Fatal("conn was not closed")
+			h.t.Fatal("conn was not closed")
 		}
 	}
 }
 
-var (
-	update1   = []byte{msgSync, syncUpdate, 1, 0xa1}
-	update2   = []byte{msgSync, syncUpdate, 1, 0xa2}
-	step1     = []byte{msgSync, syncStep1, 1, 0}
-	awareness = []byte{msgAwareness, 1, 0}
-)
-
-func TestHubSyncGoesToOthersNotBackToSender(t *testing.T) {
-	h, _ := startHub(t)
-	up := memLink(h, upstreamQueue)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness) // b's arrival
-	other := memConn(t, h, "d2", connQueue)
-
-	post(t, h, a, update1)
-	expect(t, b, update1)
-	if f := <-up.send; f.doc != "d1" || !bytes.Equal(f.data, update1) {
-		t.Errorf("upstream got %q % x, want d1 % x", f.doc, f.data, update1)
-	}
-	post(t, h, b, update2) // a barrier: routed after update1
-	expect(t, a, update2)  // a never got its own update1
-	expectEmpty(t, b)
-	expectEmpty(t, other)
+// upMsg is one message queued for the upstream and its document.
+type upMsg struct {
+	doc  string
+	data []byte
 }
 
-func TestHubAwarenessEchoesToSender(t *testing.T) {
-	h, _ := startHub(t)
-	a, b := twoEditors(t, h, "d1")
-	post(t, h, a, awareness)
-	expect(t, a, awareness)
-	expect(t, b, awareness)
-}
-
-func TestHubLoneEditorHearsItsAwareness(t *testing.T) {
-	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	post(t, h, a, step1)
-	post(t, h, a, awareness)
-	expect(t, a, awareness) // and not its step 1
-}
-
-func TestHubQueriesAwarenessOnJoin(t *testing.T) {
-	h, _ := startHub(t)
-	a, b := twoEditors(t, h, "d1")
-	c := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
-	expect(t, b, queryAwareness)
-	post(t, h, c, update1)
-	expect(t, a, update1) // nothing was queued for c at its own join
-	expect(t, b, update1)
-	expectEmpty(t, c)
-}
-
-func TestHubIsolatesDocuments(t *testing.T) {
-	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d2", connQueue)
-	post(t, h, a, update1)
-	post(t, h, b, awareness)
-	expect(t, b, awareness) // b's echo, after a's update was routed
-	expectEmpty(t, b)
-	expectEmpty(t, a)
-}
-
-func TestHubUpstreamFramesReachEveryLocalEditor(t *testing.T) {
-	h, _ := startHub(t)
-	a, b := twoEditors(t, h, "d1")
-	other := memConn(t, h, "d2", connQueue)
-	h.remote <- frame{doc: "nobody-here", data: update2, kind: msgSync} // dropped
-	h.remote <- frame{doc: "d1", data: update1, kind: msgSync}
-	expect(t, a, update1)
-	expect(t, b, update1)
-	h.remote <- frame{doc: "d2", data: update2, kind: msgSync}
-	expect(t, other, update2) // the only frame for d2
-	expectEmpty(t, a)
-}
-
-func TestHubClosesSlowEditorWithoutStallingOthers(t *testing.T) {
-	h, _ := startHub(t)
-	up := memLink(h, upstreamQueue)
-	a := memConn(t, h, "d1", connQueue)
-	slow := memConn(t, h, "d1", 1)
-	b := memConn(t, h, "d1", connQueue)
-	const n = 50
-	for i := range n {
-		post(t, h, a, []byte{msgSync, syncUpdate, 1, byte(i)})
-	}
-	for i := range n {
-		expect(t, b, []byte{msgSync, syncUpdate, 1, byte(i)})
-		if f := <-up.send; f.data[3] != byte(i) {
-			t.Fatalf("upstream got % x out of order", f.data)
-		}
-	}
-	expectClosed(t, slow, closeTryAgain)
-	// The slow conn's reader may still report its end: the hub ignores it.
-	h.leave <- departure{slow, closeNormal}
-	post(t, h, b, update1)
-	expect(t, a, queryAwareness) // slow's arrival
-	expect(t, a, queryAwareness) // b's arrival
-	expect(t, a, update1)
-}
-
-func TestHubLeaveClosesConn(t *testing.T) {
-	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue)
-	h.leave <- departure{b, closeUnsupported}
-	expectClosed(t, b, closeUnsupported)
-	post(t, h, a, awareness)
-	expect(t, a, queryAwareness)
-	expect(t, a, awareness)
-	// The document is gone once its last editor left.
-	h.leave <- departure{a, closeNormal}
-	expectClosed(t, a, closeNormal)
-	h.remote <- frame{doc: "d1", data: update1, kind: msgSync}
-	c := memConn(t, h, "d1", connQueue)
-	post(t, h, c, awareness)
-	expect(t, c, awareness) // not update1, which found no editor
-}
-
-func TestHubFullUpstreamQueueClosesLink(t *testing.T) {
-	h, _ := startHub(t)
-	up := memLink(h, 1)
-	a := memConn(t, h, "d1", connQueue)
-	post(t, h, a, update1)
-	post(t, h, a, update2) // does not fit: the link is closed
-	post(t, h, a, awareness)
-	expect(t, a, awareness)
-	if f, ok := <-up.send; !ok || !bytes.Equal(f.data, update1) {
-		t.Fatalf("got % x, %v; want the queued update1", f.data, ok)
-	}
-	if _, ok := <-up.send; ok {
-		t.Fatal("link still open after its queue filled")
-	}
-	// Local editing goes on, and a new link gets a resync, then new frames.
-	next := memLink(h, upstreamQueue)
-	post(t, h, a, update1)
-	for _, want := range [][]byte{emptyStep1, update1} {
-		if f := <-next.send; f.doc != "d1" || !bytes.Equal(f.data, want) {
-			t.Errorf("new link got %s % x, want d1 % x", f.doc, f.data, want)
-		}
-	}
-}
-
-func TestHubDetachIgnoresOldLink(t *testing.T) {
-	h, _ := startHub(t)
-	old := memLink(h, upstreamQueue)
-	current := memLink(h, upstreamQueue) // replaces and closes old
-	if _, ok := <-old.send; ok {
-		t.Fatal("old link still open")
-	}
-	h.detach <- old
-	a := memConn(t, h, "d1", connQueue)
-	post(t, h, a, update1)
-	if f := <-current.send; !bytes.Equal(f.data, update1) {
-		t.Errorf("got % x, want % x", f.data, update1)
-	}
-}
-
-func TestHubStopClosesEverything(t *testing.T) {
-	h, cancel := startHub(t)
-	up := memLink(h, upstreamQueue)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d2", connQueue)
-	post(t, h, a, update1)
-	cancel()
-	expectClosed(t, a, closeGoingAway)
-	expectClosed(t, b, closeGoingAway)
-	// What a reader still delivers before it leaves goes upstream too.
-	post(t, h, a, update2)
-	leave(h, a)
-	leave(h, b)
-	<-h.quit
-	for _, want := range [][]byte{update1, update2} {
-		if f, ok := <-up.send; !ok || !bytes.Equal(f.data, want) {
-			t.Errorf("got % x, %v; want % x before the close", f.data, ok, want)
-		}
-	}
-	if _, ok := <-up.send; ok {
-		t.Error("link still open after stop")
-	}
-}
-
-// postAwareness plays c's reader for an awareness message.
-func postAwareness(t *testing.T, h *hub, c *conn, msg []byte) {
-	t.Helper()
-	f, err := checkLocal(c, msg)
-	if err != nil {
-		t.Fatalf("test message % x: %v", msg, err)
-	}
-	h.local <- f
-}
-
-func TestHubResyncsEveryDocumentOnAttach(t *testing.T) {
-	h, _ := startHub(t)
-	a, b := twoEditors(t, h, "d1")
-	c := memConn(t, h, "d2", connQueue)
-	up := memLink(h, upstreamQueue)
-	// Upstream: an empty step 1 for each document, which joins its room.
-	got := map[string]bool{}
-	for range 2 {
-		f := <-up.send
-		if !bytes.Equal(f.data, emptyStep1) {
-			t.Fatalf("upstream got % x for %s, want the empty step 1", f.data, f.doc)
-		}
-		got[f.doc] = true
-	}
-	if !got["d1"] || !got["d2"] {
-		t.Errorf("resynced %v, want d1 and d2", got)
-	}
-	// Locally: exactly one editor of each document is asked for its state
-	// and its awareness.
-	expect(t, c, emptyStep1)
-	expect(t, c, queryAwareness)
-	asked := 0
-	for _, x := range []*conn{a, b} {
-		select {
-		case msg := <-x.send:
-			if !bytes.Equal(msg, emptyStep1) {
-				t.Fatalf("got % x, want the empty step 1", msg)
-			}
-			expect(t, x, queryAwareness)
-			asked++
-		default:
-		}
-	}
-	if asked != 1 {
-		t.Errorf("%d editors of d1 asked for their state, want 1", asked)
-	}
-	// The answer goes upstream like any local message.
-	post(t, h, a, update1)
-	if f := <-up.send; !bytes.Equal(f.data, update1) {
-		t.Errorf("upstream got % x, want the answer % x", f.data, update1)
-	}
-}
-
-func TestHubAsksAnotherEditorWhenTheAskedOneLeaves(t *testing.T) {
-	h, _ := startHub(t)
-	a, b := twoEditors(t, h, "d1")
-	memLink(h, upstreamQueue)
-	asked, other := a, b
+// nextUp returns the next message queued on l; open is false once the
+// hub has closed l and its queue is empty.
+func (h *hubHarness) nextUp(l *link) (m upMsg, open bool) {
+	h.t.Helper()
 	select {
-	case <-b.send:
-		asked, other = b, a
-	case <-a.send:
+	case f, ok := <-l.send:
+		return upMsg{f.doc, f.data}, ok
 	case <-time.After(testTimeout):
-		t.Fatal("nobody was asked")
+		h.t.Fatal("nothing queued for the upstream")
+		return upMsg{}, false
 	}
-	expect(t, asked, queryAwareness)
-	leave(h, asked) // before it answered
-	expect(t, other, emptyStep1)
-	expect(t, other, queryAwareness)
-	// Once the step 2 is in, a leaving editor causes no new question.
-	c := memConn(t, h, "d1", connQueue)
-	expect(t, other, queryAwareness) // c's arrival
-	step2 := []byte{msgSync, syncStep2, 2, 0, 0}
-	post(t, h, other, step2) // the answer to its join's step 1
-	post(t, h, other, step2) // and to the resync's
-	expect(t, c, step2)
-	expect(t, c, step2)
-	leave(h, other)
-	post(t, h, c, awareness)
-	expect(t, c, awareness) // no step 1 before it
-}
-
-// barrier returns once the hub has handled everything sent to it before:
-// an admission is a round trip through its loop.
-func barrier(t *testing.T, h *hub) {
-	t.Helper()
-	if err := h.admit("barrier"); err != nil {
-		t.Fatal(err)
-	}
-	h.release("barrier")
-}
-
-// stuffed joins a conn whose queue of one is already full, as a slow
-// editor's is.
-func stuffed(t *testing.T, h *hub, doc string) *conn {
-	t.Helper()
-	c := memConn(t, h, doc, 1)
-	c.send <- []byte{0xff} // a backlog the test never reads
-	return c
-}
-
-func TestHubResyncSkipsAnEditorClosedAsSlow(t *testing.T) {
-	h, _ := startHub(t)
-	slow := stuffed(t, h, "d1")
-	memLink(h, upstreamQueue) // asks slow, whose queue is full: closed, no panic
-	barrier(t, h)
-	<-slow.send
-	expectClosed(t, slow, closeTryAgain)
-	// The next editor of the document is asked in its place.
-	b := memConn(t, h, "d1", connQueue)
-	memLink(h, upstreamQueue)
-	expect(t, b, emptyStep1)
-	expect(t, b, queryAwareness)
-}
-
-func TestHubNewcomerSurvivesTheCloseOfASlowEditor(t *testing.T) {
-	h, _ := startHub(t)
-	slow := stuffed(t, h, "d1")
-	b := memConn(t, h, "d1", connQueue) // its query closes slow, the only other editor
-	barrier(t, h)
-	<-slow.send
-	expectClosed(t, slow, closeTryAgain)
-	c := memConn(t, h, "d1", connQueue)
-	expect(t, b, queryAwareness) // c's arrival: b is still in the document
-	post(t, h, c, update1)
-	expect(t, b, update1)
-	leave(h, b)
-	expectClosed(t, b, closeNormal)
-}
-
-func TestHubDropsAwarenessFromAClosedEditor(t *testing.T) {
-	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	slow := memConn(t, h, "d1", 2)
-	expect(t, a, queryAwareness)
-	postAwareness(t, h, slow, awarenessMsg(5, 1, "{}"))
-	expect(t, a, awarenessMsg(5, 1, "{}"))
-	post(t, h, a, update1)
-	post(t, h, a, update2) // closes slow
-	expect(t, a, awarenessMsg(5, 2, "null"))
-	// slow's reader still delivers a cursor move and an update.
-	postAwareness(t, h, slow, awarenessMsg(5, 3, `{"cursor":1}`))
-	post(t, h, slow, []byte{msgSync, syncUpdate, 1, 0x55})
-	expect(t, a, []byte{msgSync, syncUpdate, 1, 0x55}) // the update, not the ghost
-}
-
-func TestHubRevivesAClientThatComesBack(t *testing.T) {
-	h, _ := startHub(t)
-	a, b := twoEditors(t, h, "d1")
-	postAwareness(t, h, b, awarenessMsg(7, 4, "{}"))
-	expect(t, a, awarenessMsg(7, 4, "{}"))
-	leave(h, b)
-	expect(t, a, awarenessMsg(7, 5, "null"))
-	// The same client reconnects, announcing its old clock, which every
-	// peer would ignore: the relay tells it it was gone at 5.
-	back := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
-	postAwareness(t, h, back, awarenessMsg(7, 4, "{}"))
-	expect(t, back, awarenessMsg(7, 5, "null"))
-	expect(t, back, awarenessMsg(7, 4, "{}")) // its echo
-	// Its answer at clock 6 reaches everyone; nothing more is sent back.
-	postAwareness(t, h, back, awarenessMsg(7, 6, "{}"))
-	expect(t, a, awarenessMsg(7, 4, "{}"))
-	expect(t, a, awarenessMsg(7, 6, "{}"))
-	expect(t, back, awarenessMsg(7, 6, "{}"))
-	expectEmpty(t, back)
-}
-
-func TestHubSendsRemovalsMadeWhileDownOnReconnect(t *testing.T) {
-	h, _ := startHub(t)
-	a, b := twoEditors(t, h, "d1")
-	postAwareness(t, h, b, awarenessMsg(9, 2, "{}"))
-	expect(t, a, awarenessMsg(9, 2, "{}"))
-	leave(h, b) // the upstream is down
-	expect(t, a, awarenessMsg(9, 3, "null"))
-	up := memLink(h, upstreamQueue)
-	expectUpstream(t, up, awarenessMsg(9, 3, "null"))
-}
-
-func TestHubResyncAnswerIsTheStep2ForItsOwnStep1(t *testing.T) {
-	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	newcomer := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
-	post(t, h, newcomer, step1) // a owes the newcomer a step 2
-	expect(t, a, step1)
-	leave(h, newcomer)
-	memLink(h, upstreamQueue) // asks a, the only editor
-	expect(t, a, emptyStep1)
-	expect(t, a, queryAwareness)
-	c := memConn(t, h, "d1", connQueue)
-	expect(t, a, queryAwareness)
-	post(t, h, a, []byte{msgSync, syncStep2, 2, 0, 0}) // answers the newcomer only
-	leave(h, a)                                        // before it answered the resync
-	expect(t, c, []byte{msgSync, syncStep2, 2, 0, 0})
-	expect(t, c, emptyStep1) // so c is asked in its place
-	expect(t, c, queryAwareness)
-}
-
-func TestHubMarksAwarenessGoneWhenEditorLeaves(t *testing.T) {
-	h, _ := startHub(t)
-	up := memLink(h, upstreamQueue)
-	a, b := twoEditors(t, h, "d1")
-
-	own := awarenessMsg(7, 3, `{"user":"a"}`, 8, 1, `{"user":"a2"}`)
-	postAwareness(t, h, a, own)
-	expect(t, a, own)
-	expect(t, b, own)
-	// b re-broadcasts a's state, as y-websocket clients do: it owns none of it.
-	postAwareness(t, h, b, awarenessMsg(7, 3, `{"user":"a"}`))
-	expect(t, a, awarenessMsg(7, 3, `{"user":"a"}`))
-	expect(t, b, awarenessMsg(7, 3, `{"user":"a"}`))
-	// A remote client, announced by the upstream.
-	remote := awarenessMsg(99, 5, `{"user":"r"}`)
-	h.remote <- frame{doc: "d1", data: remote, kind: msgAwareness, aware: mustAwareness(t, remote)}
-	expect(t, a, remote)
-	expect(t, b, remote)
-	barrier(t, h)
-	expectOneOf(t, queryAwareness, a, b) // the newcomer is introduced
-
-	leave(h, a)
-	expectClosed(t, a, closeNormal)
-	got := next(t, b)
-	entries := mustAwareness(t, got)
-	slices.SortFunc(entries, func(x, y awarenessEntry) int { return int(x.client) - int(y.client) })
-	if want := []awarenessEntry{{7, 4, true}, {8, 2, true}}; !slices.Equal(entries, want) {
-		t.Errorf("b got %v, want %v", entries, want)
-	}
-	expectUpstream(t, up, got) // the upstream hears of it too
-	// b leaving marks nothing gone: it owns no client.
-	c := memConn(t, h, "d1", connQueue)
-	leave(h, b)
-	expectClosed(t, b, closeNormal)
-	postAwareness(t, h, c, awarenessMsg(1, 1, "{}"))
-	expect(t, c, awarenessMsg(1, 1, "{}"))
-}
-
-func TestHubMarksAwarenessGoneForSlowEditor(t *testing.T) {
-	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	slow := memConn(t, h, "d1", 2)
-	expect(t, a, queryAwareness)
-	postAwareness(t, h, slow, awarenessMsg(5, 1, "{}"))
-	expect(t, a, awarenessMsg(5, 1, "{}"))
-	post(t, h, a, update1) // slow's queue: its own echo, update1
-	post(t, h, a, update2) // full: slow is closed
-	post(t, h, a, awareness)
-	expect(t, a, awarenessMsg(5, 2, "null")) // slow's client is gone
-	expect(t, a, awareness)                  // all three routed
-	expectClosed(t, slow, closeTryAgain)
-}
-
-func TestHubAwarenessClocks(t *testing.T) {
-	h, _ := startHub(t)
-	a, b := twoEditors(t, h, "d1")
-	postAwareness(t, h, a, awarenessMsg(7, 3, "{}"))
-	expect(t, b, awarenessMsg(7, 3, "{}"))
-	// b announces a newer clock for 7 first: now b owns it (say, a client
-	// that moved from a to b).
-	postAwareness(t, h, b, awarenessMsg(7, 4, "{}"))
-	expect(t, b, awarenessMsg(7, 4, "{}"))
-	// An old clock from a changes nothing.
-	postAwareness(t, h, a, awarenessMsg(7, 2, "{}"))
-	expect(t, b, awarenessMsg(7, 2, "{}"))
-	leave(h, a)
-	expectClosed(t, a, closeNormal)
-	postAwareness(t, h, b, awarenessMsg(1, 1, "{}"))
-	expect(t, b, awarenessMsg(1, 1, "{}")) // no goodbye for 7 came first
-	// A null at the current clock forgets the client: b's leaving says nothing.
-	c := memConn(t, h, "d1", connQueue)
-	expect(t, b, queryAwareness)
-	postAwareness(t, h, b, awarenessMsg(7, 4, "null"))
-	expect(t, c, awarenessMsg(7, 4, "null"))
-	leave(h, b)
-	expectClosed(t, b, closeNormal)
-	expect(t, c, awarenessMsg(1, 2, "null")) // only client 1
 }
 
 // expectUpstream reads l's queue until it finds want.
-func expectUpstream(t *testing.T, l *link, want []byte) {
-	t.Helper()
+func (h *hubHarness) expectUpstream(l *link, want []byte) {
+	h.t.Helper()
 	deadline := time.After(testTimeout)
 	for {
 		select {
@@ -618,9 +313,513 @@ func expectUpstream(t *testing.T, l *link, want []byte) {
 				return
 			}
 		case <-deadline:
-			t.Fatalf("upstream never got % x", want)
+			h.t.Fatalf("upstream never got % x", want)
 		}
 	}
+}
+
+// queuedUp takes every message queued on l now, without waiting.
+func (h *hubHarness) queuedUp(l *link) []upMsg {
+	var msgs []upMsg
+	for {
+		select {
+		case f, ok := <-l.send:
+			if !ok {
+				return msgs
+			}
+			msgs = append(msgs, upMsg{f.doc, f.data})
+		default:
+			return msgs
+		}
+	}
+}
+
+// upUntilClosed reads l's queue until the hub closes it and returns what
+// it read, as the upstream writer does. It fails nothing, so that it may
+// run on a goroutine of its own.
+func (h *hubHarness) upUntilClosed(l *link) [][]byte {
+	var msgs [][]byte
+	for f := range l.send {
+		msgs = append(msgs, f.data)
+	}
+	return msgs
+}
+
+// askedOne returns the one of a and b (editors of one document) that the
+// hub asked for its document and its awareness, and the other one, which
+// was asked nothing.
+func (h *hubHarness) askedOne(a, b *conn) (asked, other *conn) {
+	h.t.Helper()
+	h.barrier()
+	got := map[*conn][][]byte{a: h.queued(a), b: h.queued(b)}
+	switch {
+	case len(got[a]) > 0 && len(got[b]) == 0:
+		asked, other = a, b
+	case len(got[b]) > 0 && len(got[a]) == 0:
+		asked, other = b, a
+	default:
+		h.t.Fatalf("asked % x and % x, want one editor asked", got[a], got[b])
+	}
+	if want := [][]byte{emptyStep1, queryAwareness}; !slices.EqualFunc(got[asked], want, bytes.Equal) {
+		h.t.Fatalf("the asked editor got % x, want % x", got[asked], want)
+	}
+	return asked, other
+}
+
+// TestRoutingRules checks who hears each kind of message: its sender, the
+// other editors of its document, an editor of another document, the
+// upstream. Every case runs an editor a on d1, a second editor b on d1
+// unless a is lone, an editor c on d2, and an upstream link if attached.
+// An upstream message counts all of d1's editors as "others".
+func TestRoutingRules(t *testing.T) {
+	aware := awarenessMsg(5, 1, "{}") // an editor's own client
+	step2 := []byte{msgSync, syncStep2, 1, 0xb2}
+	query := []byte{msgQueryAwareness}
+	auth := []byte{msgAuth, 0, 0} // y-websocket: "permission denied"
+	tests := []struct {
+		name string
+		from string // "editor" (a) or "upstream"
+		doc  string // the message's document; "": d1
+		msg  []byte
+		up   bool   // an upstream link is attached
+		lone bool   // a is d1's only editor
+		want string // who hears msg, of: sender others elsewhere upstream
+	}{
+		{"step 1 from an editor", "editor", "", step1, true, false, "others upstream"},
+		{"step 1 from an editor, upstream down", "editor", "", step1, false, false, "others"},
+		{"step 1 from a lone editor", "editor", "", step1, true, true, "upstream"},
+		{"step 1 from a lone editor, upstream down", "editor", "", step1, false, true, ""},
+		{"step 2 from an editor", "editor", "", step2, true, false, "others upstream"},
+		{"step 2 from an editor, upstream down", "editor", "", step2, false, false, "others"},
+		{"update from an editor", "editor", "", update1, true, false, "others upstream"},
+		{"update from an editor, upstream down", "editor", "", update1, false, false, "others"},
+		{"update from a lone editor", "editor", "", update1, true, true, "upstream"},
+		{"update from a lone editor, upstream down", "editor", "", update1, false, true, ""},
+		{"awareness from an editor", "editor", "", aware, true, false, "sender others upstream"},
+		{"awareness from an editor, upstream down", "editor", "", aware, false, false, "sender others"},
+		{"awareness from a lone editor", "editor", "", aware, true, true, "sender upstream"},
+		{"awareness from a lone editor, upstream down", "editor", "", aware, false, true, "sender"},
+		{"query-awareness from an editor", "editor", "", query, true, false, "others upstream"},
+		{"query-awareness from a lone editor, upstream down", "editor", "", query, false, true, ""},
+		{"auth from an editor", "editor", "", auth, true, false, "others upstream"},
+		{"step 1 from the upstream", "upstream", "", step1, true, false, "others"},
+		{"step 2 from the upstream", "upstream", "", step2, true, false, "others"},
+		{"update from the upstream", "upstream", "", update1, true, false, "others"},
+		{"update from the upstream to a lone editor", "upstream", "", update1, true, true, "others"},
+		{"update from the upstream after its link ended", "upstream", "", update1, false, false, "others"},
+		{"update from the upstream for a document without editors", "upstream", "nobody-here", update1, true, false, ""},
+		// A client new to the relay also makes one editor be asked for
+		// its awareness: TestHubIntroducesNewcomersFromOtherRelays.
+		{"awareness from the upstream", "upstream", "", awareness, true, false, "others"},
+		{"query-awareness from the upstream", "upstream", "", query, true, false, "others"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := startHub(t, nil, nil)
+			var up *link
+			if tt.up {
+				up = h.attach(upstreamQueue)
+			}
+			a := h.join("d1", connQueue)
+			var b *conn
+			if !tt.lone {
+				b = h.join("d1", connQueue)
+			}
+			c := h.join("d2", connQueue)
+			h.barrier()
+			h.queued(a) // the joins' queries
+			if up != nil {
+				h.queuedUp(up)
+			}
+
+			doc := cmp.Or(tt.doc, "d1")
+			if tt.from == "editor" {
+				h.post(a, tt.msg)
+			} else {
+				h.fromUpstream(doc, tt.msg)
+			}
+			h.barrier()
+
+			hears := make(map[string]bool)
+			for _, who := range strings.Fields(tt.want) {
+				hears[who] = true
+			}
+			check := func(name string, got [][]byte, want bool) {
+				t.Helper()
+				switch {
+				case want && !(len(got) == 1 && bytes.Equal(got[0], tt.msg)):
+					t.Errorf("%s got % x, want % x once", name, got, tt.msg)
+				case !want && len(got) > 0:
+					t.Errorf("%s got % x, want nothing", name, got)
+				}
+			}
+			if tt.from == "editor" {
+				check("sender a", h.queued(a), hears["sender"])
+			} else {
+				check("editor a of d1", h.queued(a), hears["others"])
+			}
+			if b != nil {
+				check("editor b of d1", h.queued(b), hears["others"])
+			}
+			check("editor c of d2", h.queued(c), hears["elsewhere"])
+			if up != nil {
+				var got [][]byte
+				for _, m := range h.queuedUp(up) {
+					if m.doc != doc {
+						t.Errorf("upstream got % x for %s, want %s", m.data, m.doc, doc)
+					}
+					got = append(got, m.data)
+				}
+				check("upstream", got, hears["upstream"])
+			}
+		})
+	}
+}
+
+func TestHubQueriesAwarenessOnJoin(t *testing.T) {
+	h := startHub(t, nil, nil)
+	a, b := h.twoEditors("d1")
+	c := h.join("d1", connQueue)
+	h.expect(a, queryAwareness)
+	h.expect(b, queryAwareness)
+	h.post(c, update1)
+	h.expect(a, update1) // nothing was queued for c at its own join
+	h.expect(b, update1)
+	h.expectEmpty(c)
+}
+
+func TestHubClosesSlowEditorWithoutStallingOthers(t *testing.T) {
+	h := startHub(t, nil, nil)
+	up := h.attach(upstreamQueue)
+	a := h.join("d1", connQueue)
+	slow := h.join("d1", 1)
+	b := h.join("d1", connQueue)
+	const n = 50
+	for i := range n {
+		h.post(a, []byte{msgSync, syncUpdate, 1, byte(i)})
+	}
+	for i := range n {
+		h.expect(b, []byte{msgSync, syncUpdate, 1, byte(i)})
+		if m, _ := h.nextUp(up); m.data[3] != byte(i) {
+			t.Fatalf("upstream got % x out of order", m.data)
+		}
+	}
+	h.expectClosed(slow, closeTryAgain)
+	// The slow conn's reader may still report its end: the hub ignores it.
+	h.leaveWith(slow, closeNormal)
+	h.post(b, update1)
+	h.expect(a, queryAwareness) // slow's arrival
+	h.expect(a, queryAwareness) // b's arrival
+	h.expect(a, update1)
+}
+
+func TestHubLeaveClosesConn(t *testing.T) {
+	h := startHub(t, nil, nil)
+	a := h.join("d1", connQueue)
+	b := h.join("d1", connQueue)
+	h.leaveWith(b, closeUnsupported)
+	h.expectClosed(b, closeUnsupported)
+	h.post(a, awareness)
+	h.expect(a, queryAwareness)
+	h.expect(a, awareness)
+	// The document is gone once its last editor left.
+	h.leave(a)
+	h.expectClosed(a, closeNormal)
+	h.fromUpstream("d1", update1)
+	c := h.join("d1", connQueue)
+	h.post(c, awareness)
+	h.expect(c, awareness) // not update1, which found no editor
+}
+
+func TestHubFullUpstreamQueueClosesLink(t *testing.T) {
+	h := startHub(t, nil, nil)
+	up := h.attach(1)
+	a := h.join("d1", connQueue)
+	h.post(a, update1)
+	h.post(a, update2) // does not fit: the link is closed
+	h.post(a, awareness)
+	h.expect(a, awareness)
+	if m, ok := h.nextUp(up); !ok || !bytes.Equal(m.data, update1) {
+		t.Fatalf("got % x, %v; want the queued update1", m.data, ok)
+	}
+	if _, ok := h.nextUp(up); ok {
+		t.Fatal("link still open after its queue filled")
+	}
+	// Local editing goes on, and a new link gets a resync, then new frames.
+	next := h.attach(upstreamQueue)
+	h.post(a, update1)
+	for _, want := range [][]byte{emptyStep1, update1} {
+		if m, _ := h.nextUp(next); m.doc != "d1" || !bytes.Equal(m.data, want) {
+			t.Errorf("new link got %s % x, want d1 % x", m.doc, m.data, want)
+		}
+	}
+}
+
+func TestHubDetachIgnoresOldLink(t *testing.T) {
+	h := startHub(t, nil, nil)
+	old := h.attach(upstreamQueue)
+	current := h.attach(upstreamQueue) // replaces and closes old
+	if _, ok := h.nextUp(old); ok {
+		t.Fatal("old link still open")
+	}
+	h.detach(old)
+	a := h.join("d1", connQueue)
+	h.post(a, update1)
+	if m, _ := h.nextUp(current); !bytes.Equal(m.data, update1) {
+		t.Errorf("got % x, want % x", m.data, update1)
+	}
+}
+
+func TestHubStopClosesEverything(t *testing.T) {
+	h := startHub(t, nil, nil)
+	up := h.attach(upstreamQueue)
+	a := h.join("d1", connQueue)
+	b := h.join("d2", connQueue)
+	h.post(a, update1)
+	h.beginStop()
+	h.expectClosed(a, closeGoingAway)
+	h.expectClosed(b, closeGoingAway)
+	// What a reader still delivers before it leaves goes upstream too.
+	h.post(a, update2)
+	h.leave(a)
+	h.leave(b)
+	h.stop()
+	for _, want := range [][]byte{update1, update2} {
+		if m, ok := h.nextUp(up); !ok || !bytes.Equal(m.data, want) {
+			t.Errorf("got % x, %v; want % x before the close", m.data, ok, want)
+		}
+	}
+	if _, ok := h.nextUp(up); ok {
+		t.Error("link still open after stop")
+	}
+}
+
+func TestHubResyncsEveryDocumentOnAttach(t *testing.T) {
+	h := startHub(t, nil, nil)
+	a, b := h.twoEditors("d1")
+	c := h.join("d2", connQueue)
+	up := h.attach(upstreamQueue)
+	// Upstream: an empty step 1 for each document, which joins its room.
+	got := map[string]bool{}
+	for range 2 {
+		m, _ := h.nextUp(up)
+		if !bytes.Equal(m.data, emptyStep1) {
+			t.Fatalf("upstream got % x for %s, want the empty step 1", m.data, m.doc)
+		}
+		got[m.doc] = true
+	}
+	if !got["d1"] || !got["d2"] {
+		t.Errorf("resynced %v, want d1 and d2", got)
+	}
+	// Locally: exactly one editor of each document is asked for its state
+	// and its awareness.
+	h.expect(c, emptyStep1)
+	h.expect(c, queryAwareness)
+	h.askedOne(a, b)
+	// The answer goes upstream like any local message.
+	h.post(a, update1)
+	if m, _ := h.nextUp(up); !bytes.Equal(m.data, update1) {
+		t.Errorf("upstream got % x, want the answer % x", m.data, update1)
+	}
+}
+
+func TestHubAsksAnotherEditorWhenTheAskedOneLeaves(t *testing.T) {
+	h := startHub(t, nil, nil)
+	a, b := h.twoEditors("d1")
+	h.attach(upstreamQueue)
+	asked, other := h.askedOne(a, b)
+	h.leave(asked) // before it answered
+	h.expect(other, emptyStep1)
+	h.expect(other, queryAwareness)
+	// Once the step 2 is in, a leaving editor causes no new question.
+	c := h.join("d1", connQueue)
+	h.expect(other, queryAwareness) // c's arrival
+	step2 := []byte{msgSync, syncStep2, 2, 0, 0}
+	h.post(other, step2) // the answer to its join's step 1
+	h.post(other, step2) // and to the resync's
+	h.expect(c, step2)
+	h.expect(c, step2)
+	h.leave(other)
+	h.post(c, awareness)
+	h.expect(c, awareness) // no step 1 before it
+}
+
+func TestHubResyncSkipsAnEditorClosedAsSlow(t *testing.T) {
+	h := startHub(t, nil, nil)
+	slow := h.stuffed("d1")
+	h.attach(upstreamQueue) // asks slow, whose queue is full: closed, no panic
+	h.barrier()
+	h.expectClosed(slow, closeTryAgain)
+	// The next editor of the document is asked in its place.
+	b := h.join("d1", connQueue)
+	h.attach(upstreamQueue)
+	h.expect(b, emptyStep1)
+	h.expect(b, queryAwareness)
+}
+
+func TestHubNewcomerSurvivesTheCloseOfASlowEditor(t *testing.T) {
+	h := startHub(t, nil, nil)
+	slow := h.stuffed("d1")
+	b := h.join("d1", connQueue) // its query closes slow, the only other editor
+	h.barrier()
+	h.expectClosed(slow, closeTryAgain)
+	c := h.join("d1", connQueue)
+	h.expect(b, queryAwareness) // c's arrival: b is still in the document
+	h.post(c, update1)
+	h.expect(b, update1)
+	h.leave(b)
+	h.expectClosed(b, closeNormal)
+}
+
+func TestHubDropsAwarenessFromAClosedEditor(t *testing.T) {
+	h := startHub(t, nil, nil)
+	a := h.join("d1", connQueue)
+	slow := h.join("d1", 2)
+	h.expect(a, queryAwareness)
+	h.post(slow, awarenessMsg(5, 1, "{}"))
+	h.expect(a, awarenessMsg(5, 1, "{}"))
+	h.post(a, update1)
+	h.post(a, update2) // closes slow
+	h.expect(a, awarenessMsg(5, 2, "null"))
+	// slow's reader still delivers a cursor move and an update.
+	h.post(slow, awarenessMsg(5, 3, `{"cursor":1}`))
+	h.post(slow, []byte{msgSync, syncUpdate, 1, 0x55})
+	h.expect(a, []byte{msgSync, syncUpdate, 1, 0x55}) // the update, not the ghost
+}
+
+func TestHubRevivesAClientThatComesBack(t *testing.T) {
+	h := startHub(t, nil, nil)
+	a, b := h.twoEditors("d1")
+	h.post(b, awarenessMsg(7, 4, "{}"))
+	h.expect(a, awarenessMsg(7, 4, "{}"))
+	h.leave(b)
+	h.expect(a, awarenessMsg(7, 5, "null"))
+	// The same client reconnects, announcing its old clock, which every
+	// peer would ignore: the relay tells it it was gone at 5.
+	back := h.join("d1", connQueue)
+	h.expect(a, queryAwareness)
+	h.post(back, awarenessMsg(7, 4, "{}"))
+	h.expect(back, awarenessMsg(7, 5, "null"))
+	h.expect(back, awarenessMsg(7, 4, "{}")) // its echo
+	// Its answer at clock 6 reaches everyone; nothing more is sent back.
+	h.post(back, awarenessMsg(7, 6, "{}"))
+	h.expect(a, awarenessMsg(7, 4, "{}"))
+	h.expect(a, awarenessMsg(7, 6, "{}"))
+	h.expect(back, awarenessMsg(7, 6, "{}"))
+	h.expectEmpty(back)
+}
+
+func TestHubSendsRemovalsMadeWhileDownOnReconnect(t *testing.T) {
+	h := startHub(t, nil, nil)
+	a, b := h.twoEditors("d1")
+	h.post(b, awarenessMsg(9, 2, "{}"))
+	h.expect(a, awarenessMsg(9, 2, "{}"))
+	h.leave(b) // the upstream is down
+	h.expect(a, awarenessMsg(9, 3, "null"))
+	up := h.attach(upstreamQueue)
+	h.expectUpstream(up, awarenessMsg(9, 3, "null"))
+}
+
+func TestHubResyncAnswerIsTheStep2ForItsOwnStep1(t *testing.T) {
+	h := startHub(t, nil, nil)
+	a := h.join("d1", connQueue)
+	newcomer := h.join("d1", connQueue)
+	h.expect(a, queryAwareness)
+	h.post(newcomer, step1) // a owes the newcomer a step 2
+	h.expect(a, step1)
+	h.leave(newcomer)
+	h.attach(upstreamQueue) // asks a, the only editor
+	h.expect(a, emptyStep1)
+	h.expect(a, queryAwareness)
+	c := h.join("d1", connQueue)
+	h.expect(a, queryAwareness)
+	h.post(a, []byte{msgSync, syncStep2, 2, 0, 0}) // answers the newcomer only
+	h.leave(a)                                     // before it answered the resync
+	h.expect(c, []byte{msgSync, syncStep2, 2, 0, 0})
+	h.expect(c, emptyStep1) // so c is asked in its place
+	h.expect(c, queryAwareness)
+}
+
+func TestHubMarksAwarenessGoneWhenEditorLeaves(t *testing.T) {
+	h := startHub(t, nil, nil)
+	up := h.attach(upstreamQueue)
+	a, b := h.twoEditors("d1")
+
+	own := awarenessMsg(7, 3, `{"user":"a"}`, 8, 1, `{"user":"a2"}`)
+	h.post(a, own)
+	h.expect(a, own)
+	h.expect(b, own)
+	// b re-broadcasts a's state, as y-websocket clients do: it owns none of it.
+	h.post(b, awarenessMsg(7, 3, `{"user":"a"}`))
+	h.expect(a, awarenessMsg(7, 3, `{"user":"a"}`))
+	h.expect(b, awarenessMsg(7, 3, `{"user":"a"}`))
+	// A remote client, announced by the upstream. It is new to the relay,
+	// so one of the editors, either, is asked for the states it knows.
+	remote := awarenessMsg(99, 5, `{"user":"r"}`)
+	h.fromUpstream("d1", remote)
+	h.expect(a, remote)
+	h.expect(b, remote)
+	h.barrier()
+	if got := append(h.queued(a), h.queued(b)...); len(got) != 1 || !bytes.Equal(got[0], queryAwareness) {
+		t.Fatalf("after the remote newcomer the editors got % x, want one query-awareness", got)
+	}
+
+	h.leave(a)
+	h.expectClosed(a, closeNormal)
+	got := h.next(b)
+	entries := mustAwareness(t, got)
+	slices.SortFunc(entries, func(x, y awarenessEntry) int { return int(x.client) - int(y.client) })
+	if want := []awarenessEntry{{7, 4, true}, {8, 2, true}}; !slices.Equal(entries, want) {
+		t.Errorf("b got %v, want %v", entries, want)
+	}
+	h.expectUpstream(up, got) // the upstream hears of it too
+	// b leaving marks nothing gone: it owns no client.
+	c := h.join("d1", connQueue)
+	h.leave(b)
+	h.expectClosed(b, closeNormal)
+	h.post(c, awarenessMsg(1, 1, "{}"))
+	h.expect(c, awarenessMsg(1, 1, "{}"))
+}
+
+func TestHubMarksAwarenessGoneForSlowEditor(t *testing.T) {
+	h := startHub(t, nil, nil)
+	a := h.join("d1", connQueue)
+	slow := h.join("d1", 2)
+	h.expect(a, queryAwareness)
+	h.post(slow, awarenessMsg(5, 1, "{}"))
+	h.expect(a, awarenessMsg(5, 1, "{}"))
+	h.post(a, update1) // slow's queue: its own echo, update1
+	h.post(a, update2) // full: slow is closed
+	h.post(a, awareness)
+	h.expect(a, awarenessMsg(5, 2, "null")) // slow's client is gone
+	h.expect(a, awareness)                  // all three routed
+	h.expectClosed(slow, closeTryAgain)
+}
+
+func TestHubAwarenessClocks(t *testing.T) {
+	h := startHub(t, nil, nil)
+	a, b := h.twoEditors("d1")
+	h.post(a, awarenessMsg(7, 3, "{}"))
+	h.expect(b, awarenessMsg(7, 3, "{}"))
+	// b announces a newer clock for 7 first: now b owns it (say, a client
+	// that moved from a to b).
+	h.post(b, awarenessMsg(7, 4, "{}"))
+	h.expect(b, awarenessMsg(7, 4, "{}"))
+	// An old clock from a changes nothing.
+	h.post(a, awarenessMsg(7, 2, "{}"))
+	h.expect(b, awarenessMsg(7, 2, "{}"))
+	h.leave(a)
+	h.expectClosed(a, closeNormal)
+	h.post(b, awarenessMsg(1, 1, "{}"))
+	h.expect(b, awarenessMsg(1, 1, "{}")) // no goodbye for 7 came first
+	// A null at the current clock forgets the client: b's leaving says nothing.
+	c := h.join("d1", connQueue)
+	h.expect(b, queryAwareness)
+	h.post(b, awarenessMsg(7, 4, "null"))
+	h.expect(c, awarenessMsg(7, 4, "null"))
+	h.leave(b)
+	h.expectClosed(b, closeNormal)
+	h.expect(c, awarenessMsg(1, 2, "null")) // only client 1
 }
 
 // mustAwareness decodes an awareness message or fails the test.
@@ -633,243 +832,30 @@ func mustAwareness(t *testing.T, msg []byte) []awarenessEntry {
 	return entries
 }
 
-// The tests below run the hub behind real sockets on loopback.
-
-func TestSlowSocketClosedWithoutStallingOthers(t *testing.T) {
-	r := startRelay(t, "--server", "ws://127.0.0.1:1/") // upstream stays down
-	sender := join(t, r.addr, "doc")
-	reader := join(t, r.addr, "doc")
-	slow, slowBuf := rawJoin(t, r.addr, "doc") // never reads until the end
-	slow.SetDeadline(time.Time{})
-
-	// Enough data to fill slow's socket buffers and its send queue, sent
-	// in windows that the healthy reader keeps up with.
-	const n, window = 640, 32
-	payload := bytes.Repeat([]byte{0xab}, 64<<10)
-	msg := append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(payload))), payload...)
-	for i := 0; i < n; i += window {
-		for range window {
-			send(t, sender, msg)
-		}
-		for j := range window {
-			if got := receiveSkipping(t, reader, func(m []byte) bool { return m[0] == msgSync }); !bytes.Equal(got, msg) {
-				t.Fatalf("message %d: got %d bytes", i+j, len(got))
-			}
-		}
-	}
-	r.logs.waitFor(t, "slow editor closed")
-	// The slow editor gets what was queued for it, then "try again later".
-	slow.SetDeadline(time.Now().Add(testTimeout))
-	if code := readCloseCode(t, slowBuf); code != closeTryAgain {
-		t.Errorf("slow editor closed with %d, want %d", code, closeTryAgain)
-	}
-}
-
-func TestPongAfterQuietPeriod(t *testing.T) {
-	// Regression: a write deadline left over from the last write made the
-	// library's pong fail once writeWait had passed, and every write after.
-	shortWriteWait(t, 100*time.Millisecond)
-	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "0", "--peer-timeout", "0")
-	conn, br := rawJoin(t, r.addr, "doc")
-	conn.Write(maskedFrame(0x82, awareness)) // its echo proves conn joined
-	if op, _ := readFrame(t, br); op != websocket.BinaryFrame {
-		t.Fatalf("got opcode %d, want the awareness echo", op)
-	}
-	join(t, r.addr, "doc") // the relay writes a query-awareness to conn
-	if op, _ := readFrame(t, br); op != websocket.BinaryFrame {
-		t.Fatalf("got opcode %d, want the query-awareness", op)
-	}
-	time.Sleep(3 * writeWait) // the behaviour under test: a quiet period
-	conn.Write(maskedFrame(0x80|websocket.PingFrame, []byte("hi")))
-	for {
-		op, payload := readFrame(t, br) // the other editor's awareness may come first
-		if op == websocket.PongFrame && string(payload) == "hi" {
-			break
-		}
-		if op != websocket.BinaryFrame {
-			t.Fatalf("got opcode %d %q, want a pong", op, payload)
-		}
-	}
-	hello := awarenessMsg(42, 1, "{}")
-	conn.Write(maskedFrame(0x82, hello))
-	if op, payload := readFrame(t, br); op != websocket.BinaryFrame || !bytes.Equal(payload, hello) {
-		t.Fatalf("got opcode %d % x, want the awareness echo", op, payload)
-	}
-}
-
-func TestLocalFrameRules(t *testing.T) {
-	tests := []struct {
-		name   string
-		frames [][]byte
-		code   int
-		reason string
-	}{
-		{"text frame", [][]byte{maskedFrame(0x81, []byte("hi"))}, closeUnsupported, "text frame"},
-		{"too large", [][]byte{maskedFrame(0x82, make([]byte, 2<<10))}, closeTooBig, "larger than --max-message"},
-		// A whole update in a first fragment: none of it may pass.
-		{"fragmented", [][]byte{maskedFrame(0x02, update1), maskedFrame(0x80, []byte{0xff})}, closeUnsupported, "fragmented"},
-		{"reserved opcode", [][]byte{maskedFrame(0x83, update1)}, closeProtocol, "reserved"},
-		{"unmasked frame", [][]byte{{0x82, byte(len(update1))}, update1}, closeProtocol, "masking"},
-		{"RSV bit", [][]byte{maskedFrame(0xc2, update1)}, closeProtocol, "RSV"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--max-message", "1KiB")
-			bystander := join(t, r.addr, "doc")
-			conn, br := rawJoin(t, r.addr, "doc")
-			receiveSkipping(t, bystander, func(m []byte) bool { return m[0] == msgQueryAwareness })
-			for _, f := range tt.frames {
-				if _, err := conn.Write(f); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if code := readCloseCode(t, br); code != tt.code {
-				t.Errorf("close code %d, want %d", code, tt.code)
-			}
-			line := r.logs.waitFor(t, "editor disconnected")
-			if !strings.Contains(line, tt.reason) {
-				t.Errorf("log line %q lacks %q", line, tt.reason)
-			}
-			// Nothing of it reached the other editor, which still works.
-			send(t, bystander, awareness)
-			if got := receive(t, bystander); !bytes.Equal(got, awareness) {
-				t.Errorf("bystander got % x, want its awareness", got)
-			}
-		})
-	}
-}
-
-func TestMalformedMessageDroppedConnStaysOpen(t *testing.T) {
-	r := startRelay(t, "--server", "ws://127.0.0.1:1/")
-	bystander := join(t, r.addr, "doc")
-	ws := join(t, r.addr, "doc")
-	receiveSkipping(t, bystander, func(m []byte) bool { return m[0] == msgQueryAwareness })
-	send(t, ws, []byte{msgSync, syncUpdate, 5, 1}) // declares 5 bytes, has 1
-	send(t, ws, []byte{7})                         // unknown type
-	send(t, ws, update1)
-	// Only awareness noise from the joins may come before the good update.
-	receiveSkipping(t, bystander, func(m []byte) bool { return bytes.Equal(m, update1) })
-	r.logs.waitFor(t, "malformed messages dropped")
-}
-
-// rawJoin upgrades a plain TCP connection to doc, so that the test can
-// write frames that x/net/websocket would never send.
-func rawJoin(t *testing.T, addr, doc string) (net.Conn, *bufio.Reader) {
-	t.Helper()
-	conn, err := net.DialTimeout("tcp", addr, testTimeout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	conn.SetDeadline(time.Now().Add(testTimeout))
-	fmt.Fprintf(conn, "GET /%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
-		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", doc, addr)
-	br := bufio.NewReader(conn)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatalf("upgrade: %v, %v", resp, err)
-	}
-	return conn, br
-}
-
-// maskedFrame builds a client frame with the zero masking key, so that
-// the payload goes out as it is. first is the FIN bit and opcode byte.
-func maskedFrame(first byte, payload []byte) []byte {
-	f := []byte{first}
-	switch n := len(payload); {
-	case n < 126:
-		f = append(f, 0x80|byte(n))
-	default:
-		f = append(f, 0x80|126, byte(n>>8), byte(n))
-	}
-	f = append(f, 0, 0, 0, 0)
-	return append(f, payload...)
-}
-
-// readFrame reads one frame, unmasking a client's.
-func readFrame(t *testing.T, br *bufio.Reader) (opcode byte, payload []byte) {
-	t.Helper()
-	var hdr [2]byte
-	if _, err := io.ReadFull(br, hdr[:]); err != nil {
-		t.Fatalf("no frame: %v", err)
-	}
-	size := uint64(hdr[1] & 0x7f)
-	switch size {
-	case 126:
-		var ext [2]byte
-		io.ReadFull(br, ext[:])
-		size = uint64(binary.BigEndian.Uint16(ext[:]))
-	case 127:
-		var ext [8]byte
-		io.ReadFull(br, ext[:])
-		size = binary.BigEndian.Uint64(ext[:])
-	}
-	var mask [4]byte
-	if hdr[1]&0x80 != 0 { // a client's frame
-		io.ReadFull(br, mask[:])
-	}
-	payload = make([]byte, size)
-	if _, err := io.ReadFull(br, payload); err != nil {
-		t.Fatalf("frame payload: %v", err)
-	}
-	for i := range payload {
-		payload[i] ^= mask[i%4]
-	}
-	return hdr[0] & 0x0f, payload
-}
-
-// readCloseCode reads server frames until a close frame and returns its
-// code; then it checks that the server sends nothing after it.
-func readCloseCode(t *testing.T, br *bufio.Reader) int {
-	t.Helper()
-	for {
-		op, payload := readFrame(t, br)
-		if op != websocket.CloseFrame || len(payload) < 2 {
-			continue
-		}
-		if extra, err := br.ReadByte(); err == nil {
-			t.Errorf("byte %#x after the close frame, want the end", extra)
-		}
-		return int(binary.BigEndian.Uint16(payload))
-	}
-}
-
 // BenchmarkHubRoute measures the hub alone: one local update routed to
 // benchEditors other editors and the upstream queue, all drained.
 func BenchmarkHubRoute(b *testing.B) {
-	h := newHub(connQueue, defaultMaxMessage, keepalive{}, limits{}, discard)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go h.run(ctx)
-	up := &link{send: make(chan frame, upstreamQueue)}
-	h.attach <- up
-	sender := &conn{peer: peer{log: discard}, doc: "d", send: make(chan []byte, connQueue)}
-	h.join <- sender
-	var drained sync.WaitGroup
-	drain := func(n int, ch func() bool) {
-		defer drained.Done()
-		for range n {
-			ch()
-		}
-	}
+	h := startHub(b, nil, nil)
+	up := h.attach(upstreamQueue)
+	sender := h.join("d", connQueue)
 	var conns []*conn
 	for range benchEditors {
-		c := &conn{peer: peer{log: discard}, doc: "d", send: make(chan []byte, connQueue)}
-		h.join <- c
-		conns = append(conns, c)
+		conns = append(conns, h.join("d", connQueue))
+	}
+	h.barrier()
+	for _, c := range append(conns, sender) {
+		h.queued(c) // the join queries
 	}
 	msg := []byte{msgSync, syncUpdate, 4, 1, 2, 3, 4}
 	b.ReportAllocs()
 	b.ResetTimer()
-	drained.Add(len(conns) + 1)
+	var drained sync.WaitGroup
 	for _, c := range conns {
-		go drain(b.N, func() bool { <-c.send; return true })
+		drained.Go(func() { h.drain(c, b.N) })
 	}
-	go drain(b.N, func() bool { <-up.send; return true })
-	go drain(len(conns), func() bool { <-sender.send; return true }) // the join queries
-	drained.Add(1)
+	drained.Go(func() { h.drainUp(up, b.N) })
 	for range b.N {
-		h.local <- frame{doc: "d", data: msg, kind: msgSync, from: sender}
+		h.post(sender, msg)
 	}
 	drained.Wait()
 }
@@ -984,328 +970,80 @@ func receiveCounting(ws *websocket.Conn, size, n int, progress chan<- error) {
 	}
 }
 
-func TestSilentEditorClosedAfterPeerTimeout(t *testing.T) {
-	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "100ms", "--peer-timeout", "500ms")
-	bystander := join(t, r.addr, "doc")
-	// The bystander reads all along: x/net answers pings only while reading.
-	heard := make(chan []byte, 100)
-	go func() {
-		for {
-			var m []byte
-			if websocket.Message.Receive(bystander, &m) != nil {
-				close(heard)
-				return
-			}
-			heard <- m
-		}
-	}()
-	conn, br := rawJoin(t, r.addr, "doc") // answers no ping: a peer gone without a FIN
-	conn.Write(maskedFrame(0x82, awarenessMsg(77, 3, "{}")))
-	pings := 0
-	for {
-		op, payload := readFrame(t, br)
-		if op == websocket.PingFrame {
-			pings++
-		}
-		if op == websocket.CloseFrame {
-			if pc, err := parseClose(payload); err != nil || pc.code != closePeerTimeout {
-				t.Errorf("closed with % x, want code %d (peer timeout)", payload, closePeerTimeout)
-			}
-			break
-		}
-	}
-	if pings < 2 {
-		t.Errorf("%d pings before the close, want a few", pings)
-	}
-	line := r.logs.waitFor(t, "editor disconnected")
-	if !strings.Contains(line, "timeout") {
-		t.Errorf("closed for another reason than the peer timeout: %s", line)
-	}
-	// Its client is gone for the others at once.
-	deadline := time.After(testTimeout)
-	for {
-		select {
-		case m, ok := <-heard:
-			if !ok {
-				t.Fatal("the bystander was closed too")
-			}
-			if bytes.Equal(m, awarenessMsg(77, 4, "null")) {
-				return
-			}
-		case <-deadline:
-			t.Fatal("the bystander never heard that client 77 is gone")
-		}
-	}
-}
-
-func TestPingFloodFromAPeerThatDoesNotRead(t *testing.T) {
-	// Pongs are written by the writer goroutine with a deadline: a peer
-	// that pings without reading is closed once a write times out, rather
-	// than holding a reader blocked in a pong write for ever.
-	shortWriteWait(t, 200*time.Millisecond)
-	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "0", "--peer-timeout", "0")
-	conn, _ := rawJoin(t, r.addr, "doc")
-	conn.SetDeadline(time.Time{})
-	ping := maskedFrame(0x80|websocket.PingFrame, bytes.Repeat([]byte{'p'}, maxControlPayload))
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := conn.Write(ping); err != nil {
-				return
-			}
-		}
-	}()
-	line := r.logs.waitFor(t, "editor disconnected")
-	t.Logf("%s", line)
-}
-
 func TestHubClosesEditorOverItsByteBudget(t *testing.T) {
-	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue) // reads nothing
-	expect(t, a, queryAwareness)
-	big := make([]byte, h.connBytes/2+1) // two do not fit, however few frames
-	big[0], big[1] = msgSync, syncUpdate
-	h.local <- frame{doc: "d1", data: big, kind: msgSync, from: a}
-	h.local <- frame{doc: "d1", data: big, kind: msgSync, from: a}
-	post(t, h, a, awareness)
-	expect(t, a, awareness)           // both routed
-	expectClosed(t, b, closeTryAgain) // with one frame queued of 256
+	h := startHub(t, nil, nil)
+	a := h.join("d1", connQueue)
+	b := h.join("d1", connQueue) // reads nothing
+	h.expect(a, queryAwareness)
+	big := updateMsg(make([]byte, h.sendBudget()/2)) // two do not fit, however few frames
+	h.post(a, big)
+	h.post(a, big)
+	h.post(a, awareness)
+	h.expect(a, awareness)           // both routed
+	h.expectClosed(b, closeTryAgain) // with one frame queued of 256
 }
 
 func TestHubNoGhostWhenReviveClosesItsEditor(t *testing.T) {
-	h, _ := startHub(t)
-	a, b := twoEditors(t, h, "d1")
-	postAwareness(t, h, b, awarenessMsg(7, 4, "{}"))
-	expect(t, a, awarenessMsg(7, 4, "{}"))
-	leave(h, b)
-	expect(t, a, awarenessMsg(7, 5, "null"))
-	back := stuffed(t, h, "d1") // full: the revive closes it
-	expect(t, a, queryAwareness)
-	postAwareness(t, h, back, awarenessMsg(7, 4, "{}", 8, 1, `{"cursor":1}`))
-	barrier(t, h)
-	<-back.send
-	expectClosed(t, back, closeTryAgain)
+	h := startHub(t, nil, nil)
+	a, b := h.twoEditors("d1")
+	h.post(b, awarenessMsg(7, 4, "{}"))
+	h.expect(a, awarenessMsg(7, 4, "{}"))
+	h.leave(b)
+	h.expect(a, awarenessMsg(7, 5, "null"))
+	back := h.stuffed("d1") // full: the revive closes it
+	h.expect(a, queryAwareness)
+	h.post(back, awarenessMsg(7, 4, "{}", 8, 1, `{"cursor":1}`))
+	h.barrier()
+	h.expectClosed(back, closeTryAgain)
 	// Neither client 7 nor 8 reached a, so no goodbye is owed either.
-	post(t, h, a, awareness)
-	expect(t, a, awareness)
+	h.post(a, awareness)
+	h.expect(a, awareness)
 }
 
 func TestHubRemovalsKeptWhileDownAreOnePerClient(t *testing.T) {
-	h, _ := startHub(t)
-	memConn(t, h, "d1", connQueue) // keeps the document open
-	for i := range 1100 {          // one client that flaps while the upstream is down
-		b := memConn(t, h, "d1", connQueue)
-		postAwareness(t, h, b, awarenessMsg(9, 2*i+2, "{}"))
-		expect(t, b, awarenessMsg(9, 2*i+2, "{}"))
-		leave(h, b)
+	h := startHub(t, nil, nil)
+	h.join("d1", connQueue) // keeps the document open
+	for i := range 1100 {   // one client that flaps while the upstream is down
+		b := h.join("d1", connQueue)
+		h.post(b, awarenessMsg(9, 2*i+2, "{}"))
+		h.expect(b, awarenessMsg(9, 2*i+2, "{}"))
+		h.leave(b)
 	}
-	up := memLink(h, upstreamQueue)
-	expectUpstream(t, up, awarenessMsg(9, 2*1099+3, "null")) // its last clock only
+	up := h.attach(upstreamQueue)
+	h.expectUpstream(up, awarenessMsg(9, 2*1099+3, "null")) // its last clock only
 }
 
 func TestHubGoodbyesAtStopDoNotCloseTheLink(t *testing.T) {
-	h, cancel := startHub(t)
-	up := memLink(h, 2)
-	a := memConn(t, h, "d1", connQueue)
-	postAwareness(t, h, a, awarenessMsg(5, 1, "{}")) // queue: 1 of 2
-	post(t, h, a, update1)                           // queue: 2 of 2
-	barrier(t, h)
-	cancel() // a's goodbye does not fit
-	expectClosed(t, a, closeGoingAway)
+	h := startHub(t, nil, nil)
+	up := h.attach(2)
+	a := h.join("d1", connQueue)
+	h.post(a, awarenessMsg(5, 1, "{}")) // queue: 1 of 2
+	h.post(a, update1)                  // queue: 2 of 2
+	h.barrier()
+	h.beginStop() // a's goodbye does not fit
+	h.expectClosed(a, closeGoingAway)
 	got := make(chan [][]byte)
-	go func() { // the upstream writer drains the queue meanwhile
-		var frames [][]byte
-		for f := range up.send {
-			frames = append(frames, f.data)
-		}
-		got <- frames
-	}()
-	post(t, h, a, update2) // the reader still delivers
-	leave(h, a)
-	<-h.quit
+	go func() { got <- h.upUntilClosed(up) }() // the upstream writer drains the queue meanwhile
+	h.post(a, update2)                         // the reader still delivers
+	h.leave(a)
+	h.stop()
 	frames := <-got
 	if !slices.ContainsFunc(frames, func(b []byte) bool { return bytes.Equal(b, update2) }) {
 		t.Errorf("update2, accepted during the stop, never reached the upstream: % x", frames)
 	}
 }
 
-// shortWriteWait sets writeWait to d for one test.
-func shortWriteWait(t *testing.T, d time.Duration) {
-	saved := writeWait
-	writeWait = d
-	t.Cleanup(func() { writeWait = saved })
-}
-
-// slowLink is a TCP proxy to target that passes what the relay sends at
-// rate bytes per second, as a slow downlink does, or not at all once
-// frozen; the other way it passes everything at once.
-type slowLink struct {
-	ln     net.Listener
-	target string
-	rate   int
-	frozen chan struct{} // closed: nothing more reaches the client
-	done   chan struct{} // closed at the test's end
-}
-
-// startSlowLink listens on a loopback port; the test's end closes it.
-func startSlowLink(t *testing.T, target string, rate int) *slowLink {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &slowLink{ln: ln, target: target, rate: rate, frozen: make(chan struct{}), done: make(chan struct{})}
-	t.Cleanup(func() {
-		close(p.done)
-		ln.Close()
-	})
-	go p.accept(t)
-	return p
-}
-
-// accept proxies every connection until the listener closes.
-func (p *slowLink) accept(t *testing.T) {
-	for {
-		client, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		relay, err := net.Dial("tcp", p.target)
-		if err != nil {
-			client.Close()
-			return
-		}
-		t.Cleanup(func() { client.Close(); relay.Close() })
-		go io.Copy(relay, client)
-		go p.pace(client, relay)
-	}
-}
-
-// pace copies src to dst at p.rate in 4 KiB steps. The waits shape a
-// link's speed; they synchronise nothing.
-func (p *slowLink) pace(dst, src net.Conn) {
-	buf := make([]byte, 4<<10)
-	start, sent := time.Now(), 0
-	for {
-		n, err := src.Read(buf)
-		if err != nil {
-			return
-		}
-		select {
-		case <-p.frozen:
-			<-p.done // takes nothing more, like a vanished peer
-			return
-		default:
-		}
-		if _, err := dst.Write(buf[:n]); err != nil {
-			return
-		}
-		sent += n
-		time.Sleep(time.Until(start.Add(time.Duration(sent) * time.Second / time.Duration(p.rate))))
-	}
-}
-
-// TestLiveEditorOnASlowLinkIsNotCutOff sends an editor behind a slow
-// downlink a message that takes it several peer timeouts to receive: its
-// pongs wait behind that message, yet it stays connected and gets the
-// next message too. The same editor once its link takes nothing more is
-// closed as dead.
-func TestLiveEditorOnASlowLinkIsNotCutOff(t *testing.T) {
-	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "200ms", "--peer-timeout", "1s")
-	link := startSlowLink(t, r.addr, 96<<10)
-	slow := join(t, link.ln.Addr().String(), "doc")
-	fast := join(t, r.addr, "doc")
-	go io.Copy(io.Discard, fast) // x/net answers pings only while reading
-	big := updateMsg(bytes.Repeat([]byte{7}, 256<<10)) // 2.7 s over the link
-	send(t, fast, big)
-	receiveSkipping(t, slow, func(m []byte) bool { return bytes.Equal(m, big) })
-	small := updateMsg([]byte{1, 2, 3})
-	send(t, fast, small)
-	receiveSkipping(t, slow, func(m []byte) bool { return bytes.Equal(m, small) })
-	if strings.Contains(r.logs.String(), "editor disconnected") {
-		t.Fatalf("an editor was closed: %s", r.logs.String())
-	}
-
-	close(link.frozen)
-	send(t, fast, big)
-	line := r.logs.waitFor(t, "editor disconnected")
-	if !strings.Contains(line, "code=4408") {
-		t.Errorf("a dead peer closed for another reason than the peer timeout: %s", line)
-	}
-}
-
-// updateMsg wraps update in a sync update message (00 02 bytes).
-func updateMsg(update []byte) []byte {
-	return append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(update))), update...)
-}
-
-// TestPongAnswersTheLatestPing checks the rule of RFC 6455 §5.5.3: with
-// two pings waiting, the pong carries the newer one's payload.
-func TestPongAnswersTheLatestPing(t *testing.T) {
-	pongs := make(chan []byte, 1)
-	answerLatest(pongs, []byte("older"))
-	answerLatest(pongs, []byte("newer"))
-	if got := <-pongs; string(got) != "newer" {
-		t.Errorf("pong for %q, want the latest ping, %q", got, "newer")
-	}
-	select {
-	case got := <-pongs:
-		t.Errorf("a second pong %q is waiting", got)
-	default:
-	}
-}
-
-// loggingHub runs a hub that logs into a buffer, set up by configure
-// before it starts, until the test ends.
-func loggingHub(t *testing.T, configure func(*hub)) (*hub, *logBuffer, context.CancelFunc) {
-	t.Helper()
-	logs := newLogBuffer()
-	h := newHub(connQueue, defaultMaxMessage, keepalive{}, limits{}, slog.New(slog.NewTextHandler(logs, nil)))
-	configure(h)
-	ctx, cancel := context.WithCancel(context.Background())
-	go h.run(ctx)
-	t.Cleanup(func() {
-		cancel()
-		<-h.quit
-	})
-	return h, logs, cancel
-}
-
-// expectOneOf checks that exactly the first of cs that has a message
-// queued got want; which one the hub picked is its choice.
-func expectOneOf(t *testing.T, want []byte, cs ...*conn) {
-	t.Helper()
-	for _, c := range cs {
-		select {
-		case got := <-c.send:
-			if !bytes.Equal(got, want) {
-				t.Fatalf("conn got % x, want % x", got, want)
-			}
-			return
-		default:
-		}
-	}
-	t.Fatalf("none of %d conns got % x", len(cs), want)
-}
-
 // TestHubAsksANewcomerForItsDocument checks that a joining editor gets a
 // step 1, as a Yjs server sends one, so that what it made while
 // disconnected reaches the editors already there, with no upstream.
 func TestHubAsksANewcomerForItsDocument(t *testing.T) {
-	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	b := memConn(t, h, "d1", connQueue) // memConn checks b's step 1
-	expect(t, a, queryAwareness)
+	h := startHub(t, nil, nil)
+	a := h.join("d1", connQueue)
+	b := h.join("d1", connQueue) // join checks b's step 1
+	h.expect(a, queryAwareness)
 	offline := []byte{msgSync, syncStep2, 2, 0xb1, 0}
-	post(t, h, b, offline)
-	expect(t, a, offline)
+	h.post(b, offline)
+	h.expect(a, offline)
 }
 
 // TestHubIntroducesNewcomersFromOtherRelays checks that a client new to
@@ -1313,48 +1051,37 @@ func TestHubAsksANewcomerForItsDocument(t *testing.T) {
 // editor for the states it knows, which then go upstream: an editor on
 // another relay sees this relay's editors at once, not at their renewal.
 func TestHubIntroducesNewcomersFromOtherRelays(t *testing.T) {
-	h, _ := startHub(t)
-	a := memConn(t, h, "d1", connQueue)
-	up := memLink(h, upstreamQueue)
-	expect(t, a, emptyStep1) // the resync
-	expect(t, a, queryAwareness)
-	expectUpstream(t, up, emptyStep1)
-	fromUpstream := func(msg []byte) {
-		h.remote <- frame{doc: "d1", data: msg, kind: msgAwareness, aware: mustAwareness(t, msg)}
-	}
-	fromUpstream(awarenessMsg(42, 1, "{}"))
-	expect(t, a, awarenessMsg(42, 1, "{}"))
-	expect(t, a, queryAwareness)
+	h := startHub(t, nil, nil)
+	a := h.join("d1", connQueue)
+	up := h.attach(upstreamQueue)
+	h.expect(a, emptyStep1) // the resync
+	h.expect(a, queryAwareness)
+	h.expectUpstream(up, emptyStep1)
+	h.fromUpstream("d1", awarenessMsg(42, 1, "{}"))
+	h.expect(a, awarenessMsg(42, 1, "{}"))
+	h.expect(a, queryAwareness)
 	// A known client's renewal, and another newcomer within a second,
 	// cause no second question.
-	fromUpstream(awarenessMsg(42, 2, "{}"))
-	fromUpstream(awarenessMsg(43, 1, "{}"))
-	expect(t, a, awarenessMsg(42, 2, "{}"))
-	expect(t, a, awarenessMsg(43, 1, "{}"))
-	postAwareness(t, h, a, awareness)
-	expect(t, a, awareness)
+	h.fromUpstream("d1", awarenessMsg(42, 2, "{}"))
+	h.fromUpstream("d1", awarenessMsg(43, 1, "{}"))
+	h.expect(a, awarenessMsg(42, 2, "{}"))
+	h.expect(a, awarenessMsg(43, 1, "{}"))
+	h.post(a, awareness)
+	h.expect(a, awareness)
 }
 
 // TestHubAsksNobodyWhileTheUpstreamIsDown checks that when the editor
 // asked for its document leaves while the upstream is down, nobody else
 // is asked: the answer could go nowhere, and the reconnect asks anyway.
 func TestHubAsksNobodyWhileTheUpstreamIsDown(t *testing.T) {
-	h, _ := startHub(t)
-	a, b := twoEditors(t, h, "d1")
-	up := memLink(h, upstreamQueue)
-	asked, other := a, b
-	select {
-	case <-b.send:
-		asked, other = b, a
-	case <-a.send:
-	case <-time.After(testTimeout):
-		t.Fatal("nobody was asked")
-	}
-	expect(t, asked, queryAwareness)
-	h.detach <- up
-	leave(h, asked)
-	postAwareness(t, h, other, awareness)
-	expect(t, other, awareness) // no step 1 before it
+	h := startHub(t, nil, nil)
+	a, b := h.twoEditors("d1")
+	up := h.attach(upstreamQueue)
+	asked, other := h.askedOne(a, b)
+	h.detach(up)
+	h.leave(asked)
+	h.post(other, awareness)
+	h.expect(other, awareness) // no step 1 before it
 }
 
 // TestHubNeverSendsTheUpstreamMoreThanItsLimit checks that a message over
@@ -1363,22 +1090,23 @@ func TestHubAsksNobodyWhileTheUpstreamIsDown(t *testing.T) {
 // would depend on the missing one) while other documents do, and that the
 // next connection resyncs it.
 func TestHubNeverSendsTheUpstreamMoreThanItsLimit(t *testing.T) {
-	h, logs, _ := loggingHub(t, func(h *hub) { h.upstreamMax = 100 })
-	up := memLink(h, upstreamQueue)
-	a, b := twoEditors(t, h, "big")
+	logs := newLogBuffer()
+	h := startHub(t, slog.New(slog.NewTextHandler(logs, nil)), withUpstreamMax(100))
+	up := h.attach(upstreamQueue)
+	a, b := h.twoEditors("big")
 	tooBig := updateMsg(make([]byte, 100))
-	post(t, h, a, tooBig)
-	post(t, h, a, tooBig)
-	expect(t, b, tooBig)
-	expect(t, b, tooBig)
-	post(t, h, a, update1) // after the gap: not sent
-	other := memConn(t, h, "small", connQueue)
-	post(t, h, other, update2)
-	expectUpstream(t, up, update2)
-	next := memLink(h, upstreamQueue) // a reconnect resyncs "big" whole
+	h.post(a, tooBig)
+	h.post(a, tooBig)
+	h.expect(b, tooBig)
+	h.expect(b, tooBig)
+	h.post(a, update1) // after the gap: not sent
+	other := h.join("small", connQueue)
+	h.post(other, update2)
+	h.expectUpstream(up, update2)
+	next := h.attach(upstreamQueue) // a reconnect resyncs "big" whole
 	for range 2 {
-		if f := <-next.send; f.doc == "big" && !bytes.Equal(f.data, emptyStep1) {
-			t.Errorf("after the reconnect, % x went up for big before its resync", f.data)
+		if m, _ := h.nextUp(next); m.doc == "big" && !bytes.Equal(m.data, emptyStep1) {
+			t.Errorf("after the reconnect, % x went up for big before its resync", m.data)
 		}
 	}
 	if n := strings.Count(logs.String(), "message too large for the upstream"); n != 1 {
@@ -1393,22 +1121,23 @@ func TestHubNeverSendsTheUpstreamMoreThanItsLimit(t *testing.T) {
 // document could not be flushed at the stop, nothing later of it is: the
 // server must never get update n+1 without update n.
 func TestHubStopNeverLeavesAGapUpstream(t *testing.T) {
-	h, logs, cancel := loggingHub(t, func(h *hub) { h.stopWait = 50 * time.Millisecond })
-	up := memLink(h, 1)
-	a := memConn(t, h, "d1", connQueue)
-	post(t, h, a, update1) // fills the upstream queue
-	barrier(t, h)
-	cancel()
-	expectClosed(t, a, closeGoingAway)
-	post(t, h, a, update2) // finds no room in time
+	logs := newLogBuffer()
+	h := startHub(t, slog.New(slog.NewTextHandler(logs, nil)), withStopWait(50*time.Millisecond))
+	up := h.attach(1)
+	a := h.join("d1", connQueue)
+	h.post(a, update1) // fills the upstream queue
+	h.barrier()
+	h.beginStop()
+	h.expectClosed(a, closeGoingAway)
+	h.post(a, update2) // finds no room in time
 	logs.waitFor(t, "not flushed")
-	expectUpstream(t, up, update1) // room again
+	h.expectUpstream(up, update1) // room again
 	update3 := []byte{msgSync, syncUpdate, 1, 0xa3}
-	post(t, h, a, update3)
-	leave(h, a)
-	<-h.quit
-	for f := range up.send {
-		t.Errorf("% x went upstream after update2 was dropped", f.data)
+	h.post(a, update3)
+	h.leave(a)
+	h.stop()
+	for _, msg := range h.upUntilClosed(up) {
+		t.Errorf("% x went upstream after update2 was dropped", msg)
 	}
 }
 
@@ -1484,21 +1213,19 @@ func TestGoneTable(t *testing.T) {
 // empty, with the removals that were owed to the upstream sent first.
 func TestHubForgetsDepartedClients(t *testing.T) {
 	sweep := make(chan time.Time)
-	h, _, cancel := loggingHub(t, func(h *hub) {
-		h.after = func(time.Duration) <-chan time.Time { return sweep }
-	})
+	h := startHub(t, nil, withSweep(sweep))
 	for i := range 1100 { // more documents than the old per-document cap
 		doc := fmt.Sprintf("d%d", i)
-		c := memConn(t, h, doc, connQueue)
-		postAwareness(t, h, c, awarenessMsg(i+1, 1, "{}"))
-		expect(t, c, awarenessMsg(i+1, 1, "{}"))
-		leave(h, c)
+		c := h.join(doc, connQueue)
+		h.post(c, awarenessMsg(i+1, 1, "{}"))
+		h.expect(c, awarenessMsg(i+1, 1, "{}"))
+		h.leave(c)
 	}
-	up := memLink(h, upstreamQueue*2)
-	barrier(t, h)
+	up := h.attach(upstreamQueue * 2)
+	h.barrier()
 	owed := 0
-	for len(up.send) > 0 {
-		if f := <-up.send; f.kind == msgAwareness {
+	for _, m := range h.queuedUp(up) {
+		if m.data[0] == msgAwareness {
 			owed++
 		}
 	}
@@ -1506,10 +1233,8 @@ func TestHubForgetsDepartedClients(t *testing.T) {
 		t.Errorf("%d removals sent on reconnect, want 1100 (none dropped wholesale)", owed)
 	}
 	sweep <- time.Now().Add(goneTTL)
-	barrier(t, h)
-	cancel()
-	<-h.quit // the hub's fields are the test's now
-	if n := h.gone.len(); n != 0 || h.gone.entries != nil {
-		t.Errorf("%d gone clients remembered after their TTL, want none", n)
+	h.barrier()
+	if n, holdsMemory := h.goneAfterStop(); n != 0 || holdsMemory {
+		t.Errorf("%d gone clients remembered after their TTL (memory held: %v), want none", n, holdsMemory)
 	}
 }

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,144 +20,6 @@ import (
 
 	"golang.org/x/net/websocket"
 )
-
-// logBuffer collects log output from several goroutines and passes every
-// line on to lines, so that tests can wait for an event without polling.
-type logBuffer struct {
-	mu    sync.Mutex
-	buf   bytes.Buffer
-	lines chan string
-}
-
-func newLogBuffer() *logBuffer { return &logBuffer{lines: make(chan string, 10000)} }
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	select {
-	case b.lines <- string(p):
-	default: // nobody waits for this many lines
-	}
-	return b.buf.Write(p)
-}
-
-// waitFor returns the next log line that contains substr.
-func (b *logBuffer) waitFor(t testing.TB, substr string) string {
-	t.Helper()
-	deadline := time.After(testTimeout)
-	for {
-		select {
-		case line := <-b.lines:
-			if strings.Contains(line, substr) {
-				return line
-			}
-		case <-deadline:
-			t.Fatalf("timed out waiting for a log line with %q", substr)
-			return ""
-		}
-	}
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// testRelay is a relay started in-process on 127.0.0.1 with a free port.
-type testRelay struct {
-	addr   string
-	logs   *logBuffer
-	status chan int // the exit status, once run returns
-	stop   context.CancelFunc
-}
-
-// startRelay runs the relay with args (HOST and PORT are added) until the
-// test ends, and fails the test if it does not stop in time.
-func startRelay(t testing.TB, args ...string) *testRelay {
-	t.Helper()
-	return startRelayAt(t, slog.LevelDebug, args...)
-}
-
-// startRelayAt is startRelay with the log at level, for tests of what a
-// user sees without -v.
-func startRelayAt(t testing.TB, level slog.Level, args ...string) *testRelay {
-	t.Helper()
-	cfg, err := parseArgs(append(args, "127.0.0.1", "0"), func(string) string { return "" })
-	if err != nil {
-		t.Fatalf("parseArgs: %v", err)
-	}
-	logs := newLogBuffer()
-	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: level}))
-	s, err := listen(cfg, log)
-	if err != nil {
-		t.Fatalf("listen: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &testRelay{addr: s.addr(), logs: logs, status: make(chan int, 1), stop: cancel}
-	go func() { r.status <- s.run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-r.status:
-		case <-time.After(testTimeout):
-			t.Errorf("relay did not stop in time")
-		}
-		if t.Failed() {
-			t.Logf("relay log:\n%s", logs.String())
-		}
-	})
-	return r
-}
-
-// waitExit returns the relay's exit status.
-func (r *testRelay) waitExit(t testing.TB) int {
-	t.Helper()
-	select {
-	case code := <-r.status:
-		r.status <- code // for the cleanup
-		return code
-	case <-time.After(testTimeout):
-		t.Fatal("relay did not exit")
-		return -1
-	}
-}
-
-// dialLocal opens an editor connection to doc like a native Yjs client
-// (binary frames, no Origin header is needed but x/net sends one).
-func dialLocal(t testing.TB, addr, doc string) *websocket.Conn {
-	t.Helper()
-	cfg, err := websocket.NewConfig("ws://"+addr+"/"+doc, "http://localhost/")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ws, err := websocket.DialConfig(cfg)
-	if err != nil {
-		t.Fatalf("dial %s: %v", doc, err)
-	}
-	ws.PayloadType = websocket.BinaryFrame
-	t.Cleanup(func() { ws.Close() })
-	return ws
-}
-
-// send writes one binary message.
-func send(t testing.TB, ws *websocket.Conn, msg []byte) {
-	t.Helper()
-	if err := websocket.Message.Send(ws, msg); err != nil {
-		t.Fatalf("send: %v", err)
-	}
-}
-
-// receive reads one message within testTimeout.
-func receive(t testing.TB, ws *websocket.Conn) []byte {
-	t.Helper()
-	ws.SetReadDeadline(time.Now().Add(testTimeout))
-	var msg []byte
-	if err := websocket.Message.Receive(ws, &msg); err != nil {
-		t.Fatalf("receive: %v", err)
-	}
-	return msg
-}
 
 func TestRelayPrefixesFramesUpstream(t *testing.T) {
 	for _, magic := range []idMagic{magicSeed, magicASCII} {
@@ -185,35 +46,6 @@ func TestRelayDecodesPathAndDropsQuery(t *testing.T) {
 	want := unhex(t, "02 00 07 47 72 c3 bc c3 9f 65 00 00 01 00")
 	if got := srv.nextFrame(t); !bytes.Equal(got, want) {
 		t.Errorf("upstream got % x, want % x", got, want)
-	}
-}
-
-// join dials doc and returns once the hub has the editor registered: its
-// awareness message has come back to it.
-func join(t testing.TB, addr, doc string) *websocket.Conn {
-	t.Helper()
-	ws := dialLocal(t, addr, doc)
-	hello := unhex(t, "01 01 00")
-	send(t, ws, hello)
-	receiveSkipping(t, ws, func(msg []byte) bool { return bytes.Equal(msg, hello) })
-	return ws
-}
-
-// receiveSkipping reads until a message satisfies want and returns it,
-// skipping what the relay may send in between: awareness, query-awareness
-// and sync step 1 from other editors.
-func receiveSkipping(t testing.TB, ws *websocket.Conn, want func([]byte) bool) []byte {
-	t.Helper()
-	for {
-		msg := receive(t, ws)
-		if want(msg) {
-			return msg
-		}
-		noise := len(msg) > 0 && (msg[0] == msgAwareness || msg[0] == msgQueryAwareness) ||
-			bytes.HasPrefix(msg, []byte{msgSync, syncStep1})
-		if !noise {
-			t.Fatalf("unexpected message % x", msg)
-		}
 	}
 }
 
@@ -549,16 +381,6 @@ func TestRunStopsOnCancel(t *testing.T) {
 	}
 }
 
-// hostOf is the host:port of a URI, for tests.
-func hostOf(t *testing.T, raw string) string {
-	t.Helper()
-	u, err := url.Parse(raw)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return u.Host
-}
-
 func TestGoroutinesReturnToBaseline(t *testing.T) {
 	srv := newELVAServer(t, magicSeed)
 	srv.frames = nil
@@ -743,28 +565,6 @@ func TestSlowHandshakeIsCut(t *testing.T) {
 	if _, err := io.ReadAll(conn); err != nil {
 		t.Fatalf("the relay kept a slow handshake open: %v", err)
 	}
-}
-
-// waitForGoroutines waits until no more than n goroutines run. No event
-// tells that a goroutine has ended: it polls, within testTimeout.
-func waitForGoroutines(t *testing.T, n int) {
-	t.Helper()
-	deadline := time.Now().Add(testTimeout)
-	for runtime.NumGoroutine() > n {
-		if time.Now().After(deadline) {
-			buf := make([]byte, 1<<20)
-			t.Fatalf("%d goroutines, want at most %d:\n%s", runtime.NumGoroutine(), n, buf[:runtime.Stack(buf, true)])
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// heapInUse returns the heap in use after a collection.
-func heapInUse() uint64 {
-	runtime.GC()
-	var m runtime.MemStats
-	runtime.ReadMemStats(&m)
-	return m.HeapInuse
 }
 
 func TestSignalStop(t *testing.T) {

@@ -9,6 +9,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"unicode/utf8"
 )
 
@@ -338,3 +339,100 @@ func echoCode(code int) int {
 	}
 	return closeNormal
 }
+
+// WebSocket frame rules (RFC 6455): what the relay's readers take, and
+// the close codes they answer with.
+
+// WebSocket close codes (RFC 6455 §7.4.1) that the relay sends.
+const (
+	closeNormal      = 1000
+	closeGoingAway   = 1001
+	closeProtocol    = 1002
+	closeUnsupported = 1003
+	closeTooBig      = 1009
+	closeTryAgain    = 1013
+	// closePeerTimeout closes a peer that sent nothing for --peer-timeout:
+	// a private code (RFC 6455 §7.4.2), the one Hocuspocus uses for
+	// "Connection Timeout".
+	closePeerTimeout = 4408
+)
+
+var (
+	errTextFrame  = errors.New("text frame: Yjs messages are binary")
+	errFragmented = errors.New("fragmented message: not supported")
+	errTooLarge   = errors.New("message larger than --max-message")
+	errProtocol   = errors.New("websocket protocol error")
+	errStopping   = errors.New("relay stopping")
+)
+
+// maxControlPayload is the largest payload of a ping, pong or close frame
+// (RFC 6455 §5.5).
+const maxControlPayload = 125
+
+// checkFrameHeader rejects what the relay does not speak: RSV bits (no
+// extension was negotiated, so a "compressed" frame is an error) and a
+// masking that does not fit the side (clients mask, servers do not).
+func checkFrameHeader(hdr []byte, fromClient bool) error {
+	if hdr[0]&0x70 != 0 {
+		return fmt.Errorf("%w: RSV bits set", errProtocol)
+	}
+	if masked := hdr[1]&0x80 != 0; masked != fromClient {
+		return fmt.Errorf("%w: masking does not fit the side", errProtocol)
+	}
+	return nil
+}
+
+// closeCodeFor maps the reason a reader ended to the close code it answers with.
+func closeCodeFor(err error) int {
+	var pc *peerCloseError
+	var netErr net.Error
+	switch {
+	case errors.As(err, &pc):
+		return echoCode(pc.code)
+	case errors.As(err, &netErr) && netErr.Timeout():
+		return closePeerTimeout
+	case errors.Is(err, errTextFrame), errors.Is(err, errFragmented):
+		return closeUnsupported
+	case errors.Is(err, errTooLarge):
+		return closeTooBig
+	case errors.Is(err, errProtocol):
+		return closeProtocol
+	}
+	return closeNormal
+}
+
+// classifyFrame applies the relay's rules to a frame header: fin, the
+// opcode and the payload size in bytes, against max, the largest message
+// taken. control is true for a ping, pong or close (RFC 6455 §5.5: at
+// most 125 bytes, never fragmented). Errors: errFragmented for a
+// continuation or a frame without FIN (the relay passes whole messages
+// only), errTooLarge, errTextFrame (Yjs messages are binary), errProtocol
+// for a reserved opcode or a bad control frame.
+func classifyFrame(fin bool, opcode byte, size, max int) (control bool, err error) {
+	switch {
+	case opcode >= opClose:
+		if !fin || size > maxControlPayload || size < 0 || opcode > opPong {
+			return true, fmt.Errorf("%w: bad control frame (opcode %d)", errProtocol, opcode)
+		}
+		return true, nil
+	case opcode == opContinuation || !fin:
+		return false, errFragmented
+	case size > max || size < 0:
+		return false, errTooLarge
+	case opcode == opText:
+		return false, errTextFrame
+	case opcode != opBinary:
+		return false, fmt.Errorf("%w: reserved opcode %d", errProtocol, opcode)
+	}
+	return false, nil
+}
+
+// WebSocket opcodes (RFC 6455 §5.2).
+const (
+	opContinuation = 0x0
+	opText         = 0x1
+	opBinary       = 0x2
+	opClose        = 0x8
+	opPing         = 0x9
+	opPong         = 0xa
+)

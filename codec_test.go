@@ -392,3 +392,35 @@ func FuzzParseClose(f *testing.F) {
 		}
 	})
 }
+
+func TestClassifyFrame(t *testing.T) {
+	tests := []struct {
+		name    string
+		fin     bool
+		opcode  byte
+		size    int
+		control bool
+		err     error
+	}{
+		{"binary", true, opBinary, 10, false, nil},
+		{"binary at the limit", true, opBinary, 100, false, nil},
+		{"binary over the limit", true, opBinary, 101, false, errTooLarge},
+		{"text", true, opText, 3, false, errTextFrame},
+		{"first fragment", false, opBinary, 3, false, errFragmented},
+		{"continuation", true, opContinuation, 3, false, errFragmented},
+		{"reserved data opcode", true, 0x3, 0, false, errProtocol},
+		{"ping", true, opPing, 125, true, nil},
+		{"ping over 125 bytes", true, opPing, 126, true, errProtocol},
+		{"fragmented pong", false, opPong, 0, true, errProtocol},
+		{"close", true, opClose, 2, true, nil},
+		{"reserved control opcode", true, 0xb, 0, true, errProtocol},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			control, err := classifyFrame(tt.fin, tt.opcode, tt.size, 100)
+			if control != tt.control || !errors.Is(err, tt.err) {
+				t.Errorf("got %v, %v; want %v, %v", control, err, tt.control, tt.err)
+			}
+		})
+	}
+}

@@ -239,7 +239,7 @@ func TestLiveEditorOnASlowLinkIsNotCutOff(t *testing.T) {
 	link := startSlowLink(t, r.addr, 96<<10)
 	slow := join(t, link.ln.Addr().String(), "doc")
 	fast := join(t, r.addr, "doc")
-	go io.Copy(io.Discard, fast) // x/net answers pings only while reading
+	go io.Copy(io.Discard, fast)                       // x/net answers pings only while reading
 	big := updateMsg(bytes.Repeat([]byte{7}, 256<<10)) // 2.7 s over the link
 	send(t, fast, big)
 	receiveSkipping(t, slow, func(m []byte) bool { return bytes.Equal(m, big) })

@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"math"
-	"net"
 	"sync/atomic"
 	"time"
 
@@ -37,28 +36,6 @@ const (
 // writeWait bounds one write to a peer; a peer that takes longer is dead or
 // too slow to keep, and its conn is closed. A variable for one test only.
 var writeWait = 10 * time.Second
-
-// WebSocket close codes (RFC 6455 §7.4.1) that the relay sends.
-const (
-	closeNormal      = 1000
-	closeGoingAway   = 1001
-	closeProtocol    = 1002
-	closeUnsupported = 1003
-	closeTooBig      = 1009
-	closeTryAgain    = 1013
-	// closePeerTimeout closes a peer that sent nothing for --peer-timeout:
-	// a private code (RFC 6455 §7.4.2), the one Hocuspocus uses for
-	// "Connection Timeout".
-	closePeerTimeout = 4408
-)
-
-var (
-	errTextFrame  = errors.New("text frame: Yjs messages are binary")
-	errFragmented = errors.New("fragmented message: not supported")
-	errTooLarge   = errors.New("message larger than --max-message")
-	errProtocol   = errors.New("websocket protocol error")
-	errStopping   = errors.New("relay stopping")
-)
 
 // queryAwareness asks a Yjs client for every awareness state it knows. The
 // slice is shared by every queue it is put on and never modified.
@@ -94,65 +71,41 @@ type conn struct {
 }
 
 // keepalive says how the relay finds dead peers: the writer pings every
-// interval, and the reader closes a conn that received no frame at all
-// (data, ping, pong) for timeout. TCP alone never tells a half-open
-// connection, whose peer vanished without a FIN, from a quiet one.
+// interval, and the reader closes a peer that sent no frame at all (data,
+// ping, pong) for timeout. TCP alone never tells a half-open connection,
+// whose peer vanished without a FIN, from a quiet one.
 type keepalive struct {
 	interval time.Duration // 0: no pings
 	timeout  time.Duration // 0: wait for ever
 }
 
-// document is the hub's state for one document name.
-type document struct {
-	conns map[*conn]struct{}
-	// clients maps each awareness client ID seen on this document to the
-	// newest clock seen for it and the conn that announced that clock
-	// first. Yjs clients re-broadcast every awareness change they apply,
-	// so "first with a new clock" finds the client's own conn, and a conn
-	// that merely repeats others' states owns none of them.
-	clients map[uint64]presence
-	remote  int // entries of clients that the upstream owns
-	// asked is the editor that the last resync asked for its whole
-	// document, until its answer comes (its step2s reach askedAt); nil
-	// when none is due.
-	asked   *conn
-	askedAt int
-	// introduced is when the relay last asked an editor here for the
-	// awareness states it knows, for a client new upstream.
-	introduced time.Time
-}
-
-// presence is one awareness client as the hub last heard of it.
-type presence struct {
-	clock uint64
-	owner *conn // nil: announced by the upstream
-}
-
-// departure tells the hub that a conn's reader has ended, and why.
-type departure struct {
+// leaving tells the hub that an editor's reader has ended, and the close
+// code to answer with.
+type leaving struct {
 	c    *conn
 	code int
 }
 
 // hub routes frames between the local editors of each document and the
-// upstream. Readers send to it; it never blocks on a send of its own.
+// upstream. Readers send to it; it never blocks on a send of its own but
+// at the stop, when it waits (bounded) for room in the upstream queue.
 type hub struct {
 	// Static after construction.
-	admission  chan ticket
-	join       chan *conn
-	leave      chan departure
-	released   chan string // an admitted request's handler has returned
-	local      chan frame  // from conn readers
-	remote     chan frame  // from the upstream reader
-	attach     chan *link  // a new upstream connection is up
-	detach     chan *link  // an upstream connection has ended
-	quit       chan struct{}
+	admission  chan admitRequest
+	released   chan string  // an admitted request's handler has returned
+	join       chan *conn   // an upgraded editor
+	leave      chan leaving // an editor's reader has ended
+	local      chan frame   // from editors' readers
+	remote     chan frame   // from the upstream's readers
+	attach     chan *upstreamLink
+	detach     chan *upstreamLink
+	quit       chan struct{} // closed when run returns
 	connQueue  int
 	maxMessage int
 	connBytes  int64 // byte budget of an editor's send queue
 	linkBytes  int64 // byte budget of the upstream send queue
 	// upstreamMax is the largest frame the upstream server takes, in bytes,
-	// ID prefix included (--upstream-max-message); 0: no limit.
+	// with the link's own overhead (--upstream-max-message); 0: no limit.
 	upstreamMax int
 	// stopWait bounds the hub's part of a stop; 0: hubStopTimeout.
 	stopWait time.Duration
@@ -161,79 +114,82 @@ type hub struct {
 	keepalive keepalive
 	limits    limits
 	log       *slog.Logger
+	drops     *drops // shared by every goroutine of the relay
 
 	// Owned by run.
 	docs     map[string]*document
-	up       *link          // nil while the upstream is down
+	up       *upstreamLink  // nil while the upstream is down
 	handlers int            // admitted requests whose handler has not returned
 	perDoc   map[string]int // the same, per document
-	// gone remembers the awareness clients the relay marked gone, for
-	// revive and for the removals owed to the upstream; sweep fires when
-	// its oldest entry expires (nil: it is empty).
-	gone     goneTable
+	gone     goneTable      // awareness clients marked gone, for 30 s
 	sweep    <-chan time.Time
-	stopping bool      // stop has begun: no more resync questions
-	stopBy   time.Time // when stop gives up waiting
+	removals []frame // awareness removals waiting to be routed
 	// cut lists the documents of which a sync message could not go
 	// upstream (too large, or not flushed at the stop): nothing later of
 	// them goes until the next connection's resync, so that the server
 	// never sees update n+1 without update n.
 	cut         map[string]bool
-	goodbyes    []frame         // awareness removals waiting to be routed
 	tooBigNamed map[string]bool // documents named in a too-large warning; bounded
-
-	// Shared by every goroutine of the relay: counts and logs what is
-	// dropped and why.
-	drops *drops
+	// The stop is a mode of run: stopping from the first cancel, until
+	// every handler has returned or stopBy has passed (stopTimer).
+	stopping  bool
+	stopBy    time.Time
+	stopTimer <-chan time.Time
 }
 
-// newHub returns a hub whose conns queue up to queue frames and whose readers
-// accept messages of up to maxMessage bytes.
+// newHub returns a hub whose editors queue up to queue frames and whose
+// readers accept messages of up to maxMessage bytes.
 func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *hub {
 	return &hub{
-		admission:   make(chan ticket),
+		admission:   make(chan admitRequest),
 		released:    make(chan string),
-		limits:      lim,
-		perDoc:      make(map[string]int),
-		cut:         make(map[string]bool),
-		after:       time.After,
-		tooBigNamed: make(map[string]bool),
 		join:        make(chan *conn),
-		leave:       make(chan departure),
+		leave:       make(chan leaving),
 		local:       make(chan frame, inboxQueue),
 		remote:      make(chan frame, inboxQueue),
-		attach:      make(chan *link),
-		detach:      make(chan *link),
+		attach:      make(chan *upstreamLink),
+		detach:      make(chan *upstreamLink),
 		quit:        make(chan struct{}),
 		connQueue:   queue,
 		maxMessage:  maxMessage,
 		connBytes:   queueBytes(maxMessage),
 		linkBytes:   4 * queueBytes(maxMessage),
+		after:       time.After,
 		keepalive:   ka,
+		limits:      lim,
 		log:         log,
-		docs:        make(map[string]*document),
 		drops:       &drops{},
+		docs:        make(map[string]*document),
+		perDoc:      make(map[string]int),
+		cut:         make(map[string]bool),
+		tooBigNamed: make(map[string]bool),
 	}
 }
 
 // run is the hub goroutine: the only code that touches h.docs and h.up.
-// When ctx is done it stops (see stop) and closes h.quit, so that readers
-// stop waiting for it.
+// Each case hands one event to one method. When ctx is done it stops: every
+// editor is closed with "going away", what their readers still deliver is
+// flushed upstream until their handlers have returned (or hubStopTimeout),
+// and then the upstream link is closed so that its writer flushes its
+// queue. It closes h.quit when it returns, so that readers stop waiting.
 func (h *hub) run(ctx context.Context) {
 	defer close(h.quit)
-	for {
+	cancelled := ctx.Done()
+	for !h.stopped() {
 		select {
-		case <-ctx.Done():
-			h.stop()
-			return
-		case t := <-h.admission:
-			t.reply <- h.admitOne(t.doc)
+		case <-cancelled:
+			cancelled = nil
+			h.beginStop()
+		case <-h.stopTimer:
+			h.giveUpWaiting()
+		case r := <-h.admission:
+			r.reply <- h.admitOne(r.doc)
 		case doc := <-h.released:
 			h.releaseOne(doc)
 		case c := <-h.join:
-			h.add(c)
-		case d := <-h.leave:
-			h.remove(d.c, d.code)
+			h.addEditor(c)
+		case l := <-h.leave:
+			h.removeEditor(l.c, l.code)
 		case f := <-h.local:
 			h.fromLocal(f)
 		case f := <-h.remote:
@@ -245,7 +201,49 @@ func (h *hub) run(ctx context.Context) {
 		case now := <-h.sweep:
 			h.expireGone(now)
 		}
-		h.sayGoodbyes()
+		h.routeRemovals()
+	}
+	h.finishStop()
+}
+
+// hubStopTimeout bounds the hub's part of a graceful stop.
+const hubStopTimeout = 3 * time.Second
+
+// beginStop closes every editor with "going away"; run goes on until
+// their handlers have returned.
+func (h *hub) beginStop() {
+	h.stopping = true
+	h.stopBy = time.Now().Add(cmp.Or(h.stopWait, hubStopTimeout))
+	h.stopTimer = time.After(time.Until(h.stopBy))
+	for _, d := range h.docs {
+		for c := range d.conns {
+			h.removeEditor(c, closeGoingAway)
+		}
+	}
+}
+
+// stopped reports whether the stop is over: no handler is left.
+func (h *hub) stopped() bool { return h.stopping && h.handlers == 0 }
+
+// giveUpWaiting ends the stop although handlers are still open.
+func (h *hub) giveUpWaiting() {
+	h.log.Warn("stop: editors did not close in time", "open", h.handlers)
+	h.handlers = 0
+}
+
+// finishStop flushes what readers delivered last and closes the upstream
+// link, whose writer then flushes its queue.
+func (h *hub) finishStop() {
+	for {
+		select {
+		case f := <-h.local:
+			h.flushAtStop(f)
+		default:
+			if h.up != nil {
+				h.closeLink()
+			}
+			return
+		}
 	}
 }
 
@@ -256,9 +254,9 @@ type limits struct {
 	perDoc int // per document (--max-per-document)
 }
 
-// ticket asks the hub to admit one more local connection to doc; the hub
-// answers on reply (buffered, so that it never blocks).
-type ticket struct {
+// admitRequest asks the hub to admit one more local connection to doc; the
+// hub answers on reply (buffered, so that it never blocks).
+type admitRequest struct {
 	doc   string
 	reply chan error
 }
@@ -270,12 +268,12 @@ var (
 
 // admit asks the hub for room for one more connection to doc before the
 // upgrade. Every admitted request must be released when its handler
-// returns.
+// returns. Errors: errTooManyConns, errTooManyPerDoc, errStopping.
 func (h *hub) admit(doc string) error {
-	t := ticket{doc: doc, reply: make(chan error, 1)}
+	r := admitRequest{doc: doc, reply: make(chan error, 1)}
 	select {
-	case h.admission <- t:
-		return <-t.reply
+	case h.admission <- r:
+		return <-r.reply
 	case <-h.quit:
 		return errStopping
 	}
@@ -292,6 +290,8 @@ func (h *hub) release(doc string) {
 // admitOne counts one more handler on doc if the limits allow it.
 func (h *hub) admitOne(doc string) error {
 	switch {
+	case h.stopping:
+		return errStopping
 	case h.limits.conns > 0 && h.handlers >= h.limits.conns:
 		return errTooManyConns
 	case h.limits.perDoc > 0 && h.perDoc[doc] >= h.limits.perDoc:
@@ -304,24 +304,69 @@ func (h *hub) admitOne(doc string) error {
 
 // releaseOne counts one handler on doc less.
 func (h *hub) releaseOne(doc string) {
-	h.handlers--
+	h.handlers = max(0, h.handlers-1) // giveUpWaiting may have zeroed it
 	if h.perDoc[doc]--; h.perDoc[doc] <= 0 {
 		delete(h.perDoc, doc)
 	}
 }
 
-// add registers c with its document. The document's other editors are asked
-// for their awareness so that the newcomer sees who is there at once rather
-// than at their next renewal, up to 15 s later.
-func (h *hub) add(c *conn) {
+// document is the hub's state for one document name.
+type document struct {
+	name    string
+	conns   map[*conn]struct{}
+	owners  owners       // who announced which awareness client
+	request stateRequest // the resync's question to one editor
+	// introduced is when the relay last asked an editor here for the
+	// awareness states it knows, for a client new upstream.
+	introduced time.Time
+}
+
+// has reports whether c is one of d's editors.
+func (d *document) has(c *conn) bool {
+	_, ok := d.conns[c]
+	return ok
+}
+
+// stateRequest is the resync's question to one editor of a document for
+// its whole document. A Yjs client answers every step 1 with one step 2,
+// in order, so the editor has answered once its step 2s reach the count
+// of step 1s it had been sent when it was asked.
+type stateRequest struct {
+	c  *conn // nil: no answer is due
+	at int
+}
+
+// ask notes that c was just sent the question.
+func (r *stateRequest) ask(c *conn) { r.c, r.at = c, c.step1s }
+
+// answered notes a step 2 from c; it reports nothing, the question is
+// simply no longer due once c's answer is in.
+func (r *stateRequest) answered(c *conn) {
+	if r.c == c && c.step2s >= r.at {
+		r.c = nil
+	}
+}
+
+// awaits reports whether c was asked and has not answered yet.
+func (r *stateRequest) awaits(c *conn) bool { return r.c != nil && r.c == c }
+
+// addEditor registers c with its document. The newcomer is sent a step 1,
+// and the document's other editors a query-awareness, so that the
+// newcomer sees who is there at once rather than at their next renewal,
+// up to 15 s later. During the stop c is closed at once.
+func (h *hub) addEditor(c *conn) {
 	d := h.docs[c.doc]
 	if d == nil {
-		d = &document{conns: make(map[*conn]struct{}), clients: make(map[uint64]presence)}
+		d = &document{name: c.doc, conns: make(map[*conn]struct{})}
 		h.docs[c.doc] = d
 	}
 	// c goes in first: should the query close every other editor as slow,
 	// the document must still be there for c.
 	d.conns[c] = struct{}{}
+	if h.stopping {
+		h.removeEditor(c, closeGoingAway)
+		return
+	}
 	// A y-websocket client sends only its step 1 when it connects; a Yjs
 	// server answers with step 2 and a step 1 of its own, which makes the
 	// client send what the server lacks (PROTOCOL.md §1). The relay has no
@@ -337,31 +382,28 @@ func (h *hub) add(c *conn) {
 	}
 }
 
-// remove unregisters c and closes its send so that its writer says goodbye
-// with code. The awareness clients that c announced are marked gone for
-// everyone else, so that its cursor vanishes at once rather than after the
-// 30 s timeout of every peer. Removing a conn that is already gone does
+// removeEditor unregisters c and closes its send queue so that its writer
+// sends a close frame with code. The awareness clients that c announced
+// are marked gone for everyone else at once, rather than after the 30 s
+// timeout of every peer. Removing an editor that is gone already does
 // nothing.
-func (h *hub) remove(c *conn, code int) {
+func (h *hub) removeEditor(c *conn, code int) {
 	d := h.docs[c.doc]
-	if d == nil {
-		return
-	}
-	if _, ok := d.conns[c]; !ok {
+	if d == nil || !d.has(c) {
 		return
 	}
 	delete(d.conns, c)
 	c.closeCode = code
 	close(c.send)
-	if d.asked == c {
-		d.asked = nil
+	if d.request.awaits(c) {
+		d.request.c = nil
 		if h.up != nil && !h.stopping {
 			h.askForState(d) // another editor answers in its place
 		}
 	}
-	if gone := d.release(c); len(gone) > 0 {
-		for _, msg := range goneMessages(gone) {
-			h.goodbyes = append(h.goodbyes, frame{doc: c.doc, data: msg, kind: msgAwareness, from: c})
+	if gone := d.owners.release(c); len(gone) > 0 {
+		for _, msg := range removalMessages(gone) {
+			h.removals = append(h.removals, frame{doc: c.doc, data: msg, kind: msgAwareness, from: c})
 		}
 		h.rememberGone(c.doc, gone)
 	}
@@ -373,8 +415,361 @@ func (h *hub) remove(c *conn, code int) {
 	}
 }
 
-// rememberGone notes the clients just marked gone on doc: for revive, and
-// as owed to the upstream if it is down now.
+// routeRemovals routes the awareness removals that removeEditor queued.
+// Routing may close more editors, whose removals are routed in turn.
+func (h *hub) routeRemovals() {
+	for i := 0; i < len(h.removals); i++ {
+		h.route(h.docs[h.removals[i].doc], h.removals[i])
+	}
+	clear(h.removals)
+	h.removals = h.removals[:0]
+}
+
+// fromLocal passes an editor's message to the document's other editors
+// and upstream, after noting the awareness clients it announces. During
+// the stop it only goes upstream.
+func (h *hub) fromLocal(f frame) {
+	if h.stopping {
+		h.flushAtStop(f)
+		return
+	}
+	d := h.docs[f.doc]
+	registered := d != nil && d.has(f.from)
+	switch {
+	case f.kind == msgAwareness && !registered:
+		// The relay has closed f.from and sent removals for its clients;
+		// their states must not come back from its last frames.
+		return
+	case f.kind == msgAwareness:
+		if h.track(d, f.from, f.aware); !d.has(f.from) {
+			return // closed while tracking: as above
+		}
+	case isStep2(f.data):
+		f.from.step2s++
+		if d != nil {
+			d.request.answered(f.from)
+		}
+	}
+	h.route(d, f)
+}
+
+// route passes a local message on. Sync messages never go back to their
+// sender; awareness messages do, as the reference Yjs server does: a lone
+// y-websocket client that hears nothing for 30 s drops its socket. d is
+// f.doc's document, nil when it has no editor (any more).
+func (h *hub) route(d *document, f frame) {
+	if d != nil {
+		for c := range d.conns {
+			if c == f.from && f.kind != msgAwareness {
+				continue
+			}
+			h.queue(c, f.data)
+		}
+	}
+	h.toUpstream(f)
+}
+
+// fromUpstream passes a message from the upstream to every local editor of
+// its document.
+func (h *hub) fromUpstream(f frame) {
+	d := h.docs[f.doc]
+	if d == nil {
+		if !h.stopping {
+			h.drops.note(h.log, dropNoEditors, "doc", f.doc)
+		}
+		return
+	}
+	fresh := f.kind == msgAwareness && h.track(d, nil, f.aware)
+	for c := range d.conns {
+		h.queue(c, f.data)
+	}
+	if fresh {
+		h.introduce(d)
+	}
+}
+
+// introduceEvery is the least time between two awareness queries that
+// newcomers on other relays cause on one document.
+const introduceEvery = time.Second
+
+// introduce asks one local editor of d for every awareness state it knows,
+// because a client new to the relay has appeared upstream: an editor that
+// joined through another relay (or straight on the server) would otherwise
+// see this relay's editors only at their next renewal, up to 15 s later.
+// The answer goes upstream like any awareness message. At most one query
+// per introduceEvery and document, so a stream of new client IDs cannot
+// turn into a stream of answers.
+func (h *hub) introduce(d *document) {
+	now := time.Now()
+	if now.Sub(d.introduced) < introduceEvery {
+		return
+	}
+	d.introduced = now
+	for c := range d.conns {
+		if h.queue(c, queryAwareness) {
+			return
+		}
+	}
+}
+
+// track notes the awareness entries that owner announced on d (owner nil:
+// the upstream) and reports whether a client new to d appeared. An
+// editor that comes back with a clock the relay marked gone is asked to
+// announce itself again first.
+func (h *hub) track(d *document, owner *conn, entries []awarenessEntry) (fresh bool) {
+	for _, e := range entries {
+		if owner != nil {
+			if h.welcomeBack(owner, e); !d.has(owner) {
+				return fresh // closed as slow: it owns nothing now
+			}
+		}
+		isNew, untracked := d.owners.note(owner, e)
+		fresh = fresh || isNew
+		if untracked {
+			h.drops.note(h.log, dropUntracked, "doc", d.name, "limit", maxTrackedClients)
+		}
+	}
+	return fresh
+}
+
+// welcomeBack answers an editor that announces a client at a clock no
+// newer than the one the relay marked it gone with, which every peer would
+// ignore: it sends the editor that removal, and the Yjs client, which
+// never lets a peer remove its own state, steps its clock past it and
+// announces itself again, to everyone. A client that reconnects after the
+// relay closed it is thus visible at once rather than after two renewals.
+func (h *hub) welcomeBack(c *conn, e awarenessEntry) {
+	if msg := h.gone.welcomeBack(c.doc, e); msg != nil {
+		h.queue(c, msg)
+	}
+}
+
+// queue gives data to c without blocking and reports whether c is still
+// open. A full queue closes c as a slow consumer: never skip a frame inside
+// a conn that stays open.
+func (h *hub) queue(c *conn, data []byte) bool {
+	if c.backlog.add(len(data), h.connBytes) {
+		select {
+		case c.send <- data:
+			if isStep1(data) {
+				c.step1s++
+			}
+			return true
+		default:
+			c.backlog.done(len(data))
+		}
+	}
+	h.drops.note(c.log, dropSlowEditor, "frames", len(c.send), "bytes", c.backlog.bytes.Load())
+	h.removeEditor(c, closeTryAgain)
+	return false
+}
+
+// backlog counts the bytes waiting in one send queue: the hub adds what it
+// queues, the writer marks done what it has written or dropped. A queue's
+// capacity bounds its frames; the backlog bounds their bytes, which a count
+// alone cannot: 256 frames of 32 MiB would be 8 GiB.
+type backlog struct {
+	bytes atomic.Int64
+}
+
+// add counts n more bytes unless that passes limit, which it reports.
+func (b *backlog) add(n int, limit int64) bool {
+	if b.bytes.Add(int64(n)) > limit {
+		b.bytes.Add(-int64(n))
+		return false
+	}
+	return true
+}
+
+// done counts n bytes less.
+func (b *backlog) done(n int) { b.bytes.Add(-int64(n)) }
+
+// queueBytes is the byte budget of one editor's send queue: room for two
+// of the largest messages, and 64 MiB at least.
+func queueBytes(maxMessage int) int64 {
+	return max(64<<20, 2*int64(maxMessage))
+}
+
+// upstreamLink is the hub's handle on one upstream connection, whatever
+// its protocol: the queue its writer takes frames from. The hub sends to
+// send and alone closes it (closeLink), after which the writer flushes
+// what is queued and closes the socket; the socket itself belongs to the
+// upstream's serve goroutine (upstream.go).
+type upstreamLink struct {
+	send    chan frame // closed by the hub only
+	backlog backlog    // bytes in send: added by the hub, done by the writer
+	// overhead is what the link's framing adds to a message of doc on the
+	// wire, in bytes (the ELVA ID prefix); nil: nothing.
+	overhead func(doc string) int
+}
+
+// toUpstream queues f for the upstream writer without blocking. A full
+// queue closes the upstream connection, which then reconnects and resyncs.
+// While the upstream is down nothing is kept: the resync on reconnect
+// makes up for it (see resync).
+func (h *hub) toUpstream(f frame) {
+	if h.up == nil {
+		h.drops.note(h.log, dropUpstreamDown, "doc", f.doc)
+		return
+	}
+	if (h.cut[f.doc] && f.kind == msgSync) || !h.fitsUpstream(f) {
+		return
+	}
+	if h.up.backlog.add(len(f.data), h.linkBytes) {
+		select {
+		case h.up.send <- f:
+			return
+		default:
+			h.up.backlog.done(len(f.data))
+		}
+	}
+	if h.stopping {
+		// Closing the link now would lose the flush of everything queued;
+		// what does not fit is dropped instead, with the rest of its
+		// document.
+		h.cutAtStop(f)
+		return
+	}
+	h.log.Warn("upstream send queue full: reconnecting", "frames", len(h.up.send), "bytes", h.up.backlog.bytes.Load())
+	h.closeLink()
+}
+
+// fitsUpstream reports whether f, with the link's overhead, is within the
+// upstream's message limit. A server closes the whole connection on a
+// larger one (Python websockets: 1009), and every resync would send it
+// again; so it is dropped, and its document named once, while its local
+// editors keep working together. After a sync message, nothing later of
+// the document goes either (see cut): it would wait at the server for the
+// one that is missing.
+func (h *hub) fitsUpstream(f frame) bool {
+	size := len(f.data)
+	if h.up.overhead != nil {
+		size += h.up.overhead(f.doc)
+	}
+	if h.upstreamMax <= 0 || size <= h.upstreamMax {
+		return true
+	}
+	if f.kind == msgSync {
+		h.cut[f.doc] = true // later updates would depend on this one
+	}
+	if h.tooBigNamed[f.doc] {
+		h.drops.allow(dropTooBigUpstream, time.Now()) // counted; named once
+		return false
+	}
+	if len(h.tooBigNamed) >= maxNamedDocs {
+		clear(h.tooBigNamed)
+	}
+	h.tooBigNamed[f.doc] = true
+	h.drops.counts[dropTooBigUpstream].total.Add(1)
+	info := dropInfo[dropTooBigUpstream]
+	h.log.Log(context.Background(), info.level, info.msg, "doc", f.doc, "bytes", size, "limit", h.upstreamMax,
+		"flag", "--upstream-max-message", "reason", info.name)
+	return false
+}
+
+// maxNamedDocs bounds the documents named in too-large warnings.
+const maxNamedDocs = 1024
+
+// cutAtStop drops f, which could not be flushed at the stop, and if it is
+// a sync message everything later of its document too: a server must never
+// get update n+1 without update n, which would stall every later update of
+// that document. Awareness messages make no such chain.
+func (h *hub) cutAtStop(f frame) {
+	if f.kind == msgSync {
+		h.cut[f.doc] = true
+	}
+	h.drops.note(h.log, dropNotFlushed, "doc", f.doc, "kind", f.kind)
+}
+
+// flushAtStop queues a frame that an editor's reader still delivered
+// during the stop for the upstream. It may wait for room, up to stopBy:
+// the upstream writer is draining the queue meanwhile, and closing the
+// link for a full queue would throw away what the relay accepted.
+// Awareness is dropped: every editor's removals are out already.
+func (h *hub) flushAtStop(f frame) {
+	if h.up == nil || f.kind == msgAwareness || h.cut[f.doc] || !h.fitsUpstream(f) {
+		return
+	}
+	h.up.backlog.add(len(f.data), math.MaxInt64) // waiting, not dropping
+	select {
+	case h.up.send <- f:
+		return
+	default:
+	}
+	wait := time.NewTimer(time.Until(h.stopBy))
+	defer wait.Stop()
+	select {
+	case h.up.send <- f:
+	case <-wait.C:
+		h.up.backlog.done(len(f.data))
+		h.cutAtStop(f)
+	}
+}
+
+// attachLink makes l the upstream connection that frames go to, resyncs
+// every document over it and sends the removals it missed. During the
+// stop l is closed at once.
+func (h *hub) attachLink(l *upstreamLink) {
+	if h.stopping {
+		close(l.send)
+		return
+	}
+	if h.up != nil {
+		h.closeLink()
+	}
+	h.up = l
+	clear(h.cut) // the resync sends each document whole
+	h.resync()
+	for doc, gone := range h.gone.takeOwed() {
+		for _, msg := range removalMessages(gone) {
+			h.toUpstream(frame{doc: doc, data: msg, kind: msgAwareness})
+		}
+	}
+}
+
+// resync brings every document with local editors up to date both ways
+// after the upstream (re)connects: the upstream gets a sync step 1 with
+// the empty state vector, which joins the relay to the document's room and
+// makes the remote side send everything it has, and one local editor is
+// asked for its whole document, which goes upstream. Why a resync and not
+// a replay log: see the README (Outages).
+func (h *hub) resync() {
+	for name, d := range h.docs {
+		h.toUpstream(frame{doc: name, data: emptyStep1, kind: msgSync})
+		h.askForState(d)
+	}
+}
+
+// askForState asks one editor of d for its whole document and for the
+// awareness states it knows, and remembers whom it asked: if that editor
+// leaves before its step 2 comes, the next one is asked.
+func (h *hub) askForState(d *document) {
+	d.request.c = nil
+	for c := range d.conns {
+		if h.queue(c, emptyStep1) { // else c was closed as slow: try the next
+			d.request.ask(c)
+			h.queue(c, queryAwareness) // if this closes c, removeEditor asks again
+			return
+		}
+	}
+}
+
+// detachLink forgets l if it is still the current upstream connection.
+func (h *hub) detachLink(l *upstreamLink) {
+	if h.up == l {
+		h.closeLink()
+	}
+}
+
+// closeLink closes the current link's queue; its writer flushes what is
+// queued and closes the connection.
+func (h *hub) closeLink() {
+	close(h.up.send)
+	h.up = nil
+}
+
+// rememberGone notes the clients just marked gone on doc: for welcomeBack,
+// and as owed to the upstream if it is down now.
 func (h *hub) rememberGone(doc string, gone []awarenessEntry) {
 	now := time.Now()
 	for _, e := range gone {
@@ -392,6 +787,116 @@ func (h *hub) expireGone(now time.Time) {
 	if next := h.gone.expire(now); !next.IsZero() {
 		h.sweep = h.after(max(next.Sub(now), time.Second))
 	}
+}
+
+// removalMessages marks the clients in gone as gone, in awareness messages
+// of at most maxAwarenessEntries entries each, which every relay accepts.
+func removalMessages(gone []awarenessEntry) [][]byte {
+	var msgs [][]byte
+	for len(gone) > 0 {
+		n := min(len(gone), maxAwarenessEntries)
+		msgs = append(msgs, appendAwarenessGone(nil, gone[:n]))
+		gone = gone[n:]
+	}
+	return msgs
+}
+
+// presence is one awareness client as the relay last heard of it.
+type presence struct {
+	clock uint64
+	owner *conn // nil: announced by the upstream
+}
+
+// owners is one document's awareness table: for each client the newest
+// clock seen and the editor that brought that clock first (nil: the
+// upstream). Yjs clients re-broadcast every awareness change they apply,
+// so "first with a new clock" finds a client's own editor, and an editor
+// that merely repeats others' states owns none of them. A pure table: no
+// channels, no logging; the hub owns it.
+type owners struct {
+	clients map[uint64]presence
+	remote  int // entries the upstream owns
+	max     int // 0: maxTrackedClients
+}
+
+// note applies one entry announced by owner (nil: the upstream): a newer
+// clock takes the client over; a null state at the same or a newer clock
+// forgets it. It reports whether the client is new to the table, and
+// whether it could not be tracked because the table is full.
+func (o *owners) note(owner *conn, e awarenessEntry) (fresh, untracked bool) {
+	p, known := o.clients[e.client]
+	switch {
+	case known && e.clock < p.clock:
+	case known && e.clock == p.clock:
+		if e.gone {
+			o.forget(e.client)
+		}
+	case e.gone:
+		o.forget(e.client)
+	case known || o.makeRoom(owner):
+		o.set(e.client, presence{clock: e.clock, owner: owner})
+		return !known, false
+	default:
+		return false, true
+	}
+	return false, false
+}
+
+// release forgets the clients that owner owns and returns them with their
+// last clocks.
+func (o *owners) release(owner *conn) []awarenessEntry {
+	var gone []awarenessEntry
+	for id, p := range o.clients {
+		if p.owner == owner {
+			gone = append(gone, awarenessEntry{client: id, clock: p.clock})
+			o.forget(id)
+		}
+	}
+	return gone
+}
+
+// set records p for client, keeping the count of upstream-owned entries.
+func (o *owners) set(client uint64, p presence) {
+	if o.clients == nil {
+		o.clients = make(map[uint64]presence)
+	}
+	if old, ok := o.clients[client]; ok && old.owner == nil {
+		o.remote--
+	}
+	if p.owner == nil {
+		o.remote++
+	}
+	o.clients[client] = p
+}
+
+// forget drops client's entry, keeping the count of upstream-owned entries.
+func (o *owners) forget(client uint64) {
+	if old, ok := o.clients[client]; ok {
+		if old.owner == nil {
+			o.remote--
+		}
+		delete(o.clients, client)
+	}
+}
+
+// makeRoom reports whether the table may take one more client for owner.
+// When it is full, a client of the upstream is not tracked (it needs no
+// removal from this relay), and a local one makes room by forgetting the
+// upstream's clients: one scan that empties them all, so it cannot repeat
+// per entry.
+func (o *owners) makeRoom(owner *conn) bool {
+	limit := cmp.Or(o.max, maxTrackedClients)
+	if len(o.clients) < limit {
+		return true
+	}
+	if owner != nil && o.remote > 0 {
+		for id, p := range o.clients {
+			if p.owner == nil {
+				o.forget(id)
+			}
+		}
+	}
+	return len(o.clients) < limit
 }
 
 // goneTTL is how long the relay remembers an awareness client it marked
@@ -525,482 +1030,24 @@ func (g *goneTable) shrink() {
 	}
 }
 
+// welcomeBack returns, for an editor that announces e on doc, the removal
+// that makes it announce itself again if the relay marked the client gone
+// at a clock no older than e's (nil: nothing to send), and forgets the
+// entry: the client is back.
+func (g *goneTable) welcomeBack(doc string, e awarenessEntry) []byte {
+	was, ok := g.lookup(doc, e.client)
+	if !ok || e.gone {
+		return nil
+	}
+	g.forget(doc, e.client)
+	if e.clock > was.clock+1 { // the removal went out at was.clock+1
+		return nil
+	}
+	return appendAwarenessGone(nil, []awarenessEntry{{client: e.client, clock: was.clock}})
+}
+
 // len is the number of clients remembered.
 func (g *goneTable) len() int { return len(g.entries) }
-
-// goneMessages marks the clients in gone as gone, in awareness messages of
-// at most maxAwarenessEntries entries each, which every relay accepts.
-func goneMessages(gone []awarenessEntry) [][]byte {
-	var msgs [][]byte
-	for len(gone) > 0 {
-		n := min(len(gone), maxAwarenessEntries)
-		msgs = append(msgs, appendAwarenessGone(nil, gone[:n]))
-		gone = gone[n:]
-	}
-	return msgs
-}
-
-// revive answers an editor that announces client id at a clock no newer
-// than the one the relay marked it gone with, which every peer would
-// ignore: it sends the editor that "gone" entry, and the Yjs client, which
-// never lets a peer remove its own state, steps its clock past it and
-// announces itself again, to everyone. A client that reconnects after the
-// relay closed it is thus visible at once rather than after two renewals.
-func (h *hub) revive(c *conn, e awarenessEntry) {
-	was, ok := h.gone.lookup(c.doc, e.client)
-	if !ok || e.gone {
-		return
-	}
-	h.gone.forget(c.doc, e.client)
-	if e.clock <= was.clock+1 { // the removal went out at was.clock+1
-		h.queue(c, appendAwarenessGone(nil, []awarenessEntry{{client: e.client, clock: was.clock}}))
-	}
-}
-
-// sayGoodbyes routes the awareness removals that remove queued. Routing
-// may close more conns, whose removals are routed in turn.
-func (h *hub) sayGoodbyes() {
-	for i := 0; i < len(h.goodbyes); i++ {
-		h.route(h.docs[h.goodbyes[i].doc], h.goodbyes[i])
-	}
-	clear(h.goodbyes)
-	h.goodbyes = h.goodbyes[:0]
-}
-
-// fromLocal passes a local editor's message to the document's other editors
-// and upstream, after noting the awareness clients it announces.
-func (h *hub) fromLocal(f frame) {
-	d := h.docs[f.doc]
-	registered := false
-	if d != nil {
-		_, registered = d.conns[f.from]
-	}
-	switch {
-	case f.kind == msgAwareness && !registered:
-		// The relay has closed f.from and said goodbye for its clients;
-		// their states must not come back from its last frames.
-		return
-	case f.kind == msgAwareness:
-		if h.track(d, f.from, f.aware); !d.has(f.from) {
-			return // closed while tracking: as above
-		}
-	case isStep2(f.data):
-		f.from.step2s++
-		if d != nil && f.from == d.asked && f.from.step2s >= d.askedAt {
-			d.asked = nil
-		}
-	}
-	h.route(d, f)
-}
-
-// route passes a local message on. Sync messages never go back to their
-// sender; awareness messages do, as the reference Yjs server does: a lone
-// y-websocket client that hears nothing for 30 s drops its socket.
-// d is f.doc's document, nil when it has no editor (any more); the caller
-// has looked it up already.
-func (h *hub) route(d *document, f frame) {
-	if d != nil {
-		for c := range d.conns {
-			if c == f.from && f.kind != msgAwareness {
-				continue
-			}
-			h.queue(c, f.data)
-		}
-	}
-	h.toUpstream(f)
-}
-
-// fromUpstream passes a message from the upstream to every local editor of
-// its document.
-func (h *hub) fromUpstream(f frame) {
-	d := h.docs[f.doc]
-	if d == nil {
-		h.drops.note(h.log, dropNoEditors, "doc", f.doc)
-		return
-	}
-	fresh := f.kind == msgAwareness && h.track(d, nil, f.aware)
-	for c := range d.conns {
-		h.queue(c, f.data)
-	}
-	if fresh {
-		h.introduce(d)
-	}
-}
-
-// introduceEvery is the least time between two awareness queries that
-// newcomers on other relays cause on one document.
-const introduceEvery = time.Second
-
-// introduce asks one local editor of d for every awareness state it knows,
-// because a client new to the relay has appeared upstream: an editor that
-// joined through another relay (or straight on the server) would otherwise
-// see this relay's editors only at their next renewal, up to 15 s later.
-// The answer goes upstream like any awareness message. At most one query
-// per introduceEvery and document, so a stream of new client IDs cannot
-// turn into a stream of answers.
-func (h *hub) introduce(d *document) {
-	now := time.Now()
-	if now.Sub(d.introduced) < introduceEvery {
-		return
-	}
-	d.introduced = now
-	for c := range d.conns {
-		if h.queue(c, queryAwareness) {
-			return
-		}
-	}
-}
-
-// track notes the awareness entries that owner announced on d (owner nil:
-// the upstream). A newer clock takes the client over; a null state at the
-// same or a newer clock forgets it. It reports whether a client new to d
-// appeared.
-func (h *hub) track(d *document, owner *conn, entries []awarenessEntry) (fresh bool) {
-	for _, e := range entries {
-		if owner != nil {
-			if h.revive(owner, e); !d.has(owner) {
-				return fresh // revive closed it as slow: it owns nothing now
-			}
-		}
-		p, known := d.clients[e.client]
-		switch {
-		case known && e.clock < p.clock:
-		case known && e.clock == p.clock:
-			if e.gone {
-				d.forget(e.client)
-			}
-		case e.gone:
-			d.forget(e.client)
-		case known || h.makeRoom(d, owner):
-			d.set(e.client, presence{clock: e.clock, owner: owner})
-			fresh = fresh || !known
-		}
-	}
-	return fresh
-}
-
-// has reports whether c is one of d's editors.
-func (d *document) has(c *conn) bool {
-	_, ok := d.conns[c]
-	return ok
-}
-
-// set records p for client, keeping the count of upstream-owned entries.
-func (d *document) set(client uint64, p presence) {
-	if old, ok := d.clients[client]; ok && old.owner == nil {
-		d.remote--
-	}
-	if p.owner == nil {
-		d.remote++
-	}
-	d.clients[client] = p
-}
-
-// forget drops client's entry, keeping the count of upstream-owned entries.
-func (d *document) forget(client uint64) {
-	if old, ok := d.clients[client]; ok {
-		if old.owner == nil {
-			d.remote--
-		}
-		delete(d.clients, client)
-	}
-}
-
-// makeRoom reports whether d may track one more client for owner. When the
-// table is full, a client of the upstream is not tracked (it needs no
-// goodbye from this relay), and a local one makes room by forgetting the
-// upstream's clients: a scan that empties them all, so it cannot repeat
-// per entry.
-func (h *hub) makeRoom(d *document, owner *conn) bool {
-	if len(d.clients) < maxTrackedClients {
-		return true
-	}
-	if owner != nil && d.remote > 0 {
-		for id, p := range d.clients {
-			if p.owner == nil {
-				d.forget(id)
-			}
-		}
-	}
-	if len(d.clients) < maxTrackedClients {
-		return true
-	}
-	h.drops.note(h.log, dropUntracked, "limit", maxTrackedClients)
-	return false
-}
-
-// release forgets the awareness clients that c owns and returns them.
-func (d *document) release(c *conn) []awarenessEntry {
-	var gone []awarenessEntry
-	for id, p := range d.clients {
-		if p.owner == c {
-			gone = append(gone, awarenessEntry{client: id, clock: p.clock})
-			d.forget(id)
-		}
-	}
-	return gone
-}
-
-// queue gives data to c without blocking and reports whether c is still
-// open. A full queue closes c as a slow consumer: never skip a frame inside
-// a conn that stays open.
-func (h *hub) queue(c *conn, data []byte) bool {
-	if c.backlog.add(len(data), h.connBytes) {
-		select {
-		case c.send <- data:
-			if isStep1(data) {
-				c.step1s++
-			}
-			return true
-		default:
-			c.backlog.done(len(data))
-		}
-	}
-	h.drops.note(c.log, dropSlowEditor, "frames", len(c.send), "bytes", c.backlog.bytes.Load())
-	h.remove(c, closeTryAgain)
-	return false
-}
-
-// backlog counts the bytes waiting in one send queue: the hub adds what it
-// queues, the writer marks done what it has written or dropped. A queue's
-// capacity bounds its frames; the backlog bounds their bytes, which a count
-// alone cannot: 256 frames of 32 MiB would be 8 GiB.
-type backlog struct {
-	bytes atomic.Int64
-}
-
-// add counts n more bytes unless that passes limit, which it reports.
-func (b *backlog) add(n int, limit int64) bool {
-	if b.bytes.Add(int64(n)) > limit {
-		b.bytes.Add(-int64(n))
-		return false
-	}
-	return true
-}
-
-// done counts n bytes less.
-func (b *backlog) done(n int) { b.bytes.Add(-int64(n)) }
-
-// queueBytes is the byte budget of one editor's send queue: room for two
-// of the largest messages, and 64 MiB at least.
-func queueBytes(maxMessage int) int64 {
-	return max(64<<20, 2*int64(maxMessage))
-}
-
-// toUpstream queues f for the upstream writer without blocking. A full queue
-// closes the upstream connection, which then reconnects and resyncs. While
-// the upstream is down nothing is kept: the resync on reconnect makes up for
-// it (see resync).
-func (h *hub) toUpstream(f frame) {
-	if h.up == nil {
-		h.drops.note(h.log, dropUpstreamDown, "doc", f.doc)
-		return
-	}
-	if (h.cut[f.doc] && f.kind == msgSync) || !h.fitsUpstream(f) {
-		return
-	}
-	if h.up.backlog.add(len(f.data), h.linkBytes) {
-		select {
-		case h.up.send <- f:
-			return
-		default:
-			h.up.backlog.done(len(f.data))
-		}
-	}
-	if h.stopping {
-		// Closing the link now would lose the flush of everything queued;
-		// what does not fit is dropped instead, with the rest of its
-		// document.
-		h.cutAtStop(f)
-		return
-	}
-	h.log.Warn("upstream send queue full: reconnecting", "frames", len(h.up.send), "bytes", h.up.backlog.bytes.Load())
-	h.closeLink()
-}
-
-// attachLink makes l the upstream connection that frames go to, and
-// resyncs every document over it.
-func (h *hub) attachLink(l *link) {
-	if h.up != nil {
-		h.closeLink()
-	}
-	h.up = l
-	clear(h.cut) // the resync sends each document whole
-	h.resync()
-	for doc, gone := range h.gone.takeOwed() {
-		for _, msg := range goneMessages(gone) {
-			h.toUpstream(frame{doc: doc, data: msg, kind: msgAwareness})
-		}
-	}
-}
-
-// fitsUpstream reports whether f, with its ID prefix, is within the
-// upstream's message limit. A server closes the whole connection on a
-// larger one (Python websockets: 1009), and every resync would send it
-// again; so it is dropped, and its document named once, while its local
-// editors keep working together. After a sync message, nothing later of
-// the document goes either (see cut): it would wait at the server for the
-// one that is missing.
-func (h *hub) fitsUpstream(f frame) bool {
-	size := idPrefixLen(f.doc) + len(f.data)
-	if h.upstreamMax <= 0 || size <= h.upstreamMax {
-		return true
-	}
-	if f.kind == msgSync {
-		h.cut[f.doc] = true // later updates would depend on this one
-	}
-	if h.tooBigNamed[f.doc] {
-		h.drops.allow(dropTooBigUpstream, time.Now()) // counted; named once
-		return false
-	}
-	if len(h.tooBigNamed) >= maxGoneDocs {
-		clear(h.tooBigNamed)
-	}
-	h.tooBigNamed[f.doc] = true
-	h.drops.counts[dropTooBigUpstream].total.Add(1)
-	info := dropInfo[dropTooBigUpstream]
-	h.log.Log(context.Background(), info.level, info.msg, "doc", f.doc, "bytes", size, "limit", h.upstreamMax,
-		"flag", "--upstream-max-message", "reason", info.name)
-	return false
-}
-
-// maxGoneDocs bounds the documents named in too-large warnings.
-const maxGoneDocs = 1024
-
-// cutAtStop drops f, which could not be flushed at the stop, and if it is
-// a sync message everything later of its document too: a server must never
-// get update n+1 without update n, which would stall every later update of
-// that document. Awareness messages make no such chain.
-func (h *hub) cutAtStop(f frame) {
-	if f.kind == msgSync {
-		h.cut[f.doc] = true
-	}
-	h.drops.note(h.log, dropNotFlushed, "doc", f.doc, "kind", f.kind)
-}
-
-// resync brings every document with local editors up to date both ways
-// after the upstream (re)connects. It is a resync rather than a replay of
-// what was sent while the upstream was down: a replay log would grow
-// without bound during a long outage, and it could not catch what the
-// remote side missed for other reasons (frames in flight when the
-// connection broke, a full queue). Yjs updates are idempotent, so the
-// duplicates a resync causes are harmless; a gap is not.
-//
-// For each document the upstream gets a sync step 1 with the empty state
-// vector, which joins the relay to the document's room on the server and
-// makes the remote side send everything it has. One local editor gets the
-// same step 1 and answers with its whole document, which the hub routes
-// upstream (and to the other local editors, who already have it), and a
-// query-awareness, so that the remote side learns who is here.
-func (h *hub) resync() {
-	for name, d := range h.docs {
-		h.toUpstream(frame{doc: name, data: emptyStep1, kind: msgSync})
-		h.askForState(d)
-	}
-}
-
-// askForState asks one editor of d for its whole document and for the
-// awareness states it knows, and remembers whom it asked: if that editor
-// leaves before its step 2 comes, the next one is asked.
-func (h *hub) askForState(d *document) {
-	d.asked = nil
-	for c := range d.conns {
-		if h.queue(c, emptyStep1) { // else c was closed as slow: try the next
-			d.asked, d.askedAt = c, c.step1s
-			h.queue(c, queryAwareness) // if this closes c, remove asks again
-			return
-		}
-	}
-}
-
-// detachLink forgets l if it is still the current upstream connection.
-func (h *hub) detachLink(l *link) {
-	if h.up == l {
-		h.closeLink()
-	}
-}
-
-// closeLink closes the current link's send; its writer flushes what is
-// queued and closes the connection.
-func (h *hub) closeLink() {
-	close(h.up.send)
-	h.up = nil
-}
-
-// stopTimeout bounds the hub's part of a graceful stop.
-const hubStopTimeout = 3 * time.Second
-
-// stop is the graceful end of run: every conn is closed with "going away",
-// and until their handlers have finished (or hubStopTimeout passed) what
-// their readers still deliver is routed upstream. Only then is the upstream
-// link closed, so that its writer flushes everything the relay accepted.
-func (h *hub) stop() {
-	h.stopping = true
-	h.stopBy = time.Now().Add(cmp.Or(h.stopWait, hubStopTimeout))
-	for _, d := range h.docs {
-		for c := range d.conns {
-			h.remove(c, closeGoingAway)
-		}
-	}
-	h.sayGoodbyes()
-	timeout := time.NewTimer(time.Until(h.stopBy))
-	defer timeout.Stop()
-	for h.handlers > 0 {
-		select {
-		case t := <-h.admission:
-			t.reply <- errStopping
-		case c := <-h.join: // admitted before the stop
-			h.add(c)
-			h.remove(c, closeGoingAway)
-		case d := <-h.leave:
-			h.remove(d.c, d.code)
-		case doc := <-h.released:
-			h.releaseOne(doc)
-		case f := <-h.local:
-			h.flushUp(f)
-		case <-timeout.C:
-			h.log.Warn("stop: editors did not close in time", "open", h.handlers)
-			h.handlers = 0
-		}
-		h.sayGoodbyes()
-	}
-	for drained := false; !drained; {
-		select {
-		case f := <-h.local:
-			h.flushUp(f)
-		default:
-			drained = true
-		}
-	}
-	if h.up != nil {
-		h.closeLink()
-	}
-}
-
-// flushUp queues a frame that an editor's reader still delivered during
-// the stop for the upstream. It may wait for room, up to stopBy: the
-// upstream writer is draining the queue meanwhile, and closing the link
-// for a full queue would throw away what the relay accepted. Awareness is
-// dropped: every editor has been said goodbye for already.
-func (h *hub) flushUp(f frame) {
-	if h.up == nil || f.kind == msgAwareness || h.cut[f.doc] || !h.fitsUpstream(f) {
-		return
-	}
-	h.up.backlog.add(len(f.data), math.MaxInt64) // waiting, not dropping
-	select {
-	case h.up.send <- f:
-		return
-	default:
-	}
-	wait := time.NewTimer(time.Until(h.stopBy))
-	defer wait.Stop()
-	select {
-	case h.up.send <- f:
-	case <-wait.C:
-		h.up.backlog.done(len(f.data))
-		h.cutAtStop(f)
-	}
-}
 
 // serve runs one upgraded local WebSocket until either side ends it. The
 // websocket library closes the TCP connection when serve returns.
@@ -1016,14 +1063,14 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 	select {
 	case h.join <- c:
 	case <-h.quit:
-		c.sayClose(closeGoingAway)
+		c.sendClose(closeGoingAway)
 		return
 	}
 	h.drops.note(c.log, editorJoined)
 	go pump(&c.peer, c.send, sendAsIs, func(msg []byte) { c.backlog.done(len(msg)) })
 	code, err := c.readLoop(h)
 	select {
-	case h.leave <- departure{c, code}:
+	case h.leave <- leaving{c, code}:
 	case <-h.quit:
 	}
 	<-c.done
@@ -1097,17 +1144,17 @@ func (c *conn) readLoop(h *hub) (int, error) {
 			h.drops.note(c.log, dropMalformed, "bytes", len(data), "err", err)
 			continue
 		}
-		if c.handOn(h, f) && debug {
+		if c.deliver(h, f) && debug {
 			c.log.Debug("message from editor", "kind", f.kind, "bytes", len(data))
 		}
 	}
 }
 
-// handOn gives f to the hub and reports whether it did. A frame read from
+// deliver gives f to the hub and reports whether it did. A frame read from
 // the peer goes to the hub whenever the hub has room, even while the conn
 // is closing (at a stop its frames still go upstream); only a full inbox
 // lets closing, or the hub's end, drop it.
-func (c *conn) handOn(h *hub, f frame) bool {
+func (c *conn) deliver(h *hub, f frame) bool {
 	select {
 	case h.local <- f:
 		return true
@@ -1173,9 +1220,9 @@ func newPeer(ws *websocket.Conn, log *slog.Logger, ka keepalive) peer {
 	}
 }
 
-// sayClose sends a close frame with code and gives the peer p.grace to
+// sendClose sends a close frame with code and gives the peer p.grace to
 // answer before the reader gives up. Writer goroutine only.
-func (p *peer) sayClose(code int) {
+func (p *peer) sendClose(code int) {
 	writeClose(p.ws, code)
 	endReader(p.ws, p.closing, p.grace)
 }
@@ -1259,7 +1306,7 @@ func (w *pumpState) control(opcode byte, payload []byte) {
 // close sends the close frame with code, once.
 func (w *pumpState) close(code int) {
 	if w.open() {
-		w.p.sayClose(code)
+		w.p.sendClose(code)
 	}
 	w.closed = true
 }
@@ -1414,10 +1461,6 @@ func writeClose(ws *websocket.Conn, code int) error {
 	return ws.WriteClose(code)
 }
 
-// maxControlPayload is the largest payload of a ping, pong or close frame
-// (RFC 6455 §5.5).
-const maxControlPayload = 125
-
 // frameReader reads the frames of one WebSocket for its reader goroutine.
 // It reads them itself rather than through websocket.Message: the library
 // hands on each fragment of a fragmented message as a message of its own
@@ -1456,24 +1499,21 @@ func (r *frameReader) next() ([]byte, error) {
 		}
 		fin, opcode := hdr[0]&0x80 != 0, hdr[0]&0x0f
 		size := fr.Len() - n // fr reads the payload, unmasked
+		control, err := classifyFrame(fin, opcode, size, r.max)
 		switch {
-		case opcode >= websocket.CloseFrame:
-			if err := r.control(fr, fin, opcode, size); err != nil {
-				return nil, err
-			}
-			continue
-		case opcode == websocket.ContinuationFrame || !fin:
-			return nil, errFragmented
-		case size > r.max || size < 0:
-			return nil, errTooLarge
-		case opcode == websocket.TextFrame:
+		case errors.Is(err, errTextFrame):
 			// Skip the payload so that a caller may go on reading.
 			if _, err := io.Copy(io.Discard, fr); err != nil {
 				return nil, err
 			}
 			return nil, errTextFrame
-		case opcode != websocket.BinaryFrame:
-			return nil, fmt.Errorf("%w: reserved opcode %d", errProtocol, opcode)
+		case err != nil:
+			return nil, err
+		case control:
+			if err := r.control(fr, opcode, size); err != nil {
+				return nil, err
+			}
+			continue
 		}
 		if !r.closed && size > exactRead {
 			// A large payload may take longer than the timeout to arrive.
@@ -1515,10 +1555,7 @@ func (r *frameReader) checkClosing() error {
 // control handles a control frame: a close is handed to the writer to
 // answer and ends the reader (a *peerCloseError), a ping is handed to the
 // writer, a pong proves the peer alive and what it has received.
-func (r *frameReader) control(fr io.Reader, fin bool, opcode byte, size int) error {
-	if !fin || size > maxControlPayload || size < 0 {
-		return fmt.Errorf("%w: bad control frame", errProtocol)
-	}
+func (r *frameReader) control(fr io.Reader, opcode byte, size int) error {
 	payload, err := readPayload(fr, size)
 	if err != nil {
 		return err
@@ -1538,8 +1575,6 @@ func (r *frameReader) control(fr io.Reader, fin bool, opcode byte, size int) err
 		answerLatest(r.p.pongs, payload)
 	case websocket.PongFrame:
 		r.p.live.pong(payload)
-	default:
-		return fmt.Errorf("%w: reserved opcode %d", errProtocol, opcode)
 	}
 	return nil
 }
@@ -1554,19 +1589,6 @@ func answerLatest(pongs chan []byte, payload []byte) {
 	default:
 	}
 	pongs <- payload
-}
-
-// checkFrameHeader rejects what the relay does not speak: RSV bits (no
-// extension was negotiated, so a "compressed" frame is an error) and a
-// masking that does not fit the side (clients mask, servers do not).
-func checkFrameHeader(hdr []byte, fromClient bool) error {
-	if hdr[0]&0x70 != 0 {
-		return fmt.Errorf("%w: RSV bits set", errProtocol)
-	}
-	if masked := hdr[1]&0x80 != 0; masked != fromClient {
-		return fmt.Errorf("%w: masking does not fit the side", errProtocol)
-	}
-	return nil
 }
 
 // exactRead is the payload size up to which readPayload allocates at once.
@@ -1586,23 +1608,4 @@ func readPayload(payload io.Reader, size int) ([]byte, error) {
 		err = io.ErrUnexpectedEOF
 	}
 	return data, err
-}
-
-// closeCodeFor maps the reason a reader ended to the close code it answers with.
-func closeCodeFor(err error) int {
-	var pc *peerCloseError
-	var netErr net.Error
-	switch {
-	case errors.As(err, &pc):
-		return echoCode(pc.code)
-	case errors.As(err, &netErr) && netErr.Timeout():
-		return closePeerTimeout
-	case errors.Is(err, errTextFrame), errors.Is(err, errFragmented):
-		return closeUnsupported
-	case errors.Is(err, errTooLarge):
-		return closeTooBig
-	case errors.Is(err, errProtocol):
-		return closeProtocol
-	}
-	return closeNormal
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -137,7 +138,7 @@ func (h *hubHarness) leave(c *conn) { h.leaveWith(c, closeNormal) }
 // its conn; a handler releases its admission once.
 func (h *hubHarness) leaveWith(c *conn, code int) {
 	select {
-	case h.hub.leave <- departure{c, code}:
+	case h.hub.leave <- leaving{c, code}:
 	case <-h.hub.quit:
 		return
 	}
@@ -149,14 +150,14 @@ func (h *hubHarness) leaveWith(c *conn, code int) {
 
 // attach plays a new upstream connection whose send queue takes queue
 // frames.
-func (h *hubHarness) attach(queue int) *link {
-	l := &link{send: make(chan frame, queue)}
+func (h *hubHarness) attach(queue int) *upstreamLink {
+	l := &upstreamLink{send: make(chan frame, queue)}
 	h.hub.attach <- l
 	return l
 }
 
 // detach plays the end of l's connection.
-func (h *hubHarness) detach(l *link) { h.hub.detach <- l }
+func (h *hubHarness) detach(l *upstreamLink) { h.hub.detach <- l }
 
 // barrier returns once the hub has handled everything sent to it before,
 // frames still waiting in its inboxes included: an admission is a round
@@ -210,7 +211,7 @@ func (h *hubHarness) drain(c *conn, n int) {
 }
 
 // drainUp takes n messages from l's queue, as drain does.
-func (h *hubHarness) drainUp(l *link, n int) {
+func (h *hubHarness) drainUp(l *upstreamLink, n int) {
 	for range n {
 		<-l.send
 	}
@@ -291,7 +292,7 @@ type upMsg struct {
 
 // nextUp returns the next message queued on l; open is false once the
 // hub has closed l and its queue is empty.
-func (h *hubHarness) nextUp(l *link) (m upMsg, open bool) {
+func (h *hubHarness) nextUp(l *upstreamLink) (m upMsg, open bool) {
 	h.t.Helper()
 	select {
 	case f, ok := <-l.send:
@@ -303,7 +304,7 @@ func (h *hubHarness) nextUp(l *link) (m upMsg, open bool) {
 }
 
 // expectUpstream reads l's queue until it finds want.
-func (h *hubHarness) expectUpstream(l *link, want []byte) {
+func (h *hubHarness) expectUpstream(l *upstreamLink, want []byte) {
 	h.t.Helper()
 	deadline := time.After(testTimeout)
 	for {
@@ -319,7 +320,7 @@ func (h *hubHarness) expectUpstream(l *link, want []byte) {
 }
 
 // queuedUp takes every message queued on l now, without waiting.
-func (h *hubHarness) queuedUp(l *link) []upMsg {
+func (h *hubHarness) queuedUp(l *upstreamLink) []upMsg {
 	var msgs []upMsg
 	for {
 		select {
@@ -337,7 +338,7 @@ func (h *hubHarness) queuedUp(l *link) []upMsg {
 // upUntilClosed reads l's queue until the hub closes it and returns what
 // it read, as the upstream writer does. It fails nothing, so that it may
 // run on a goroutine of its own.
-func (h *hubHarness) upUntilClosed(l *link) [][]byte {
+func (h *hubHarness) upUntilClosed(l *upstreamLink) [][]byte {
 	var msgs [][]byte
 	for f := range l.send {
 		msgs = append(msgs, f.data)
@@ -416,7 +417,7 @@ func TestRoutingRules(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := startHub(t, nil, nil)
-			var up *link
+			var up *upstreamLink
 			if tt.up {
 				up = h.attach(upstreamQueue)
 			}
@@ -1236,5 +1237,106 @@ func TestHubForgetsDepartedClients(t *testing.T) {
 	h.barrier()
 	if n, holdsMemory := h.goneAfterStop(); n != 0 || holdsMemory {
 		t.Errorf("%d gone clients remembered after their TTL (memory held: %v), want none", n, holdsMemory)
+	}
+}
+
+// TestOwnersRules checks the awareness ownership table without a hub:
+// who owns a client after each announcement, and what is new, untracked
+// or released.
+func TestOwnersRules(t *testing.T) {
+	a, b := &conn{}, &conn{}
+	type say struct {
+		by     *conn // nil: the upstream
+		client uint64
+		clock  uint64
+		gone   bool
+	}
+	tests := []struct {
+		name      string
+		max       int
+		says      []say
+		owner     map[uint64]*conn // the table at the end
+		fresh     int              // announcements of clients new to the table
+		untracked int
+	}{
+		{"first with a clock owns it", 0, []say{{a, 1, 1, false}, {b, 1, 1, false}}, map[uint64]*conn{1: a}, 1, 0},
+		{"a newer clock takes it over", 0, []say{{a, 1, 1, false}, {b, 1, 2, false}}, map[uint64]*conn{1: b}, 1, 0},
+		{"an older clock changes nothing", 0, []say{{a, 1, 5, false}, {b, 1, 4, false}}, map[uint64]*conn{1: a}, 1, 0},
+		{"null at the same clock forgets", 0, []say{{a, 1, 3, false}, {b, 1, 3, true}}, map[uint64]*conn{}, 1, 0},
+		{"null at a newer clock forgets", 0, []say{{a, 1, 3, false}, {nil, 1, 4, true}}, map[uint64]*conn{}, 1, 0},
+		{"null for an unknown client", 0, []say{{a, 1, 3, true}}, map[uint64]*conn{}, 0, 0},
+		{"the upstream owns its clients", 0, []say{{nil, 7, 1, false}}, map[uint64]*conn{7: nil}, 1, 0},
+		{"full: an upstream client is not tracked", 1, []say{{a, 1, 1, false}, {nil, 2, 1, false}}, map[uint64]*conn{1: a}, 1, 1},
+		{"full: a local client evicts the upstream's", 1, []say{{nil, 2, 1, false}, {a, 1, 1, false}}, map[uint64]*conn{1: a}, 2, 0},
+		{"full of local clients: not tracked", 1, []say{{a, 1, 1, false}, {b, 2, 1, false}}, map[uint64]*conn{1: a}, 1, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			o := owners{max: tt.max}
+			fresh, untracked := 0, 0
+			for _, s := range tt.says {
+				isNew, over := o.note(s.by, awarenessEntry{client: s.client, clock: s.clock, gone: s.gone})
+				if isNew {
+					fresh++
+				}
+				if over {
+					untracked++
+				}
+			}
+			got := make(map[uint64]*conn)
+			for id, p := range o.clients {
+				got[id] = p.owner
+			}
+			if !maps.Equal(got, tt.owner) || fresh != tt.fresh || untracked != tt.untracked {
+				t.Errorf("table %v, %d new, %d untracked; want %v, %d, %d", got, fresh, untracked, tt.owner, tt.fresh, tt.untracked)
+			}
+			remote := 0
+			for _, p := range o.clients {
+				if p.owner == nil {
+					remote++
+				}
+			}
+			if remote != o.remote {
+				t.Errorf("remote count %d, but %d entries are the upstream's", o.remote, remote)
+			}
+		})
+	}
+	o := owners{}
+	o.note(a, awarenessEntry{client: 1, clock: 4})
+	o.note(a, awarenessEntry{client: 2, clock: 9})
+	o.note(b, awarenessEntry{client: 3, clock: 1})
+	gone := o.release(a)
+	slices.SortFunc(gone, func(x, y awarenessEntry) int { return int(x.client) - int(y.client) })
+	if want := []awarenessEntry{{1, 4, false}, {2, 9, false}}; !slices.Equal(gone, want) || len(o.clients) != 1 {
+		t.Errorf("release gave %v, left %d; want %v and 1 left", gone, len(o.clients), want)
+	}
+}
+
+// TestGoneTableWelcomeBack checks when a returning client is sent its
+// removal again: only at a clock no newer than the removal's, once.
+func TestGoneTableWelcomeBack(t *testing.T) {
+	tests := []struct {
+		name  string
+		clock uint64 // the returning client's
+		gone  bool
+		want  []byte
+	}{
+		{"older clock", 3, false, awarenessMsg(9, 6, "null")},
+		{"the removal's own clock", 6, false, awarenessMsg(9, 6, "null")},
+		{"newer clock: peers take it", 7, false, nil},
+		{"a null state", 3, true, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var g goneTable
+			g.note("d", 9, 5, false, time.Now()) // removal sent at clock 6
+			got := g.welcomeBack("d", awarenessEntry{client: 9, clock: tt.clock, gone: tt.gone})
+			if !bytes.Equal(got, tt.want) {
+				t.Errorf("got % x, want % x", got, tt.want)
+			}
+			if again := g.welcomeBack("d", awarenessEntry{client: 9, clock: tt.clock}); again != nil && !tt.gone {
+				t.Errorf("a second welcome % x: the client is back already", again)
+			}
+		})
 	}
 }

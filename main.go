@@ -927,7 +927,7 @@ type service struct {
 	lns  []net.Listener
 	gate gate
 	hub  *hub
-	up   *upstream
+	up   remote // the upstream, whatever its protocol
 }
 
 // listen binds the local address: for localhost, both 127.0.0.1 and ::1

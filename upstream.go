@@ -52,14 +52,20 @@ const (
 // errAuth marks an upstream refusal that retrying cannot fix.
 var errAuth = errors.New("upstream authentication failed")
 
-// link is one live upstream connection as the hub sees it.
-type link struct {
-	send    chan frame // closed by the hub only
-	backlog backlog    // bytes in send: added by the hub, done by the writer
+// remote is the upstream side as main runs it, whatever its protocol: it
+// connects, hands the hub an upstreamLink per live connection (attach,
+// detach), passes what the server sends to the hub (hub.remote), and
+// returns nil when ctx ends or an error that retrying cannot fix. The hub
+// knows only the links; a mode with one socket per document attaches more
+// than one.
+type remote interface {
+	run(ctx context.Context) error
 }
 
-// upstream keeps the one WebSocket to the remote ELVA server that carries
-// every document, reconnecting with backoff until ctx ends.
+// upstream is the ELVA mode of remote: ONE WebSocket to the server carries
+// every document, each frame behind an ID prefix (PROTOCOL.md §2), and it
+// reconnects with backoff until ctx ends. Sockets: serve owns each one and
+// closes it; its reader goroutine reads it, its pump writes it.
 type upstream struct {
 	// Static after construction.
 	url        *url.URL // without userinfo
@@ -310,7 +316,7 @@ func (u *upstream) origin() string {
 // log. The socket is owned by serve: it closes raw once both goroutines
 // are done with it.
 func (u *upstream) serve(ws *websocket.Conn, raw net.Conn, outage time.Duration) error {
-	l := &link{send: make(chan frame, upstreamQueue)}
+	l := &upstreamLink{send: make(chan frame, upstreamQueue), overhead: idPrefixLen}
 	select {
 	case u.hub.attach <- l:
 	case <-u.hub.quit:

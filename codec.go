@@ -38,6 +38,12 @@ var (
 	errEmptyMsg       = errors.New("codec: empty message")
 	errUnknownType    = errors.New("codec: unknown message type")
 	errTooManyEntries = errors.New("codec: too many awareness entries")
+	// Frame rules (classifyFrame, checkFrameHeader).
+	errTextFrame  = errors.New("text frame: Yjs messages are binary")
+	errFragmented = errors.New("fragmented message: not supported")
+	errTooLarge   = errors.New("message larger than --max-message")
+	errProtocol   = errors.New("websocket protocol error")
+	errStopping   = errors.New("relay stopping")
 )
 
 // idMagic is the two type bytes that open an ID message on the upstream.
@@ -355,14 +361,6 @@ const (
 	// a private code (RFC 6455 §7.4.2), the one Hocuspocus uses for
 	// "Connection Timeout".
 	closePeerTimeout = 4408
-)
-
-var (
-	errTextFrame  = errors.New("text frame: Yjs messages are binary")
-	errFragmented = errors.New("fragmented message: not supported")
-	errTooLarge   = errors.New("message larger than --max-message")
-	errProtocol   = errors.New("websocket protocol error")
-	errStopping   = errors.New("relay stopping")
 )
 
 // maxControlPayload is the largest payload of a ping, pong or close frame

@@ -357,60 +357,48 @@ func (c *config) setTuning(fs *flag.FlagSet, v *flagValues) error {
 	return nil
 }
 
-// durationValue is a duration flag whose error says what is wanted: the
-// flag package's own says only "parse error".
-type durationValue struct{ d *time.Duration }
+// checkedValue is a flag value whose error says what is wanted: the flag
+// package's own says only "parse error".
+type checkedValue[T any] struct {
+	v     *T
+	parse func(string) (T, error)
+	want  string // the error for a value parse refuses
+}
 
-// durationFlag defines a duration flag on fs and returns where it is kept.
+// checkedFlag defines a flag of type T on fs, parsed by parse, and
+// returns where it is kept.
+func checkedFlag[T any](fs *flag.FlagSet, name string, def T, parse func(string) (T, error), want string) *T {
+	v := def
+	fs.Var(checkedValue[T]{&v, parse, want}, name, "")
+	return &v
+}
+
+// durationFlag defines a duration flag (10s, 1m30s; a bare number is an
+// error).
 func durationFlag(fs *flag.FlagSet, name string, def time.Duration) *time.Duration {
-	d := def
-	fs.Var(durationValue{&d}, name, "")
-	return &d
+	return checkedFlag(fs, name, def, time.ParseDuration, "use a unit, e.g. 10s")
 }
 
-// String is the duration as time.Duration prints it.
-func (v durationValue) String() string {
-	if v.d == nil {
-		return ""
-	}
-	return v.d.String()
-}
-
-// Set parses s, e.g. 10s or 1m30s; a number without a unit is an error.
-func (v durationValue) Set(s string) error {
-	d, err := time.ParseDuration(s)
-	if err != nil {
-		return errors.New("use a unit, e.g. 10s")
-	}
-	*v.d = d
-	return nil
-}
-
-// intValue is an integer flag whose error says what is wanted.
-type intValue struct{ n *int }
-
-// intFlag defines an integer flag on fs and returns where it is kept.
+// intFlag defines a flag that takes a decimal whole number.
 func intFlag(fs *flag.FlagSet, name string, def int) *int {
-	n := def
-	fs.Var(intValue{&n}, name, "")
-	return &n
+	return checkedFlag(fs, name, def, strconv.Atoi, "want a whole number, e.g. 100")
 }
 
-// String is the number in decimal.
-func (v intValue) String() string {
-	if v.n == nil {
+// String is the value as fmt prints it.
+func (c checkedValue[T]) String() string {
+	if c.v == nil {
 		return ""
 	}
-	return strconv.Itoa(*v.n)
+	return fmt.Sprint(*c.v)
 }
 
-// Set parses s as a decimal whole number.
-func (v intValue) Set(s string) error {
-	n, err := strconv.Atoi(s)
+// Set parses s, or answers with what is wanted.
+func (c checkedValue[T]) Set(s string) error {
+	v, err := c.parse(s)
 	if err != nil {
-		return errors.New("want a whole number, e.g. 100")
+		return errors.New(c.want)
 	}
-	*v.n = n
+	*c.v = v
 	return nil
 }
 

@@ -609,7 +609,9 @@ type upstreamLink struct {
 // makes up for it (see resync).
 func (h *hub) toUpstream(f frame) {
 	if h.up == nil {
-		h.drops.note(h.log, dropUpstreamDown, "doc", f.doc)
+		if n, ok := h.drops.allow(dropUpstreamDown, time.Now()); ok {
+			h.drops.write(h.log, dropUpstreamDown, n, "doc", f.doc)
+		}
 		return
 	}
 	if (h.cut[f.doc] && f.kind == msgSync) || !h.fitsUpstream(f) {
@@ -1347,7 +1349,13 @@ type liveness struct {
 	incoming atomic.Int64  // bytes of the frame being read
 	written  atomic.Int64  // data bytes written to the peer
 	acked    atomic.Int64  // of those, the ones a pong proved delivered
+	applied  atomic.Int64  // the deadline last set, UnixNano
 }
+
+// deadlineSlack is how much later than the deadline set the writer lets
+// the owed bytes' deadline be before it sets it again: setting a deadline
+// per message would cost every write.
+const deadlineSlack = 100 * time.Millisecond
 
 // newLiveness starts the clock of a peer heard from just now.
 func newLiveness(ws *websocket.Conn, timeout time.Duration) *liveness {
@@ -1373,7 +1381,9 @@ func (l *liveness) expect(size int) error {
 // sent counts n more data bytes written to the peer. Writer only.
 func (l *liveness) sent(n int) {
 	l.written.Add(int64(n))
-	l.apply()
+	if l.timeout > 0 && l.deadline()-l.applied.Load() >= int64(deadlineSlack) {
+		l.apply()
+	}
 }
 
 // pingPayload is the payload of the next ping: the count of bytes written
@@ -1415,6 +1425,7 @@ func (l *liveness) apply() error {
 		if err := l.ws.SetReadDeadline(time.Unix(0, at)); err != nil {
 			return err
 		}
+		l.applied.Store(at)
 		if l.deadline() == at {
 			return nil
 		}

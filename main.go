@@ -876,8 +876,16 @@ type reasonCount struct {
 // and, as count, how many events the line stands for) if the reason's
 // budget allows: the first event of a reason always.
 func (d *drops) note(log *slog.Logger, reason dropReason, attrs ...any) {
-	n, ok := d.allow(reason, time.Now())
-	if !ok || log == nil {
+	if n, ok := d.allow(reason, time.Now()); ok {
+		d.write(log, reason, n, attrs...)
+	}
+}
+
+// write logs the line of reason for n events, with attrs. For paths that
+// run per message: call allow first, so that the attributes, which
+// allocate, are built only for a line that is written.
+func (d *drops) write(log *slog.Logger, reason dropReason, n int64, attrs ...any) {
+	if log == nil {
 		return
 	}
 	info := dropInfo[reason]

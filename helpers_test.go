@@ -348,8 +348,8 @@ func readCloseCode(t *testing.T, br *bufio.Reader) int {
 	}
 }
 
-// shortWriteWait sets writeWait to d for one test.
-func shortWriteWait(t *testing.T, d time.Duration) {
+// setWriteWait sets writeWait to d for one test.
+func setWriteWait(t *testing.T, d time.Duration) {
 	saved := writeWait
 	writeWait = d
 	t.Cleanup(func() { writeWait = saved })

@@ -41,6 +41,11 @@ var writeWait = 10 * time.Second
 // slice is shared by every queue it is put on and never modified.
 var queryAwareness = []byte{msgQueryAwareness}
 
+// kindDocIdle marks a frame that carries no message but tells the
+// upstream that its document has no local editor any more (frame.kind
+// beyond every Yjs message type).
+const kindDocIdle = math.MaxUint64
+
 // frame is one Yjs message on its way through the hub. data is never
 // modified once a reader has handed it on, so the hub shares it between all
 // recipients without copying.
@@ -91,14 +96,16 @@ type leaving struct {
 // at the stop, when it waits (bounded) for room in the upstream queue.
 type hub struct {
 	// Static after construction.
-	admission  chan admitRequest
-	released   chan string  // an admitted request's handler has returned
-	join       chan *conn   // an upgraded editor
-	leave      chan leaving // an editor's reader has ended
-	local      chan frame   // from editors' readers
-	remote     chan frame   // from the upstream's readers
-	attach     chan *upstreamLink
-	detach     chan *upstreamLink
+	admission chan admitRequest
+	released  chan string  // an admitted request's handler has returned
+	join      chan *conn   // an upgraded editor
+	leave     chan leaving // an editor's reader has ended
+	local     chan frame   // from editors' readers
+	remote    chan frame   // from the upstream's readers
+	attach    chan *upstreamLink
+	detach    chan *upstreamLink
+	resyncs   chan string // a document whose own upstream connection is up
+
 	quit       chan struct{} // closed when run returns
 	connQueue  int
 	maxMessage int
@@ -149,6 +156,7 @@ func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *
 		remote:      make(chan frame, inboxQueue),
 		attach:      make(chan *upstreamLink),
 		detach:      make(chan *upstreamLink),
+		resyncs:     make(chan string),
 		quit:        make(chan struct{}),
 		connQueue:   queue,
 		maxMessage:  maxMessage,
@@ -195,9 +203,11 @@ func (h *hub) run(ctx context.Context) {
 		case f := <-h.remote:
 			h.fromUpstream(f)
 		case l := <-h.attach:
-			h.attachLink(l)
+			h.useLink(l)
 		case l := <-h.detach:
-			h.detachLink(l)
+			h.dropLink(l)
+		case doc := <-h.resyncs:
+			h.resyncDoc(doc)
 		case now := <-h.sweep:
 			h.expireGone(now)
 		}
@@ -411,6 +421,8 @@ func (h *hub) removeEditor(c *conn, code int) {
 		delete(h.docs, c.doc)
 		if !h.stopping {
 			delete(h.cut, c.doc) // a joiner's step 2 is the first again
+			// A mode with one connection per document may close it now.
+			h.toUpstream(frame{doc: c.doc, kind: kindDocIdle})
 		}
 	}
 }
@@ -708,10 +720,40 @@ func (h *hub) flushAtStop(f frame) {
 	}
 }
 
-// attachLink makes l the upstream connection that frames go to, resyncs
+// attachLink hands l, the link of an upstream connection that is up, to
+// the hub (linkTarget); false: the hub has stopped.
+func (h *hub) attachLink(l *upstreamLink) bool {
+	select {
+	case h.attach <- l:
+		return true
+	case <-h.quit:
+		return false
+	}
+}
+
+// detachLink tells the hub that l's connection has ended (linkTarget).
+func (h *hub) detachLink(l *upstreamLink) {
+	select {
+	case h.detach <- l:
+	case <-h.quit:
+	}
+}
+
+// requestResync asks the hub to resync doc, whose own upstream connection
+// (yjs mode) is up; false: the hub has stopped. It may wait for the hub.
+func (h *hub) requestResync(doc string) bool {
+	select {
+	case h.resyncs <- doc:
+		return true
+	case <-h.quit:
+		return false
+	}
+}
+
+// useLink makes l the upstream connection that frames go to, resyncs
 // every document over it and sends the removals it missed. During the
 // stop l is closed at once.
-func (h *hub) attachLink(l *upstreamLink) {
+func (h *hub) useLink(l *upstreamLink) {
 	if h.stopping {
 		close(l.send)
 		return
@@ -742,6 +784,21 @@ func (h *hub) resync() {
 	}
 }
 
+// resyncDoc resyncs one document, whose own upstream connection (yjs
+// mode) has just come up, and sends it the removals it missed.
+func (h *hub) resyncDoc(doc string) {
+	d := h.docs[doc]
+	if d == nil || h.stopping {
+		return
+	}
+	delete(h.cut, doc)
+	h.toUpstream(frame{doc: doc, data: emptyStep1, kind: msgSync})
+	h.askForState(d)
+	for _, msg := range removalMessages(h.gone.takeOwedOf(doc)) {
+		h.toUpstream(frame{doc: doc, data: msg, kind: msgAwareness})
+	}
+}
+
 // askForState asks one editor of d for its whole document and for the
 // awareness states it knows, and remembers whom it asked: if that editor
 // leaves before its step 2 comes, the next one is asked.
@@ -756,8 +813,8 @@ func (h *hub) askForState(d *document) {
 	}
 }
 
-// detachLink forgets l if it is still the current upstream connection.
-func (h *hub) detachLink(l *upstreamLink) {
+// dropLink forgets l if it is still the current upstream connection.
+func (h *hub) dropLink(l *upstreamLink) {
 	if h.up == l {
 		h.closeLink()
 	}
@@ -985,6 +1042,20 @@ func (g *goneTable) lookup(doc string, client uint64) (goneEntry, bool) {
 func (g *goneTable) forget(doc string, client uint64) {
 	delete(g.entries, goneKey{doc, client})
 	g.shrink()
+}
+
+// takeOwedOf returns the removals owed to the upstream for doc and marks
+// them sent.
+func (g *goneTable) takeOwedOf(doc string) []awarenessEntry {
+	var owed []awarenessEntry
+	for key, e := range g.entries {
+		if e.owed && key.doc == doc {
+			owed = append(owed, awarenessEntry{client: key.client, clock: e.clock})
+			e.owed = false
+			g.entries[key] = e
+		}
+	}
+	return owed
 }
 
 // takeOwed returns the removals owed to the upstream, by document, and
@@ -1262,8 +1333,8 @@ func pump[T any](p *peer, send <-chan T, encode func(T) []byte, written func(T))
 				w.close(cmp.Or(p.closeCode, closeNormal))
 				return
 			}
-			if w.open() {
-				w.data(encode(m))
+			if msg := encode(m); msg != nil && w.open() {
+				w.data(msg)
 			}
 			written(m)
 		case <-tick:

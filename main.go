@@ -946,6 +946,8 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		tls:        cfg.tls,
 		hub:        h,
 		log:        log,
+		framing:    idFraming{cfg.magic},
+		target:     h,
 	}
 	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: u}, nil
 }

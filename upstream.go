@@ -80,6 +80,9 @@ type upstream struct {
 	log        *slog.Logger
 	// handshakeTimeout bounds one dial and upgrade; 0: dialTimeout.
 	handshakeTimeout time.Duration
+	framing          framing
+	target           linkTarget    // takes each connection's link
+	dialSlots        chan struct{} // a token per dial in progress, shared; nil: no limit
 
 	// Owned by run.
 	authorization string // Basic credentials, once the server asked for them
@@ -316,24 +319,14 @@ func (u *upstream) origin() string {
 // log. The socket is owned by serve: it closes raw once both goroutines
 // are done with it.
 func (u *upstream) serve(ws *websocket.Conn, raw net.Conn, outage time.Duration) error {
-	l := &upstreamLink{send: make(chan frame, upstreamQueue), overhead: idPrefixLen}
-	select {
-	case u.hub.attach <- l:
-	case <-u.hub.quit:
+	l := &upstreamLink{send: make(chan frame, upstreamQueue), overhead: u.framing.overhead}
+	if !u.target.attachLink(l) {
 		raw.Close()
 		return errStopping
 	}
 	p := newPeer(ws, u.log, u.keepalive)
 	p.raw, p.grace = raw, upstreamCloseGrace
-	var buf []byte
-	encode := func(f frame) []byte {
-		msg := append(appendIDPrefix(buf[:0], u.magic, f.doc), f.data...)
-		if cap(msg) <= 1<<20 {
-			buf = msg // reused; a large message's buffer is not kept for good
-		}
-		return msg
-	}
-	go pump(&p, l.send, encode, func(f frame) { l.backlog.done(len(f.data)) })
+	go pump(&p, l.send, u.framing.encoder(), func(f frame) { l.backlog.done(len(f.data)) })
 	// Logged once the hub sends frames here and the writer runs, so the
 	// line means "in use".
 	if outage > 0 {
@@ -351,10 +344,7 @@ func (u *upstream) serve(ws *websocket.Conn, raw net.Conn, outage time.Duration)
 	// not wait for its write deadline: after a flush at stop the writer
 	// has finished already.
 	raw.Close()
-	select {
-	case u.hub.detach <- l:
-	case <-u.hub.quit:
-	}
+	u.target.detachLink(l)
 	<-p.done
 	return err
 }
@@ -389,7 +379,7 @@ func (u *upstream) readLoop(r frameReader) error {
 		if err != nil {
 			return err
 		}
-		f, err := checkUpstream(u.magic, data)
+		f, err := u.framing.decode(data)
 		if err != nil {
 			u.hub.drops.note(u.log, dropUpstreamMalformed, "bytes", len(data), "err", err)
 			continue
@@ -421,15 +411,94 @@ func checkUpstream(m idMagic, data []byte) (frame, error) {
 	if err := checkIdentifier(doc); err != nil {
 		return frame{}, err
 	}
+	return checkForEditors(doc, msg)
+}
+
+// errNotForEditors marks an upstream message that y-websocket editors
+// cannot take or must not get: an auth message (in the ELVA protocol's
+// byte layout it would read as "permission denied", PROTOCOL.md).
+var errNotForEditors = errors.New("not a message for editors")
+
+// checkForEditors checks msg, from the upstream for doc, as a message a
+// y-websocket editor can take, and makes it a frame for the hub, with its
+// awareness entries decoded.
+func checkForEditors(doc string, msg []byte) (frame, error) {
 	kind, err := messageKind(msg)
 	if err != nil {
 		return frame{}, err
+	}
+	if kind == msgAuth {
+		return frame{}, fmt.Errorf("%w: auth message", errNotForEditors)
 	}
 	f := frame{doc: doc, data: msg, kind: kind}
 	if kind == msgAwareness {
 		f.aware, err = readAwareness(msg, nil)
 	}
 	return f, err
+}
+
+// framing is what differs between upstream protocols on one socket: how a
+// frame for the hub is written and read.
+type framing interface {
+	// encoder returns the writer's encoding of frames, for one socket:
+	// nil for a frame that is not sent (a marker).
+	encoder() func(frame) []byte
+	// decode reads one message from the server into a frame for the hub.
+	decode(data []byte) (frame, error)
+	// overhead is what the framing adds to a message of doc, in bytes.
+	overhead(doc string) int
+}
+
+// idFraming is the ELVA protocol's: every message behind doc's ID prefix
+// (PROTOCOL.md §2).
+type idFraming struct{ magic idMagic }
+
+// encoder prefixes each message with its document's ID, in a buffer reused
+// up to 1 MiB.
+func (i idFraming) encoder() func(frame) []byte {
+	var buf []byte
+	return func(f frame) []byte {
+		if f.kind == kindDocIdle {
+			return nil
+		}
+		msg := append(appendIDPrefix(buf[:0], i.magic, f.doc), f.data...)
+		if cap(msg) <= 1<<20 {
+			buf = msg // reused; a large message's buffer is not kept for good
+		}
+		return msg
+	}
+}
+
+func (i idFraming) decode(data []byte) (frame, error) { return checkUpstream(i.magic, data) }
+
+func (i idFraming) overhead(doc string) int { return idPrefixLen(doc) }
+
+// plainFraming is plain Yjs on a socket of one document (PROTOCOL.md §3).
+type plainFraming struct{ doc string }
+
+// encoder sends messages as they are.
+func (p plainFraming) encoder() func(frame) []byte {
+	return func(f frame) []byte {
+		if f.kind == kindDocIdle {
+			return nil
+		}
+		return f.data
+	}
+}
+
+func (p plainFraming) decode(data []byte) (frame, error) { return checkForEditors(p.doc, data) }
+
+func (p plainFraming) overhead(string) int { return 0 }
+
+// linkTarget takes the links of an upstream's connections: the hub (one
+// connection for every document) or, in yjs mode, the dispatcher that
+// feeds one document's connection.
+type linkTarget interface {
+	// attachLink hands over the link of a connection that is now up; false:
+	// the relay is stopping.
+	attachLink(l *upstreamLink) bool
+	// detachLink says that the link's connection has ended.
+	detachLink(l *upstreamLink)
 }
 
 // readRefusal reads the HTTP response of a refused handshake from the bytes

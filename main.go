@@ -75,6 +75,12 @@ var handshakeTimeout = 10 * time.Second
 // few hundred bytes.
 const maxHeaderBytes = 16 << 10
 
+// The upstream protocols (--protocol).
+const (
+	protocolELVA = "elva" // one connection, ID prefixes (PROTOCOL.md §2)
+	protocolYjs  = "yjs"  // one connection per document (PROTOCOL.md §3)
+)
+
 // version is set at build time with -ldflags "-X main.version=…".
 var version = "dev"
 
@@ -105,6 +111,13 @@ Flags:
                       Loopback pages and clients without Origin always may.
   --max-connections N      local connections in all (default 1024)
   --max-per-document N     local connections per document (default 256)
+  --protocol P        the server's protocol (env ELVA_PROTOCOL): elva (default;
+                      one connection, ID prefixes: the seed's ELVA server) or
+                      yjs (one connection per document at SERVER/<document>:
+                      ELVA since mid-2025, @y/websocket-server, y-sweet,
+                      pycrdt-websocket)
+  --upstream-grace D  yjs: keep a document's connection this long after its
+                      last local editor left (default 30s)
   --id-magic HEX      ID message type on the upstream: 0200 (default, the
                       documented protocol) or 4944 (ELVA server, mid-2025)
   --max-message SIZE  largest message accepted, e.g. 32MiB (default), 512KiB
@@ -139,6 +152,11 @@ type config struct {
 	password   string
 	magic      idMagic
 	maxMessage int
+	// protocol is the upstream's (--protocol): protocolELVA or protocolYjs.
+	protocol string
+	// upstreamGrace is how long a document's own upstream connection stays
+	// open after its last local editor left (yjs mode).
+	upstreamGrace time.Duration
 	// upstreamMaxMessage is the largest frame the server takes, in bytes,
 	// ID prefix included (--upstream-max-message).
 	upstreamMaxMessage int
@@ -248,8 +266,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 // flagValues holds what the flags set, before it is checked.
 type flagValues struct {
 	server, user, password, passwordFile, caFile, logFile *string
-	magic, maxMessage, upstreamMax                        *string
-	pingInterval, peerTimeout, retryMax                   *time.Duration
+	magic, maxMessage, upstreamMax, protocol              *string
+	pingInterval, peerTimeout, retryMax, upstreamGrace    *time.Duration
 	maxConns, maxPerDoc                                   *int
 	origins                                               originList
 	verbose, showVersion, insecureAuth                    bool
@@ -259,20 +277,22 @@ type flagValues struct {
 // variables as the defaults of those that have one.
 func defineFlags(fs *flag.FlagSet, getenv func(string) string) *flagValues {
 	v := &flagValues{
-		server:       fs.String("server", getenv("ELVA_SERVER"), ""),
-		user:         fs.String("user", getenv("ELVA_USER"), ""),
-		password:     fs.String("password", getenv("ELVA_PASSWORD"), ""),
-		passwordFile: fs.String("password-file", "", ""),
-		caFile:       fs.String("ca-file", "", ""),
-		logFile:      fs.String("log", "", ""),
-		magic:        fs.String("id-magic", magicSeed.String(), ""),
-		maxMessage:   fs.String("max-message", "32MiB", ""),
-		upstreamMax:  fs.String("upstream-max-message", cmp.Or(getenv("ELVA_UPSTREAM_MAX_MESSAGE"), defaultUpstreamMax), ""),
-		pingInterval: durationFlag(fs, "ping-interval", defaultPingInterval),
-		peerTimeout:  durationFlag(fs, "peer-timeout", defaultPeerTimeout),
-		retryMax:     durationFlag(fs, "retry-max", defaultRetryMax),
-		maxConns:     intFlag(fs, "max-connections", defaultMaxConns),
-		maxPerDoc:    intFlag(fs, "max-per-document", defaultMaxPerDoc),
+		server:        fs.String("server", getenv("ELVA_SERVER"), ""),
+		user:          fs.String("user", getenv("ELVA_USER"), ""),
+		password:      fs.String("password", getenv("ELVA_PASSWORD"), ""),
+		passwordFile:  fs.String("password-file", "", ""),
+		caFile:        fs.String("ca-file", "", ""),
+		logFile:       fs.String("log", "", ""),
+		magic:         fs.String("id-magic", magicSeed.String(), ""),
+		protocol:      fs.String("protocol", cmp.Or(getenv("ELVA_PROTOCOL"), protocolELVA), ""),
+		maxMessage:    fs.String("max-message", "32MiB", ""),
+		upstreamMax:   fs.String("upstream-max-message", cmp.Or(getenv("ELVA_UPSTREAM_MAX_MESSAGE"), defaultUpstreamMax), ""),
+		pingInterval:  durationFlag(fs, "ping-interval", defaultPingInterval),
+		peerTimeout:   durationFlag(fs, "peer-timeout", defaultPeerTimeout),
+		retryMax:      durationFlag(fs, "retry-max", defaultRetryMax),
+		upstreamGrace: durationFlag(fs, "upstream-grace", defaultUpstreamGrace),
+		maxConns:      intFlag(fs, "max-connections", defaultMaxConns),
+		maxPerDoc:     intFlag(fs, "max-per-document", defaultMaxPerDoc),
 	}
 	fs.Var(&v.origins, "allow-origin", "")
 	fs.BoolVar(&v.verbose, "v", false, "")
@@ -333,6 +353,16 @@ func (c *config) setTuning(fs *flag.FlagSet, v *flagValues) error {
 	if c.magic, err = parseIDMagic(*v.magic); err != nil {
 		return fmt.Errorf("--id-magic: %w", err)
 	}
+	switch *v.protocol {
+	case protocolELVA, protocolYjs:
+		c.protocol = *v.protocol
+	default:
+		return fmt.Errorf("--protocol (or ELVA_PROTOCOL) %q: want elva (one connection, ID prefixes) or yjs (one connection per document)", *v.protocol)
+	}
+	if *v.upstreamGrace < 0 {
+		return errors.New("--upstream-grace must not be negative")
+	}
+	c.upstreamGrace = *v.upstreamGrace
 	if c.maxMessage, err = parseSize(*v.maxMessage); err != nil {
 		return fmt.Errorf("--max-message: %w", err)
 	}
@@ -949,7 +979,11 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		framing:    idFraming{cfg.magic},
 		target:     h,
 	}
-	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: u}, nil
+	var up remote = u
+	if cfg.protocol == protocolYjs {
+		up = newYjsRemote(*u, cfg.upstreamGrace)
+	}
+	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: up}, nil
 }
 
 // listenAll opens the listeners for host and port.
@@ -1186,7 +1220,7 @@ func (s *service) addr() string { return s.lns[0].Addr().String() }
 // queue, and waits for both within stopTimeout.
 func (s *service) run(ctx context.Context) int {
 	for _, ln := range s.lns {
-		s.log.Info("listening", "addr", ln.Addr().String(), "server", s.cfg.server.String(), "id_magic", s.cfg.magic.String(), "version", version)
+		s.log.Info("listening", "addr", ln.Addr().String(), "server", s.cfg.server.String(), "protocol", s.cfg.protocol, "id_magic", s.cfg.magic.String(), "version", version)
 	}
 	for _, w := range s.cfg.warnings {
 		s.log.Warn(w)

@@ -82,6 +82,7 @@ type upstream struct {
 	handshakeTimeout time.Duration
 	framing          framing
 	target           linkTarget    // takes each connection's link
+	path             string        // the request path, escaped; "": url's
 	dialSlots        chan struct{} // a token per dial in progress, shared; nil: no limit
 
 	// Owned by run.
@@ -218,6 +219,14 @@ func (u *upstream) handshake(ctx context.Context) (*websocket.Conn, net.Conn, er
 	if timeout <= 0 {
 		timeout = dialTimeout
 	}
+	if u.dialSlots != nil { // the wait for a slot is not the handshake's time
+		select {
+		case u.dialSlots <- struct{}{}:
+			defer func() { <-u.dialSlots }()
+		case <-ctx.Done():
+			return nil, nil, fmt.Errorf("waiting for a dial slot: %w", ctx.Err())
+		}
+	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	raw, err := u.dial(ctx)
@@ -260,6 +269,11 @@ func (u *upstream) upgrade(conn net.Conn) (*websocket.Conn, error) {
 	}
 	if u.authorization != "" {
 		cfg.Header = http.Header{"Authorization": {u.authorization}}
+	}
+	if u.path != "" {
+		// Opaque is what x/net writes as the request target, unchanged:
+		// the path's own escaping would turn a literal % into %25.
+		cfg.Location.Opaque = u.path
 	}
 	rec := &recordingConn{Conn: conn, recording: true}
 	ws, err := websocket.NewClient(cfg, rec)
@@ -593,4 +607,312 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	case <-ctx.Done():
 		return false
 	}
+}
+
+// defaultUpstreamGrace is how long a document's own upstream connection
+// (yjs mode) stays open after its last local editor left
+// (--upstream-grace): a reload costs no new handshake.
+const defaultUpstreamGrace = 30 * time.Second
+
+// maxDials bounds the handshakes in progress at once in yjs mode, so that
+// a server restart with hundreds of open documents is no thundering herd.
+const maxDials = 8
+
+// yjsRemote is the yjs mode of remote: one WebSocket per document at
+// SERVER/<identifier> (PROTOCOL.md §3), for the servers people run today
+// (ELVA since mid-2025, @y/websocket-server, y-sweet, pycrdt-websocket).
+// Its run goroutine, the dispatcher, takes the hub's one link and passes
+// each frame on to its document's connection; it alone owns the map of
+// documents. Each connection is an upstream of its own (dial, Basic auth,
+// backoff, keepalive, close handshake) whose serve owns its socket.
+type yjsRemote struct {
+	base  upstream // settings every document's connection copies
+	hub   *hub
+	grace time.Duration
+	log   *slog.Logger
+
+	// Owned by run.
+	docs    map[string]*yjsDoc
+	pending []string // documents whose resync the hub has yet to take
+	// Static after construction.
+	events chan yjsEvent // from the documents' connections
+	idle   chan yjsIdle  // grace timers that ran out
+	quit   chan struct{} // closed when the dispatcher stops listening
+	dials  chan struct{} // a token per handshake in progress
+}
+
+// newYjsRemote makes the yjs mode's remote from the settings of base.
+func newYjsRemote(base upstream, grace time.Duration) *yjsRemote {
+	return &yjsRemote{
+		base:   base,
+		hub:    base.hub,
+		grace:  grace,
+		log:    base.log,
+		docs:   make(map[string]*yjsDoc),
+		events: make(chan yjsEvent),
+		idle:   make(chan yjsIdle),
+		quit:   make(chan struct{}),
+		dials:  make(chan struct{}, maxDials),
+	}
+}
+
+// yjsDoc is one document's connection as the dispatcher sees it.
+type yjsDoc struct {
+	link    *upstreamLink      // nil while the connection is down
+	cancel  context.CancelFunc // ends the connection's run
+	idleSeq int                // counts grace timers; a stale one is ignored
+	idle    bool               // a grace timer runs: no local editor
+	closing bool               // the grace ran out: waiting for run to end
+	reopen  bool               // used again while closing: start anew after
+}
+
+// yjsEvent is news from one document's connection to the dispatcher: its
+// link is up (attach), down, or its run has ended (with the error that
+// ended it, errAuth or nil).
+type yjsEvent struct {
+	doc    string
+	link   *upstreamLink
+	attach bool
+	ended  bool
+	err    error
+	reply  chan bool // for an attach: false when the document is closing
+}
+
+// yjsIdle is a grace timer of doc that ran out.
+type yjsIdle struct {
+	doc string
+	seq int
+}
+
+// run is the dispatcher. It returns nil when the relay stops (after every
+// connection has flushed, within stopTimeout), or errAuth when a server
+// refuses the credentials.
+func (y *yjsRemote) run(ctx context.Context) error {
+	l, ok := y.attachToHub()
+	for ok {
+		var resyncs chan<- string // nil: nothing to send
+		var next string
+		if len(y.pending) > 0 {
+			resyncs, next = y.hub.resyncs, y.pending[0]
+		}
+		select {
+		case f, open := <-l.send:
+			if !open {
+				// A full queue (the hub takes a new link and resyncs) or the stop.
+				if ctx.Err() != nil {
+					ok = false
+				} else {
+					l, ok = y.attachToHub()
+				}
+				continue
+			}
+			l.backlog.done(len(f.data))
+			y.dispatch(ctx, f)
+		case ev := <-y.events:
+			if err := y.handle(ctx, ev); err != nil {
+				y.stopAll()
+				return err
+			}
+		case t := <-y.idle:
+			y.closeIdle(t)
+		case resyncs <- next:
+			y.pending = y.pending[1:]
+		case <-y.hub.quit:
+			ok = false
+		}
+	}
+	y.stopAll()
+	return nil
+}
+
+// attachToHub hands the hub a new link, the one every document's frames
+// come through; false: the hub has stopped.
+func (y *yjsRemote) attachToHub() (*upstreamLink, bool) {
+	l := &upstreamLink{send: make(chan frame, upstreamQueue)}
+	return l, y.hub.attachLink(l)
+}
+
+// dispatch passes f to its document's connection, starting one for a
+// document new here, or starts the grace of a document whose last local
+// editor left. While a connection is down its frames are dropped: the
+// resync when it is back makes up for them, as in elva mode.
+func (y *yjsRemote) dispatch(ctx context.Context, f frame) {
+	d := y.docs[f.doc]
+	if f.kind == kindDocIdle {
+		if d != nil && !d.closing && !d.idle {
+			d.idle, d.idleSeq = true, d.idleSeq+1
+			seq := d.idleSeq
+			time.AfterFunc(y.grace, func() {
+				select {
+				case y.idle <- yjsIdle{f.doc, seq}:
+				case <-y.quit:
+				}
+			})
+		}
+		return
+	}
+	switch {
+	case d == nil:
+		d = y.open(ctx, f.doc)
+	case d.closing:
+		d.reopen = true
+		return
+	}
+	d.idle = false
+	if d.link == nil {
+		return
+	}
+	if d.link.backlog.add(len(f.data), y.hub.linkBytes) {
+		select {
+		case d.link.send <- f:
+			return
+		default:
+			d.link.backlog.done(len(f.data))
+		}
+	}
+	y.log.Warn("upstream send queue full: reconnecting", "doc", f.doc)
+	close(d.link.send) // the connection flushes, ends and reconnects
+	d.link = nil
+}
+
+// open starts the connection of doc: an upstream of its own at
+// SERVER/<doc>, whose links come back here.
+func (y *yjsRemote) open(ctx context.Context, doc string) *yjsDoc {
+	dctx, cancel := context.WithCancel(ctx)
+	d := &yjsDoc{cancel: cancel}
+	y.docs[doc] = d
+	u := y.base
+	u.path = docPath(y.base.url, doc)
+	u.framing = plainFraming{doc}
+	u.target = yjsTarget{y, doc}
+	u.dialSlots = y.dials
+	u.log = y.log.With("doc", doc)
+	go func() {
+		err := u.run(dctx)
+		select {
+		case y.events <- yjsEvent{doc: doc, ended: true, err: err}:
+		case <-y.quit:
+		}
+	}()
+	return d
+}
+
+// handle applies news from a document's connection. It returns errAuth
+// when that connection's credentials were refused.
+func (y *yjsRemote) handle(ctx context.Context, ev yjsEvent) error {
+	d := y.docs[ev.doc]
+	switch {
+	case ev.attach:
+		up := d != nil && !d.closing
+		if up {
+			d.link = ev.link
+			y.pending = append(y.pending, ev.doc)
+		}
+		ev.reply <- up
+	case ev.ended:
+		if ev.err != nil {
+			return ev.err
+		}
+		delete(y.docs, ev.doc)
+		if d != nil && d.reopen {
+			y.open(ctx, ev.doc) // the resync at its attach catches up
+		}
+	case d != nil && d.link == ev.link:
+		close(ev.link.send) // its writer ends
+		d.link = nil
+	}
+	return nil
+}
+
+// closeIdle closes the connection of a document whose grace ran out with
+// no local editor back.
+func (y *yjsRemote) closeIdle(t yjsIdle) {
+	d := y.docs[t.doc]
+	if d == nil || !d.idle || d.idleSeq != t.seq || d.closing {
+		return
+	}
+	d.closing = true
+	if d.link != nil {
+		close(d.link.send) // flushed, then the close handshake
+		d.link = nil
+	}
+	d.cancel()
+	y.log.Info("upstream closed", "doc", t.doc, "after", y.grace)
+}
+
+// stopAll closes every document's connection after its writer flushed
+// and waits, at most stopTimeout, for them to end.
+func (y *yjsRemote) stopAll() {
+	for _, d := range y.docs {
+		if d.link != nil {
+			close(d.link.send)
+			d.link = nil
+		}
+		d.cancel()
+	}
+	deadline := time.NewTimer(stopTimeout)
+	defer deadline.Stop()
+	for len(y.docs) > 0 {
+		select {
+		case ev := <-y.events:
+			if ev.ended {
+				delete(y.docs, ev.doc)
+			} else if ev.attach {
+				ev.reply <- false
+			} else if d := y.docs[ev.doc]; d != nil && d.link == ev.link {
+				close(ev.link.send)
+				d.link = nil
+			}
+		case <-deadline.C:
+			close(y.quit)
+			return
+		}
+	}
+	close(y.quit)
+}
+
+// yjsTarget takes the links of one document's connection for the
+// dispatcher (linkTarget).
+type yjsTarget struct {
+	y   *yjsRemote
+	doc string
+}
+
+func (t yjsTarget) attachLink(l *upstreamLink) bool {
+	reply := make(chan bool, 1)
+	select {
+	case t.y.events <- yjsEvent{doc: t.doc, link: l, attach: true, reply: reply}:
+		return <-reply
+	case <-t.y.quit:
+		return false
+	}
+}
+
+func (t yjsTarget) detachLink(l *upstreamLink) {
+	select {
+	case t.y.events <- yjsEvent{doc: t.doc, link: l}:
+	case <-t.y.quit:
+	}
+}
+
+// docPath is the request path of doc's connection under base: base's path
+// and the document's name, escaped as a browser escapes a URL path (the
+// WHATWG path percent-encode set: controls, space, " # < > ? ` { } and
+// every non-ASCII byte), so that a server that names rooms by the raw path
+// (@y/websocket-server) puts the relay where a browser's y-websocket
+// client with the same room name goes. A / in the name stays a separator,
+// a % stays as it is, and no query is added.
+func docPath(base *url.URL, doc string) string {
+	var b strings.Builder
+	b.WriteString(strings.TrimSuffix(base.EscapedPath(), "/"))
+	b.WriteByte('/')
+	for i := 0; i < len(doc); i++ {
+		c := doc[i]
+		if c <= ' ' || c >= 0x7f || strings.IndexByte("\"#<>?`{}", c) >= 0 {
+			fmt.Fprintf(&b, "%%%02X", c)
+			continue
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha1"
 	"encoding/base64"
@@ -444,4 +445,161 @@ func TestUpstreamCloseIsAnsweredAndLogged(t *testing.T) {
 	if !strings.Contains(line, "4000") || !strings.Contains(line, "bye") {
 		t.Errorf("the log does not name the server's code and reason: %s", line)
 	}
+}
+
+// yjsServer is an in-test plain Yjs server of the kind --protocol yjs
+// talks to: one WebSocket per document, the room named by the raw request
+// target. It hands the test each connection with its raw target, and its
+// frames; the test answers through the connection.
+type yjsServer struct {
+	srv     *httptest.Server
+	conns   chan yjsServerConn
+	targets sync.Map // remote address → the raw request target it sent
+}
+
+// yjsServerConn is one document's connection as the server sees it.
+type yjsServerConn struct {
+	target string // the request target as sent, e.g. /100%%20sure
+	ws     *websocket.Conn
+	frames chan []byte // closed when the relay closes the connection
+}
+
+// newYjsServer starts the server until the test ends.
+func newYjsServer(t *testing.T) *yjsServer {
+	t.Helper()
+	s := &yjsServer{conns: make(chan yjsServerConn, 16)}
+	handler := websocket.Server{
+		Handshake: func(*websocket.Config, *http.Request) error { return nil },
+		Handler: func(ws *websocket.Conn) {
+			ws.PayloadType = websocket.BinaryFrame
+			target, _ := s.targets.Load(ws.Request().RemoteAddr)
+			c := yjsServerConn{target: target.(string), ws: ws, frames: make(chan []byte, 64)}
+			s.conns <- c
+			defer close(c.frames)
+			for {
+				var msg []byte
+				if websocket.Message.Receive(ws, &msg) != nil {
+					return
+				}
+				c.frames <- msg
+			}
+		},
+	}
+	s.srv = httptest.NewUnstartedServer(handler)
+	// Node servers take a literal % in the target; Go's needs the relay's
+	// own rewrite for that. The raw target is kept first.
+	s.srv.Listener = percentListener{targetListener{s.srv.Listener, &s.targets}}
+	s.srv.Start()
+	t.Cleanup(s.srv.Close)
+	return s
+}
+
+// targetListener notes the raw request target of each connection's first
+// request line, by remote address.
+type targetListener struct {
+	net.Listener
+	targets *sync.Map
+}
+
+// Accept wraps the connection to note its target.
+func (l targetListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &targetConn{Conn: c, targets: l.targets}, nil
+}
+
+// targetConn notes the target of the request line that passes through it.
+type targetConn struct {
+	net.Conn
+	targets *sync.Map
+	line    []byte
+	noted   bool
+}
+
+// Read passes the bytes on and notes the request line's target.
+func (c *targetConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if !c.noted {
+		c.line = append(c.line, p[:n]...)
+		if i := bytes.IndexByte(c.line, '\n'); i >= 0 {
+			fields := strings.Fields(string(c.line[:i]))
+			if len(fields) == 3 {
+				c.targets.Store(c.RemoteAddr().String(), fields[1])
+			}
+			c.noted, c.line = true, nil
+		}
+	}
+	return n, err
+}
+
+// url is the server's base address for --server.
+func (s *yjsServer) url() string { return "ws://" + s.srv.Listener.Addr().String() + "/" }
+
+// next returns the next connection the relay opened.
+func (s *yjsServer) next(t *testing.T) yjsServerConn {
+	t.Helper()
+	select {
+	case c := <-s.conns:
+		return c
+	case <-time.After(testTimeout):
+		t.Fatal("the relay opened no connection")
+		return yjsServerConn{}
+	}
+}
+
+// expectFrame waits for want among c's frames, skipping others.
+func (c yjsServerConn) expectFrame(t *testing.T, want []byte) {
+	t.Helper()
+	deadline := time.After(testTimeout)
+	for {
+		select {
+		case got, ok := <-c.frames:
+			if !ok {
+				t.Fatalf("%s closed before % x came", c.target, want)
+			}
+			if bytes.Equal(got, want) {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("%s: % x never came", c.target, want)
+		}
+	}
+}
+
+// TestYjsModeOneConnectionPerDocument checks --protocol yjs against an
+// in-test server: each document gets its own connection at SERVER/<name>,
+// escaped as a browser escapes it, which is resynced when it comes up and
+// carries that document's messages only, both ways; the connection closes
+// after the grace once the last editor has left.
+func TestYjsModeOneConnectionPerDocument(t *testing.T) {
+	srv := newYjsServer(t)
+	r := startRelay(t, "--protocol", "yjs", "--server", srv.url(), "--upstream-grace", "50ms")
+	a := join(t, r.addr, "100%25%20sure") // the document "100% sure"
+	up := srv.next(t)
+	if up.target != "/100%%20sure" {
+		t.Errorf("request target %q, want /100%%%%20sure as a browser sends it", up.target)
+	}
+	up.expectFrame(t, emptyStep1) // the resync
+	send(t, a, update1)
+	up.expectFrame(t, update1)
+	send(t, up.ws, update2)
+	receiveSkipping(t, a, func(m []byte) bool { return bytes.Equal(m, update2) })
+
+	b := join(t, r.addr, "other")
+	other := srv.next(t)
+	if other.target != "/other" {
+		t.Errorf("request target %q, want /other", other.target)
+	}
+	other.expectFrame(t, emptyStep1) // up: what b sent before is resynced
+	send(t, b, update2)
+	other.expectFrame(t, update2)
+
+	a.Close()
+	r.logs.waitFor(t, `msg="upstream closed" doc="100% sure"`)
+	for range up.frames { // drained until the relay closes it
+	}
+	send(t, b, update1) // the other document is untouched
+	other.expectFrame(t, update1)
 }

@@ -2,11 +2,13 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"net"
@@ -1106,4 +1108,330 @@ func TestInteropOversizedDocumentLeavesUpstreamAlone(t *testing.T) {
 			t.Errorf("relay %d connected upstream %d times, want 1: it never sends a frame over the limit", i+1, n)
 		}
 	}
+}
+
+// The tests below run the relay in --protocol yjs mode (PROTOCOL.md §3):
+// one upstream WebSocket per document, against the y-websocket reference
+// server (interop/yjs-server.mjs, @y/websocket-server), real editors on the
+// relays and straight on the server.
+
+// yjsRoomRE matches a connection event of yjs-server.mjs.
+var yjsRoomRE = regexp.MustCompile(`^(open|closed) ("(?:[^"\\]|\\.)*") (\d+) (\d+)$`)
+
+// yjsEvent is one line of yjs-server.mjs: a WebSocket of room opened or
+// closed (n of the room and total of the server open after it), or an
+// upgrade refused with 403.
+type yjsEvent struct {
+	kind     string // "open", "closed" or "refused"
+	room     string
+	n, total int
+	at       time.Time // when the test read it: after the event
+}
+
+// yjsServer is interop/yjs-server.mjs on 127.0.0.1, which a test can kill
+// and start again on its port (with empty documents: it keeps them in
+// memory). It follows the server's connection events.
+type yjsServer struct {
+	extra  []string // options, such as --refuse-regex
+	port   string
+	cmd    *exec.Cmd
+	done   chan error
+	stderr *logBuffer
+
+	mu      sync.Mutex
+	open    map[string]int // room → open WebSockets now
+	events  []yjsEvent     // every event since the test began
+	changed chan struct{}  // closed and replaced on every event
+}
+
+// startYjsServer starts the server on a free port with the options in
+// extra; it is killed at the end of the test.
+func startYjsServer(t *testing.T, extra ...string) *yjsServer {
+	t.Helper()
+	requireNode(t)
+	s := &yjsServer{extra: extra, port: "0", stderr: newLogBuffer(), open: map[string]int{}, changed: make(chan struct{})}
+	s.start(t)
+	t.Cleanup(func() {
+		s.kill(t)
+		if t.Failed() {
+			t.Logf("yjs-server stderr:\n%s", s.stderr.String())
+		}
+	})
+	return s
+}
+
+// url is the server's ws:// URI, the relay's --server.
+func (s *yjsServer) url() string { return "ws://127.0.0.1:" + s.port + "/" }
+
+// start runs the server on s.port and waits until it listens.
+func (s *yjsServer) start(t *testing.T) {
+	t.Helper()
+	s.cmd = exec.Command("node", append([]string{"yjs-server.mjs", "--port", s.port}, s.extra...)...)
+	s.cmd.Dir = "interop"
+	s.cmd.Stderr = s.stderr
+	stdout, err := s.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s.done = make(chan error, 1)
+	listening := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			if port, ok := strings.CutPrefix(sc.Text(), "listening "); ok {
+				listening <- port
+				continue
+			}
+			s.note(sc.Text())
+		}
+		s.done <- s.cmd.Wait()
+	}()
+	select {
+	case s.port = <-listening:
+	case err := <-s.done:
+		t.Fatalf("yjs-server exited: %v\n%s", err, s.stderr.String())
+	case <-time.After(testTimeout):
+		t.Fatal("yjs-server did not listen")
+	}
+}
+
+// note records one event line of the server.
+func (s *yjsServer) note(line string) {
+	e := yjsEvent{at: time.Now()}
+	if m := yjsRoomRE.FindStringSubmatch(line); m != nil {
+		e.kind = m[1]
+		json.Unmarshal([]byte(m[2]), &e.room)
+		fmt.Sscan(m[3], &e.n)
+		fmt.Sscan(m[4], &e.total)
+	} else if room, ok := strings.CutPrefix(line, "refused "); ok {
+		e.kind = "refused"
+		json.Unmarshal([]byte(room), &e.room)
+	} else {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e.kind != "refused" {
+		if e.n == 0 {
+			delete(s.open, e.room)
+		} else {
+			s.open[e.room] = e.n
+		}
+	}
+	s.events = append(s.events, e)
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// kill ends the server at once, as a crash would: no close frames. Its
+// connections are gone with it.
+func (s *yjsServer) kill(t *testing.T) {
+	if s.cmd == nil {
+		return
+	}
+	s.cmd.Process.Kill()
+	<-s.done // the reader has noted every line
+	s.cmd = nil
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clear(s.open)
+}
+
+// waitUntil waits until cond, called with s.mu held, holds after some
+// event, or fails the test after testTimeout naming what.
+func (s *yjsServer) waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.After(testTimeout)
+	for {
+		s.mu.Lock()
+		ok, changed, open := cond(), s.changed, maps.Clone(s.open)
+		s.mu.Unlock()
+		if ok {
+			return
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			t.Fatalf("yjs-server: timed out waiting until %s; open now: %v", what, open)
+		}
+	}
+}
+
+// waitOpen waits until each room has exactly the given number of open
+// WebSockets.
+func (s *yjsServer) waitOpen(t *testing.T, want map[string]int) {
+	t.Helper()
+	s.waitUntil(t, fmt.Sprintf("rooms have %v WebSockets open", want), func() bool {
+		for room, n := range want {
+			if s.open[room] != n {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// history returns a copy of the events of room (every room if "").
+func (s *yjsServer) history(room string) []yjsEvent {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []yjsEvent
+	for _, e := range s.events {
+		if room == "" || e.room == room {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// count returns how many events of kind room had.
+func (s *yjsServer) count(room, kind string) int {
+	n := 0
+	for _, e := range s.history(room) {
+		if e.kind == kind {
+			n++
+		}
+	}
+	return n
+}
+
+// maxOpen returns the most WebSockets room had open at once.
+func (s *yjsServer) maxOpen(room string) int {
+	most := 0
+	for _, e := range s.history(room) {
+		most = max(most, e.n)
+	}
+	return most
+}
+
+// startYjsRelay runs the relay in --protocol yjs mode against srv, with
+// the flags in extra. It waits only until the relay listens: in this mode
+// an upstream connects when a document's first editor joins.
+func startYjsRelay(t *testing.T, srv *yjsServer, extra ...string) *relayProcess {
+	t.Helper()
+	return launchRelay(t, "0", append([]string{"--protocol", "yjs", "--server", srv.url()}, extra...)...)
+}
+
+// logAttr renders key=value as the relay's slog text handler writes it:
+// quoted when the value has spaces or other special characters.
+func logAttr(key, value string) string {
+	var b bytes.Buffer
+	drop := func(groups []string, a slog.Attr) slog.Attr {
+		if len(groups) == 0 && (a.Key == slog.TimeKey || a.Key == slog.LevelKey || a.Key == slog.MessageKey) {
+			return slog.Attr{}
+		}
+		return a
+	}
+	slog.New(slog.NewTextHandler(&b, &slog.HandlerOptions{ReplaceAttr: drop})).Info("", key, value)
+	return strings.TrimSpace(b.String())
+}
+
+// docLines returns the lines of logs that contain msg and the attribute
+// doc=<doc> exactly (not as the prefix of a longer name).
+func docLines(logs, msg, doc string) []string {
+	attr := " " + logAttr("doc", doc) + " "
+	var out []string
+	for line := range strings.Lines(logs) {
+		if strings.Contains(line, msg) && strings.Contains(" "+strings.TrimSpace(line)+" ", attr) {
+			out = append(out, line)
+		}
+	}
+	return out
+}
+
+// The relay's log messages that the yjs-mode tests rely on.
+const (
+	logUpstreamConnected = `msg="upstream connected"`
+	logUpstreamClosed    = `msg="upstream closed"`
+)
+
+// checkUpstreams fails the test unless the relay logged want lines with
+// msg for each of docs.
+func checkUpstreams(t *testing.T, relay *relayProcess, msg string, want int, docs ...string) {
+	t.Helper()
+	logs := relay.logs.String()
+	for _, doc := range docs {
+		if got := docLines(logs, msg, doc); len(got) != want {
+			t.Errorf("the relay logged %d lines with %s and %s, want %d:\n%s", len(got), msg, logAttr("doc", doc), want, strings.Join(got, ""))
+		}
+	}
+}
+
+// TestInteropYjsServerAlone checks the test server itself, without a
+// relay: editors straight on it converge and see each other, its room is
+// the raw path, a new WebSocket gets the server's sync step 1 and then the
+// room's awareness, and --refuse-regex answers 403 with a reason.
+func TestInteropYjsServerAlone(t *testing.T) {
+	srv := startYjsServer(t, "--refuse-regex", `^[A-Za-z0-9_-]{1,250}$`)
+	ed := startEditors(t)
+	ed.join(t, "alice", srv.url(), "notes")
+	ed.join(t, "bob", srv.url(), "notes")
+	ed.join(t, "carol", srv.url(), "plans")
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 3})
+	ed.convergeWithin(t, syncBound)
+	ed.do(t, map[string]any{"cmd": "awareness", "name": "alice", "of": "bob", "present": true, "timeoutMs": 5000})
+	ed.do(t, map[string]any{"cmd": "awareness", "name": "bob", "of": "alice", "present": true, "timeoutMs": 5000})
+	srv.waitOpen(t, map[string]int{"notes": 2, "plans": 1})
+
+	// What a new connection gets: step 1, then the awareness of the two.
+	ws := dialLocal(t, "127.0.0.1:"+srv.port, "notes")
+	if msg := receive(t, ws); !bytes.HasPrefix(msg, []byte{msgSync, syncStep1}) {
+		t.Errorf("first message % x, want sync step 1", msg)
+	}
+	if msg := receive(t, ws); len(msg) == 0 || msg[0] != msgAwareness {
+		t.Errorf("second message % x, want the room's awareness", msg)
+	}
+	srv.waitOpen(t, map[string]int{"notes": 3})
+	ws.Close()
+	srv.waitOpen(t, map[string]int{"notes": 2})
+
+	// A name outside the regex is refused before the upgrade, with a reason.
+	if status, body := upgradeStatus(t, "127.0.0.1:"+srv.port, "/bad%20name!"); status != http.StatusForbidden || !strings.Contains(body, "does not match") {
+		t.Errorf("upgrade to /bad%%20name!: %d %q, want 403 with a reason", status, body)
+	}
+	resp, err := http.Get("http://127.0.0.1:" + srv.port + "/stats")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var stats struct {
+		Rooms map[string]int `json:"rooms"`
+		Total int            `json:"total"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&stats); err != nil {
+		t.Fatal(err)
+	}
+	if stats.Total != 3 || stats.Rooms["notes"] != 2 || stats.Rooms["plans"] != 1 {
+		t.Errorf("stats %+v, want notes 2, plans 1", stats)
+	}
+	srv.waitUntil(t, "the bad room was refused", func() bool {
+		return slices.ContainsFunc(srv.events, func(e yjsEvent) bool { return e.kind == "refused" })
+	})
+	if n := srv.count("bad%20name!", "refused"); n != 1 || srv.count("bad%20name!", "open") != 0 {
+		t.Errorf("room bad%%20name!: %d refusals and %d opens, want 1 and 0", n, srv.count("bad%20name!", "open"))
+	}
+}
+
+// upgradeStatus sends a WebSocket upgrade request for target to addr and
+// returns the HTTP status and body of the answer.
+func upgradeStatus(t *testing.T, addr, target string) (int, string) {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, testTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(testTimeout))
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", target, addr)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("upgrade %s: %v", target, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
 }

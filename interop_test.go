@@ -1153,7 +1153,7 @@ func startYjsServer(t *testing.T, extra ...string) *yjsServer {
 	s.start(t)
 	t.Cleanup(func() {
 		s.kill(t)
-		if t.Failed() {
+		if t.Failed() && s.stderr.String() != "" {
 			t.Logf("yjs-server stderr:\n%s", s.stderr.String())
 		}
 	})
@@ -1434,4 +1434,245 @@ func upgradeStatus(t *testing.T, addr, target string) (int, string) {
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(body)
+}
+
+// yjsRooms maps documents to their room on a y-websocket server: the name
+// escaped as browsers escape a URL path (the WHATWG path percent-encode
+// set; a "%" stays as it is), which is what a y-websocket client straight
+// on the server asks for and what the relay must ask for too.
+var yjsRooms = map[string]string{
+	"notes":             "notes",
+	"Grüße":             "Gr%C3%BC%C3%9Fe",
+	"100% sure|[v2]{x}": "100%%20sure|[v2]%7Bx%7D", // url.PathEscape gives 100%25%20sure%7C%5Bv2%5D%7Bx%7D
+}
+
+func TestInteropYjsTwoRelaysThreeDocuments(t *testing.T) {
+	srv := startYjsServer(t)
+	r1 := startYjsRelay(t, srv)
+	r2 := startYjsRelay(t, srv)
+	ed := startEditors(t)
+	docs := slices.Sorted(maps.Keys(yjsRooms))
+	editorsOf := map[string][]string{} // doc → its editors, sorted
+	for i, doc := range docs {
+		// Two on the first relay, one on the second, one on the server.
+		for _, j := range []struct{ who, url string }{
+			{"ann", "ws://" + r1.addr}, {"ben", "ws://" + r1.addr}, {"cat", "ws://" + r2.addr}, {"dan", srv.url()},
+		} {
+			name := fmt.Sprintf("%s%d", j.who, i)
+			ed.join(t, name, j.url, doc)
+			editorsOf[doc] = append(editorsOf[doc], name)
+		}
+	}
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 5})
+	report := ed.convergeWithin(t, syncBound) // one document each, isolated
+	// Every editor sees every editor of its document, wherever it is,
+	// sooner than the 15 s renewal: the server sends a newcomer the room's
+	// states and everyone the newcomer's.
+	for _, r := range report {
+		for _, other := range editorsOf[r.Doc] {
+			ed.do(t, map[string]any{"cmd": "awareness", "name": r.Name, "of": other, "present": true, "timeoutMs": 5000})
+		}
+	}
+	for _, r := range ed.do(t, map[string]any{"cmd": "report"}).Report {
+		if want := editorsOf[r.Doc]; !slices.Equal(r.Awareness, want) {
+			t.Errorf("%s on %q sees awareness of %v, want %v", r.Name, r.Doc, r.Awareness, want)
+		}
+	}
+	// One WebSocket per relay and document, in the room a y-websocket
+	// client asks for, and no other room.
+	want := map[string]int{}
+	for _, room := range yjsRooms {
+		want[room] = 3
+	}
+	srv.waitOpen(t, want)
+	for _, e := range srv.history("") {
+		if _, ok := want[e.room]; !ok {
+			t.Errorf("the server saw %s on room %q, want only rooms %v", e.kind, e.room, slices.Sorted(maps.Keys(want)))
+		}
+	}
+	for room := range want {
+		if n := srv.count(room, "open"); n != 3 {
+			t.Errorf("room %q was opened %d times, want 3: once per relay, once by the editor on the server", room, n)
+		}
+	}
+	for _, r := range []*relayProcess{r1, r2} {
+		checkUpstreams(t, r, logUpstreamConnected, 1, docs...)
+	}
+}
+
+func TestInteropYjsServerRestartWhileTyping(t *testing.T) {
+	srv := startYjsServer(t)
+	r1 := startYjsRelay(t, srv, "--retry-max", "1s")
+	r2 := startYjsRelay(t, srv, "--retry-max", "1s")
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+r1.addr, "notes")
+	ed.join(t, "bob", "ws://"+r1.addr, "notes")
+	ed.join(t, "carol", "ws://"+r2.addr, "notes")
+	ed.join(t, "dave", "ws://"+r1.addr, "plans")
+	ed.join(t, "erin", "ws://"+r2.addr, "plans")
+	// frank is on the server itself and comes back on his own.
+	ed.do(t, map[string]any{"cmd": "join", "name": "frank", "url": srv.url(), "doc": "notes", "maxBackoffMs": 200})
+	up := map[string]int{"notes": 3, "plans": 2}
+	srv.waitOpen(t, up)
+	ed.do(t, map[string]any{"cmd": "startEditing", "intervalMs": 20})
+	const outages = 2
+	for range outages {
+		ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+		srv.kill(t) // and every document with it: it keeps them in memory
+		ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+		srv.start(t)
+		srv.waitOpen(t, up) // both relays and frank are back
+	}
+	ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+	ed.do(t, map[string]any{"cmd": "stopEditing"})
+	ed.convergeWithin(t, syncBound)
+	// plans lives only in the relays' editors: what the restarted server
+	// has of it came from their resyncs. Fresh editors on the server get
+	// everything from the server alone.
+	ed.join(t, "fresh1", srv.url(), "notes")
+	ed.join(t, "fresh2", srv.url(), "plans")
+	ed.convergeWithin(t, syncBound)
+	// One connect per document and relay, and one more after each restart.
+	for _, r := range []*relayProcess{r1, r2} {
+		checkUpstreams(t, r, logUpstreamConnected, outages+1, "notes", "plans")
+	}
+}
+
+// TestInteropYjsUpstreamsFollowDocuments opens and closes documents in a
+// loop: an upstream WebSocket exists for a document while it has local
+// editors and for --upstream-grace after the last one left, then closes,
+// so nothing accumulates; one that is joined again within the grace is
+// used again.
+func TestInteropYjsUpstreamsFollowDocuments(t *testing.T) {
+	const (
+		grace = 200 * time.Millisecond
+		// closeBound bounds how long after the grace an upstream may stay.
+		closeBound = 5 * time.Second
+		rounds     = 20
+	)
+	srv := startYjsServer(t)
+	relay := startYjsRelay(t, srv, "--upstream-grace", grace.String())
+	ed := startEditors(t)
+	var docs []string
+	lastLeft := map[string]time.Time{} // room → when its relay editor was told to leave
+	for i := range rounds {
+		doc := fmt.Sprintf("loop-%02d", i)
+		docs = append(docs, doc)
+		// x is on the server, e on the relay: once x has e's edit, the
+		// relay's upstream for doc is open and has carried it.
+		x, e := fmt.Sprintf("x%02d", i), fmt.Sprintf("e%02d", i)
+		ed.join(t, x, srv.url(), doc)
+		ed.join(t, e, "ws://"+relay.addr, doc)
+		ed.do(t, map[string]any{"cmd": "edit", "rounds": 1, "names": []string{e}})
+		ed.convergeWithin(t, syncBound)
+		srv.waitOpen(t, map[string]int{doc: 2})
+		ed.do(t, map[string]any{"cmd": "leave", "name": x})
+		lastLeft[doc] = time.Now()
+		ed.do(t, map[string]any{"cmd": "leave", "name": e})
+	}
+	srv.waitUntil(t, "every loop room is closed", func() bool {
+		for _, doc := range docs {
+			if srv.open[doc] != 0 {
+				return false
+			}
+		}
+		return true
+	})
+	for _, doc := range docs {
+		if n := srv.count(doc, "open"); n != 2 {
+			t.Errorf("room %s was opened %d times, want 2: once by the relay, once by the editor on the server", doc, n)
+		}
+		if n := srv.maxOpen(doc); n != 2 {
+			t.Errorf("room %s had %d WebSockets open at once, want 2", doc, n)
+		}
+		h := srv.history(doc)
+		closed := h[len(h)-1]
+		if closed.kind != "closed" || closed.n != 0 {
+			t.Errorf("room %s: last event %+v, want its last close", doc, closed)
+			continue
+		}
+		if after := closed.at.Sub(lastLeft[doc]); after < grace || after > grace+closeBound {
+			t.Errorf("the upstream of %s closed %v after its last editor left, want within [%v, %v]", doc, after, grace, grace+closeBound)
+		}
+	}
+	// The relay logged each upstream once as connected and once as closed
+	// (the server has seen both already; give the log a moment to catch up).
+	for n := 0; n < rounds; {
+		select {
+		case line := <-relay.logs.lines:
+			if strings.Contains(line, logUpstreamClosed) {
+				n++
+			}
+		case <-time.After(testTimeout):
+			t.Fatalf("the relay logged %d of %d lines with %s", n, rounds, logUpstreamClosed)
+		}
+	}
+	checkUpstreams(t, relay, logUpstreamConnected, 1, docs...)
+	checkUpstreams(t, relay, logUpstreamClosed, 1, docs...)
+
+	// Within the grace the same upstream serves a returning editor: on a
+	// relay whose grace outlasts the test (its stop must not wait for it).
+	// (The witness on the server shows that first's edits went upstream.)
+	long := startYjsRelay(t, srv, "--upstream-grace", "1m")
+	ed.join(t, "first", "ws://"+long.addr, "again")
+	ed.join(t, "witness", srv.url(), "again")
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 2, "names": []string{"first"}})
+	report := ed.convergeWithin(t, syncBound)
+	ed.do(t, map[string]any{"cmd": "leave", "name": "witness"})
+	ed.do(t, map[string]any{"cmd": "leave", "name": "first"})
+	srv.waitOpen(t, map[string]int{"again": 1})
+	ed.join(t, "second", "ws://"+long.addr, "again")
+	ed.convergeWith(t, madeByDoc(report)) // first's edits, from the server
+	if n := srv.count("again", "open"); n != 2 {
+		t.Errorf("room again was opened %d times, want 2: once by the witness, once by the relay, whose upstream outlives its editors by the grace", n)
+	}
+	checkUpstreams(t, long, logUpstreamConnected, 1, "again")
+	checkUpstreams(t, long, logUpstreamClosed, 0, "again")
+}
+
+func TestInteropYjsRefusedDocumentStaysLocal(t *testing.T) {
+	srv := startYjsServer(t, "--refuse-regex", `^[A-Za-z0-9_-]{1,250}$`) // as ELVA servers
+	relay := startYjsRelay(t, srv, "--retry-max", "1s")
+	ed := startEditors(t)
+	const bad = "bad name!"
+	ed.join(t, "alice", "ws://"+relay.addr, bad)
+	ed.join(t, "bob", "ws://"+relay.addr, bad)
+	ed.join(t, "carol", "ws://"+relay.addr, "good")
+	ed.join(t, "dave", srv.url(), "good")
+	line := relay.waitLog(t, "403")
+	if !strings.Contains(line, logAttr("doc", bad)) || !strings.Contains(line, "does not match") {
+		t.Errorf("refusal logged as %q, want %s, 403 and the server's reason", line, logAttr("doc", bad))
+	}
+	// Some 1.5 s of typing, longer than any retry delay (--retry-max 1s):
+	// the refusal is not logged again meanwhile.
+	ed.do(t, map[string]any{"cmd": "startEditing", "intervalMs": 20})
+	ed.do(t, map[string]any{"cmd": "waitEdits", "count": 75})
+	ed.do(t, map[string]any{"cmd": "stopEditing"})
+	ed.convergeWithin(t, syncBound) // bad among alice and bob, good through the server
+	ed.do(t, map[string]any{"cmd": "awareness", "name": "alice", "of": "bob", "present": true, "timeoutMs": 5000})
+	ed.do(t, map[string]any{"cmd": "awareness", "name": "dave", "of": "carol", "present": true, "timeoutMs": 5000})
+
+	var refusals []string
+	for l := range strings.Lines(relay.logs.String()) {
+		if strings.Contains(l, "403") && strings.Contains(l, logAttr("doc", bad)) {
+			refusals = append(refusals, l)
+		}
+	}
+	if len(refusals) != 1 {
+		t.Errorf("%d log lines name the refusal of %q, want 1:\n%s", len(refusals), bad, strings.Join(refusals, ""))
+	}
+	const badRoom = "bad%20name!"
+	if srv.count(badRoom, "refused") == 0 || srv.count(badRoom, "open") != 0 {
+		t.Errorf("room %s: %d refusals and %d opens, want some and 0", badRoom, srv.count(badRoom, "refused"), srv.count(badRoom, "open"))
+	}
+	for _, e := range srv.history("") {
+		if e.room != badRoom && e.room != "good" {
+			t.Errorf("the server saw %s on room %q", e.kind, e.room)
+		}
+	}
+	if n := srv.count("good", "open"); n != 2 {
+		t.Errorf("room good was opened %d times, want 2: once by the relay, once by dave", n)
+	}
+	checkUpstreams(t, relay, logUpstreamConnected, 1, "good")
+	checkUpstreams(t, relay, logUpstreamConnected, 0, bad)
 }

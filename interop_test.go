@@ -2,11 +2,13 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"net"
@@ -1106,4 +1108,571 @@ func TestInteropOversizedDocumentLeavesUpstreamAlone(t *testing.T) {
 			t.Errorf("relay %d connected upstream %d times, want 1: it never sends a frame over the limit", i+1, n)
 		}
 	}
+}
+
+// The tests below run the relay in --protocol yjs mode (PROTOCOL.md §3):
+// one upstream WebSocket per document, against the y-websocket reference
+// server (interop/yjs-server.mjs, @y/websocket-server), real editors on the
+// relays and straight on the server.
+
+// yjsRoomRE matches a connection event of yjs-server.mjs.
+var yjsRoomRE = regexp.MustCompile(`^(open|closed) ("(?:[^"\\]|\\.)*") (\d+) (\d+)$`)
+
+// yjsEvent is one line of yjs-server.mjs: a WebSocket of room opened or
+// closed (n of the room and total of the server open after it), or an
+// upgrade refused with 403.
+type yjsEvent struct {
+	kind     string // "open", "closed" or "refused"
+	room     string
+	n, total int
+	at       time.Time // when the test read it: after the event
+}
+
+// yjsServer is interop/yjs-server.mjs on 127.0.0.1, which a test can kill
+// and start again on its port (with empty documents: it keeps them in
+// memory). It follows the server's connection events.
+type yjsServer struct {
+	extra  []string // options, such as --refuse-regex
+	port   string
+	cmd    *exec.Cmd
+	done   chan error
+	stderr *logBuffer
+
+	mu      sync.Mutex
+	open    map[string]int // room → open WebSockets now
+	events  []yjsEvent     // every event since the test began
+	changed chan struct{}  // closed and replaced on every event
+}
+
+// startYjsServer starts the server on a free port with the options in
+// extra; it is killed at the end of the test.
+func startYjsServer(t *testing.T, extra ...string) *yjsServer {
+	t.Helper()
+	requireNode(t)
+	s := &yjsServer{extra: extra, port: "0", stderr: newLogBuffer(), open: map[string]int{}, changed: make(chan struct{})}
+	s.start(t)
+	t.Cleanup(func() {
+		s.kill(t)
+		if t.Failed() && s.stderr.String() != "" {
+			t.Logf("yjs-server stderr:\n%s", s.stderr.String())
+		}
+	})
+	return s
+}
+
+// url is the server's ws:// URI, the relay's --server.
+func (s *yjsServer) url() string { return "ws://127.0.0.1:" + s.port + "/" }
+
+// start runs the server on s.port and waits until it listens.
+func (s *yjsServer) start(t *testing.T) {
+	t.Helper()
+	s.cmd = exec.Command("node", append([]string{"yjs-server.mjs", "--port", s.port}, s.extra...)...)
+	s.cmd.Dir = "interop"
+	s.cmd.Stderr = s.stderr
+	stdout, err := s.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s.done = make(chan error, 1)
+	listening := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			if port, ok := strings.CutPrefix(sc.Text(), "listening "); ok {
+				listening <- port
+				continue
+			}
+			s.note(sc.Text())
+		}
+		s.done <- s.cmd.Wait()
+	}()
+	select {
+	case s.port = <-listening:
+	case err := <-s.done:
+		t.Fatalf("yjs-server exited: %v\n%s", err, s.stderr.String())
+	case <-time.After(testTimeout):
+		t.Fatal("yjs-server did not listen")
+	}
+}
+
+// note records one event line of the server.
+func (s *yjsServer) note(line string) {
+	e := yjsEvent{at: time.Now()}
+	if m := yjsRoomRE.FindStringSubmatch(line); m != nil {
+		e.kind = m[1]
+		json.Unmarshal([]byte(m[2]), &e.room)
+		fmt.Sscan(m[3], &e.n)
+		fmt.Sscan(m[4], &e.total)
+	} else if room, ok := strings.CutPrefix(line, "refused "); ok {
+		e.kind = "refused"
+		json.Unmarshal([]byte(room), &e.room)
+	} else {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e.kind != "refused" {
+		if e.n == 0 {
+			delete(s.open, e.room)
+		} else {
+			s.open[e.room] = e.n
+		}
+	}
+	s.events = append(s.events, e)
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// kill ends the server at once, as a crash would: no close frames. Its
+// connections are gone with it.
+func (s *yjsServer) kill(t *testing.T) {
+	if s.cmd == nil {
+		return
+	}
+	s.cmd.Process.Kill()
+	<-s.done // the reader has noted every line
+	s.cmd = nil
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clear(s.open)
+}
+
+// waitUntil waits until cond, called with s.mu held, holds after some
+// event, or fails the test after testTimeout naming what.
+func (s *yjsServer) waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.After(testTimeout)
+	for {
+		s.mu.Lock()
+		ok, changed, open := cond(), s.changed, maps.Clone(s.open)
+		s.mu.Unlock()
+		if ok {
+			return
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			t.Fatalf("yjs-server: timed out waiting until %s; open now: %v", what, open)
+		}
+	}
+}
+
+// waitOpen waits until each room has exactly the given number of open
+// WebSockets.
+func (s *yjsServer) waitOpen(t *testing.T, want map[string]int) {
+	t.Helper()
+	s.waitUntil(t, fmt.Sprintf("rooms have %v WebSockets open", want), func() bool {
+		for room, n := range want {
+			if s.open[room] != n {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// history returns a copy of the events of room (every room if "").
+func (s *yjsServer) history(room string) []yjsEvent {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []yjsEvent
+	for _, e := range s.events {
+		if room == "" || e.room == room {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// count returns how many events of kind room had.
+func (s *yjsServer) count(room, kind string) int {
+	n := 0
+	for _, e := range s.history(room) {
+		if e.kind == kind {
+			n++
+		}
+	}
+	return n
+}
+
+// maxOpen returns the most WebSockets room had open at once.
+func (s *yjsServer) maxOpen(room string) int {
+	most := 0
+	for _, e := range s.history(room) {
+		most = max(most, e.n)
+	}
+	return most
+}
+
+// startYjsRelay runs the relay in --protocol yjs mode against srv, with
+// the flags in extra. It waits only until the relay listens: in this mode
+// an upstream connects when a document's first editor joins.
+func startYjsRelay(t *testing.T, srv *yjsServer, extra ...string) *relayProcess {
+	t.Helper()
+	return launchRelay(t, "0", append([]string{"--protocol", "yjs", "--server", srv.url()}, extra...)...)
+}
+
+// logAttr renders key=value as the relay's slog text handler writes it:
+// quoted when the value has spaces or other special characters.
+func logAttr(key, value string) string {
+	var b bytes.Buffer
+	drop := func(groups []string, a slog.Attr) slog.Attr {
+		if len(groups) == 0 && (a.Key == slog.TimeKey || a.Key == slog.LevelKey || a.Key == slog.MessageKey) {
+			return slog.Attr{}
+		}
+		return a
+	}
+	slog.New(slog.NewTextHandler(&b, &slog.HandlerOptions{ReplaceAttr: drop})).Info("", key, value)
+	return strings.TrimSpace(b.String())
+}
+
+// docLines returns the lines of logs that contain msg and the attribute
+// doc=<doc> exactly (not as the prefix of a longer name).
+func docLines(logs, msg, doc string) []string {
+	attr := " " + logAttr("doc", doc) + " "
+	var out []string
+	for line := range strings.Lines(logs) {
+		if strings.Contains(line, msg) && strings.Contains(" "+strings.TrimSpace(line)+" ", attr) {
+			out = append(out, line)
+		}
+	}
+	return out
+}
+
+// The relay's log messages that the yjs-mode tests rely on.
+const (
+	logUpstreamConnected = `msg="upstream connected"`
+	logUpstreamClosed    = `msg="upstream closed"`
+)
+
+// checkUpstreams fails the test unless the relay logged want lines with
+// msg for each of docs.
+func checkUpstreams(t *testing.T, relay *relayProcess, msg string, want int, docs ...string) {
+	t.Helper()
+	logs := relay.logs.String()
+	for _, doc := range docs {
+		if got := docLines(logs, msg, doc); len(got) != want {
+			t.Errorf("the relay logged %d lines with %s and %s, want %d:\n%s", len(got), msg, logAttr("doc", doc), want, strings.Join(got, ""))
+		}
+	}
+}
+
+// TestInteropYjsServerAlone checks the test server itself, without a
+// relay: editors straight on it converge and see each other, its room is
+// the raw path, a new WebSocket gets the server's sync step 1 and then the
+// room's awareness, and --refuse-regex answers 403 with a reason.
+func TestInteropYjsServerAlone(t *testing.T) {
+	srv := startYjsServer(t, "--refuse-regex", `^[A-Za-z0-9_-]{1,250}$`)
+	ed := startEditors(t)
+	ed.join(t, "alice", srv.url(), "notes")
+	ed.join(t, "bob", srv.url(), "notes")
+	ed.join(t, "carol", srv.url(), "plans")
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 3})
+	ed.convergeWithin(t, syncBound)
+	ed.do(t, map[string]any{"cmd": "awareness", "name": "alice", "of": "bob", "present": true, "timeoutMs": 5000})
+	ed.do(t, map[string]any{"cmd": "awareness", "name": "bob", "of": "alice", "present": true, "timeoutMs": 5000})
+	srv.waitOpen(t, map[string]int{"notes": 2, "plans": 1})
+
+	// What a new connection gets: step 1, then the awareness of the two.
+	ws := dialLocal(t, "127.0.0.1:"+srv.port, "notes")
+	if msg := receive(t, ws); !bytes.HasPrefix(msg, []byte{msgSync, syncStep1}) {
+		t.Errorf("first message % x, want sync step 1", msg)
+	}
+	if msg := receive(t, ws); len(msg) == 0 || msg[0] != msgAwareness {
+		t.Errorf("second message % x, want the room's awareness", msg)
+	}
+	srv.waitOpen(t, map[string]int{"notes": 3})
+	ws.Close()
+	srv.waitOpen(t, map[string]int{"notes": 2})
+
+	// A name outside the regex is refused before the upgrade, with a reason.
+	if status, body := upgradeStatus(t, "127.0.0.1:"+srv.port, "/bad%20name!"); status != http.StatusForbidden || !strings.Contains(body, "does not match") {
+		t.Errorf("upgrade to /bad%%20name!: %d %q, want 403 with a reason", status, body)
+	}
+	resp, err := http.Get("http://127.0.0.1:" + srv.port + "/stats")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var stats struct {
+		Rooms map[string]int `json:"rooms"`
+		Total int            `json:"total"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&stats); err != nil {
+		t.Fatal(err)
+	}
+	if stats.Total != 3 || stats.Rooms["notes"] != 2 || stats.Rooms["plans"] != 1 {
+		t.Errorf("stats %+v, want notes 2, plans 1", stats)
+	}
+	srv.waitUntil(t, "the bad room was refused", func() bool {
+		return slices.ContainsFunc(srv.events, func(e yjsEvent) bool { return e.kind == "refused" })
+	})
+	if n := srv.count("bad%20name!", "refused"); n != 1 || srv.count("bad%20name!", "open") != 0 {
+		t.Errorf("room bad%%20name!: %d refusals and %d opens, want 1 and 0", n, srv.count("bad%20name!", "open"))
+	}
+}
+
+// upgradeStatus sends a WebSocket upgrade request for target to addr and
+// returns the HTTP status and body of the answer.
+func upgradeStatus(t *testing.T, addr, target string) (int, string) {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, testTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(testTimeout))
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", target, addr)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("upgrade %s: %v", target, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// yjsRooms maps documents to their room on a y-websocket server: the name
+// escaped as browsers escape a URL path (the WHATWG path percent-encode
+// set; a "%" stays as it is), which is what a y-websocket client straight
+// on the server asks for and what the relay must ask for too.
+var yjsRooms = map[string]string{
+	"notes":             "notes",
+	"Grüße":             "Gr%C3%BC%C3%9Fe",
+	"100% sure|[v2]{x}": "100%%20sure|[v2]%7Bx%7D", // url.PathEscape gives 100%25%20sure%7C%5Bv2%5D%7Bx%7D
+}
+
+func TestInteropYjsTwoRelaysThreeDocuments(t *testing.T) {
+	srv := startYjsServer(t)
+	r1 := startYjsRelay(t, srv)
+	r2 := startYjsRelay(t, srv)
+	ed := startEditors(t)
+	docs := slices.Sorted(maps.Keys(yjsRooms))
+	editorsOf := map[string][]string{} // doc → its editors, sorted
+	for i, doc := range docs {
+		// Two on the first relay, one on the second, one on the server.
+		for _, j := range []struct{ who, url string }{
+			{"ann", "ws://" + r1.addr}, {"ben", "ws://" + r1.addr}, {"cat", "ws://" + r2.addr}, {"dan", srv.url()},
+		} {
+			name := fmt.Sprintf("%s%d", j.who, i)
+			ed.join(t, name, j.url, doc)
+			editorsOf[doc] = append(editorsOf[doc], name)
+		}
+	}
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 5})
+	report := ed.convergeWithin(t, syncBound) // one document each, isolated
+	// Every editor sees every editor of its document, wherever it is,
+	// sooner than the 15 s renewal: the server sends a newcomer the room's
+	// states and everyone the newcomer's.
+	for _, r := range report {
+		for _, other := range editorsOf[r.Doc] {
+			ed.do(t, map[string]any{"cmd": "awareness", "name": r.Name, "of": other, "present": true, "timeoutMs": 5000})
+		}
+	}
+	for _, r := range ed.do(t, map[string]any{"cmd": "report"}).Report {
+		if want := editorsOf[r.Doc]; !slices.Equal(r.Awareness, want) {
+			t.Errorf("%s on %q sees awareness of %v, want %v", r.Name, r.Doc, r.Awareness, want)
+		}
+	}
+	// One WebSocket per relay and document, in the room a y-websocket
+	// client asks for, and no other room.
+	want := map[string]int{}
+	for _, room := range yjsRooms {
+		want[room] = 3
+	}
+	srv.waitOpen(t, want)
+	for _, e := range srv.history("") {
+		if _, ok := want[e.room]; !ok {
+			t.Errorf("the server saw %s on room %q, want only rooms %v", e.kind, e.room, slices.Sorted(maps.Keys(want)))
+		}
+	}
+	for room := range want {
+		if n := srv.count(room, "open"); n != 3 {
+			t.Errorf("room %q was opened %d times, want 3: once per relay, once by the editor on the server", room, n)
+		}
+	}
+	for _, r := range []*relayProcess{r1, r2} {
+		checkUpstreams(t, r, logUpstreamConnected, 1, docs...)
+	}
+}
+
+func TestInteropYjsServerRestartWhileTyping(t *testing.T) {
+	srv := startYjsServer(t)
+	r1 := startYjsRelay(t, srv, "--retry-max", "1s")
+	r2 := startYjsRelay(t, srv, "--retry-max", "1s")
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+r1.addr, "notes")
+	ed.join(t, "bob", "ws://"+r1.addr, "notes")
+	ed.join(t, "carol", "ws://"+r2.addr, "notes")
+	ed.join(t, "dave", "ws://"+r1.addr, "plans")
+	ed.join(t, "erin", "ws://"+r2.addr, "plans")
+	// frank is on the server itself and comes back on his own.
+	ed.do(t, map[string]any{"cmd": "join", "name": "frank", "url": srv.url(), "doc": "notes", "maxBackoffMs": 200})
+	up := map[string]int{"notes": 3, "plans": 2}
+	srv.waitOpen(t, up)
+	ed.do(t, map[string]any{"cmd": "startEditing", "intervalMs": 20})
+	const outages = 2
+	for range outages {
+		ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+		srv.kill(t) // and every document with it: it keeps them in memory
+		ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+		srv.start(t)
+		srv.waitOpen(t, up) // both relays and frank are back
+	}
+	ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+	ed.do(t, map[string]any{"cmd": "stopEditing"})
+	ed.convergeWithin(t, syncBound)
+	// plans lives only in the relays' editors: what the restarted server
+	// has of it came from their resyncs. Fresh editors on the server get
+	// everything from the server alone.
+	ed.join(t, "fresh1", srv.url(), "notes")
+	ed.join(t, "fresh2", srv.url(), "plans")
+	ed.convergeWithin(t, syncBound)
+	// One connect per document and relay, and one more after each restart.
+	for _, r := range []*relayProcess{r1, r2} {
+		checkUpstreams(t, r, logUpstreamConnected, outages+1, "notes", "plans")
+	}
+}
+
+// TestInteropYjsUpstreamsFollowDocuments opens and closes documents in a
+// loop: an upstream WebSocket exists for a document while it has local
+// editors and for --upstream-grace after the last one left, then closes,
+// so nothing accumulates; one that is joined again within the grace is
+// used again.
+func TestInteropYjsUpstreamsFollowDocuments(t *testing.T) {
+	const (
+		grace = 200 * time.Millisecond
+		// closeBound bounds how long after the grace an upstream may stay.
+		closeBound = 5 * time.Second
+		rounds     = 20
+	)
+	srv := startYjsServer(t)
+	relay := startYjsRelay(t, srv, "--upstream-grace", grace.String())
+	ed := startEditors(t)
+	var docs []string
+	lastLeft := map[string]time.Time{} // room → when its relay editor was told to leave
+	for i := range rounds {
+		doc := fmt.Sprintf("loop-%02d", i)
+		docs = append(docs, doc)
+		// x is on the server, e on the relay: once x has e's edit, the
+		// relay's upstream for doc is open and has carried it.
+		x, e := fmt.Sprintf("x%02d", i), fmt.Sprintf("e%02d", i)
+		ed.join(t, x, srv.url(), doc)
+		ed.join(t, e, "ws://"+relay.addr, doc)
+		ed.do(t, map[string]any{"cmd": "edit", "rounds": 1, "names": []string{e}})
+		ed.convergeWithin(t, syncBound)
+		srv.waitOpen(t, map[string]int{doc: 2})
+		ed.do(t, map[string]any{"cmd": "leave", "name": x})
+		lastLeft[doc] = time.Now()
+		ed.do(t, map[string]any{"cmd": "leave", "name": e})
+	}
+	srv.waitUntil(t, "every loop room is closed", func() bool {
+		for _, doc := range docs {
+			if srv.open[doc] != 0 {
+				return false
+			}
+		}
+		return true
+	})
+	for _, doc := range docs {
+		if n := srv.count(doc, "open"); n != 2 {
+			t.Errorf("room %s was opened %d times, want 2: once by the relay, once by the editor on the server", doc, n)
+		}
+		if n := srv.maxOpen(doc); n != 2 {
+			t.Errorf("room %s had %d WebSockets open at once, want 2", doc, n)
+		}
+		h := srv.history(doc)
+		closed := h[len(h)-1]
+		if closed.kind != "closed" || closed.n != 0 {
+			t.Errorf("room %s: last event %+v, want its last close", doc, closed)
+			continue
+		}
+		if after := closed.at.Sub(lastLeft[doc]); after < grace || after > grace+closeBound {
+			t.Errorf("the upstream of %s closed %v after its last editor left, want within [%v, %v]", doc, after, grace, grace+closeBound)
+		}
+	}
+	// The relay logged each upstream once as connected and once as closed
+	// (the server has seen both already; give the log a moment to catch up).
+	for n := 0; n < rounds; {
+		select {
+		case line := <-relay.logs.lines:
+			if strings.Contains(line, logUpstreamClosed) {
+				n++
+			}
+		case <-time.After(testTimeout):
+			t.Fatalf("the relay logged %d of %d lines with %s", n, rounds, logUpstreamClosed)
+		}
+	}
+	checkUpstreams(t, relay, logUpstreamConnected, 1, docs...)
+	checkUpstreams(t, relay, logUpstreamClosed, 1, docs...)
+
+	// Within the grace the same upstream serves a returning editor: on a
+	// relay whose grace outlasts the test (its stop must not wait for it).
+	// (The witness on the server shows that first's edits went upstream.)
+	long := startYjsRelay(t, srv, "--upstream-grace", "1m")
+	ed.join(t, "first", "ws://"+long.addr, "again")
+	ed.join(t, "witness", srv.url(), "again")
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 2, "names": []string{"first"}})
+	report := ed.convergeWithin(t, syncBound)
+	ed.do(t, map[string]any{"cmd": "leave", "name": "witness"})
+	ed.do(t, map[string]any{"cmd": "leave", "name": "first"})
+	srv.waitOpen(t, map[string]int{"again": 1})
+	ed.join(t, "second", "ws://"+long.addr, "again")
+	ed.convergeWith(t, madeByDoc(report)) // first's edits, from the server
+	if n := srv.count("again", "open"); n != 2 {
+		t.Errorf("room again was opened %d times, want 2: once by the witness, once by the relay, whose upstream outlives its editors by the grace", n)
+	}
+	checkUpstreams(t, long, logUpstreamConnected, 1, "again")
+	checkUpstreams(t, long, logUpstreamClosed, 0, "again")
+}
+
+func TestInteropYjsRefusedDocumentStaysLocal(t *testing.T) {
+	srv := startYjsServer(t, "--refuse-regex", `^[A-Za-z0-9_-]{1,250}$`) // as ELVA servers
+	relay := startYjsRelay(t, srv, "--retry-max", "1s")
+	ed := startEditors(t)
+	const bad = "bad name!"
+	ed.join(t, "alice", "ws://"+relay.addr, bad)
+	ed.join(t, "bob", "ws://"+relay.addr, bad)
+	ed.join(t, "carol", "ws://"+relay.addr, "good")
+	ed.join(t, "dave", srv.url(), "good")
+	line := relay.waitLog(t, "403")
+	if !strings.Contains(line, logAttr("doc", bad)) || !strings.Contains(line, "does not match") {
+		t.Errorf("refusal logged as %q, want %s, 403 and the server's reason", line, logAttr("doc", bad))
+	}
+	// Some 1.5 s of typing, longer than any retry delay (--retry-max 1s):
+	// the refusal is not logged again meanwhile.
+	ed.do(t, map[string]any{"cmd": "startEditing", "intervalMs": 20})
+	ed.do(t, map[string]any{"cmd": "waitEdits", "count": 75})
+	ed.do(t, map[string]any{"cmd": "stopEditing"})
+	ed.convergeWithin(t, syncBound) // bad among alice and bob, good through the server
+	ed.do(t, map[string]any{"cmd": "awareness", "name": "alice", "of": "bob", "present": true, "timeoutMs": 5000})
+	ed.do(t, map[string]any{"cmd": "awareness", "name": "dave", "of": "carol", "present": true, "timeoutMs": 5000})
+
+	var refusals []string
+	for l := range strings.Lines(relay.logs.String()) {
+		if strings.Contains(l, "403") && strings.Contains(l, logAttr("doc", bad)) {
+			refusals = append(refusals, l)
+		}
+	}
+	if len(refusals) != 1 {
+		t.Errorf("%d log lines name the refusal of %q, want 1:\n%s", len(refusals), bad, strings.Join(refusals, ""))
+	}
+	const badRoom = "bad%20name!"
+	if srv.count(badRoom, "refused") == 0 || srv.count(badRoom, "open") != 0 {
+		t.Errorf("room %s: %d refusals and %d opens, want some and 0", badRoom, srv.count(badRoom, "refused"), srv.count(badRoom, "open"))
+	}
+	for _, e := range srv.history("") {
+		if e.room != badRoom && e.room != "good" {
+			t.Errorf("the server saw %s on room %q", e.kind, e.room)
+		}
+	}
+	if n := srv.count("good", "open"); n != 2 {
+		t.Errorf("room good was opened %d times, want 2: once by the relay, once by dave", n)
+	}
+	checkUpstreams(t, relay, logUpstreamConnected, 1, "good")
+	checkUpstreams(t, relay, logUpstreamConnected, 0, bad)
 }

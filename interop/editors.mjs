@@ -23,6 +23,9 @@
 //       she keeps editing locally when told to
 //   {"cmd":"connect","name":"alice"}      connects it again; answers once
 //       connected
+//   {"cmd":"leave","name":"alice"}   destroys alice's provider and document
+//       (her socket closes) and forgets her: she is in no later report or
+//       convergence, and her name may join again
 //   {"cmd":"startEditing","intervalMs":20}   every editor inserts a token
 //   {"cmd":"stopEditing"}                    every interval, until stopped
 //   {"cmd":"waitEdits","count":10}  waits until every editor made count more
@@ -181,6 +184,13 @@ const commands = {
     })
     provider.connect()
     return connected
+  },
+  leave: async ({ name }) => {
+    const e = editor(name)
+    e.provider.destroy()
+    e.ydoc.destroy()
+    editors.delete(name)
+    return {}
   },
   startEditing: async ({ intervalMs }) => {
     editing = setInterval(() => edit(), intervalMs ?? 20)

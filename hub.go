@@ -41,10 +41,18 @@ var writeWait = 10 * time.Second
 // slice is shared by every queue it is put on and never modified.
 var queryAwareness = []byte{msgQueryAwareness}
 
-// kindDocIdle marks a frame that carries no message but tells the
-// upstream that its document has no local editor any more (frame.kind
-// beyond every Yjs message type).
-const kindDocIdle = math.MaxUint64
+// Marker frames carry no message but tell the upstream that a document
+// has local editors now (kindDocActive) or none any more (kindDocIdle):
+// a mode with one connection per document opens and closes it by them.
+// Their kinds lie beyond every Yjs message type; framings send nothing
+// for them.
+const (
+	kindDocActive = math.MaxUint64 - 1
+	kindDocIdle   = math.MaxUint64
+)
+
+// isMarker reports whether f is a marker frame.
+func isMarker(f frame) bool { return f.kind >= kindDocActive }
 
 // frame is one Yjs message on its way through the hub. data is never
 // modified once a reader has handed it on, so the hub shares it between all
@@ -369,6 +377,9 @@ func (h *hub) addEditor(c *conn) {
 	if d == nil {
 		d = &document{name: c.doc, conns: make(map[*conn]struct{})}
 		h.docs[c.doc] = d
+		if !h.stopping {
+			h.toUpstream(frame{doc: c.doc, kind: kindDocActive})
+		}
 	}
 	// c goes in first: should the query close every other editor as slow,
 	// the document must still be there for c.
@@ -421,8 +432,9 @@ func (h *hub) removeEditor(c *conn, code int) {
 		delete(h.docs, c.doc)
 		if !h.stopping {
 			delete(h.cut, c.doc) // a joiner's step 2 is the first again
-			// A mode with one connection per document may close it now.
-			h.toUpstream(frame{doc: c.doc, kind: kindDocIdle})
+			// After the removals: a mode with one connection per document
+			// may close it once they are out.
+			h.removals = append(h.removals, frame{doc: c.doc, kind: kindDocIdle})
 		}
 	}
 }
@@ -613,6 +625,9 @@ type upstreamLink struct {
 	// overhead is what the link's framing adds to a message of doc on the
 	// wire, in bytes (the ELVA ID prefix); nil: nothing.
 	overhead func(doc string) int
+	// markers asks for the marker frames (kindDocActive, kindDocIdle): a
+	// mode with one connection per document opens and closes them by these.
+	markers bool
 }
 
 // toUpstream queues f for the upstream writer without blocking. A full
@@ -620,6 +635,9 @@ type upstreamLink struct {
 // While the upstream is down nothing is kept: the resync on reconnect
 // makes up for it (see resync).
 func (h *hub) toUpstream(f frame) {
+	if isMarker(f) && (h.up == nil || !h.up.markers) {
+		return // a down link's resync marks every document again
+	}
 	if h.up == nil {
 		if n, ok := h.drops.allow(dropUpstreamDown, time.Now()); ok {
 			h.drops.write(h.log, dropUpstreamDown, n, "doc", f.doc)
@@ -779,6 +797,7 @@ func (h *hub) useLink(l *upstreamLink) {
 // a replay log: see the README (Outages).
 func (h *hub) resync() {
 	for name, d := range h.docs {
+		h.toUpstream(frame{doc: name, kind: kindDocActive})
 		h.toUpstream(frame{doc: name, data: emptyStep1, kind: msgSync})
 		h.askForState(d)
 	}

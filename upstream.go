@@ -472,7 +472,7 @@ type idFraming struct{ magic idMagic }
 func (i idFraming) encoder() func(frame) []byte {
 	var buf []byte
 	return func(f frame) []byte {
-		if f.kind == kindDocIdle {
+		if isMarker(f) {
 			return nil
 		}
 		msg := append(appendIDPrefix(buf[:0], i.magic, f.doc), f.data...)
@@ -493,7 +493,7 @@ type plainFraming struct{ doc string }
 // encoder sends messages as they are.
 func (p plainFraming) encoder() func(frame) []byte {
 	return func(f frame) []byte {
-		if f.kind == kindDocIdle {
+		if isMarker(f) {
 			return nil
 		}
 		return f.data
@@ -635,8 +635,8 @@ type yjsRemote struct {
 	docs    map[string]*yjsDoc
 	pending []string // documents whose resync the hub has yet to take
 	// Static after construction.
-	events chan yjsEvent // from the documents' connections
-	idle   chan yjsIdle  // grace timers that ran out
+	events chan docEvent // from the documents' connections
+	idle   chan graceEnd // grace timers that ran out
 	quit   chan struct{} // closed when the dispatcher stops listening
 	dials  chan struct{} // a token per handshake in progress
 }
@@ -649,8 +649,8 @@ func newYjsRemote(base upstream, grace time.Duration) *yjsRemote {
 		grace:  grace,
 		log:    base.log,
 		docs:   make(map[string]*yjsDoc),
-		events: make(chan yjsEvent),
-		idle:   make(chan yjsIdle),
+		events: make(chan docEvent),
+		idle:   make(chan graceEnd),
 		quit:   make(chan struct{}),
 		dials:  make(chan struct{}, maxDials),
 	}
@@ -666,10 +666,10 @@ type yjsDoc struct {
 	reopen  bool               // used again while closing: start anew after
 }
 
-// yjsEvent is news from one document's connection to the dispatcher: its
+// docEvent is news from one document's connection to the dispatcher: its
 // link is up (attach), down, or its run has ended (with the error that
 // ended it, errAuth or nil).
-type yjsEvent struct {
+type docEvent struct {
 	doc    string
 	link   *upstreamLink
 	attach bool
@@ -678,8 +678,8 @@ type yjsEvent struct {
 	reply  chan bool // for an attach: false when the document is closing
 }
 
-// yjsIdle is a grace timer of doc that ran out.
-type yjsIdle struct {
+// graceEnd is a grace timer of doc that ran out.
+type graceEnd struct {
 	doc string
 	seq int
 }
@@ -728,38 +728,25 @@ func (y *yjsRemote) run(ctx context.Context) error {
 // attachToHub hands the hub a new link, the one every document's frames
 // come through; false: the hub has stopped.
 func (y *yjsRemote) attachToHub() (*upstreamLink, bool) {
-	l := &upstreamLink{send: make(chan frame, upstreamQueue)}
+	l := &upstreamLink{send: make(chan frame, upstreamQueue), markers: true}
 	return l, y.hub.attachLink(l)
 }
 
-// dispatch passes f to its document's connection, starting one for a
-// document new here, or starts the grace of a document whose last local
-// editor left. While a connection is down its frames are dropped: the
-// resync when it is back makes up for them, as in elva mode.
+// dispatch passes f to its document's connection. The hub's markers
+// start a document's connection (or keep it from closing) and start its
+// grace when the last local editor left. While a connection is down its
+// frames are dropped: the resync when it is back makes up for them, as in
+// elva mode.
 func (y *yjsRemote) dispatch(ctx context.Context, f frame) {
 	d := y.docs[f.doc]
-	if f.kind == kindDocIdle {
-		if d != nil && !d.closing && !d.idle {
-			d.idle, d.idleSeq = true, d.idleSeq+1
-			seq := d.idleSeq
-			time.AfterFunc(y.grace, func() {
-				select {
-				case y.idle <- yjsIdle{f.doc, seq}:
-				case <-y.quit:
-				}
-			})
-		}
-		return
-	}
 	switch {
-	case d == nil:
-		d = y.open(ctx, f.doc)
-	case d.closing:
-		d.reopen = true
+	case f.kind == kindDocActive:
+		y.activate(ctx, f.doc, d)
 		return
-	}
-	d.idle = false
-	if d.link == nil {
+	case f.kind == kindDocIdle:
+		y.startGrace(f.doc, d)
+		return
+	case d == nil || d.closing || d.link == nil:
 		return
 	}
 	if d.link.backlog.add(len(f.data), y.hub.linkBytes) {
@@ -773,6 +760,34 @@ func (y *yjsRemote) dispatch(ctx context.Context, f frame) {
 	y.log.Warn("upstream send queue full: reconnecting", "doc", f.doc)
 	close(d.link.send) // the connection flushes, ends and reconnects
 	d.link = nil
+}
+
+// activate opens doc's connection if it has none, or keeps it open.
+func (y *yjsRemote) activate(ctx context.Context, doc string, d *yjsDoc) {
+	switch {
+	case d == nil:
+		y.open(ctx, doc)
+	case d.closing:
+		d.reopen = true // once the closing one has ended
+	default:
+		d.idle = false
+	}
+}
+
+// startGrace closes doc's connection after the grace unless an editor
+// comes back before.
+func (y *yjsRemote) startGrace(doc string, d *yjsDoc) {
+	if d == nil || d.closing || d.idle {
+		return
+	}
+	d.idle, d.idleSeq = true, d.idleSeq+1
+	seq := d.idleSeq
+	time.AfterFunc(y.grace, func() {
+		select {
+		case y.idle <- graceEnd{doc, seq}:
+		case <-y.quit:
+		}
+	})
 }
 
 // open starts the connection of doc: an upstream of its own at
@@ -790,7 +805,7 @@ func (y *yjsRemote) open(ctx context.Context, doc string) *yjsDoc {
 	go func() {
 		err := u.run(dctx)
 		select {
-		case y.events <- yjsEvent{doc: doc, ended: true, err: err}:
+		case y.events <- docEvent{doc: doc, ended: true, err: err}:
 		case <-y.quit:
 		}
 	}()
@@ -799,7 +814,7 @@ func (y *yjsRemote) open(ctx context.Context, doc string) *yjsDoc {
 
 // handle applies news from a document's connection. It returns errAuth
 // when that connection's credentials were refused.
-func (y *yjsRemote) handle(ctx context.Context, ev yjsEvent) error {
+func (y *yjsRemote) handle(ctx context.Context, ev docEvent) error {
 	d := y.docs[ev.doc]
 	switch {
 	case ev.attach:
@@ -826,7 +841,7 @@ func (y *yjsRemote) handle(ctx context.Context, ev yjsEvent) error {
 
 // closeIdle closes the connection of a document whose grace ran out with
 // no local editor back.
-func (y *yjsRemote) closeIdle(t yjsIdle) {
+func (y *yjsRemote) closeIdle(t graceEnd) {
 	d := y.docs[t.doc]
 	if d == nil || !d.idle || d.idleSeq != t.seq || d.closing {
 		return
@@ -881,7 +896,7 @@ type yjsTarget struct {
 func (t yjsTarget) attachLink(l *upstreamLink) bool {
 	reply := make(chan bool, 1)
 	select {
-	case t.y.events <- yjsEvent{doc: t.doc, link: l, attach: true, reply: reply}:
+	case t.y.events <- docEvent{doc: t.doc, link: l, attach: true, reply: reply}:
 		return <-reply
 	case <-t.y.quit:
 		return false
@@ -890,7 +905,7 @@ func (t yjsTarget) attachLink(l *upstreamLink) bool {
 
 func (t yjsTarget) detachLink(l *upstreamLink) {
 	select {
-	case t.y.events <- yjsEvent{doc: t.doc, link: l}:
+	case t.y.events <- docEvent{doc: t.doc, link: l}:
 	case <-t.y.quit:
 	}
 }

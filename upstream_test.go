@@ -447,33 +447,33 @@ func TestUpstreamCloseIsAnsweredAndLogged(t *testing.T) {
 	}
 }
 
-// yjsServer is an in-test plain Yjs server of the kind --protocol yjs
+// pathServer is an in-test plain Yjs server of the kind --protocol yjs
 // talks to: one WebSocket per document, the room named by the raw request
 // target. It hands the test each connection with its raw target, and its
 // frames; the test answers through the connection.
-type yjsServer struct {
+type pathServer struct {
 	srv     *httptest.Server
-	conns   chan yjsServerConn
+	conns   chan pathServerConn
 	targets sync.Map // remote address → the raw request target it sent
 }
 
-// yjsServerConn is one document's connection as the server sees it.
-type yjsServerConn struct {
+// pathServerConn is one document's connection as the server sees it.
+type pathServerConn struct {
 	target string // the request target as sent, e.g. /100%%20sure
 	ws     *websocket.Conn
 	frames chan []byte // closed when the relay closes the connection
 }
 
-// newYjsServer starts the server until the test ends.
-func newYjsServer(t *testing.T) *yjsServer {
+// newPathServer starts the server until the test ends.
+func newPathServer(t *testing.T) *pathServer {
 	t.Helper()
-	s := &yjsServer{conns: make(chan yjsServerConn, 16)}
+	s := &pathServer{conns: make(chan pathServerConn, 16)}
 	handler := websocket.Server{
 		Handshake: func(*websocket.Config, *http.Request) error { return nil },
 		Handler: func(ws *websocket.Conn) {
 			ws.PayloadType = websocket.BinaryFrame
 			target, _ := s.targets.Load(ws.Request().RemoteAddr)
-			c := yjsServerConn{target: target.(string), ws: ws, frames: make(chan []byte, 64)}
+			c := pathServerConn{target: target.(string), ws: ws, frames: make(chan []byte, 64)}
 			s.conns <- c
 			defer close(c.frames)
 			for {
@@ -535,22 +535,22 @@ func (c *targetConn) Read(p []byte) (int, error) {
 }
 
 // url is the server's base address for --server.
-func (s *yjsServer) url() string { return "ws://" + s.srv.Listener.Addr().String() + "/" }
+func (s *pathServer) url() string { return "ws://" + s.srv.Listener.Addr().String() + "/" }
 
 // next returns the next connection the relay opened.
-func (s *yjsServer) next(t *testing.T) yjsServerConn {
+func (s *pathServer) next(t *testing.T) pathServerConn {
 	t.Helper()
 	select {
 	case c := <-s.conns:
 		return c
 	case <-time.After(testTimeout):
 		t.Fatal("the relay opened no connection")
-		return yjsServerConn{}
+		return pathServerConn{}
 	}
 }
 
 // expectFrame waits for want among c's frames, skipping others.
-func (c yjsServerConn) expectFrame(t *testing.T, want []byte) {
+func (c pathServerConn) expectFrame(t *testing.T, want []byte) {
 	t.Helper()
 	deadline := time.After(testTimeout)
 	for {
@@ -574,7 +574,7 @@ func (c yjsServerConn) expectFrame(t *testing.T, want []byte) {
 // carries that document's messages only, both ways; the connection closes
 // after the grace once the last editor has left.
 func TestYjsModeOneConnectionPerDocument(t *testing.T) {
-	srv := newYjsServer(t)
+	srv := newPathServer(t)
 	r := startRelay(t, "--protocol", "yjs", "--server", srv.url(), "--upstream-grace", "50ms")
 	a := join(t, r.addr, "100%25%20sure") // the document "100% sure"
 	up := srv.next(t)

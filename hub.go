@@ -104,21 +104,20 @@ type leaving struct {
 // at the stop, when it waits (bounded) for room in the upstream queue.
 type hub struct {
 	// Static after construction.
-	admission chan admitRequest
-	released  chan string  // an admitted request's handler has returned
-	join      chan *conn   // an upgraded editor
-	leave     chan leaving // an editor's reader has ended
-	local     chan frame   // from editors' readers
-	remote    chan frame   // from the upstream's readers
-	attach    chan *upstreamLink
-	detach    chan *upstreamLink
-	resyncs   chan string // a document whose own upstream connection is up
-
-	quit       chan struct{} // closed when run returns
-	connQueue  int
-	maxMessage int
-	connBytes  int64 // byte budget of an editor's send queue
-	linkBytes  int64 // byte budget of the upstream send queue
+	admission   chan admitRequest  // a local request asks for room before its upgrade
+	released    chan string        // an admitted request's handler has returned
+	join        chan *conn         // an upgraded editor
+	leave       chan leaving       // an editor's reader has ended
+	fromEditors chan frame         // from editors' readers
+	fromServer  chan frame         // from the upstream's readers
+	attach      chan *upstreamLink // an upstream connection is up
+	detach      chan *upstreamLink // an upstream connection has ended
+	resyncs     chan string        // a document whose own upstream connection is up
+	quit        chan struct{}      // closed when run returns
+	connQueue   int                // frames an editor's send queue holds
+	maxMessage  int                // the largest message from an editor, in bytes
+	connBytes   int64              // byte budget of an editor's send queue
+	linkBytes   int64              // byte budget of the upstream send queue
 	// upstreamMax is the largest frame the upstream server takes, in bytes,
 	// with the link's own overhead (--upstream-max-message); 0: no limit.
 	upstreamMax int
@@ -160,8 +159,8 @@ func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *
 		released:    make(chan string),
 		join:        make(chan *conn),
 		leave:       make(chan leaving),
-		local:       make(chan frame, inboxQueue),
-		remote:      make(chan frame, inboxQueue),
+		fromEditors: make(chan frame, inboxQueue),
+		fromServer:  make(chan frame, inboxQueue),
 		attach:      make(chan *upstreamLink),
 		detach:      make(chan *upstreamLink),
 		resyncs:     make(chan string),
@@ -206,9 +205,9 @@ func (h *hub) run(ctx context.Context) {
 			h.addEditor(c)
 		case l := <-h.leave:
 			h.removeEditor(l.c, l.code)
-		case f := <-h.local:
+		case f := <-h.fromEditors:
 			h.fromLocal(f)
-		case f := <-h.remote:
+		case f := <-h.fromServer:
 			h.fromUpstream(f)
 		case l := <-h.attach:
 			h.useLink(l)
@@ -254,7 +253,7 @@ func (h *hub) giveUpWaiting() {
 func (h *hub) finishStop() {
 	for {
 		select {
-		case f := <-h.local:
+		case f := <-h.fromEditors:
 			h.flushAtStop(f)
 		default:
 			if h.up != nil {
@@ -322,7 +321,7 @@ func (h *hub) admitOne(doc string) error {
 
 // releaseOne counts one handler on doc less.
 func (h *hub) releaseOne(doc string) {
-	h.handlers = max(0, h.handlers-1) // giveUpWaiting may have zeroed it
+	h.handlers--
 	if h.perDoc[doc]--; h.perDoc[doc] <= 0 {
 		delete(h.perDoc, doc)
 	}
@@ -350,17 +349,17 @@ func (d *document) has(c *conn) bool {
 // in order, so the editor has answered once its step 2s reach the count
 // of step 1s it had been sent when it was asked.
 type stateRequest struct {
-	c  *conn // nil: no answer is due
-	at int
+	c      *conn // nil: no answer is due
+	step1s int   // c's step 1s, the question included, when it was asked
 }
 
 // ask notes that c was just sent the question.
-func (r *stateRequest) ask(c *conn) { r.c, r.at = c, c.step1s }
+func (r *stateRequest) ask(c *conn) { r.c, r.step1s = c, c.step1s }
 
-// answered notes a step 2 from c; it reports nothing, the question is
-// simply no longer due once c's answer is in.
+// answered notes a step 2 from c: once c has answered as many step 1s as
+// it had been sent when it was asked, the question is no longer due.
 func (r *stateRequest) answered(c *conn) {
-	if r.c == c && c.step2s >= r.at {
+	if r.c == c && c.step2s >= r.step1s {
 		r.c = nil
 	}
 }
@@ -498,7 +497,9 @@ func (h *hub) route(d *document, f frame) {
 func (h *hub) fromUpstream(f frame) {
 	d := h.docs[f.doc]
 	if d == nil {
-		if !h.stopping {
+		if h.stopping {
+			h.drops.allow(dropNoEditors, time.Now()) // counted, not logged
+		} else {
 			h.drops.note(h.log, dropNoEditors, "doc", f.doc)
 		}
 		return
@@ -719,7 +720,14 @@ func (h *hub) cutAtStop(f frame) {
 // link for a full queue would throw away what the relay accepted.
 // Awareness is dropped: every editor's removals are out already.
 func (h *hub) flushAtStop(f frame) {
-	if h.up == nil || f.kind == msgAwareness || h.cut[f.doc] || !h.fitsUpstream(f) {
+	if f.kind == msgAwareness {
+		return
+	}
+	if h.up == nil || h.cut[f.doc] {
+		h.drops.allow(dropNotFlushed, time.Now()) // counted, not logged
+		return
+	}
+	if !h.fitsUpstream(f) {
 		return
 	}
 	h.up.backlog.add(len(f.data), math.MaxInt64) // waiting, not dropping
@@ -1205,8 +1213,8 @@ func closeAttrs(code int, err error) []any {
 }
 
 // awaitPeerClose reads and drops frames until the peer answers the close
-// frame that the relay sent after a protocol error, or closeGrace (set by
-// goodbye) runs out. Closing the socket with the peer's bytes unread would
+// frame that the relay sent (after a protocol error or a timeout), or the
+// grace that sendClose set runs out. Closing the socket with the peer's bytes unread would
 // make the kernel reset it, and the peer might never see the close code.
 func (c *conn) awaitPeerClose(max int) {
 	r := frameReader{p: &c.peer, max: max}
@@ -1219,13 +1227,15 @@ func (c *conn) awaitPeerClose(max int) {
 
 // readLoop is the conn's reader: it hands every well-formed message to the
 // hub. It returns the close code to answer with and the reason it ended.
-// Once the writer has said goodbye (c.closing) it passes nothing on but
-// reads on until the peer answers the close or closeGrace runs out:
+// Once the writer has sent its close frame (c.closing) it passes frames on
+// only while the hub has room, and reads on until the peer answers the
+// close or the grace runs out:
 // closing a socket with unread bytes makes the kernel reset it, and the
 // peer could lose what the relay sent last.
 func (c *conn) readLoop(h *hub) (int, error) {
 	debug := c.log.Enabled(context.Background(), slog.LevelDebug)
 	r := frameReader{p: &c.peer, max: h.maxMessage}
+	delivering := true // false once a frame could not be handed on
 	for {
 		data, err := r.next()
 		if err != nil {
@@ -1236,7 +1246,12 @@ func (c *conn) readLoop(h *hub) (int, error) {
 			h.drops.note(c.log, dropMalformed, "bytes", len(data), "err", err)
 			continue
 		}
-		if c.deliver(h, f) && debug {
+		if !delivering {
+			continue // after a gap nothing later of this editor goes
+		}
+		if delivering = c.deliver(h, f); !delivering {
+			h.drops.note(c.log, dropNotFlushed, "kind", f.kind)
+		} else if debug {
 			c.log.Debug("message from editor", "kind", f.kind, "bytes", len(data))
 		}
 	}
@@ -1248,12 +1263,17 @@ func (c *conn) readLoop(h *hub) (int, error) {
 // lets closing, or the hub's end, drop it.
 func (c *conn) deliver(h *hub, f frame) bool {
 	select {
-	case h.local <- f:
+	case <-h.quit: // the hub has drained its inbox for the last time
+		return false
+	default:
+	}
+	select {
+	case h.fromEditors <- f:
 		return true
 	default:
 	}
 	select {
-	case h.local <- f:
+	case h.fromEditors <- f:
 		return true
 	case <-c.closing:
 	case <-h.quit:
@@ -1435,12 +1455,25 @@ func endReader(ws *websocket.Conn, closing chan struct{}, grace time.Duration) {
 type liveness struct {
 	ws       *websocket.Conn
 	timeout  time.Duration // 0: no deadline
-	heard    atomic.Int64  // UnixNano of the last frame from the peer
+	heard    atomic.Int64  // when the last frame came, in monoNow's nanoseconds
 	incoming atomic.Int64  // bytes of the frame being read
 	written  atomic.Int64  // data bytes written to the peer
 	acked    atomic.Int64  // of those, the ones a pong proved delivered
-	applied  atomic.Int64  // the deadline last set, UnixNano
+	applied  atomic.Int64  // the deadline last set, in monoNow's nanoseconds
 }
+
+// maxOwed caps the bytes a peer is given time for: a peer whose pongs
+// carry no byte count (not an echo of the ping) never acknowledges any,
+// and a connection's lifetime of bytes must not become hours of grace.
+// An editor's send queue holds at most 64 MiB (queueBytes) anyway.
+const maxOwed = 64 << 20
+
+// monoBase anchors monoNow: times taken as nanoseconds since it are
+// monotonic, so a wall-clock step (NTP, a laptop waking) moves no deadline.
+var monoBase = time.Now()
+
+// monoNow is the time now, in nanoseconds since monoBase.
+func monoNow() int64 { return int64(time.Since(monoBase)) }
 
 // deadlineSlack is how much later than the deadline set the writer lets
 // the owed bytes' deadline be before it sets it again: setting a deadline
@@ -1450,13 +1483,13 @@ const deadlineSlack = 100 * time.Millisecond
 // newLiveness starts the clock of a peer heard from just now.
 func newLiveness(ws *websocket.Conn, timeout time.Duration) *liveness {
 	l := &liveness{ws: ws, timeout: timeout}
-	l.heard.Store(time.Now().UnixNano())
+	l.heard.Store(monoNow())
 	return l
 }
 
 // heardFrame restarts the clock: the peer sent a frame. Reader only.
 func (l *liveness) heardFrame() error {
-	l.heard.Store(time.Now().UnixNano())
+	l.heard.Store(monoNow())
 	l.incoming.Store(0)
 	return l.apply()
 }
@@ -1498,7 +1531,7 @@ func (l *liveness) pong(payload []byte) {
 
 // deadline computes the read deadline from the counters.
 func (l *liveness) deadline() int64 {
-	owed := max(0, l.written.Load()-l.acked.Load()) + l.incoming.Load()
+	owed := min(max(0, l.written.Load()-l.acked.Load()), maxOwed) + l.incoming.Load()
 	return l.heard.Load() + int64(l.timeout+transferTime(0, int(owed)))
 }
 
@@ -1512,7 +1545,7 @@ func (l *liveness) apply() error {
 	}
 	for {
 		at := l.deadline()
-		if err := l.ws.SetReadDeadline(time.Unix(0, at)); err != nil {
+		if err := l.ws.SetReadDeadline(monoBase.Add(time.Duration(at))); err != nil {
 			return err
 		}
 		l.applied.Store(at)

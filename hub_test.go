@@ -105,17 +105,17 @@ func (h *hubHarness) stuffed(doc string) *conn {
 // its entries if it is awareness) and hands it to the hub.
 func (h *hubHarness) post(c *conn, msg []byte) {
 	h.t.Helper()
-	h.hub.local <- h.frame(c.doc, msg, c)
+	h.hub.fromEditors <- h.frame(c.doc, msg, c)
 }
 
 // postFrame plays a reader that has decoded f already: for benchmarks of
 // the hub alone.
-func (h *hubHarness) postFrame(f frame) { h.hub.local <- f }
+func (h *hubHarness) postFrame(f frame) { h.hub.fromEditors <- f }
 
 // fromUpstream plays the upstream reader: msg arrives for doc.
 func (h *hubHarness) fromUpstream(doc string, msg []byte) {
 	h.t.Helper()
-	h.hub.remote <- h.frame(doc, msg, nil)
+	h.hub.fromServer <- h.frame(doc, msg, nil)
 }
 
 // frame decodes msg as the readers do.
@@ -171,7 +171,7 @@ func (h *hubHarness) detach(l *upstreamLink) { h.hub.detach <- l }
 func (h *hubHarness) barrier() {
 	h.t.Helper()
 	for {
-		pending := len(h.hub.local) > 0 || len(h.hub.remote) > 0
+		pending := len(h.hub.fromEditors) > 0 || len(h.hub.fromServer) > 0
 		switch err := h.hub.admit("barrier"); err {
 		case nil:
 			h.hub.release("barrier")
@@ -826,7 +826,7 @@ func TestHubAwarenessClocks(t *testing.T) {
 	h.leave(a)
 	h.expectClosed(a, closeNormal)
 	h.post(b, awarenessMsg(1, 1, "{}"))
-	h.expect(b, awarenessMsg(1, 1, "{}")) // no goodbye for 7 came first
+	h.expect(b, awarenessMsg(1, 1, "{}")) // no removal for 7 came first
 	// A null at the current clock forgets the client: b's leaving says nothing.
 	c := h.join("d1", connQueue)
 	h.expect(b, queryAwareness)
@@ -1011,7 +1011,7 @@ func TestHubNoGhostWhenReviveClosesItsEditor(t *testing.T) {
 	h.post(back, awarenessMsg(7, 4, "{}", 8, 1, `{"cursor":1}`))
 	h.barrier()
 	h.expectClosed(back, closeTryAgain)
-	// Neither client 7 nor 8 reached a, so no goodbye is owed either.
+	// Neither client 7 nor 8 reached a, so no removal is owed either.
 	h.post(a, awareness)
 	h.expect(a, awareness)
 }
@@ -1036,7 +1036,7 @@ func TestHubGoodbyesAtStopDoNotCloseTheLink(t *testing.T) {
 	h.post(a, awarenessMsg(5, 1, "{}")) // queue: 1 of 2
 	h.post(a, update1)                  // queue: 2 of 2
 	h.barrier()
-	h.beginStop() // a's goodbye does not fit
+	h.beginStop() // a's removal does not fit
 	h.expectClosed(a, closeGoingAway)
 	got := make(chan [][]byte)
 	go func() { got <- h.upUntilClosed(up) }() // the upstream writer drains the queue meanwhile
@@ -1353,5 +1353,26 @@ func TestGoneTableWelcomeBack(t *testing.T) {
 				t.Errorf("a second welcome % x: the client is back already", again)
 			}
 		})
+	}
+}
+
+// TestDeliverNeverHandsOnAfterTheHub checks a reader's hand-over: with the
+// inbox full and the close frame out it gives up (and the reader then
+// hands on nothing more of that editor, so no gap opens), and once the
+// hub has stopped it hands on nothing although there is room.
+func TestDeliverNeverHandsOnAfterTheHub(t *testing.T) {
+	h := newHub(connQueue, defaultMaxMessage, keepalive{}, limits{}, discard)
+	c := &conn{peer: peer{log: discard, closing: make(chan struct{})}, doc: "d"}
+	for range cap(h.fromEditors) {
+		h.fromEditors <- frame{}
+	}
+	close(c.closing)
+	if c.deliver(h, frame{doc: "d", data: update1}) {
+		t.Error("a full inbox took a frame from a closing editor")
+	}
+	<-h.fromEditors // room again, but the hub is gone
+	close(h.quit)
+	if c.deliver(h, frame{doc: "d", data: update2}) {
+		t.Error("a frame was handed on after the hub stopped")
 	}
 }

@@ -890,14 +890,13 @@ func (r dropReason) String() string { return dropInfo[r].name }
 // reason's budget. Safe for any number of goroutines: atomics only, and
 // nobody waits.
 type drops struct {
-	log    *slog.Logger
 	counts [numDropReasons]reasonCount
 }
 
 // reasonCount is one reason's counter and log budget.
 type reasonCount struct {
 	total  atomic.Int64 // events in all
-	window atomic.Int64 // UnixNano when the current budget window began
+	window atomic.Int64 // when the current budget window began, monotonic ns since monoBase
 	used   atomic.Int64 // lines logged in the window
 	held   atomic.Int64 // events not logged since the last line
 }
@@ -931,8 +930,8 @@ func (d *drops) write(log *slog.Logger, reason dropReason, n int64, attrs ...any
 func (d *drops) allow(reason dropReason, now time.Time) (int64, bool) {
 	c := &d.counts[reason]
 	c.total.Add(1)
-	start := c.window.Load()
-	if now.UnixNano()-start >= int64(warnEvery) && c.window.CompareAndSwap(start, now.UnixNano()) {
+	start, at := c.window.Load(), int64(now.Sub(monoBase))
+	if at-start >= int64(warnEvery) && c.window.CompareAndSwap(start, at) {
 		c.used.Store(0)
 	}
 	if c.used.Add(1) > dropInfo[reason].burst {
@@ -953,7 +952,7 @@ type service struct {
 	lns  []net.Listener
 	gate gate
 	hub  *hub
-	up   remote // the upstream, whatever its protocol
+	up   upstreamMode // the upstream, whatever its protocol
 }
 
 // listen binds the local address: for localhost, both 127.0.0.1 and ::1
@@ -979,7 +978,7 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		framing:    idFraming{cfg.magic},
 		target:     h,
 	}
-	var up remote = u
+	var up upstreamMode = u
 	if cfg.protocol == protocolYjs {
 		up = newYjsRemote(*u, cfg.upstreamGrace)
 	}

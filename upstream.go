@@ -52,17 +52,17 @@ const (
 // errAuth marks an upstream refusal that retrying cannot fix.
 var errAuth = errors.New("upstream authentication failed")
 
-// remote is the upstream side as main runs it, whatever its protocol: it
-// connects, hands the hub an upstreamLink per live connection (attach,
-// detach), passes what the server sends to the hub (hub.remote), and
+// upstreamMode is the upstream side as main runs it, whatever its
+// protocol: it connects, hands the hub the upstreamLink of its live
+// connection (attach, detach: one link at a time, a new attach replaces the
+// old), passes what the server sends to the hub (hub.fromServer), and
 // returns nil when ctx ends or an error that retrying cannot fix. The hub
-// knows only the links; a mode with one socket per document attaches more
-// than one.
-type remote interface {
+// knows only the link; yjs mode attaches its dispatcher's.
+type upstreamMode interface {
 	run(ctx context.Context) error
 }
 
-// upstream is the ELVA mode of remote: ONE WebSocket to the server carries
+// upstream is the ELVA mode (upstreamMode): ONE WebSocket to the server carries
 // every document, each frame behind an ID prefix (PROTOCOL.md §2), and it
 // reconnects with backoff until ctx ends. Sockets: serve owns each one and
 // closes it; its reader goroutine reads it, its pump writes it.
@@ -377,7 +377,7 @@ func awaitClosed(p *peer) {
 
 // readLoop is the upstream reader: it strips the ID prefix of every frame
 // and hands the message to the hub. Bad frames are dropped and logged.
-// Once the hub has stopped, or the writer has said goodbye, it drops what
+// Once the hub has stopped, or the writer has sent its close frame, it drops what
 // it reads but reads on until the server answers the close (or the grace
 // runs out): returning would close the connection under the writer's
 // flush, or reset it under bytes the server has not read yet.
@@ -405,7 +405,7 @@ func (u *upstream) readLoop(r frameReader) error {
 			continue
 		}
 		select {
-		case u.hub.remote <- f:
+		case u.hub.fromServer <- f:
 		case <-u.hub.quit:
 			hubGone = true
 		}
@@ -618,7 +618,7 @@ const defaultUpstreamGrace = 30 * time.Second
 // a server restart with hundreds of open documents is no thundering herd.
 const maxDials = 8
 
-// yjsRemote is the yjs mode of remote: one WebSocket per document at
+// yjsRemote is the yjs mode (upstreamMode): one WebSocket per document at
 // SERVER/<identifier> (PROTOCOL.md §3), for the servers people run today
 // (ELVA since mid-2025, @y/websocket-server, y-sweet, pycrdt-websocket).
 // Its run goroutine, the dispatcher, takes the hub's one link and passes
@@ -641,7 +641,7 @@ type yjsRemote struct {
 	dials  chan struct{} // a token per handshake in progress
 }
 
-// newYjsRemote makes the yjs mode's remote from the settings of base.
+// newYjsRemote makes the yjs mode from the settings of base.
 func newYjsRemote(base upstream, grace time.Duration) *yjsRemote {
 	return &yjsRemote{
 		base:   base,

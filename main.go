@@ -79,6 +79,8 @@ const maxHeaderBytes = 16 << 10
 const (
 	protocolELVA = "elva" // one connection, ID prefixes (PROTOCOL.md §2)
 	protocolYjs  = "yjs"  // one connection per document (PROTOCOL.md §3)
+	// protocolHocuspocus: one connection, document names, auth per document (PROTOCOL.md §4)
+	protocolHocuspocus = "hocuspocus"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -152,8 +154,12 @@ type config struct {
 	password   string
 	magic      idMagic
 	maxMessage int
-	// protocol is the upstream's (--protocol): protocolELVA or protocolYjs.
+	// protocol is the upstream's (--protocol): protocolELVA, protocolYjs
+	// or protocolHocuspocus.
 	protocol string
+	// token authenticates each document with a Hocuspocus server (--token,
+	// --token-file, ELVA_TOKEN); never logged.
+	token string
 	// upstreamGrace is how long a document's own upstream connection stays
 	// open after its last local editor left (yjs mode).
 	upstreamGrace time.Duration
@@ -267,6 +273,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 type flagValues struct {
 	server, user, password, passwordFile, caFile, logFile *string
 	magic, maxMessage, upstreamMax, protocol              *string
+	token, tokenFile                                      *string
 	pingInterval, peerTimeout, retryMax, upstreamGrace    *time.Duration
 	maxConns, maxPerDoc                                   *int
 	origins                                               originList
@@ -285,6 +292,8 @@ func defineFlags(fs *flag.FlagSet, getenv func(string) string) *flagValues {
 		logFile:       fs.String("log", "", ""),
 		magic:         fs.String("id-magic", magicSeed.String(), ""),
 		protocol:      fs.String("protocol", cmp.Or(getenv("ELVA_PROTOCOL"), protocolELVA), ""),
+		token:         fs.String("token", getenv("ELVA_TOKEN"), ""),
+		tokenFile:     fs.String("token-file", "", ""),
 		maxMessage:    fs.String("max-message", "32MiB", ""),
 		upstreamMax:   fs.String("upstream-max-message", cmp.Or(getenv("ELVA_UPSTREAM_MAX_MESSAGE"), defaultUpstreamMax), ""),
 		pingInterval:  durationFlag(fs, "ping-interval", defaultPingInterval),
@@ -327,9 +336,17 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 		cfg.warnings = append(cfg.warnings, "--password is visible to other users in the process list; use --password-file or ELVA_PASSWORD")
 	}
 	if *v.passwordFile != "" && !flagSet(fs, "password") {
-		if cfg.password, err = readPasswordFile(*v.passwordFile); err != nil {
+		if cfg.password, err = readSecretFile("--password-file", *v.passwordFile); err != nil {
 			return nil, err
 		}
+	}
+	if cfg.token = *v.token; *v.tokenFile != "" && !flagSet(fs, "token") {
+		if cfg.token, err = readSecretFile("--token-file", *v.tokenFile); err != nil {
+			return nil, err
+		}
+	}
+	if flagSet(fs, "token") {
+		cfg.warnings = append(cfg.warnings, "--token is visible to other users in the process list; use --token-file or ELVA_TOKEN")
 	}
 	if err := cfg.setServer(*v.server); err != nil {
 		return nil, err
@@ -354,10 +371,10 @@ func (c *config) setTuning(fs *flag.FlagSet, v *flagValues) error {
 		return fmt.Errorf("--id-magic: %w", err)
 	}
 	switch *v.protocol {
-	case protocolELVA, protocolYjs:
+	case protocolELVA, protocolYjs, protocolHocuspocus:
 		c.protocol = *v.protocol
 	default:
-		return fmt.Errorf("--protocol (or ELVA_PROTOCOL) %q: want elva (one connection, ID prefixes) or yjs (one connection per document)", *v.protocol)
+		return fmt.Errorf("--protocol (or ELVA_PROTOCOL) %q: want elva (one connection, ID prefixes), yjs (one connection per document) or hocuspocus", *v.protocol)
 	}
 	if *v.upstreamGrace < 0 {
 		return errors.New("--upstream-grace must not be negative")
@@ -500,28 +517,29 @@ func (c *config) setGate(origins originList) {
 	}
 }
 
-// readPasswordFile returns the first line of path. A file that users
+// readSecretFile returns the first line of path, the file given to
+// flagName (--password-file, --token-file). A file that users
 // other than its owner may read is refused, as ssh refuses such keys.
-func readPasswordFile(path string) (string, error) {
+func readSecretFile(flagName, path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return "", fmt.Errorf("--password-file: %w", err)
+		return "", fmt.Errorf("%s: %w", flagName, err)
 	}
 	defer f.Close()
 	info, err := f.Stat()
 	if err != nil {
-		return "", fmt.Errorf("--password-file: %w", err)
+		return "", fmt.Errorf("%s: %w", flagName, err)
 	}
 	if perm := info.Mode().Perm(); perm&0o077 != 0 {
-		return "", fmt.Errorf("--password-file %s: mode %#o lets others read it; chmod 600 it", path, perm)
+		return "", fmt.Errorf("%s %s: mode %#o lets others read it; chmod 600 it", flagName, path, perm)
 	}
 	line, err := bufio.NewReader(io.LimitReader(f, 4096)).ReadString('\n')
 	if err != nil && !errors.Is(err, io.EOF) {
-		return "", fmt.Errorf("--password-file: %w", err)
+		return "", fmt.Errorf("%s: %w", flagName, err)
 	}
 	line = strings.TrimRight(line, "\r\n")
 	if line == "" {
-		return "", fmt.Errorf("--password-file %s: the first line is empty", path)
+		return "", fmt.Errorf("%s %s: the first line is empty", flagName, path)
 	}
 	return line, nil
 }
@@ -826,6 +844,8 @@ const (
 	dropNotFlushed                          // not flushed upstream at the stop
 	dropUntracked                           // an awareness client past the per-document table
 	dropSlowEditor                          // an editor's queue was full: it is closed with 1013
+	dropUpstreamDenied                      // a message of a document the server refused (hocuspocus)
+	dropServerOnly                          // a message only Hocuspocus knows: not for editors
 	refusedHost                             // Host header not allowed (DNS rebinding)
 	refusedOrigin                           // a web page not allowed
 	refusedNoDoc                            // path "/"
@@ -861,6 +881,8 @@ var dropInfo = [numDropReasons]struct {
 	dropNotFlushed:        {"not_flushed", slog.LevelWarn, "stop: upstream queue full; not flushed", 1},
 	dropUntracked:         {"untracked", slog.LevelWarn, "too many awareness clients on a document; new ones are not tracked", 1},
 	dropSlowEditor:        {"slow editor", slog.LevelWarn, "slow editor closed: send queue full", 1},
+	dropUpstreamDenied:    {"upstream_denied", slog.LevelDebug, "message of a document the server refused dropped", 1},
+	dropServerOnly:        {"server_only", slog.LevelDebug, "upstream message only Hocuspocus knows dropped", 1},
 	refusedHost:           {"host", slog.LevelWarn, "request refused", 1},
 	refusedOrigin:         {"origin", slog.LevelWarn, "request refused", 1},
 	refusedNoDoc:          {"no document name", slog.LevelWarn, "request refused", 1},
@@ -979,8 +1001,11 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		target:     h,
 	}
 	var up upstreamMode = u
-	if cfg.protocol == protocolYjs {
+	switch cfg.protocol {
+	case protocolYjs:
 		up = newYjsRemote(*u, cfg.upstreamGrace)
+	case protocolHocuspocus:
+		up = newHocuspocusRemote(*u, cfg.token)
 	}
 	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: up}, nil
 }

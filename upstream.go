@@ -8,6 +8,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -83,6 +84,7 @@ type upstream struct {
 	framing          framing
 	target           linkTarget    // takes each connection's link
 	path             string        // the request path, escaped; "": url's
+	inbox            chan<- frame  // where the reader's frames go; nil: hub.fromServer
 	dialSlots        chan struct{} // a token per dial in progress, shared; nil: no limit
 
 	// Owned by run.
@@ -404,8 +406,12 @@ func (u *upstream) readLoop(r frameReader) error {
 		if hubGone || r.closed || r.p.closed() {
 			continue
 		}
+		inbox := u.inbox
+		if inbox == nil {
+			inbox = u.hub.fromServer
+		}
 		select {
-		case u.hub.fromServer <- f:
+		case inbox <- f:
 		case <-u.hub.quit:
 			hubGone = true
 		}
@@ -930,4 +936,455 @@ func docPath(base *url.URL, doc string) string {
 		b.WriteByte(c)
 	}
 	return b.String()
+}
+
+// hpFraming is Hocuspocus's: every message behind varString(document)
+// (PROTOCOL.md §4). Messages only Hocuspocus knows come out of decode as
+// frames of their own type, for the dispatcher; never for editors.
+type hpFraming struct{}
+
+// encoder prefixes each message with its document's name.
+func (hpFraming) encoder() func(frame) []byte {
+	var buf []byte
+	return func(f frame) []byte {
+		if isMarker(f) {
+			return nil
+		}
+		msg := append(appendVaruint(buf[:0], uint64(len(f.doc))), f.doc...)
+		msg = append(msg, f.data...)
+		if cap(msg) <= 1<<20 {
+			buf = msg
+		}
+		return msg
+	}
+}
+
+// Hocuspocus message types beyond y-websocket's (PROTOCOL.md §4).
+const (
+	hpSyncReply       = 4
+	hpStateless       = 5
+	hpBroadcastStless = 6
+	hpClose           = 7
+	hpSyncStatus      = 8
+)
+
+func (hpFraming) decode(data []byte) (frame, error) {
+	name, n, err := readBytes(data)
+	if err != nil {
+		return frame{}, fmt.Errorf("document name: %w", err)
+	}
+	doc, msg := string(name), data[n:]
+	if err := checkIdentifier(doc); err != nil {
+		return frame{}, err
+	}
+	kind, _, err := readVaruint(msg)
+	switch {
+	case err != nil:
+		return frame{}, err
+	case kind == msgSync, kind == msgAwareness, kind == msgQueryAwareness:
+		return checkForEditors(doc, msg)
+	case kind == msgAuth, kind >= hpSyncReply && kind <= hpSyncStatus:
+		return frame{doc: doc, data: msg, kind: kind}, nil
+	}
+	return frame{}, fmt.Errorf("%w %d", errUnknownType, kind)
+}
+
+func (hpFraming) overhead(doc string) int { return varuintLen(uint64(len(doc))) + len(doc) }
+
+// hpAuthState is a document's authentication on the current socket.
+type hpAuthState int
+
+const (
+	hpNone    hpAuthState = iota // nothing sent yet on this socket
+	hpPending                    // Auth sent, its messages held
+	hpOK                         // authenticated: messages go
+	hpDenied                     // refused: the document stays local until a new socket
+)
+
+// maxHeldBytes bounds what one document holds while its Auth is pending;
+// past it the held messages go and the document is resynced once it is
+// authenticated.
+const maxHeldBytes = 16 << 20
+
+// hpDoc is one document on the current socket as the dispatcher sees it.
+type hpDoc struct {
+	state    hpAuthState
+	held     []frame
+	heldSize int
+	overflow bool     // held messages were dropped: resync after the Auth
+	sent     []uint64 // hashes of the last updates and awareness sent, for the echo
+}
+
+// maxEchoes is how many sent messages per document the echo check keeps.
+const maxEchoes = 256
+
+// hocuspocusRemote is the hocuspocus mode (upstreamMode): one socket to a
+// Hocuspocus server carries every document behind its name, each
+// authenticated with the token before anything else of it (PROTOCOL.md
+// §4). Its run goroutine, the dispatcher, sits between the hub's link and
+// the socket's: it alone owns the documents' auth states, holds their
+// messages until they are authenticated, handles the messages only
+// Hocuspocus knows and drops the server's echo of what the relay sent.
+// The socket is an upstream whose serve owns it.
+type hocuspocusRemote struct {
+	base  upstream
+	hub   *hub
+	token string
+	log   *slog.Logger
+
+	// Static after construction.
+	links chan docEvent // the socket's link, attached or detached
+	inbox chan frame    // from the socket's reader
+	ended chan error    // the socket's run returned
+	quit  chan struct{} // closed when the dispatcher stops listening
+
+	// Owned by run.
+	sock    *upstreamLink
+	active  map[string]bool   // documents with local editors
+	docs    map[string]*hpDoc // on the current socket
+	named   map[string]bool   // documents whose refusal was logged
+	toHub   []frame           // from the server, on their way to the hub
+	pending []string          // documents to resync
+}
+
+// newHocuspocusRemote makes the hocuspocus mode from the settings of base.
+func newHocuspocusRemote(base upstream, token string) *hocuspocusRemote {
+	r := &hocuspocusRemote{
+		hub: base.hub, token: token, log: base.log,
+		links: make(chan docEvent), inbox: make(chan frame), ended: make(chan error, 1), quit: make(chan struct{}),
+		active: make(map[string]bool), docs: make(map[string]*hpDoc), named: make(map[string]bool),
+	}
+	r.base = base
+	r.base.framing = hpFraming{}
+	r.base.target = hpTarget{r}
+	r.base.inbox = r.inbox
+	return r
+}
+
+// run is the dispatcher. It returns nil when the relay stops, after the
+// socket flushed, or errAuth when the server refuses the credentials.
+func (r *hocuspocusRemote) run(ctx context.Context) error {
+	l, ok := r.attachToHub()
+	if !ok {
+		return nil
+	}
+	go func() { r.ended <- r.base.run(ctx) }()
+	for {
+		select {
+		case f, open := <-l.send:
+			if !open && ctx.Err() != nil {
+				return r.stop()
+			}
+			if !open {
+				if l, ok = r.attachToHub(); !ok {
+					return r.stop()
+				}
+				continue
+			}
+			l.backlog.done(len(f.data))
+			r.toServer(f)
+		case ev := <-r.links:
+			r.linkEvent(ev)
+		case f := <-r.inboxIfRoom():
+			r.fromServer(f)
+		case r.hubIfQueued() <- r.nextToHub():
+			r.toHub = r.toHub[1:]
+		case r.resyncIfPending() <- r.nextResync():
+			r.pending = r.pending[1:]
+		case err := <-r.ended:
+			close(r.quit)
+			return err
+		case <-r.hub.quit:
+			return r.stop()
+		}
+	}
+}
+
+// attachToHub hands the hub a new link, with markers, for every document.
+func (r *hocuspocusRemote) attachToHub() (*upstreamLink, bool) {
+	l := &upstreamLink{send: make(chan frame, upstreamQueue), overhead: hpFraming{}.overhead, markers: true}
+	return l, r.hub.attachLink(l)
+}
+
+// inboxIfRoom is the socket reader's channel while fewer than inboxQueue
+// frames wait for the hub, else nil: the reader then waits.
+func (r *hocuspocusRemote) inboxIfRoom() chan frame {
+	if len(r.toHub) >= inboxQueue {
+		return nil
+	}
+	return r.inbox
+}
+
+// hubIfQueued is the hub's inbox while a frame waits for it, else nil.
+func (r *hocuspocusRemote) hubIfQueued() chan<- frame {
+	if len(r.toHub) == 0 {
+		return nil
+	}
+	return r.hub.fromServer
+}
+
+// nextToHub is the frame that waits for the hub first.
+func (r *hocuspocusRemote) nextToHub() frame {
+	if len(r.toHub) == 0 {
+		return frame{}
+	}
+	return r.toHub[0]
+}
+
+// resyncIfPending is the hub's resync channel while a resync waits.
+func (r *hocuspocusRemote) resyncIfPending() chan<- string {
+	if len(r.pending) == 0 {
+		return nil
+	}
+	return r.hub.resyncs
+}
+
+// nextResync is the document whose resync waits first.
+func (r *hocuspocusRemote) nextResync() string {
+	if len(r.pending) == 0 {
+		return ""
+	}
+	return r.pending[0]
+}
+
+// stop closes the socket's link, so that its writer flushes, and waits
+// (at most stopTimeout) for the socket's run to end.
+func (r *hocuspocusRemote) stop() error {
+	if r.sock != nil {
+		close(r.sock.send)
+		r.sock = nil
+	}
+	close(r.quit)
+	t := time.NewTimer(stopTimeout)
+	defer t.Stop()
+	select {
+	case <-r.ended:
+	case <-t.C:
+	}
+	return nil
+}
+
+// linkEvent takes the socket's link when it comes up (every active
+// document is resynced over it, each authenticated first) and lets it go
+// when it ends.
+func (r *hocuspocusRemote) linkEvent(ev docEvent) {
+	if ev.attach {
+		r.sock = ev.link
+		clear(r.docs) // a new socket: every document authenticates again
+		for doc := range r.active {
+			r.pending = append(r.pending, doc)
+		}
+		ev.reply <- true
+		return
+	}
+	if r.sock == ev.link {
+		close(ev.link.send)
+		r.sock = nil
+		clear(r.docs)
+	}
+}
+
+// toServer passes a frame from the hub on: markers keep the set of active
+// documents; a document's first message on a socket is preceded by its
+// Auth and held until the server answers.
+func (r *hocuspocusRemote) toServer(f frame) {
+	switch {
+	case f.kind == kindDocActive:
+		r.active[f.doc] = true
+		return
+	case f.kind == kindDocIdle:
+		delete(r.active, f.doc)
+		return
+	case r.sock == nil:
+		return // the resync when the socket is back makes up
+	}
+	d := r.docs[f.doc]
+	if d == nil {
+		d = &hpDoc{}
+		r.docs[f.doc] = d
+	}
+	switch d.state {
+	case hpNone:
+		d.state = hpPending
+		r.send(frame{doc: f.doc, data: r.authMessage(), kind: msgAuth})
+		r.hold(d, f)
+	case hpPending:
+		r.hold(d, f)
+	case hpOK:
+		r.sendRemembered(d, f)
+	case hpDenied:
+		r.hub.drops.allow(dropUpstreamDenied, time.Now())
+	}
+}
+
+// authMessage is the Auth message with the token: type 2, subtype 0,
+// varString(token).
+func (r *hocuspocusRemote) authMessage() []byte {
+	msg := []byte{msgAuth, 0}
+	msg = appendVaruint(msg, uint64(len(r.token)))
+	return append(msg, r.token...)
+}
+
+// hold keeps f until d is authenticated, within maxHeldBytes.
+func (r *hocuspocusRemote) hold(d *hpDoc, f frame) {
+	if d.heldSize+len(f.data) > maxHeldBytes {
+		clear(d.held)
+		d.held, d.heldSize, d.overflow = nil, 0, true
+		return
+	}
+	d.held = append(d.held, f)
+	d.heldSize += len(f.data)
+}
+
+// sendRemembered sends f and remembers it, if it is an update or an
+// awareness message, to know its echo.
+func (r *hocuspocusRemote) sendRemembered(d *hpDoc, f frame) {
+	if f.kind == msgAwareness || isUpdate(f.data) {
+		if len(d.sent) >= maxEchoes {
+			d.sent = d.sent[1:]
+		}
+		d.sent = append(d.sent, hashBytes(f.data))
+	}
+	r.send(f)
+}
+
+// send queues f on the socket's link without blocking; a full queue closes
+// the link, and the socket reconnects and resyncs.
+func (r *hocuspocusRemote) send(f frame) {
+	if r.sock == nil {
+		return
+	}
+	if r.sock.backlog.add(len(f.data), r.hub.linkBytes) {
+		select {
+		case r.sock.send <- f:
+			return
+		default:
+			r.sock.backlog.done(len(f.data))
+		}
+	}
+	r.log.Warn("upstream send queue full: reconnecting")
+	close(r.sock.send)
+	r.sock = nil
+	clear(r.docs)
+}
+
+// fromServer takes a frame the server sent: Yjs messages go to the hub
+// unless they are the echo of what the relay sent; Hocuspocus's own are
+// handled here.
+func (r *hocuspocusRemote) fromServer(f frame) {
+	d := r.docs[f.doc]
+	switch f.kind {
+	case msgSync, msgAwareness, msgQueryAwareness:
+		if d != nil && d.isEcho(f.data) {
+			return
+		}
+		r.toHub = append(r.toHub, f)
+	case msgAuth:
+		r.authAnswer(f)
+	case hpClose:
+		// The server ended this document on the socket: authenticate it
+		// again and resync (PROTOCOL.md §4).
+		delete(r.docs, f.doc)
+		r.log.Info("upstream closed the document; authenticating again", "doc", f.doc, "reason", stringAfterType(f.data))
+		r.pending = append(r.pending, f.doc)
+	default:
+		r.hub.drops.allow(dropServerOnly, time.Now()) // stateless, sync status: not for editors
+	}
+}
+
+// authAnswer applies the server's answer to a document's Auth.
+func (r *hocuspocusRemote) authAnswer(f frame) {
+	d := r.docs[f.doc]
+	if d == nil || len(f.data) < 2 {
+		return
+	}
+	switch f.data[1] {
+	case 2: // authenticated
+		d.state = hpOK
+		delete(r.named, f.doc)
+		for _, h := range d.held {
+			r.sendRemembered(d, h)
+		}
+		clear(d.held)
+		d.held, d.heldSize = nil, 0
+		if d.overflow {
+			d.overflow = false
+			r.pending = append(r.pending, f.doc)
+		}
+		r.log.Info("upstream authenticated", "doc", f.doc, "scope", stringAfterType(f.data))
+	case 1: // permission denied
+		d.state = hpDenied
+		clear(d.held)
+		d.held, d.heldSize = nil, 0
+		if !r.named[f.doc] {
+			r.named[f.doc] = true
+			r.log.Warn("upstream refused the document; it stays among local editors until the next reconnect",
+				"doc", f.doc, "reason", stringAfterType(f.data))
+		}
+	case 0: // send the token again
+		r.send(frame{doc: f.doc, data: r.authMessage(), kind: msgAuth})
+	}
+}
+
+// isEcho reports whether msg is the server's echo of a message the relay
+// sent on d, and forgets it then: Hocuspocus sends every update and
+// awareness message to every connection of the document, the sender's too.
+func (d *hpDoc) isEcho(msg []byte) bool {
+	h := hashBytes(msg)
+	for i, s := range d.sent {
+		if s == h {
+			d.sent = append(d.sent[:i], d.sent[i+1:]...)
+			return true
+		}
+	}
+	return false
+}
+
+// hashBytes is the 64-bit FNV-1a hash of b.
+func hashBytes(b []byte) uint64 {
+	h := fnv.New64a()
+	h.Write(b)
+	return h.Sum64()
+}
+
+// isUpdate reports whether msg is a sync update (00 02).
+func isUpdate(msg []byte) bool {
+	return len(msg) >= 2 && msg[0] == msgSync && msg[1] == syncUpdate
+}
+
+// stringAfterType reads the varString after a message's type and subtype
+// bytes, shortened for a log line; "" when there is none.
+func stringAfterType(msg []byte) string {
+	if len(msg) < 2 {
+		return ""
+	}
+	rest := msg[1:]
+	if msg[0] == msgAuth {
+		rest = msg[2:]
+	}
+	s, _, err := readBytes(rest)
+	if err != nil {
+		return ""
+	}
+	return shorten(strings.ToValidUTF8(string(s), "?"), maxErrorBody)
+}
+
+// hpTarget takes the socket's links for the dispatcher (linkTarget).
+type hpTarget struct{ r *hocuspocusRemote }
+
+func (t hpTarget) attachLink(l *upstreamLink) bool {
+	reply := make(chan bool, 1)
+	select {
+	case t.r.links <- docEvent{link: l, attach: true, reply: reply}:
+		return <-reply
+	case <-t.r.quit:
+		return false
+	}
+}
+
+func (t hpTarget) detachLink(l *upstreamLink) {
+	select {
+	case t.r.links <- docEvent{link: l}:
+	case <-t.r.quit:
+	}
 }

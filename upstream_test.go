@@ -603,3 +603,73 @@ func TestYjsModeOneConnectionPerDocument(t *testing.T) {
 	send(t, b, update1) // the other document is untouched
 	other.expectFrame(t, update1)
 }
+
+// hpFrame builds a Hocuspocus frame: varString(doc) then msg.
+func hpFrame(doc string, msg []byte) []byte {
+	return append(append(appendVaruint(nil, uint64(len(doc))), doc...), msg...)
+}
+
+// hpAuthAnswer is the server's answer to an Auth: sub 2 with a scope is
+// "authenticated", sub 1 with a reason "permission denied".
+func hpAuthAnswer(sub byte, text string) []byte {
+	return append(appendVaruint([]byte{msgAuth, sub}, uint64(len(text))), text...)
+}
+
+// TestHocuspocusModeAuthenticatesHoldsAndFilters checks --protocol
+// hocuspocus against an in-test server that speaks its framing: each
+// document's Auth, with the token, comes before anything else of it; the
+// relay holds the document's messages until the server answers; the
+// server's echo and the messages only Hocuspocus knows never reach an
+// editor; a refused document is named once and stays among its local
+// editors; a close for one document makes the relay authenticate it
+// again.
+func TestHocuspocusModeAuthenticatesHoldsAndFilters(t *testing.T) {
+	srv := newPathServer(t)
+	r := startRelay(t, "--protocol", "hocuspocus", "--server", srv.url(), "--token", "s3cret")
+	up := srv.next(t)
+	r.logs.waitFor(t, "upstream connected") // so the editor's first message meets the socket
+	a := join(t, r.addr, "notes")
+	auth := hpFrame("notes", append([]byte{msgAuth, 0, 6}, "s3cret"...))
+	first := <-up.frames
+	if !bytes.Equal(first, auth) {
+		t.Fatalf("first frame % x, want the Auth % x", first, auth)
+	}
+	select {
+	case f := <-up.frames:
+		t.Fatalf("% x sent before the server answered the Auth", f)
+	default:
+	}
+	send(t, up.ws, hpFrame("notes", hpAuthAnswer(2, "read-write")))
+	up.expectFrame(t, hpFrame("notes", []byte{msgAwareness, 1, 0})) // join's, held until now
+
+	send(t, a, update1)
+	up.expectFrame(t, hpFrame("notes", update1))
+	send(t, up.ws, hpFrame("notes", update1))                     // the echo
+	send(t, up.ws, hpFrame("notes", []byte{hpSyncStatus, 1}))     // sync status
+	send(t, up.ws, hpFrame("notes", []byte{hpStateless, 1, 'x'})) // stateless
+	send(t, up.ws, hpFrame("notes", update2))                     // news
+	got := receiveSkipping(t, a, func(m []byte) bool { return m[0] == msgSync && m[1] == syncUpdate })
+	if !bytes.Equal(got, update2) {
+		t.Errorf("the editor got % x first, want only the server's news % x", got, update2)
+	}
+
+	b := join(t, r.addr, "secret")
+	up.expectFrame(t, hpFrame("secret", append([]byte{msgAuth, 0, 6}, "s3cret"...)))
+	send(t, up.ws, hpFrame("secret", hpAuthAnswer(1, "not yours")))
+	line := r.logs.waitFor(t, "upstream refused the document")
+	if !strings.Contains(line, `doc=secret`) || !strings.Contains(line, "not yours") {
+		t.Errorf("the refusal does not name the document and the reason: %s", line)
+	}
+	b2 := join(t, r.addr, "secret")
+	send(t, b, update1)
+	receiveSkipping(t, b2, func(m []byte) bool { return bytes.Equal(m, update1) })
+
+	send(t, up.ws, hpFrame("notes", append([]byte{hpClose, 5}, "reset"...)))
+	up.expectFrame(t, auth) // authenticated again
+	if n := strings.Count(r.logs.String(), "upstream refused the document"); n != 1 {
+		t.Errorf("the refusal logged %d times, want once", n)
+	}
+	if strings.Contains(r.logs.String(), "s3cret") {
+		t.Error("the token is in the log")
+	}
+}

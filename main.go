@@ -114,10 +114,14 @@ Flags:
   --max-connections N      local connections in all (default 1024)
   --max-per-document N     local connections per document (default 256)
   --protocol P        the server's protocol (env ELVA_PROTOCOL): elva (default;
-                      one connection, ID prefixes: the seed's ELVA server) or
+                      one connection, ID prefixes: the seed's ELVA server),
                       yjs (one connection per document at SERVER/<document>:
                       ELVA since mid-2025, @y/websocket-server, y-sweet,
-                      pycrdt-websocket)
+                      pycrdt-websocket) or hocuspocus (one connection,
+                      @hocuspocus/server, also behind Redis)
+  --token T           hocuspocus: the token each document is authenticated
+                      with (env ELVA_TOKEN; prefer --token-file)
+  --token-file F      hocuspocus: the token is F's first line (chmod 600)
   --upstream-grace D  yjs: keep a document's connection this long after its
                       last local editor left (default 30s)
   --id-magic HEX      ID message type on the upstream: 0200 (default, the

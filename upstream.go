@@ -1045,6 +1045,8 @@ type hocuspocusRemote struct {
 	named   map[string]bool   // documents whose refusal was logged
 	toHub   []frame           // from the server, on their way to the hub
 	pending []string          // documents to resync
+	// sentSince says a message went out since the last quiet tick.
+	sentSince bool
 }
 
 // newHocuspocusRemote makes the hocuspocus mode from the settings of base.
@@ -1069,8 +1071,12 @@ func (r *hocuspocusRemote) run(ctx context.Context) error {
 		return nil
 	}
 	go func() { r.ended <- r.base.run(ctx) }()
+	quiet := time.NewTicker(hpQuietAfter)
+	defer quiet.Stop()
 	for {
 		select {
+		case <-quiet.C:
+			r.keepBusy()
 		case f, open := <-l.send:
 			if !open && ctx.Err() != nil {
 				return r.stop()
@@ -1096,6 +1102,26 @@ func (r *hocuspocusRemote) run(ctx context.Context) error {
 			return err
 		case <-r.hub.quit:
 			return r.stop()
+		}
+	}
+}
+
+// hpQuietAfter is how long the socket may carry no message before the
+// relay sends one: Hocuspocus 4 sends no pings and closes a connection
+// quiet for 60 s (PROTOCOL.md §4); WebSocket pings may not count there.
+const hpQuietAfter = 20 * time.Second
+
+// keepBusy sends a query-awareness (which Hocuspocus does not answer) for
+// one authenticated document if nothing went out since the last tick.
+func (r *hocuspocusRemote) keepBusy() {
+	if r.sentSince {
+		r.sentSince = false
+		return
+	}
+	for doc, d := range r.docs {
+		if d.state == hpOK {
+			r.send(frame{doc: doc, data: queryAwareness, kind: msgQueryAwareness})
+			return
 		}
 	}
 }
@@ -1257,6 +1283,7 @@ func (r *hocuspocusRemote) send(f frame) {
 	if r.sock.backlog.add(len(f.data), r.hub.linkBytes) {
 		select {
 		case r.sock.send <- f:
+			r.sentSince = true
 			return
 		default:
 			r.sock.backlog.done(len(f.data))

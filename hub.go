@@ -765,17 +765,6 @@ func (h *hub) detachLink(l *upstreamLink) {
 	}
 }
 
-// requestResync asks the hub to resync doc, whose own upstream connection
-// (yjs mode) is up; false: the hub has stopped. It may wait for the hub.
-func (h *hub) requestResync(doc string) bool {
-	select {
-	case h.resyncs <- doc:
-		return true
-	case <-h.quit:
-		return false
-	}
-}
-
 // useLink makes l the upstream connection that frames go to, resyncs
 // every document over it and sends the removals it missed. During the
 // stop l is closed at once.

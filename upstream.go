@@ -696,11 +696,7 @@ type graceEnd struct {
 func (y *yjsRemote) run(ctx context.Context) error {
 	l, ok := y.attachToHub()
 	for ok {
-		var resyncs chan<- string // nil: nothing to send
-		var next string
-		if len(y.pending) > 0 {
-			resyncs, next = y.hub.resyncs, y.pending[0]
-		}
+		resyncs, next := headOf(y.pending, y.hub.resyncs)
 		select {
 		case f, open := <-l.send:
 			if !open {
@@ -1074,6 +1070,8 @@ func (r *hocuspocusRemote) run(ctx context.Context) error {
 	quiet := time.NewTicker(hpQuietAfter)
 	defer quiet.Stop()
 	for {
+		toHub, nextFrame := headOf(r.toHub, r.hub.fromServer)
+		resyncs, nextDoc := headOf(r.pending, r.hub.resyncs)
 		select {
 		case <-quiet.C:
 			r.keepBusy()
@@ -1093,9 +1091,9 @@ func (r *hocuspocusRemote) run(ctx context.Context) error {
 			r.linkEvent(ev)
 		case f := <-r.inboxIfRoom():
 			r.fromServer(f)
-		case r.hubIfQueued() <- r.nextToHub():
+		case toHub <- nextFrame:
 			r.toHub = r.toHub[1:]
-		case r.resyncIfPending() <- r.nextResync():
+		case resyncs <- nextDoc:
 			r.pending = r.pending[1:]
 		case err := <-r.ended:
 			close(r.quit)
@@ -1141,36 +1139,14 @@ func (r *hocuspocusRemote) inboxIfRoom() chan frame {
 	return r.inbox
 }
 
-// hubIfQueued is the hub's inbox while a frame waits for it, else nil.
-func (r *hocuspocusRemote) hubIfQueued() chan<- frame {
-	if len(r.toHub) == 0 {
-		return nil
+// headOf returns ch and the first of q while q holds something, else a nil
+// channel: a select case that sends only when there is something to send.
+func headOf[T any](q []T, ch chan<- T) (chan<- T, T) {
+	var zero T
+	if len(q) == 0 {
+		return nil, zero
 	}
-	return r.hub.fromServer
-}
-
-// nextToHub is the frame that waits for the hub first.
-func (r *hocuspocusRemote) nextToHub() frame {
-	if len(r.toHub) == 0 {
-		return frame{}
-	}
-	return r.toHub[0]
-}
-
-// resyncIfPending is the hub's resync channel while a resync waits.
-func (r *hocuspocusRemote) resyncIfPending() chan<- string {
-	if len(r.pending) == 0 {
-		return nil
-	}
-	return r.hub.resyncs
-}
-
-// nextResync is the document whose resync waits first.
-func (r *hocuspocusRemote) nextResync() string {
-	if len(r.pending) == 0 {
-		return ""
-	}
-	return r.pending[0]
+	return ch, q[0]
 }
 
 // stop closes the socket's link, so that its writer flushes, and waits

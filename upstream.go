@@ -970,6 +970,9 @@ func (hpFraming) decode(data []byte) (frame, error) {
 		return frame{}, fmt.Errorf("document name: %w", err)
 	}
 	doc, msg := string(name), data[n:]
+	if doc == "" {
+		return frame{}, errors.New("empty document name")
+	}
 	if err := checkIdentifier(doc); err != nil {
 		return frame{}, err
 	}

@@ -56,6 +56,10 @@ import { HocuspocusProvider } from '@hocuspocus/provider'
 import WebSocket from 'ws'
 import { createInterface } from 'node:readline'
 
+// Every WebsocketProvider adds a process 'exit' listener: more than ten
+// editors in one process are expected here, not a leak.
+process.setMaxListeners(0)
+
 /** editors by name, in join order. */
 const editors = new Map()
 

@@ -2248,3 +2248,102 @@ func TestInteropHocuspocusScaleOutOverRedis(t *testing.T) {
 	s1.waitAuthenticated(t, map[string]int{"notes": 1, "plans": 1})
 	s2.waitAuthenticated(t, map[string]int{"notes": 1, "plans": 2})
 }
+
+// hpFrame prefixes msg with doc as Hocuspocus frames do: varString(doc).
+func hpFrame(doc string, msg ...byte) []byte {
+	return append(append(appendVaruint(nil, uint64(len(doc))), doc...), msg...)
+}
+
+// hpAuth is the auth message a client sends for doc: 02 00 varString(token).
+func hpAuth(doc, token string) []byte {
+	return hpFrame(doc, append(appendVaruint([]byte{2, 0}, uint64(len(token))), token...)...)
+}
+
+// hpReceive reads the next frame and fails the test unless it is of doc
+// and its message starts with prefix; it returns the message.
+func hpReceive(t *testing.T, ws *websocket.Conn, doc string, prefix []byte, what string) []byte {
+	t.Helper()
+	frame := receive(t, ws)
+	n, k, err := readVaruint(frame)
+	if err != nil || uint64(len(frame)-k) < n || string(frame[k:k+int(n)]) != doc {
+		t.Fatalf("%s: frame % x is not of document %q", what, frame, doc)
+	}
+	msg := frame[k+int(n):]
+	if !bytes.HasPrefix(msg, prefix) {
+		t.Fatalf("%s: got % x, want % x…", what, msg, prefix)
+	}
+	return msg
+}
+
+// TestInteropHocuspocusServerWireFacts pins, on a raw WebSocket, the
+// behaviour of Hocuspocus 3.4.4 that the relay's hocuspocus mode relies on
+// (PROTOCOL.md §4): a document's frames sent before its auth are held and
+// handled after it; the server answers a step 1 with its own step 1 and
+// then step 2; it sends a client's own update and awareness back to it,
+// and a sync status after every update; a client's close (type 7) is
+// answered with a close, the document is dropped from memory when that was
+// its last connection, and the document's frames wait for a new auth; a
+// refused token gets PermissionDenied with the server's reason.
+// (x/net/websocket answers the server's pings by itself.)
+func TestInteropHocuspocusServerWireFacts(t *testing.T) {
+	srv := startHocuspocusServer(t, "--token", hpToken)
+	ws := dialLocal(t, "127.0.0.1:"+srv.port, "")
+	// Two Yjs updates of client 4242 on Y.Text "t": "a", then "b" after it.
+	update1 := unhex(t, "010192210004010174016100")
+	update2 := unhex(t, "010192210184922100016200")
+	updateMsg := func(u []byte) []byte {
+		return append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(u))), u...)
+	}
+	const doc = "w"
+
+	// Step 1 and awareness before the auth: held, then handled in order.
+	send(t, ws, hpFrame(doc, step1...))
+	send(t, ws, hpFrame(doc, awarenessMsg(4242, 1, `{"user":{"name":"raw"}}`)...))
+	send(t, ws, hpAuth(doc, hpToken))
+	hpReceive(t, ws, doc, append([]byte{2, 2, 10}, "read-write"...), "Authenticated")
+	hpReceive(t, ws, doc, []byte{msgSync, syncStep1}, "the server's step 1, first")
+	hpReceive(t, ws, doc, []byte{msgSync, syncStep2}, "then its step 2")
+	hpReceive(t, ws, doc, []byte{msgAwareness}, "our own awareness, sent back")
+
+	// An update comes back to its sender, then the sync status "applied";
+	// one that changes nothing gets the status only.
+	send(t, ws, hpFrame(doc, updateMsg(update1)...))
+	if got := hpReceive(t, ws, doc, []byte{msgSync, syncUpdate}, "our update, sent back"); !bytes.Equal(got, updateMsg(update1)) {
+		t.Errorf("echo % x, want % x", got, updateMsg(update1))
+	}
+	hpReceive(t, ws, doc, []byte{8, 1}, "sync status applied")
+	send(t, ws, hpFrame(doc, updateMsg(update1)...))
+	hpReceive(t, ws, doc, []byte{8, 1}, "sync status only, for an update the server has")
+
+	// A client's close: the server removes our awareness and closes the
+	// document (not the socket). Later frames wait for a new auth.
+	send(t, ws, hpFrame(doc, 7))
+	hpReceive(t, ws, doc, []byte{msgAwareness}, "our awareness removed")
+	hpReceive(t, ws, doc, append([]byte{7, 18}, "provider_initiated"...), "the server's close")
+	// Its last connection gone, the server drops the document from memory:
+	// a new auth starts from an empty document, so update1 is new again.
+	srv.waitUntil(t, "the document is closed and unloaded", func() bool {
+		return len(srv.find(false, "doc-closed", doc)) == 1 && len(srv.find(false, "unloaded", doc)) == 1
+	})
+	send(t, ws, hpFrame(doc, updateMsg(update1)...))
+	send(t, ws, hpAuth(doc, hpToken))
+	hpReceive(t, ws, doc, append([]byte{2, 2, 10}, "read-write"...), "Authenticated again")
+	hpReceive(t, ws, doc, updateMsg(update1), "the held update, applied and sent back")
+	hpReceive(t, ws, doc, []byte{8, 1}, "sync status applied")
+	// And the next one, on the document the new auth opened.
+	send(t, ws, hpFrame(doc, updateMsg(update2)...))
+	hpReceive(t, ws, doc, updateMsg(update2), "update2, sent back")
+	hpReceive(t, ws, doc, []byte{8, 1}, "sync status applied")
+
+	// A wrong token on another document of the same socket.
+	send(t, ws, hpAuth("other", "wrong"))
+	reason := hpReceive(t, ws, "other", []byte{2, 1}, "PermissionDenied")
+	if want := append(appendVaruint([]byte{2, 1}, uint64(len(hpRefusal))), hpRefusal...); !bytes.Equal(reason, want) {
+		t.Errorf("PermissionDenied % x, want % x (%q)", reason, want, hpRefusal)
+	}
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	if n := len(srv.find(true, "connect", "")); n != 1 {
+		t.Errorf("%d WebSockets, want the one", n)
+	}
+}

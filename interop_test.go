@@ -2347,3 +2347,39 @@ func TestInteropHocuspocusServerWireFacts(t *testing.T) {
 		t.Errorf("%d WebSockets, want the one", n)
 	}
 }
+
+func TestInteropHocuspocusNoEchoNoHocuspocusMessages(t *testing.T) {
+	srv := startHocuspocusServer(t, "--token", hpToken)
+	relay := startHocuspocusRelay(t, srv, "--token", hpToken)
+	ed := startEditors(t)
+	ed.joinHocuspocus(t, "pat", srv.url(), "echo", hpToken)
+	// x is a raw editor on the relay: it sends one update (the token
+	// "[x:0]" of client 4242 in Y.Text "text") and reads what comes back.
+	x := dialLocal(t, relay.addr, "echo")
+	own := unhex(t, "010192210004010474657874055b783a305d00")
+	send(t, x, append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(own))), own...))
+	ed.convergeWith(t, map[string][]string{"echo": {"[x:0]"}}) // pat has it
+	// The server sent x's update back to the relay (it echoes to the
+	// sender) in the same loop that sent it to pat, and pat edits only now:
+	// the relay reads pat's update after that echo. So the first update x gets must
+	// be pat's, and nothing Hocuspocus-only (auth, stateless, close, sync
+	// status: the server sent one for x's update) may come before it.
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 1, "names": []string{"pat"}})
+	for {
+		msg := receive(t, x)
+		if len(msg) == 0 || (msg[0] != msgSync && msg[0] != msgAwareness && msg[0] != msgQueryAwareness) {
+			t.Fatalf("x got % x: not a y-websocket message", msg)
+		}
+		if !bytes.HasPrefix(msg, []byte{msgSync, syncUpdate}) {
+			continue // step 1 and 2 of the relay's resync, awareness
+		}
+		if bytes.Contains(msg, []byte("[x:0]")) {
+			t.Fatalf("x got its own update back: % x", msg)
+		}
+		if !bytes.Contains(msg, []byte("[pat:0]")) {
+			t.Fatalf("x got an update that is not pat's: % x", msg)
+		}
+		break
+	}
+	checkUpstreams(t, relay, logUpstreamAuthenticated, 1, "echo")
+}

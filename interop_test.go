@@ -118,7 +118,17 @@ func startRelayProcess(t *testing.T, args ...string) *relayProcess {
 // cleanup it sends SIGTERM and expects exit status 0 within testTimeout.
 func launchRelay(t *testing.T, port string, args ...string) *relayProcess {
 	t.Helper()
+	return launchRelayEnv(t, nil, port, args...)
+}
+
+// launchRelayEnv is launchRelay with env (KEY=value) added to the test's
+// environment.
+func launchRelayEnv(t *testing.T, env []string, port string, args ...string) *relayProcess {
+	t.Helper()
 	cmd := exec.Command(relayBinary(t), append(args, "127.0.0.1", port)...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -1675,4 +1685,701 @@ func TestInteropYjsRefusedDocumentStaysLocal(t *testing.T) {
 	}
 	checkUpstreams(t, relay, logUpstreamConnected, 1, "good")
 	checkUpstreams(t, relay, logUpstreamConnected, 0, bad)
+}
+
+// The tests below run the relay in --protocol hocuspocus mode (PROTOCOL.md
+// §4): one upstream WebSocket for every document, each frame prefixed with
+// the document's name, each document authenticated with --token first;
+// against a real Hocuspocus server (interop/hocuspocus-server.mjs,
+// @hocuspocus/server 3.4.4), with y-websocket editors on the relays and
+// HocuspocusProvider editors straight on the server.
+
+// hpToken is the token the test servers take; hpRefusal is the reason they
+// give any other token (hocuspocus-server.mjs's refusal).
+const (
+	hpToken   = "secret"
+	hpRefusal = "token refused by hocuspocus-server"
+)
+
+// The relay's log messages that the hocuspocus-mode tests rely on.
+const (
+	logUpstreamAuthenticated = `msg="upstream authenticated"`
+	logUpstreamRefusedDoc    = `msg="upstream refused the document"`
+)
+
+// hpEvent is one line of hocuspocus-server.mjs.
+type hpEvent struct {
+	kind string // connect, disconnect, auth-ok, auth-denied, doc-closed, loaded, unloaded
+	n    int    // the server's number of the WebSocket (0 for loaded, unloaded)
+	doc  string // the document ("" for connect, disconnect)
+	run  int    // which start of the server printed it, from 1
+}
+
+// hpServer is interop/hocuspocus-server.mjs on 127.0.0.1, which a test can
+// kill and start again on its port (with empty documents: it keeps them in
+// memory, or in the other instances behind its Redis). It follows the
+// server's events.
+type hpServer struct {
+	extra  []string // options, such as --token or --timeout
+	port   string
+	cmd    *exec.Cmd
+	done   chan error
+	stderr *logBuffer
+
+	mu      sync.Mutex
+	run     int           // starts so far
+	events  []hpEvent     // every event since the test began
+	changed chan struct{} // closed and replaced on every event
+}
+
+// startHocuspocusServer starts the server on a free port with the options
+// in extra; it is killed at the end of the test.
+func startHocuspocusServer(t *testing.T, extra ...string) *hpServer {
+	t.Helper()
+	requireNode(t)
+	if _, err := os.Stat(filepath.Join("interop", "node_modules", "@hocuspocus", "server")); err != nil {
+		msg := "@hocuspocus/server is not installed (run `npm ci` in interop/)"
+		if os.Getenv("CI") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	s := &hpServer{extra: extra, port: "0", stderr: newLogBuffer(), changed: make(chan struct{})}
+	s.start(t)
+	t.Cleanup(func() {
+		s.kill(t)
+		if t.Failed() {
+			t.Logf("hocuspocus-server %s events:\n%s", s.port, s.dump())
+			if s.stderr.String() != "" {
+				t.Logf("hocuspocus-server %s stderr:\n%s", s.port, s.stderr.String())
+			}
+		}
+	})
+	return s
+}
+
+// url is the server's ws:// URI, the relay's --server.
+func (s *hpServer) url() string { return "ws://127.0.0.1:" + s.port + "/" }
+
+// start runs the server on s.port and waits until it listens.
+func (s *hpServer) start(t *testing.T) {
+	t.Helper()
+	s.cmd = exec.Command("node", append([]string{"hocuspocus-server.mjs", "--port", s.port}, s.extra...)...)
+	s.cmd.Dir = "interop"
+	s.cmd.Stderr = s.stderr
+	stdout, err := s.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	s.run++
+	run := s.run
+	s.mu.Unlock()
+	s.done = make(chan error, 1)
+	listening := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			if port, ok := strings.CutPrefix(sc.Text(), "listening "); ok {
+				listening <- port
+				continue
+			}
+			s.note(run, sc.Text())
+		}
+		s.done <- s.cmd.Wait()
+	}()
+	select {
+	case s.port = <-listening:
+	case err := <-s.done:
+		t.Fatalf("hocuspocus-server exited: %v\n%s", err, s.stderr.String())
+	case <-time.After(testTimeout):
+		t.Fatal("hocuspocus-server did not listen")
+	}
+}
+
+// note records one event line of the server's run.
+func (s *hpServer) note(run int, line string) {
+	kind, rest, _ := strings.Cut(line, " ")
+	e := hpEvent{kind: kind, run: run}
+	switch kind {
+	case "connect", "disconnect":
+		fmt.Sscan(rest, &e.n)
+	case "auth-ok", "auth-denied", "doc-closed":
+		n, doc, _ := strings.Cut(rest, " ")
+		fmt.Sscan(n, &e.n)
+		json.Unmarshal([]byte(doc), &e.doc)
+	case "loaded", "unloaded":
+		json.Unmarshal([]byte(rest), &e.doc)
+	default:
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.events = append(s.events, e)
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// kill ends the server at once, as a crash would: no close frames. Its
+// connections and documents are gone with it.
+func (s *hpServer) kill(t *testing.T) {
+	if s.cmd == nil {
+		return
+	}
+	s.cmd.Process.Kill()
+	<-s.done // the reader has noted every line
+	s.cmd = nil
+}
+
+// waitUntil waits until cond, called with s.mu held, holds after some
+// event, or fails the test after testTimeout naming what.
+func (s *hpServer) waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.After(testTimeout)
+	for {
+		s.mu.Lock()
+		ok, changed := cond(), s.changed
+		s.mu.Unlock()
+		if ok {
+			return
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			t.Fatalf("hocuspocus-server %s: timed out waiting until %s; events:\n%s", s.port, what, s.dump())
+		}
+	}
+}
+
+// find returns the events of the latest run (every run if all) that match
+// kind and, unless "", doc. s.mu must be held.
+func (s *hpServer) find(all bool, kind, doc string) []hpEvent {
+	var out []hpEvent
+	for _, e := range s.events {
+		if (all || e.run == s.run) && e.kind == kind && (doc == "" || e.doc == doc) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// waitAuthenticated waits until, in the latest run, each document has been
+// authenticated on the given number of WebSockets (at least), and returns
+// the numbers of those WebSockets per document, in order.
+func (s *hpServer) waitAuthenticated(t *testing.T, want map[string]int) map[string][]int {
+	t.Helper()
+	got := map[string][]int{}
+	s.waitUntil(t, fmt.Sprintf("documents are authenticated on %v WebSockets", want), func() bool {
+		clear(got)
+		for doc, n := range want {
+			for _, e := range s.find(false, "auth-ok", doc) {
+				got[doc] = append(got[doc], e.n)
+			}
+			if len(got[doc]) < n {
+				return false
+			}
+		}
+		return true
+	})
+	return got
+}
+
+// history returns a copy of every event so far.
+func (s *hpServer) history() []hpEvent {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.events)
+}
+
+// dump renders every event, one a line, for a failure message.
+func (s *hpServer) dump() string {
+	var b strings.Builder
+	for _, e := range s.history() {
+		fmt.Fprintf(&b, "  run %d: %s %d %q\n", e.run, e.kind, e.n, e.doc)
+	}
+	return b.String()
+}
+
+// startHocuspocusRelay runs the relay in --protocol hocuspocus mode against
+// srv, with the flags in extra (such as --token). It waits only until the
+// relay listens.
+func startHocuspocusRelay(t *testing.T, srv *hpServer, extra ...string) *relayProcess {
+	t.Helper()
+	return launchRelay(t, "0", append([]string{"--protocol", "hocuspocus", "--server", srv.url()}, extra...)...)
+}
+
+// joinHocuspocus adds an editor that uses a HocuspocusProvider with token
+// straight on the Hocuspocus server at url.
+func (e *editors) joinHocuspocus(t *testing.T, name, url, doc, token string) {
+	t.Helper()
+	e.do(t, map[string]any{"cmd": "join", "name": name, "url": url, "doc": doc, "hocuspocus": true, "token": token})
+}
+
+// checkAwareness waits until every editor in report sees every editor of
+// its document (editorsOf), sooner than the 15 s renewal, and then checks
+// that it sees no one else.
+func checkAwareness(t *testing.T, ed *editors, report []editorReport, editorsOf map[string][]string) {
+	t.Helper()
+	for _, r := range report {
+		for _, other := range editorsOf[r.Doc] {
+			ed.do(t, map[string]any{"cmd": "awareness", "name": r.Name, "of": other, "present": true, "timeoutMs": 5000})
+		}
+	}
+	for _, r := range ed.do(t, map[string]any{"cmd": "report"}).Report {
+		if want := editorsOf[r.Doc]; !slices.Equal(r.Awareness, want) {
+			t.Errorf("%s on %q sees awareness of %v, want %v", r.Name, r.Doc, r.Awareness, want)
+		}
+	}
+}
+
+// hpDocs are the documents of the multi-document tests: their names go
+// into the frames as they are, so odd ones must arrive unchanged.
+var hpDocs = []string{"notes", "Grüße", "100% sure|[v2]{x}"}
+
+// TestInteropHocuspocusServerAlone checks the test server and the
+// HocuspocusProvider editors without a relay: editors straight on the
+// server converge and see each other, a wrong token is refused with the
+// server's reason, and the server reports it all.
+func TestInteropHocuspocusServerAlone(t *testing.T) {
+	srv := startHocuspocusServer(t, "--token", hpToken)
+	ed := startEditors(t)
+	ed.joinHocuspocus(t, "alice", srv.url(), "notes", hpToken)
+	ed.joinHocuspocus(t, "bob", srv.url(), "notes", hpToken)
+	ed.joinHocuspocus(t, "carol", srv.url(), "plans", hpToken)
+	a := ed.try(t, map[string]any{"cmd": "join", "name": "mallory", "url": srv.url(), "doc": "notes", "hocuspocus": true, "token": "wrong", "timeoutMs": 5000})
+	if a.OK || !strings.Contains(a.Error, hpRefusal) {
+		t.Errorf("join with a wrong token: %+v, want a failure naming %q", a, hpRefusal)
+	}
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 3})
+	report := ed.convergeWithin(t, syncBound)
+	checkAwareness(t, ed, report, map[string][]string{"notes": {"alice", "bob"}, "plans": {"carol"}})
+	srv.waitAuthenticated(t, map[string]int{"notes": 2, "plans": 1})
+	srv.waitUntil(t, "mallory was refused", func() bool { return len(srv.find(true, "auth-denied", "notes")) == 1 })
+}
+
+// startRedis runs redis-server on a loopback port the OS picked, without
+// persistence, and returns the port; it is killed at the end of the test.
+// Without redis-server the test is skipped, or fails in CI.
+func startRedis(t *testing.T) string {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		msg := "redis-server not found (Debian: apt-get install redis-server)"
+		if os.Getenv("CI") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	ln.Close()
+	cmd := exec.Command(bin, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+	out := newLogBuffer()
+	cmd.Stdout = out
+	cmd.Stderr = out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-done
+		if t.Failed() {
+			t.Logf("redis-server log:\n%s", out.String())
+		}
+	})
+	deadline := time.After(testTimeout)
+	for {
+		select {
+		case line := <-out.lines:
+			if strings.Contains(line, "Ready to accept connections") {
+				return port
+			}
+		case err := <-done:
+			done <- err // for the cleanup
+			t.Fatalf("redis-server exited (%v):\n%s", err, out.String())
+		case <-deadline:
+			t.Fatalf("redis-server did not get ready:\n%s", out.String())
+		}
+	}
+}
+
+// TestInteropHocuspocusRedisServersAlone checks the scale-out without a
+// relay: HocuspocusProvider editors on two server instances that share one
+// Redis converge and see each other.
+func TestInteropHocuspocusRedisServersAlone(t *testing.T) {
+	redis := startRedis(t)
+	s1 := startHocuspocusServer(t, "--redis-port", redis, "--token", hpToken)
+	s2 := startHocuspocusServer(t, "--redis-port", redis, "--token", hpToken)
+	ed := startEditors(t)
+	ed.joinHocuspocus(t, "alice", s1.url(), "notes", hpToken)
+	ed.joinHocuspocus(t, "bob", s2.url(), "notes", hpToken)
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 3})
+	report := ed.convergeWithin(t, syncBound)
+	checkAwareness(t, ed, report, map[string][]string{"notes": {"alice", "bob"}})
+}
+
+func TestInteropHocuspocusTwoRelaysThreeDocuments(t *testing.T) {
+	srv := startHocuspocusServer(t, "--token", hpToken)
+	// The token three ways: flag, file (first line, mode 0600) and
+	// environment, with the protocol from the environment too.
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tokenFile, []byte(hpToken+"\nnot this line\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	relays := []*relayProcess{
+		startHocuspocusRelay(t, srv, "--token", hpToken),
+		startHocuspocusRelay(t, srv, "--token-file", tokenFile),
+		launchRelayEnv(t, []string{"ELVA_PROTOCOL=hocuspocus", "ELVA_TOKEN=" + hpToken}, "0", "--server", srv.url()),
+	}
+	ed := startEditors(t)
+	editorsOf := map[string][]string{} // doc → its editors, sorted
+	for i, doc := range hpDocs {
+		// Two on the first relay, one on each other relay, one on the server.
+		for _, j := range []struct{ who, url string }{
+			{"ann", "ws://" + relays[0].addr}, {"ben", "ws://" + relays[0].addr},
+			{"cat", "ws://" + relays[1].addr}, {"dan", srv.url()}, {"eve", "ws://" + relays[2].addr},
+		} {
+			name := fmt.Sprintf("%s%d", j.who, i)
+			if j.who == "dan" {
+				ed.joinHocuspocus(t, name, j.url, doc, hpToken)
+			} else {
+				ed.join(t, name, j.url, doc)
+			}
+			editorsOf[doc] = append(editorsOf[doc], name)
+		}
+		slices.Sort(editorsOf[doc])
+	}
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 5})
+	report := ed.convergeWithin(t, syncBound) // one document each, isolated
+	// Every editor sees every editor of its document, wherever it is.
+	checkAwareness(t, ed, report, editorsOf)
+
+	// The server authenticated each document once per relay and once for
+	// dan: the relays' three WebSockets carry all three documents each, the
+	// provider's one each.
+	want := map[string]int{}
+	for _, doc := range hpDocs {
+		want[doc] = len(relays) + 1
+	}
+	sockets := srv.waitAuthenticated(t, want)
+	docsOn := map[int][]string{} // WebSocket → its documents
+	for doc, ns := range sockets {
+		if len(ns) != want[doc] {
+			t.Errorf("document %q was authenticated %d times, want %d", doc, len(ns), want[doc])
+		}
+		for _, n := range ns {
+			docsOn[n] = append(docsOn[n], doc)
+		}
+	}
+	var multiplexed int
+	for n, docs := range docsOn {
+		switch len(docs) {
+		case len(hpDocs):
+			multiplexed++
+		case 1: // a provider
+		default:
+			t.Errorf("WebSocket %d authenticated %q", n, docs)
+		}
+	}
+	if multiplexed != len(relays) {
+		t.Errorf("%d WebSockets carry every document, want one per relay (%d): %v", multiplexed, len(relays), docsOn)
+	}
+	for _, e := range srv.history() {
+		if e.doc != "" && !slices.Contains(hpDocs, e.doc) {
+			t.Errorf("the server saw %s of document %q", e.kind, e.doc)
+		}
+		if e.kind == "auth-denied" || e.kind == "doc-closed" || e.kind == "disconnect" {
+			t.Errorf("the server saw %s %d %q", e.kind, e.n, e.doc)
+		}
+	}
+	for i, r := range relays {
+		if n := strings.Count(r.logs.String(), logUpstreamConnected); n != 1 {
+			t.Errorf("relay %d logged %d lines with %s, want 1", i+1, n, logUpstreamConnected)
+		}
+		checkUpstreams(t, r, logUpstreamAuthenticated, 1, hpDocs...)
+	}
+}
+
+func TestInteropHocuspocusWrongTokenStaysLocal(t *testing.T) {
+	srv := startHocuspocusServer(t, "--token", hpToken)
+	relay := startHocuspocusRelay(t, srv, "--token", "wrong", "--retry-max", "1s")
+	local := startEditors(t)
+	local.join(t, "alice", "ws://"+relay.addr, "notes")
+	local.join(t, "bob", "ws://"+relay.addr, "notes")
+	remote := startEditors(t)
+	remote.joinHocuspocus(t, "dave", srv.url(), "notes", hpToken)
+	line := relay.waitLog(t, logUpstreamRefusedDoc)
+	if !strings.Contains(line, logAttr("doc", "notes")) || !strings.Contains(line, hpRefusal) {
+		t.Errorf("refusal logged as %q, want %s and the server's reason %q", line, logAttr("doc", "notes"), hpRefusal)
+	}
+	// Some 1.5 s of typing, longer than any retry delay (--retry-max 1s):
+	// the refusal is not logged again meanwhile.
+	local.do(t, map[string]any{"cmd": "startEditing", "intervalMs": 20})
+	local.do(t, map[string]any{"cmd": "waitEdits", "count": 75})
+	local.do(t, map[string]any{"cmd": "stopEditing"})
+	report := local.convergeWithin(t, syncBound) // among alice and bob
+	local.do(t, map[string]any{"cmd": "awareness", "name": "alice", "of": "bob", "present": true, "timeoutMs": 5000})
+	local.do(t, map[string]any{"cmd": "awareness", "name": "bob", "of": "alice", "present": true, "timeoutMs": 5000})
+
+	if got := docLines(relay.logs.String(), logUpstreamRefusedDoc, "notes"); len(got) != 1 {
+		t.Errorf("%d log lines with %s for notes, want 1:\n%s", len(got), logUpstreamRefusedDoc, strings.Join(got, ""))
+	}
+	checkUpstreams(t, relay, logUpstreamAuthenticated, 0, "notes")
+	// Nothing of the refused document reached the server's editor.
+	remote.do(t, map[string]any{"cmd": "awareness", "name": "dave", "of": "alice", "present": false, "timeoutMs": 1000})
+	for _, r := range remote.do(t, map[string]any{"cmd": "report"}).Report {
+		for _, tok := range madeByDoc(report)["notes"] {
+			if strings.Contains(r.Text, tok) {
+				t.Errorf("%s on the server has %s from the refused relay", r.Name, tok)
+			}
+		}
+	}
+	srv.waitUntil(t, "the relay was refused", func() bool { return len(srv.find(true, "auth-denied", "notes")) > 0 })
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	if ok := srv.find(true, "auth-ok", "notes"); len(ok) != 1 {
+		t.Errorf("notes was authenticated %d times, want once (dave)", len(ok))
+	}
+	if denied := srv.find(true, "auth-denied", ""); len(denied) != 1 {
+		t.Errorf("the server refused %d auth messages, want 1 (the relay's, on its one connection)", len(denied))
+	}
+}
+
+func TestInteropHocuspocusServerRestartWhileTyping(t *testing.T) {
+	srv := startHocuspocusServer(t, "--token", hpToken)
+	r1 := startHocuspocusRelay(t, srv, "--token", hpToken, "--retry-max", "1s")
+	r2 := startHocuspocusRelay(t, srv, "--token", hpToken, "--retry-max", "1s")
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+r1.addr, "notes")
+	ed.join(t, "bob", "ws://"+r1.addr, "notes")
+	ed.join(t, "carol", "ws://"+r2.addr, "notes")
+	ed.join(t, "dave", "ws://"+r1.addr, "plans")
+	ed.join(t, "erin", "ws://"+r2.addr, "plans")
+	// frank is on the server itself and comes back on his own.
+	ed.do(t, map[string]any{"cmd": "join", "name": "frank", "url": srv.url(), "doc": "notes", "hocuspocus": true, "token": hpToken, "maxBackoffMs": 200})
+	up := map[string]int{"notes": 3, "plans": 2}
+	srv.waitAuthenticated(t, up)
+	ed.do(t, map[string]any{"cmd": "startEditing", "intervalMs": 20})
+	const outages = 2
+	for range outages {
+		ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+		srv.kill(t) // and every document with it: it keeps them in memory
+		ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+		srv.start(t)
+		srv.waitAuthenticated(t, up) // both relays and frank are back
+	}
+	ed.do(t, map[string]any{"cmd": "waitEdits", "count": 5})
+	ed.do(t, map[string]any{"cmd": "stopEditing"})
+	ed.convergeWithin(t, syncBound)
+	// plans lives only in the relays' editors: what the restarted server
+	// has of it came from their resyncs. Fresh editors on the server get
+	// everything from the server alone.
+	fresh := startEditors(t)
+	fresh.joinHocuspocus(t, "fresh1", srv.url(), "notes", hpToken)
+	fresh.joinHocuspocus(t, "fresh2", srv.url(), "plans", hpToken)
+	fresh.convergeWith(t, madeByDoc(ed.do(t, map[string]any{"cmd": "report"}).Report))
+	// One socket per relay, and one more after each restart; each document
+	// authenticated on each.
+	for i, r := range []*relayProcess{r1, r2} {
+		if n := strings.Count(r.logs.String(), logUpstreamConnected); n != outages+1 {
+			t.Errorf("relay %d logged %d lines with %s, want %d", i+1, n, logUpstreamConnected, outages+1)
+		}
+		checkUpstreams(t, r, logUpstreamAuthenticated, outages+1, "notes", "plans")
+	}
+}
+
+func TestInteropHocuspocusIdleRelayStaysConnected(t *testing.T) {
+	const timeout = 2 * time.Second // the server's ping interval and pong deadline
+	srv := startHocuspocusServer(t, "--token", hpToken, "--timeout", fmt.Sprint(timeout.Milliseconds()))
+	relay := startHocuspocusRelay(t, srv, "--token", hpToken)
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+relay.addr, "notes")
+	relaySocket := srv.waitAuthenticated(t, map[string]int{"notes": 1})["notes"][0]
+	ed.join(t, "bob", "ws://"+relay.addr, "notes")
+	ed.joinHocuspocus(t, "carol", srv.url(), "notes", hpToken)
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 2})
+	ed.convergeWithin(t, syncBound)
+
+	// The idle period is the thing under test, not a synchronisation: for
+	// five of the server's timeouts nobody types (awareness renewals come
+	// every 15 s, so none need fall in it), and only the relay's answers to
+	// the server's pings keep its documents. Hocuspocus 3.4.4 ends every
+	// document of a connection that missed one pong (type 7, "Connection
+	// Timeout") and keeps doing so at each later tick.
+	time.Sleep(5 * timeout)
+
+	for _, e := range srv.history() {
+		if e.n == relaySocket && (e.kind == "disconnect" || e.kind == "doc-closed") {
+			t.Errorf("the server saw %s of the relay's WebSocket %d (document %q)", e.kind, e.n, e.doc)
+		}
+	}
+	if n := strings.Count(relay.logs.String(), logUpstreamConnected); n != 1 {
+		t.Errorf("the relay logged %d lines with %s, want 1", n, logUpstreamConnected)
+	}
+	checkUpstreams(t, relay, logUpstreamAuthenticated, 1, "notes")
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 1})
+	ed.convergeWithin(t, syncBound)
+}
+
+func TestInteropHocuspocusScaleOutOverRedis(t *testing.T) {
+	redis := startRedis(t)
+	s1 := startHocuspocusServer(t, "--redis-port", redis, "--token", hpToken)
+	s2 := startHocuspocusServer(t, "--redis-port", redis, "--token", hpToken)
+	r1 := startHocuspocusRelay(t, s1, "--token", hpToken)
+	r2 := startHocuspocusRelay(t, s2, "--token", hpToken)
+	ed := startEditors(t)
+	ed.join(t, "alice", "ws://"+r1.addr, "notes")
+	ed.join(t, "bob", "ws://"+r1.addr, "notes")
+	ed.join(t, "carol", "ws://"+r2.addr, "notes")
+	ed.join(t, "dave", "ws://"+r1.addr, "plans")
+	ed.join(t, "erin", "ws://"+r2.addr, "plans")
+	ed.joinHocuspocus(t, "frank", s2.url(), "plans", hpToken)
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 5})
+	report := ed.convergeWithin(t, syncBound)
+	checkAwareness(t, ed, report, map[string][]string{"notes": {"alice", "bob", "carol"}, "plans": {"dave", "erin", "frank"}})
+	s1.waitAuthenticated(t, map[string]int{"notes": 1, "plans": 1})
+	s2.waitAuthenticated(t, map[string]int{"notes": 1, "plans": 2})
+}
+
+// hpFrame prefixes msg with doc as Hocuspocus frames do: varString(doc).
+func hpFrame(doc string, msg ...byte) []byte {
+	return append(append(appendVaruint(nil, uint64(len(doc))), doc...), msg...)
+}
+
+// hpAuth is the auth message a client sends for doc: 02 00 varString(token).
+func hpAuth(doc, token string) []byte {
+	return hpFrame(doc, append(appendVaruint([]byte{2, 0}, uint64(len(token))), token...)...)
+}
+
+// hpReceive reads the next frame and fails the test unless it is of doc
+// and its message starts with prefix; it returns the message.
+func hpReceive(t *testing.T, ws *websocket.Conn, doc string, prefix []byte, what string) []byte {
+	t.Helper()
+	frame := receive(t, ws)
+	n, k, err := readVaruint(frame)
+	if err != nil || uint64(len(frame)-k) < n || string(frame[k:k+int(n)]) != doc {
+		t.Fatalf("%s: frame % x is not of document %q", what, frame, doc)
+	}
+	msg := frame[k+int(n):]
+	if !bytes.HasPrefix(msg, prefix) {
+		t.Fatalf("%s: got % x, want % x…", what, msg, prefix)
+	}
+	return msg
+}
+
+// TestInteropHocuspocusServerWireFacts pins, on a raw WebSocket, the
+// behaviour of Hocuspocus 3.4.4 that the relay's hocuspocus mode relies on
+// (PROTOCOL.md §4): a document's frames sent before its auth are held and
+// handled after it; the server answers a step 1 with its own step 1 and
+// then step 2; it sends a client's own update and awareness back to it,
+// and a sync status after every update; a client's close (type 7) is
+// answered with a close, the document is dropped from memory when that was
+// its last connection, and the document's frames wait for a new auth; a
+// refused token gets PermissionDenied with the server's reason.
+// (x/net/websocket answers the server's pings by itself.)
+func TestInteropHocuspocusServerWireFacts(t *testing.T) {
+	srv := startHocuspocusServer(t, "--token", hpToken)
+	ws := dialLocal(t, "127.0.0.1:"+srv.port, "")
+	// Two Yjs updates of client 4242 on Y.Text "t": "a", then "b" after it.
+	update1 := unhex(t, "010192210004010174016100")
+	update2 := unhex(t, "010192210184922100016200")
+	updateMsg := func(u []byte) []byte {
+		return append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(u))), u...)
+	}
+	const doc = "w"
+
+	// Step 1 and awareness before the auth: held, then handled in order.
+	send(t, ws, hpFrame(doc, step1...))
+	send(t, ws, hpFrame(doc, awarenessMsg(4242, 1, `{"user":{"name":"raw"}}`)...))
+	send(t, ws, hpAuth(doc, hpToken))
+	hpReceive(t, ws, doc, append([]byte{2, 2, 10}, "read-write"...), "Authenticated")
+	hpReceive(t, ws, doc, []byte{msgSync, syncStep1}, "the server's step 1, first")
+	hpReceive(t, ws, doc, []byte{msgSync, syncStep2}, "then its step 2")
+	hpReceive(t, ws, doc, []byte{msgAwareness}, "our own awareness, sent back")
+
+	// An update comes back to its sender, then the sync status "applied";
+	// one that changes nothing gets the status only.
+	send(t, ws, hpFrame(doc, updateMsg(update1)...))
+	if got := hpReceive(t, ws, doc, []byte{msgSync, syncUpdate}, "our update, sent back"); !bytes.Equal(got, updateMsg(update1)) {
+		t.Errorf("echo % x, want % x", got, updateMsg(update1))
+	}
+	hpReceive(t, ws, doc, []byte{8, 1}, "sync status applied")
+	send(t, ws, hpFrame(doc, updateMsg(update1)...))
+	hpReceive(t, ws, doc, []byte{8, 1}, "sync status only, for an update the server has")
+
+	// A client's close: the server removes our awareness and closes the
+	// document (not the socket). Later frames wait for a new auth.
+	send(t, ws, hpFrame(doc, 7))
+	hpReceive(t, ws, doc, []byte{msgAwareness}, "our awareness removed")
+	hpReceive(t, ws, doc, append([]byte{7, 18}, "provider_initiated"...), "the server's close")
+	// Its last connection gone, the server drops the document from memory:
+	// a new auth starts from an empty document, so update1 is new again.
+	srv.waitUntil(t, "the document is closed and unloaded", func() bool {
+		return len(srv.find(false, "doc-closed", doc)) == 1 && len(srv.find(false, "unloaded", doc)) == 1
+	})
+	send(t, ws, hpFrame(doc, updateMsg(update1)...))
+	send(t, ws, hpAuth(doc, hpToken))
+	hpReceive(t, ws, doc, append([]byte{2, 2, 10}, "read-write"...), "Authenticated again")
+	hpReceive(t, ws, doc, updateMsg(update1), "the held update, applied and sent back")
+	hpReceive(t, ws, doc, []byte{8, 1}, "sync status applied")
+	// And the next one, on the document the new auth opened.
+	send(t, ws, hpFrame(doc, updateMsg(update2)...))
+	hpReceive(t, ws, doc, updateMsg(update2), "update2, sent back")
+	hpReceive(t, ws, doc, []byte{8, 1}, "sync status applied")
+
+	// A wrong token on another document of the same socket.
+	send(t, ws, hpAuth("other", "wrong"))
+	reason := hpReceive(t, ws, "other", []byte{2, 1}, "PermissionDenied")
+	if want := append(appendVaruint([]byte{2, 1}, uint64(len(hpRefusal))), hpRefusal...); !bytes.Equal(reason, want) {
+		t.Errorf("PermissionDenied % x, want % x (%q)", reason, want, hpRefusal)
+	}
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	if n := len(srv.find(true, "connect", "")); n != 1 {
+		t.Errorf("%d WebSockets, want the one", n)
+	}
+}
+
+func TestInteropHocuspocusNoEchoNoHocuspocusMessages(t *testing.T) {
+	srv := startHocuspocusServer(t, "--token", hpToken)
+	relay := startHocuspocusRelay(t, srv, "--token", hpToken)
+	ed := startEditors(t)
+	ed.joinHocuspocus(t, "pat", srv.url(), "echo", hpToken)
+	// x is a raw editor on the relay: it sends one update (the token
+	// "[x:0]" of client 4242 in Y.Text "text") and reads what comes back.
+	x := dialLocal(t, relay.addr, "echo")
+	own := unhex(t, "010192210004010474657874055b783a305d00")
+	send(t, x, append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(own))), own...))
+	ed.convergeWith(t, map[string][]string{"echo": {"[x:0]"}}) // pat has it
+	// The server sent x's update back to the relay (it echoes to the
+	// sender) in the same loop that sent it to pat, and pat edits only now:
+	// the relay reads pat's update after that echo. So the first update x gets must
+	// be pat's, and nothing Hocuspocus-only (auth, stateless, close, sync
+	// status: the server sent one for x's update) may come before it.
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 1, "names": []string{"pat"}})
+	for {
+		msg := receive(t, x)
+		if len(msg) == 0 || (msg[0] != msgSync && msg[0] != msgAwareness && msg[0] != msgQueryAwareness) {
+			t.Fatalf("x got % x: not a y-websocket message", msg)
+		}
+		if !bytes.HasPrefix(msg, []byte{msgSync, syncUpdate}) {
+			continue // step 1 and 2 of the relay's resync, awareness
+		}
+		if bytes.Contains(msg, []byte("[x:0]")) {
+			t.Fatalf("x got its own update back: % x", msg)
+		}
+		if !bytes.Contains(msg, []byte("[pat:0]")) {
+			t.Fatalf("x got an update that is not pat's: % x", msg)
+		}
+		break
+	}
+	checkUpstreams(t, relay, logUpstreamAuthenticated, 1, "echo")
 }

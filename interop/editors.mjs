@@ -1,5 +1,6 @@
 // Real Yjs editors for the interop tests: y-websocket WebsocketProvider
-// clients on Node, driven by the Go tests through the built relay.
+// clients on Node, driven by the Go tests through the built relay, and
+// HocuspocusProvider clients straight on a Hocuspocus server.
 //
 //   node editors.mjs
 //
@@ -13,6 +14,13 @@
 //       editor that opens a document it stored while offline.
 //       maxBackoffMs: the provider's longest wait between reconnection
 //       attempts (y-websocket's maxBackoffTime, default 2500)
+//   {"cmd":"join","name":"hank","url":"ws://127.0.0.1:PORT","doc":"notes","hocuspocus":true,"token":"secret"}
+//       the same with a HocuspocusProvider (@hocuspocus/provider), for an
+//       editor straight on a Hocuspocus server: it sends token (default
+//       "") with the document's auth message, and answers once the server
+//       authenticated it and the first sync is done (an error at once if
+//       the server refuses the token). Every other command works for it as
+//       for a y-websocket editor.
 //   {"cmd":"edit","rounds":3,"names":["alice"]}
 //       every editor (or those named) inserts rounds tokens "[name:i]"
 //       into the Y.Text "text"
@@ -44,8 +52,13 @@
 
 import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
+import { HocuspocusProvider } from '@hocuspocus/provider'
 import WebSocket from 'ws'
 import { createInterface } from 'node:readline'
+
+// Every WebsocketProvider adds a process 'exit' listener: more than ten
+// editors in one process are expected here, not a leak.
+process.setMaxListeners(0)
 
 /** editors by name, in join order. */
 const editors = new Map()
@@ -85,7 +98,47 @@ const waitFor = (check, timeoutMs) => new Promise((resolve, reject) => {
   recheck()
 })
 
-const join = ({ name, url, doc, offline, timeoutMs, maxBackoffMs }) => new Promise((resolve, reject) => {
+/** joinHocuspocus is join with a HocuspocusProvider: one socket per
+ * editor, carrying its one document. */
+const joinHocuspocus = ({ name, url, doc, offline, timeoutMs, maxBackoffMs, token }) => new Promise((resolve, reject) => {
+  const ydoc = new Y.Doc()
+  const e = { name, doc, ydoc, text: ydoc.getText('text'), made: [] }
+  for (let i = 0; i < (offline ?? 0); i++) editOne(e)
+  const maxDelay = maxBackoffMs ?? 2500
+  const provider = new HocuspocusProvider({
+    url,
+    name: doc,
+    document: ydoc,
+    token: token ?? '',
+    WebSocketPolyfill: WebSocket,
+    // Reconnect as quickly as the y-websocket editors do.
+    delay: Math.min(100, maxDelay),
+    minDelay: Math.min(100, maxDelay),
+    maxDelay
+  })
+  provider.awareness.setLocalStateField('user', { name })
+  e.provider = provider
+  const fail = (err) => {
+    clearTimeout(timer)
+    provider.destroy()
+    reject(err)
+  }
+  const timer = setTimeout(() => fail(new Error(`${name}: not synced after ${timeoutMs ?? 10000} ms`)), timeoutMs ?? 10000)
+  provider.on('authenticationFailed', ({ reason }) => {
+    if (!editors.has(name)) fail(new Error(`${name}: authentication failed: ${reason}`))
+  })
+  provider.on('synced', () => {
+    if (!editors.has(name)) {
+      clearTimeout(timer)
+      editors.set(name, e)
+      resolve({})
+    }
+  })
+})
+
+const join = (cmd) => cmd.hocuspocus ? joinHocuspocus(cmd) : joinWebsocket(cmd)
+
+const joinWebsocket = ({ name, url, doc, offline, timeoutMs, maxBackoffMs }) => new Promise((resolve, reject) => {
   const ydoc = new Y.Doc()
   const e = { name, doc, ydoc, text: ydoc.getText('text'), made: [] }
   for (let i = 0; i < (offline ?? 0); i++) editOne(e)

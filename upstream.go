@@ -1288,14 +1288,28 @@ func (r *hocuspocusRemote) fromServer(f frame) {
 	case msgAuth:
 		r.authAnswer(f)
 	case hpClose:
-		// The server ended this document on the socket: authenticate it
-		// again and resync (PROTOCOL.md §4).
-		delete(r.docs, f.doc)
-		r.log.Info("upstream closed the document; authenticating again", "doc", f.doc, "reason", stringAfterType(f.data))
-		r.pending = append(r.pending, f.doc)
+		r.closedByServer(f)
 	default:
 		r.hub.drops.allow(dropServerOnly, time.Now()) // stateless, sync status: not for editors
 	}
+}
+
+// closedByServer handles the server's close of one document on the
+// socket: authenticate it again and resync (PROTOCOL.md §4). After
+// "Connection Timeout" Hocuspocus 3 pings that socket no more and closes
+// its documents at every tick: only a new socket helps.
+func (r *hocuspocusRemote) closedByServer(f frame) {
+	reason := stringAfterType(f.data)
+	if reason == "Connection Timeout" && r.sock != nil {
+		r.log.Warn("upstream timed the connection out; reconnecting", "doc", f.doc)
+		close(r.sock.send)
+		r.sock = nil
+		clear(r.docs)
+		return
+	}
+	delete(r.docs, f.doc)
+	r.log.Info("upstream closed the document; authenticating again", "doc", f.doc, "reason", reason)
+	r.pending = append(r.pending, f.doc)
 }
 
 // authAnswer applies the server's answer to a document's Auth.
@@ -1324,8 +1338,8 @@ func (r *hocuspocusRemote) authAnswer(f frame) {
 		d.held, d.heldSize = nil, 0
 		if !r.named[f.doc] {
 			r.named[f.doc] = true
-			r.log.Warn("upstream refused the document; it stays among local editors until the next reconnect",
-				"doc", f.doc, "reason", stringAfterType(f.data))
+			r.log.Warn("upstream refused the document", "doc", f.doc, "reason", stringAfterType(f.data),
+				"effect", "local editors only, until the next connection")
 		}
 	case 0: // send the token again
 		r.send(frame{doc: f.doc, data: r.authMessage(), kind: msgAuth})

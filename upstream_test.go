@@ -604,8 +604,8 @@ func TestYjsModeOneConnectionPerDocument(t *testing.T) {
 	other.expectFrame(t, update1)
 }
 
-// hpFrame builds a Hocuspocus frame: varString(doc) then msg.
-func hpFrame(doc string, msg []byte) []byte {
+// hpFrameOf builds a Hocuspocus frame: varString(doc) then msg.
+func hpFrameOf(doc string, msg []byte) []byte {
 	return append(append(appendVaruint(nil, uint64(len(doc))), doc...), msg...)
 }
 
@@ -629,7 +629,7 @@ func TestHocuspocusModeAuthenticatesHoldsAndFilters(t *testing.T) {
 	up := srv.next(t)
 	r.logs.waitFor(t, "upstream connected") // so the editor's first message meets the socket
 	a := join(t, r.addr, "notes")
-	auth := hpFrame("notes", append([]byte{msgAuth, 0, 6}, "s3cret"...))
+	auth := hpFrameOf("notes", append([]byte{msgAuth, 0, 6}, "s3cret"...))
 	first := <-up.frames
 	if !bytes.Equal(first, auth) {
 		t.Fatalf("first frame % x, want the Auth % x", first, auth)
@@ -639,23 +639,23 @@ func TestHocuspocusModeAuthenticatesHoldsAndFilters(t *testing.T) {
 		t.Fatalf("% x sent before the server answered the Auth", f)
 	default:
 	}
-	send(t, up.ws, hpFrame("notes", hpAuthAnswer(2, "read-write")))
-	up.expectFrame(t, hpFrame("notes", []byte{msgAwareness, 1, 0})) // join's, held until now
+	send(t, up.ws, hpFrameOf("notes", hpAuthAnswer(2, "read-write")))
+	up.expectFrame(t, hpFrameOf("notes", []byte{msgAwareness, 1, 0})) // join's, held until now
 
 	send(t, a, update1)
-	up.expectFrame(t, hpFrame("notes", update1))
-	send(t, up.ws, hpFrame("notes", update1))                     // the echo
-	send(t, up.ws, hpFrame("notes", []byte{hpSyncStatus, 1}))     // sync status
-	send(t, up.ws, hpFrame("notes", []byte{hpStateless, 1, 'x'})) // stateless
-	send(t, up.ws, hpFrame("notes", update2))                     // news
+	up.expectFrame(t, hpFrameOf("notes", update1))
+	send(t, up.ws, hpFrameOf("notes", update1))                     // the echo
+	send(t, up.ws, hpFrameOf("notes", []byte{hpSyncStatus, 1}))     // sync status
+	send(t, up.ws, hpFrameOf("notes", []byte{hpStateless, 1, 'x'})) // stateless
+	send(t, up.ws, hpFrameOf("notes", update2))                     // news
 	got := receiveSkipping(t, a, func(m []byte) bool { return m[0] == msgSync && m[1] == syncUpdate })
 	if !bytes.Equal(got, update2) {
 		t.Errorf("the editor got % x first, want only the server's news % x", got, update2)
 	}
 
 	b := join(t, r.addr, "secret")
-	up.expectFrame(t, hpFrame("secret", append([]byte{msgAuth, 0, 6}, "s3cret"...)))
-	send(t, up.ws, hpFrame("secret", hpAuthAnswer(1, "not yours")))
+	up.expectFrame(t, hpFrameOf("secret", append([]byte{msgAuth, 0, 6}, "s3cret"...)))
+	send(t, up.ws, hpFrameOf("secret", hpAuthAnswer(1, "not yours")))
 	line := r.logs.waitFor(t, "upstream refused the document")
 	if !strings.Contains(line, `doc=secret`) || !strings.Contains(line, "not yours") {
 		t.Errorf("the refusal does not name the document and the reason: %s", line)
@@ -664,7 +664,7 @@ func TestHocuspocusModeAuthenticatesHoldsAndFilters(t *testing.T) {
 	send(t, b, update1)
 	receiveSkipping(t, b2, func(m []byte) bool { return bytes.Equal(m, update1) })
 
-	send(t, up.ws, hpFrame("notes", append([]byte{hpClose, 5}, "reset"...)))
+	send(t, up.ws, hpFrameOf("notes", append([]byte{hpClose, 5}, "reset"...)))
 	up.expectFrame(t, auth) // authenticated again
 	if n := strings.Count(r.logs.String(), "upstream refused the document"); n != 1 {
 		t.Errorf("the refusal logged %d times, want once", n)
@@ -678,16 +678,16 @@ func TestHocuspocusModeAuthenticatesHoldsAndFilters(t *testing.T) {
 // decodes without a panic, and that a decoded one encodes to a frame that
 // decodes the same (lengths may come in an overlong form that lib0 takes).
 func FuzzHocuspocusDecode(f *testing.F) {
-	f.Add(hpFrame("notes", emptyStep1))
-	f.Add(hpFrame("notes", hpAuthAnswer(2, "read-write")))
-	f.Add(hpFrame("notes", []byte{hpClose, 5, 'r', 'e', 's', 'e', 't'}))
-	f.Add(hpFrame("notes", awarenessMsg(1, 1, "{}")))
+	f.Add(hpFrameOf("notes", emptyStep1))
+	f.Add(hpFrameOf("notes", hpAuthAnswer(2, "read-write")))
+	f.Add(hpFrameOf("notes", []byte{hpClose, 5, 'r', 'e', 's', 'e', 't'}))
+	f.Add(hpFrameOf("notes", awarenessMsg(1, 1, "{}")))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		fr, err := hpFraming{}.decode(data)
 		if err != nil {
 			return
 		}
-		again, err := hpFraming{}.decode(hpFrame(fr.doc, fr.data))
+		again, err := hpFraming{}.decode(hpFrameOf(fr.doc, fr.data))
 		if err != nil || again.doc != fr.doc || !bytes.Equal(again.data, fr.data) {
 			t.Errorf("% x decoded to %q + % x, which does not round-trip: %v", data, fr.doc, fr.data, err)
 		}

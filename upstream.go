@@ -82,10 +82,15 @@ type upstream struct {
 	// handshakeTimeout bounds one dial and upgrade; 0: dialTimeout.
 	handshakeTimeout time.Duration
 	framing          framing
-	target           linkTarget    // takes each connection's link
-	path             string        // the request path, escaped; "": url's
-	inbox            chan<- frame  // where the reader's frames go; nil: hub.fromServer
-	dialSlots        chan struct{} // a token per dial in progress, shared; nil: no limit
+	target           linkTarget   // takes each connection's link
+	path             string       // the request path, escaped; "": url's
+	inbox            chan<- frame // where the reader's frames go; nil: hub.fromServer
+	// perDocument marks a connection of one document (yjs mode): a 401
+	// refuses that document, not the relay, and credentials go with the
+	// first handshake (set in authorization) rather than after a 401 per
+	// document.
+	perDocument bool
+	dialSlots   chan struct{} // a token per dial in progress, shared; nil: no limit
 
 	// Owned by run.
 	authorization string // Basic credentials, once the server asked for them
@@ -188,6 +193,10 @@ func (u *upstream) connect(ctx context.Context) (*websocket.Conn, net.Conn, erro
 		return ws, raw, err
 	}
 	switch {
+	case u.perDocument:
+		// One document refused: the others and the relay go on, and this
+		// one is retried with backoff (the refusal is logged).
+		return nil, nil, fmt.Errorf("document refused with 401, retrying (check --user and the password): %w", err)
 	case u.user == "":
 		return nil, nil, fmt.Errorf("%w: the server asks for credentials and no user is set (--user, ELVA_USER): %v", errAuth, err)
 	case u.accepted:
@@ -198,7 +207,7 @@ func (u *upstream) connect(ctx context.Context) (*websocket.Conn, net.Conn, erro
 	case u.authorization != "":
 		return nil, nil, fmt.Errorf("%w for user %q: %v", errAuth, u.user, err)
 	}
-	u.authorization = "Basic " + base64.StdEncoding.EncodeToString([]byte(u.user+":"+u.password))
+	u.authorization = basicAuth(u.user, u.password)
 	ws, raw, err = u.handshake(ctx)
 	if errors.As(err, &status) && status.code == http.StatusUnauthorized {
 		return nil, nil, fmt.Errorf("%w for user %q: %v", errAuth, u.user, err)
@@ -287,6 +296,11 @@ func (u *upstream) upgrade(conn net.Conn) (*websocket.Conn, error) {
 	}
 	rec.recording, rec.kept = false, nil
 	return ws, nil
+}
+
+// basicAuth is the Authorization header value of HTTP Basic auth.
+func basicAuth(user, password string) string {
+	return "Basic " + base64.StdEncoding.EncodeToString([]byte(user+":"+password))
 }
 
 // redact removes the credentials from a refusal's body: a proxy that
@@ -704,6 +718,11 @@ func (y *yjsRemote) run(ctx context.Context) error {
 				if ctx.Err() != nil {
 					ok = false
 				} else {
+					// Markers were lost meanwhile: every document goes
+					// idle unless the hub's resync marks it active again.
+					for doc, d := range y.docs {
+						y.startGrace(doc, d)
+					}
 					l, ok = y.attachToHub()
 				}
 				continue
@@ -719,8 +738,6 @@ func (y *yjsRemote) run(ctx context.Context) error {
 			y.closeIdle(t)
 		case resyncs <- next:
 			y.pending = y.pending[1:]
-		case <-y.hub.quit:
-			ok = false
 		}
 	}
 	y.stopAll()
@@ -779,7 +796,11 @@ func (y *yjsRemote) activate(ctx context.Context, doc string, d *yjsDoc) {
 // startGrace closes doc's connection after the grace unless an editor
 // comes back before.
 func (y *yjsRemote) startGrace(doc string, d *yjsDoc) {
-	if d == nil || d.closing || d.idle {
+	if d != nil && d.closing {
+		d.reopen = false // used and left again while it closes
+		return
+	}
+	if d == nil || d.idle {
 		return
 	}
 	d.idle, d.idleSeq = true, d.idleSeq+1
@@ -799,6 +820,10 @@ func (y *yjsRemote) open(ctx context.Context, doc string) *yjsDoc {
 	d := &yjsDoc{cancel: cancel}
 	y.docs[doc] = d
 	u := y.base
+	u.perDocument = true
+	if u.user != "" {
+		u.authorization = basicAuth(u.user, u.password)
+	}
 	u.path = docPath(y.base.url, doc)
 	u.framing = plainFraming{doc}
 	u.target = yjsTarget{y, doc}
@@ -827,10 +852,10 @@ func (y *yjsRemote) handle(ctx context.Context, ev docEvent) error {
 		}
 		ev.reply <- up
 	case ev.ended:
+		delete(y.docs, ev.doc)
 		if ev.err != nil {
 			return ev.err
 		}
-		delete(y.docs, ev.doc)
 		if d != nil && d.reopen {
 			y.open(ctx, ev.doc) // the resync at its attach catches up
 		}
@@ -1033,6 +1058,7 @@ type hocuspocusRemote struct {
 
 	// Static after construction.
 	links chan docEvent // the socket's link, attached or detached
+	retry chan string   // a closed document whose backoff has passed
 	inbox chan frame    // from the socket's reader
 	ended chan error    // the socket's run returned
 	quit  chan struct{} // closed when the dispatcher stops listening
@@ -1041,7 +1067,8 @@ type hocuspocusRemote struct {
 	sock    *upstreamLink
 	active  map[string]bool   // documents with local editors
 	docs    map[string]*hpDoc // on the current socket
-	named   map[string]bool   // documents whose refusal was logged
+	named   map[string]bool   // documents whose refusal was logged; bounded
+	closes  closeBackoff      // documents the server closed lately
 	toHub   []frame           // from the server, on their way to the hub
 	pending []string          // documents to resync
 	// sentSince says a message went out since the last quiet tick.
@@ -1052,7 +1079,7 @@ type hocuspocusRemote struct {
 func newHocuspocusRemote(base upstream, token string) *hocuspocusRemote {
 	r := &hocuspocusRemote{
 		hub: base.hub, token: token, log: base.log,
-		links: make(chan docEvent), inbox: make(chan frame), ended: make(chan error, 1), quit: make(chan struct{}),
+		links: make(chan docEvent), retry: make(chan string), inbox: make(chan frame), closes: make(closeBackoff), ended: make(chan error, 1), quit: make(chan struct{}),
 		active: make(map[string]bool), docs: make(map[string]*hpDoc), named: make(map[string]bool),
 	}
 	r.base = base
@@ -1083,6 +1110,7 @@ func (r *hocuspocusRemote) run(ctx context.Context) error {
 				return r.stop()
 			}
 			if !open {
+				clear(r.active) // the hub's resync marks them again
 				if l, ok = r.attachToHub(); !ok {
 					return r.stop()
 				}
@@ -1098,11 +1126,11 @@ func (r *hocuspocusRemote) run(ctx context.Context) error {
 			r.toHub = r.toHub[1:]
 		case resyncs <- nextDoc:
 			r.pending = r.pending[1:]
+		case doc := <-r.retry:
+			r.pending = append(r.pending, doc)
 		case err := <-r.ended:
 			close(r.quit)
 			return err
-		case <-r.hub.quit:
-			return r.stop()
 		}
 	}
 }
@@ -1155,6 +1183,13 @@ func headOf[T any](q []T, ch chan<- T) (chan<- T, T) {
 // stop closes the socket's link, so that its writer flushes, and waits
 // (at most stopTimeout) for the socket's run to end.
 func (r *hocuspocusRemote) stop() error {
+	for _, d := range r.docs {
+		if d.state == hpPending { // behind its Auth: the server replays them
+			for _, f := range d.held {
+				r.send(f)
+			}
+		}
+	}
 	if r.sock != nil {
 		close(r.sock.send)
 		r.sock = nil
@@ -1300,16 +1335,60 @@ func (r *hocuspocusRemote) fromServer(f frame) {
 // its documents at every tick: only a new socket helps.
 func (r *hocuspocusRemote) closedByServer(f frame) {
 	reason := stringAfterType(f.data)
-	if reason == "Connection Timeout" && r.sock != nil {
-		r.log.Warn("upstream timed the connection out; reconnecting", "doc", f.doc)
-		close(r.sock.send)
-		r.sock = nil
-		clear(r.docs)
+	if reason == "Connection Timeout" {
+		if r.sock != nil { // the first of one per document
+			r.log.Warn("upstream timed the connection out; reconnecting")
+			close(r.sock.send)
+			r.sock = nil
+			clear(r.docs)
+		}
 		return
 	}
 	delete(r.docs, f.doc)
-	r.log.Info("upstream closed the document; authenticating again", "doc", f.doc, "reason", reason)
-	r.pending = append(r.pending, f.doc)
+	delay, first := r.closes.next(f.doc, time.Now(), r.base.retryMax)
+	if first {
+		r.log.Info("upstream closed the document; authenticating again", "doc", f.doc, "reason", reason)
+	}
+	doc := f.doc
+	time.AfterFunc(delay, func() {
+		select {
+		case r.retry <- doc:
+		case <-r.quit:
+		}
+	})
+}
+
+// closeBackoff spaces the new Auths of documents that the server keeps
+// closing (a hook that always fails, an update it cannot apply), so that
+// they cannot loop at the speed of the round trip. Owned by the dispatcher.
+type closeBackoff map[string]*closeRun
+
+// closeRun is one document's stretch of closes.
+type closeRun struct {
+	n    int
+	last time.Time
+}
+
+// next returns how long to wait before authenticating doc again after a
+// close at now, and whether this close begins a stretch (worth a log
+// line). A stretch ends after stableAfter without a close.
+func (b closeBackoff) next(doc string, now time.Time, cap time.Duration) (time.Duration, bool) {
+	run := b[doc]
+	first := run == nil || now.Sub(run.last) >= stableAfter
+	if first {
+		if len(b) >= maxNamedDocs {
+			clear(b)
+		}
+		run = &closeRun{}
+		b[doc] = run
+	}
+	run.last = now
+	bo := backoff{max: cap, attempt: run.n}
+	run.n++
+	if first {
+		return 0, true
+	}
+	return bo.next(), false
 }
 
 // authAnswer applies the server's answer to a document's Auth.
@@ -1337,6 +1416,9 @@ func (r *hocuspocusRemote) authAnswer(f frame) {
 		clear(d.held)
 		d.held, d.heldSize = nil, 0
 		if !r.named[f.doc] {
+			if len(r.named) >= maxNamedDocs {
+				clear(r.named)
+			}
 			r.named[f.doc] = true
 			r.log.Warn("upstream refused the document", "doc", f.doc, "reason", stringAfterType(f.data),
 				"effect", "local editors only, until the next connection")

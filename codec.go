@@ -303,6 +303,9 @@ var emptyStep1 = []byte{msgSync, syncStep1, 1, 0}
 type peerCloseError struct {
 	code   int
 	reason string
+	// answer is true when the frame answered the relay's own close: the
+	// relay, not the peer, ended the connection.
+	answer bool
 }
 
 func (e *peerCloseError) Error() string {

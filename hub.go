@@ -1172,8 +1172,9 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 // closeReason sorts the end of an editor's connection, from the code the
 // relay closed it with and the error that ended its reader.
 func closeReason(code int, err error) dropReason {
+	var pc *peerCloseError
 	switch {
-	case isPeerClose(err):
+	case errors.As(err, &pc) && !pc.answer:
 		return closedByEditor
 	case code == closePeerTimeout:
 		return closedTimeout
@@ -1195,8 +1196,11 @@ func sendAsIs(msg []byte) []byte { return msg }
 // closed, or the error that ended the reader.
 func closeAttrs(code int, err error) []any {
 	var pc *peerCloseError
-	if errors.As(err, &pc) {
+	if errors.As(err, &pc) && !pc.answer {
 		return []any{"code", code, "closed_by", "peer", "peer_code", pc.code, "peer_reason", pc.reason}
+	}
+	if pc != nil {
+		return []any{"code", code, "closed_by", "relay", "peer_code", pc.code}
 	}
 	return []any{"code", code, "err", err}
 }
@@ -1689,6 +1693,7 @@ func (r *frameReader) control(fr io.Reader, opcode byte, size int) error {
 		if err != nil {
 			return err
 		}
+		pc.answer = r.closed || r.p.closed()
 		select {
 		case r.p.echo <- echoCode(pc.code):
 		default: // answered already

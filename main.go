@@ -100,7 +100,7 @@ PORT to 8000 (0 picks a free port, which is logged). Flags and HOST PORT
 may come in any order.
 
 Flags:
-  --server URI        remote ELVA server, ws:// or wss:// (env ELVA_SERVER)
+  --server URI        the remote server, ws:// or wss:// (env ELVA_SERVER)
   --user NAME         user name for HTTP Basic auth (env ELVA_USER)
   --password PASS     password; visible to other users in the process
                       list, prefer ELVA_PASSWORD (env ELVA_PASSWORD)
@@ -146,7 +146,8 @@ Examples:
   elva-service 127.0.0.1 9000 --server ws://127.0.0.1:8765/ --id-magic 4944 -v
 
 Exit status: 0 after a stop by signal, 1 on a runtime failure (listening,
-upstream credentials refused), 2 on bad flags or arguments.
+the log file, upstream credentials refused), 2 on bad flags or arguments,
+128+n after a second signal n.
 `
 
 // config is the parsed command line and environment.
@@ -352,6 +353,7 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 	if flagSet(fs, "token") {
 		cfg.warnings = append(cfg.warnings, "--token is visible to other users in the process list; use --token-file or ELVA_TOKEN")
 	}
+	cfg.warnings = append(cfg.warnings, otherModesFlags(fs, cfg.protocol)...)
 	if err := cfg.setServer(*v.server); err != nil {
 		return nil, err
 	}
@@ -451,6 +453,21 @@ func (c checkedValue[T]) Set(s string) error {
 	}
 	*c.v = v
 	return nil
+}
+
+// otherModesFlags warns of flags given for another protocol than the one
+// running: they do nothing, which the user should know.
+func otherModesFlags(fs *flag.FlagSet, protocol string) []string {
+	var warnings []string
+	for _, f := range []struct{ name, mode string }{
+		{"token", protocolHocuspocus}, {"token-file", protocolHocuspocus},
+		{"upstream-grace", protocolYjs}, {"id-magic", protocolELVA},
+	} {
+		if flagSet(fs, f.name) && protocol != f.mode {
+			warnings = append(warnings, fmt.Sprintf("--%s is for --protocol %s; it does nothing with --protocol %s", f.name, f.mode, protocol))
+		}
+	}
+	return warnings
 }
 
 // flagSet reports whether the command line set the flag name.
@@ -580,7 +597,7 @@ func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
 	var positional []string
 	for {
 		if err := fs.Parse(args); err != nil {
-			return nil, err
+			return nil, doubleDash(err)
 		}
 		rest := fs.Args()
 		if len(rest) == 0 {
@@ -592,6 +609,16 @@ func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
 		positional = append(positional, rest[0])
 		args = rest[1:]
 	}
+}
+
+// doubleDash writes the flag package's "-name" as "--name", the form the
+// help uses; flag.ErrHelp stays as it is.
+func doubleDash(err error) error {
+	if errors.Is(err, flag.ErrHelp) {
+		return err
+	}
+	r := strings.NewReplacer("flag -", "flag --", "defined: -", "defined: --", "argument: -", "argument: --")
+	return errors.New(r.Replace(err.Error()))
 }
 
 // setAddress takes the optional positional HOST and PORT.
@@ -718,6 +745,9 @@ func (c *config) setServer(raw string) error {
 	if raw == "" {
 		return errors.New("no upstream server: give --server ws://HOST:PORT/ or set ELVA_SERVER")
 	}
+	if !strings.Contains(raw, "://") {
+		return fmt.Errorf("--server %s: want ws://HOST:PORT/ or wss://HOST/", redactArg(raw))
+	}
 	u, err := url.Parse(raw)
 	if err != nil {
 		return fmt.Errorf("--server: %w", redactURLError(err))
@@ -781,6 +811,11 @@ func isLoopbackName(host string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
+// minMessageLimit is the smallest message limit taken: a Yjs client's
+// first messages (its step 1, its awareness) take a few hundred bytes, so
+// a smaller limit would close every editor at once.
+const minMessageLimit = 1 << 10
+
 // parseSize reads a byte count with an optional KiB or MiB suffix.
 func parseSize(s string) (int, error) {
 	unit := 1
@@ -795,8 +830,8 @@ func parseSize(s string) (int, error) {
 		}
 	}
 	n, err := strconv.Atoi(num)
-	if err != nil || n < 1 || n > (1<<30)/unit {
-		return 0, fmt.Errorf("size %q: want 1B to 1024MiB, e.g. 32MiB", s)
+	if err != nil || n < 1 || n > (1<<30)/unit || n*unit < minMessageLimit {
+		return 0, fmt.Errorf("size %q: want 1KiB to 1024MiB, e.g. 32MiB (a bare number is bytes)", s)
 	}
 	return n * unit, nil
 }
@@ -879,7 +914,7 @@ var dropInfo = [numDropReasons]struct {
 	dropMalformed:         {"malformed", slog.LevelWarn, "malformed messages dropped", 1},
 	dropUpstreamMalformed: {"upstream_malformed", slog.LevelWarn, "malformed upstream message dropped", 1},
 	dropUpstreamText:      {"upstream_text", slog.LevelWarn, "upstream text frame dropped", 1},
-	dropNoEditors:         {"no_editors", slog.LevelInfo, "upstream messages for a document without local editors dropped", 1},
+	dropNoEditors:         {"no_editors", slog.LevelDebug, "upstream messages for a document without local editors dropped", 1},
 	dropUpstreamDown:      {"upstream_down", slog.LevelDebug, "upstream down: local messages wait for the resync", 1},
 	dropTooBigUpstream:    {"too_big_upstream", slog.LevelWarn, "message too large for the upstream: the document stays among local editors until the next reconnect", 1},
 	dropNotFlushed:        {"not_flushed", slog.LevelWarn, "stop: upstream queue full; not flushed", 1},
@@ -1248,7 +1283,7 @@ func (s *service) addr() string { return s.lns[0].Addr().String() }
 // queue, and waits for both within stopTimeout.
 func (s *service) run(ctx context.Context) int {
 	for _, ln := range s.lns {
-		s.log.Info("listening", "addr", ln.Addr().String(), "server", s.cfg.server.String(), "protocol", s.cfg.protocol, "id_magic", s.cfg.magic.String(), "version", version)
+		s.log.Info("listening", "addr", ln.Addr().String(), "server", s.cfg.server.String(), "protocol", s.cfg.protocol, "version", version)
 	}
 	for _, w := range s.cfg.warnings {
 		s.log.Warn(w)

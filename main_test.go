@@ -272,6 +272,11 @@ func TestParseArgs(t *testing.T) {
 		{"unknown flag", []string{"--nope"}, nil, nil, "flag provided but not defined"},
 		{"bad id magic", []string{"--server", "ws://e/", "--id-magic", "0201"}, nil, nil, "want 0200 or 4944"},
 		{"bad size", []string{"--server", "ws://e/", "--max-message", "lots"}, nil, nil, "--max-message"},
+		{"size under 1KiB", []string{"--server", "ws://e/", "--max-message", "10"}, nil, nil, "a bare number is bytes"},
+		{"server without a scheme", []string{"--server", "127.0.0.1:8765"}, nil, nil, "want ws://HOST:PORT/"},
+		{"another mode's flag warns", []string{"--server", "ws://e/", "--upstream-grace", "5s"}, nil, func(c *config) bool {
+			return len(c.warnings) == 1 && strings.Contains(c.warnings[0], "--upstream-grace is for --protocol yjs")
+		}, ""},
 		{"server is the relay itself", []string{"--server", "ws://localhost:8000/"}, nil, nil, "identical to the service address"},
 		{"server is the relay by loopback address", []string{"--server", "ws://127.0.0.1:9000/", "localhost", "9000"}, nil, nil, "identical"},
 		{"IPv6 host", []string{"--server", "wss://e/", "::1", "9000"}, nil, func(c *config) bool { return c.host == "::1" && c.port == 9000 }, ""},
@@ -295,7 +300,7 @@ func TestParseArgs(t *testing.T) {
 		{"no pings, no peer timeout", []string{"--server", "wss://e/", "--ping-interval", "0", "--peer-timeout", "0"}, nil, func(c *config) bool {
 			return c.keepalive == keepalive{}
 		}, ""},
-		{"duration without a unit", []string{"--server", "wss://e/", "--ping-interval", "10"}, nil, nil, `invalid value "10" for flag -ping-interval: use a unit, e.g. 10s`},
+		{"duration without a unit", []string{"--server", "wss://e/", "--ping-interval", "10"}, nil, nil, `invalid value "10" for flag --ping-interval: use a unit, e.g. 10s`},
 		{"integer flag not a number", []string{"--server", "wss://e/", "--max-connections", "many"}, nil, nil, "want a whole number"},
 		{"upstream max message default", []string{"--server", "wss://e/"}, nil, func(c *config) bool { return c.upstreamMaxMessage == 1<<20 }, ""},
 		{"upstream max message flag", []string{"--server", "wss://e/", "--upstream-max-message", "64KiB"}, nil, func(c *config) bool { return c.upstreamMaxMessage == 64<<10 }, ""},
@@ -340,7 +345,7 @@ func TestRunExitStatus(t *testing.T) {
 		{"help", []string{"--help"}, 0, "Usage:", ""},
 		{"short help", []string{"-h"}, 0, "Examples:", ""},
 		{"version", []string{"--version"}, 0, "elva-service", ""},
-		{"bad flag", []string{"--bogus"}, 2, "", "elva-service: flag provided but not defined: -bogus (see --help)\n"},
+		{"bad flag", []string{"--bogus"}, 2, "", "elva-service: flag provided but not defined: --bogus (see --help)\n"},
 		{"malformed URI", []string{"--server", "ws://a b/"}, 2, "", "invalid character"},
 		{"password not echoed", []string{"--server", "ws://u:topsecret@%zz/"}, 2, "", "elva-service:"},
 		{"password in a positional not echoed", []string{"--server", "wss://e/", "h", "ws://u:topsecret@e/"}, 2, "", "port"},
@@ -770,5 +775,20 @@ func TestDropsBudgetPerReason(t *testing.T) {
 	}
 	if got := d.total(dropMalformed); got != 4 {
 		t.Errorf("malformed counted %d times, want 4", got)
+	}
+}
+
+// TestStopIsLoggedAsTheRelays checks that an editor closed by the relay's
+// stop is logged as closed by the relay, never by the editor, whether or
+// not the editor answers the close frame.
+func TestStopIsLoggedAsTheRelays(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/")
+	ws := join(t, r.addr, "doc")
+	go io.Copy(io.Discard, ws) // x/net answers the close while reading
+	r.stop()
+	r.waitExit(t)
+	line := r.logs.waitFor(t, "editor disconnected")
+	if strings.Contains(line, "closed_by=peer") || !strings.Contains(line, `reason="relay stopping"`) {
+		t.Errorf("the stop is logged as the editor's: %s", line)
 	}
 }

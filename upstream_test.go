@@ -468,7 +468,7 @@ type pathServerConn struct {
 func newPathServer(t *testing.T) *pathServer {
 	t.Helper()
 	s := &pathServer{conns: make(chan pathServerConn, 16)}
-	handler := websocket.Server{
+	var upgrade http.Handler = websocket.Server{
 		Handshake: func(*websocket.Config, *http.Request) error { return nil },
 		Handler: func(ws *websocket.Conn) {
 			ws.PayloadType = websocket.BinaryFrame
@@ -485,6 +485,13 @@ func newPathServer(t *testing.T) *pathServer {
 			}
 		},
 	}
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/locked") { // for one document only
+			http.Error(w, "not for you", http.StatusUnauthorized)
+			return
+		}
+		upgrade.ServeHTTP(w, r)
+	})
 	s.srv = httptest.NewUnstartedServer(handler)
 	// Node servers take a literal % in the target; Go's needs the relay's
 	// own rewrite for that. The raw target is kept first.
@@ -695,4 +702,25 @@ func FuzzHocuspocusDecode(f *testing.F) {
 			t.Errorf("kind %d for % x", fr.kind, fr.data)
 		}
 	})
+}
+
+// TestYjsModeA401RefusesOneDocument checks that in yjs mode a server that
+// answers 401 for one document refuses that document only: it is logged
+// with the server's answer, the relay goes on, and another document works.
+func TestYjsModeA401RefusesOneDocument(t *testing.T) {
+	srv := newPathServer(t)
+	r := startRelay(t, "--protocol", "yjs", "--server", srv.url(), "--user", "ada", "--password", "pw")
+	join(t, r.addr, "locked")
+	line := r.logs.waitFor(t, "upstream unavailable")
+	if !strings.Contains(line, "401") || !strings.Contains(line, `doc=locked`) {
+		t.Errorf("the refusal does not name the document and the status: %s", line)
+	}
+	b := join(t, r.addr, "open")
+	up := srv.next(t)
+	up.expectFrame(t, emptyStep1)
+	send(t, b, update1)
+	up.expectFrame(t, update1)
+	if strings.Contains(r.logs.String(), "upstream failed; stopping") {
+		t.Error("one document's 401 stopped the relay")
+	}
 }

@@ -122,8 +122,8 @@ Flags:
   --token T           hocuspocus: the token each document is authenticated
                       with (env ELVA_TOKEN; prefer --token-file)
   --token-file F      hocuspocus: the token is F's first line (chmod 600)
-  --upstream-grace D  yjs: keep a document's connection this long after its
-                      last local editor left (default 30s)
+  --upstream-grace D  yjs, hocuspocus: keep a document open upstream this long
+                      after its last local editor left (default 30s)
   --id-magic HEX      ID message type on the upstream: 0200 (default, the
                       documented protocol) or 4944 (ELVA server, mid-2025)
   --max-message SIZE  largest message accepted, e.g. 32MiB (default), 512KiB
@@ -461,7 +461,7 @@ func otherModesFlags(fs *flag.FlagSet, protocol string) []string {
 	var warnings []string
 	for _, f := range []struct{ name, mode string }{
 		{"token", protocolHocuspocus}, {"token-file", protocolHocuspocus},
-		{"upstream-grace", protocolYjs}, {"id-magic", protocolELVA},
+		{"id-magic", protocolELVA},
 	} {
 		if flagSet(fs, f.name) && protocol != f.mode {
 			warnings = append(warnings, fmt.Sprintf("--%s is for --protocol %s; it does nothing with --protocol %s", f.name, f.mode, protocol))
@@ -1044,7 +1044,7 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 	case protocolYjs:
 		up = newYjsRemote(*u, cfg.upstreamGrace)
 	case protocolHocuspocus:
-		up = newHocuspocusRemote(*u, cfg.token)
+		up = newHocuspocusRemote(*u, cfg.token, cfg.upstreamGrace)
 	}
 	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: up}, nil
 }

@@ -274,8 +274,8 @@ func TestParseArgs(t *testing.T) {
 		{"bad size", []string{"--server", "ws://e/", "--max-message", "lots"}, nil, nil, "--max-message"},
 		{"size under 1KiB", []string{"--server", "ws://e/", "--max-message", "10"}, nil, nil, "a bare number is bytes"},
 		{"server without a scheme", []string{"--server", "127.0.0.1:8765"}, nil, nil, "want ws://HOST:PORT/"},
-		{"another mode's flag warns", []string{"--server", "ws://e/", "--upstream-grace", "5s"}, nil, func(c *config) bool {
-			return len(c.warnings) == 1 && strings.Contains(c.warnings[0], "--upstream-grace is for --protocol yjs")
+		{"another mode's flag warns", []string{"--server", "ws://e/", "--protocol", "yjs", "--id-magic", "4944"}, nil, func(c *config) bool {
+			return len(c.warnings) == 1 && strings.Contains(c.warnings[0], "--id-magic is for --protocol elva")
 		}, ""},
 		{"server is the relay itself", []string{"--server", "ws://localhost:8000/"}, nil, nil, "identical to the service address"},
 		{"server is the relay by loopback address", []string{"--server", "ws://127.0.0.1:9000/", "localhost", "9000"}, nil, nil, "identical"},

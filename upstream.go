@@ -1023,6 +1023,7 @@ const (
 	hpPending                    // Auth sent, its messages held
 	hpOK                         // authenticated: messages go
 	hpDenied                     // refused: the document stays local until a new socket
+	hpClosing                    // the relay closed it: messages held until the server's answer
 )
 
 // maxHeldBytes bounds what one document holds while its Auth is pending;
@@ -1059,26 +1060,33 @@ type hocuspocusRemote struct {
 	// Static after construction.
 	links chan docEvent // the socket's link, attached or detached
 	retry chan string   // a closed document whose backoff has passed
+	idle  chan graceEnd // grace timers of documents without local editors that ran out
+	grace time.Duration // how long a document without local editors stays open
 	inbox chan frame    // from the socket's reader
 	ended chan error    // the socket's run returned
 	quit  chan struct{} // closed when the dispatcher stops listening
 
 	// Owned by run.
-	sock    *upstreamLink
-	active  map[string]bool   // documents with local editors
-	docs    map[string]*hpDoc // on the current socket
-	named   map[string]bool   // documents whose refusal was logged; bounded
-	closes  closeBackoff      // documents the server closed lately
-	toHub   []frame           // from the server, on their way to the hub
-	pending []string          // documents to resync
+	sock   *upstreamLink
+	active map[string]bool   // documents with local editors
+	docs   map[string]*hpDoc // on the current socket
+	named  map[string]bool   // documents whose refusal was logged; bounded
+	closes closeBackoff      // documents the server closed lately
+	// idleSince maps each document without local editors to its grace
+	// timer's number (graceSeq), so that a stale timer is ignored.
+	idleSince map[string]int
+	graceSeq  int
+	toHub     []frame  // from the server, on their way to the hub
+	pending   []string // documents to resync
 	// sentSince says a message went out since the last quiet tick.
 	sentSince bool
 }
 
 // newHocuspocusRemote makes the hocuspocus mode from the settings of base.
-func newHocuspocusRemote(base upstream, token string) *hocuspocusRemote {
+func newHocuspocusRemote(base upstream, token string, grace time.Duration) *hocuspocusRemote {
 	r := &hocuspocusRemote{
-		hub: base.hub, token: token, log: base.log,
+		hub: base.hub, token: token, log: base.log, grace: grace,
+		idle: make(chan graceEnd), idleSince: make(map[string]int),
 		links: make(chan docEvent), retry: make(chan string), inbox: make(chan frame), closes: make(closeBackoff), ended: make(chan error, 1), quit: make(chan struct{}),
 		active: make(map[string]bool), docs: make(map[string]*hpDoc), named: make(map[string]bool),
 	}
@@ -1128,6 +1136,8 @@ func (r *hocuspocusRemote) run(ctx context.Context) error {
 			r.pending = r.pending[1:]
 		case doc := <-r.retry:
 			r.pending = append(r.pending, doc)
+		case t := <-r.idle:
+			r.closeIdle(t)
 		case err := <-r.ended:
 			close(r.quit)
 			return err
@@ -1231,9 +1241,11 @@ func (r *hocuspocusRemote) toServer(f frame) {
 	switch {
 	case f.kind == kindDocActive:
 		r.active[f.doc] = true
+		delete(r.idleSince, f.doc)
 		return
 	case f.kind == kindDocIdle:
 		delete(r.active, f.doc)
+		r.startGrace(f.doc)
 		return
 	case r.sock == nil:
 		return // the resync when the socket is back makes up
@@ -1248,13 +1260,47 @@ func (r *hocuspocusRemote) toServer(f frame) {
 		d.state = hpPending
 		r.send(frame{doc: f.doc, data: r.authMessage(), kind: msgAuth})
 		r.hold(d, f)
-	case hpPending:
+	case hpPending, hpClosing:
 		r.hold(d, f)
 	case hpOK:
 		r.sendRemembered(d, f)
 	case hpDenied:
 		r.hub.drops.allow(dropUpstreamDenied, time.Now())
 	}
+}
+
+// startGrace closes doc on the socket after the grace, unless an editor
+// of it comes back: the server would otherwise keep sending its news.
+func (r *hocuspocusRemote) startGrace(doc string) {
+	r.graceSeq++
+	seq := r.graceSeq
+	r.idleSince[doc] = seq
+	time.AfterFunc(r.grace, func() {
+		select {
+		case r.idle <- graceEnd{doc, seq}:
+		case <-r.quit:
+		}
+	})
+}
+
+// closeIdle sends the close of a document whose grace ran out with no
+// local editor back (PROTOCOL.md §4: the server answers with its own
+// close); until that answer comes its messages are held, since an Auth
+// sent right behind a close can be lost.
+func (r *hocuspocusRemote) closeIdle(t graceEnd) {
+	if r.idleSince[t.doc] != t.seq || r.active[t.doc] {
+		return
+	}
+	delete(r.idleSince, t.doc)
+	d := r.docs[t.doc]
+	if d == nil || d.state != hpOK {
+		delete(r.docs, t.doc) // nothing open on the socket, or refused: forget it
+		return
+	}
+	d.state, d.sent = hpClosing, nil
+	reason := "provider_initiated"
+	r.send(frame{doc: t.doc, data: append(appendVaruint([]byte{hpClose}, uint64(len(reason))), reason...), kind: hpClose})
+	r.log.Info("upstream closed", "doc", t.doc, "after", r.grace)
 }
 
 // authMessage is the Auth message with the token: type 2, subtype 0,
@@ -1341,6 +1387,16 @@ func (r *hocuspocusRemote) closedByServer(f frame) {
 			close(r.sock.send)
 			r.sock = nil
 			clear(r.docs)
+		}
+		return
+	}
+	if d := r.docs[f.doc]; d != nil && d.state == hpClosing {
+		// The answer to the relay's own close: authenticate again only
+		// if messages came meanwhile (an editor is back).
+		held := d.held
+		delete(r.docs, f.doc)
+		for _, h := range held {
+			r.toServer(h)
 		}
 		return
 	}

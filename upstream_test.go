@@ -724,3 +724,24 @@ func TestYjsModeA401RefusesOneDocument(t *testing.T) {
 		t.Error("one document's 401 stopped the relay")
 	}
 }
+
+// TestHocuspocusModeClosesIdleDocuments checks that a document whose last
+// local editor left is closed on the socket after the grace, and that an
+// editor coming back after the server's answer authenticates it again.
+func TestHocuspocusModeClosesIdleDocuments(t *testing.T) {
+	srv := newPathServer(t)
+	r := startRelay(t, "--protocol", "hocuspocus", "--server", srv.url(), "--upstream-grace", "50ms")
+	up := srv.next(t)
+	r.logs.waitFor(t, "upstream connected")
+	a := join(t, r.addr, "notes")
+	auth := hpFrameOf("notes", []byte{msgAuth, 0, 0})
+	up.expectFrame(t, auth)
+	send(t, up.ws, hpFrameOf("notes", hpAuthAnswer(2, "read-write")))
+	a.Close()
+	closing := hpFrameOf("notes", append([]byte{hpClose, 18}, "provider_initiated"...))
+	up.expectFrame(t, closing)
+	send(t, up.ws, closing) // the server's answer
+	r.logs.waitFor(t, `msg="upstream closed" doc=notes`)
+	join(t, r.addr, "notes")
+	up.expectFrame(t, auth) // open again
+}

@@ -1001,14 +1001,16 @@ func (hpFraming) decode(data []byte) (frame, error) {
 	if err := checkIdentifier(doc); err != nil {
 		return frame{}, err
 	}
-	kind, _, err := readVaruint(msg)
+	kind, n, err := readVaruint(msg)
 	switch {
 	case err != nil:
 		return frame{}, err
 	case kind == msgSync, kind == msgAwareness, kind == msgQueryAwareness:
 		return checkForEditors(doc, msg)
 	case kind == msgAuth, kind >= hpSyncReply && kind <= hpSyncStatus:
-		return frame{doc: doc, data: msg, kind: kind}, nil
+		// The type in one byte, however lib0 spelled it: the dispatcher
+		// reads what follows from the second byte on.
+		return frame{doc: doc, data: append([]byte{byte(kind)}, msg[n:]...), kind: kind}, nil
 	}
 	return frame{}, fmt.Errorf("%w %d", errUnknownType, kind)
 }
@@ -1450,10 +1452,11 @@ func (b closeBackoff) next(doc string, now time.Time, cap time.Duration) (time.D
 // authAnswer applies the server's answer to a document's Auth.
 func (r *hocuspocusRemote) authAnswer(f frame) {
 	d := r.docs[f.doc]
-	if d == nil || len(f.data) < 2 {
+	sub, _, err := readVaruint(f.data[1:])
+	if d == nil || err != nil {
 		return
 	}
-	switch f.data[1] {
+	switch sub {
 	case 2: // authenticated
 		d.state = hpOK
 		delete(r.named, f.doc)
@@ -1517,8 +1520,12 @@ func stringAfterType(msg []byte) string {
 		return ""
 	}
 	rest := msg[1:]
-	if msg[0] == msgAuth {
-		rest = msg[2:]
+	if msg[0] == msgAuth { // a subtype first
+		_, n, err := readVaruint(rest)
+		if err != nil {
+			return ""
+		}
+		rest = rest[n:]
 	}
 	s, _, err := readBytes(rest)
 	if err != nil {

@@ -456,38 +456,59 @@ func startNodeServer(t *testing.T, mode string, extra ...string) *nodeServer {
 // url is the server's ws:// URI.
 func (s *nodeServer) url() string { return "ws://127.0.0.1:" + s.port + "/" }
 
-// start runs the server on s.port and waits until it listens.
-func (s *nodeServer) start(t *testing.T) {
+// startNode runs the Node script interop/script with args, stderr to
+// stderr and every stdout line but "listening PORT" to onLine (nil:
+// dropped), and waits until it listens. It returns the process, a channel
+// that gets its exit once every line was read, and its port.
+func startNode(t *testing.T, stderr io.Writer, onLine func(string), script string, args ...string) (*exec.Cmd, chan error, string) {
 	t.Helper()
-	args := append([]string{"elva-server.mjs", "--port", s.port, "--mode", s.mode, "--store", s.store}, s.extra...)
-	s.cmd = exec.Command("node", args...)
-	s.cmd.Dir = "interop"
-	s.cmd.Stderr = os.Stderr
-	stdout, err := s.cmd.StdoutPipe()
+	cmd := exec.Command("node", append([]string{script}, args...)...)
+	cmd.Dir = "interop"
+	cmd.Stderr = stderr
+	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.cmd.Start(); err != nil {
+	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	s.done = make(chan error, 1)
+	done := make(chan error, 1)
 	listening := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
 			if port, ok := strings.CutPrefix(sc.Text(), "listening "); ok {
 				listening <- port
+			} else if onLine != nil {
+				onLine(sc.Text())
 			}
 		}
-		s.done <- s.cmd.Wait()
+		done <- cmd.Wait()
 	}()
 	select {
-	case s.port = <-listening:
-	case err := <-s.done:
-		t.Fatalf("elva-server exited: %v", err)
+	case port := <-listening:
+		return cmd, done, port
+	case err := <-done:
+		t.Fatalf("%s exited: %v\n%s", script, err, stderrText(stderr))
 	case <-time.After(testTimeout):
-		t.Fatal("elva-server did not listen")
+		t.Fatalf("%s did not listen", script)
 	}
+	return nil, nil, ""
+}
+
+// stderrText is what a log buffer holds, for a failure message.
+func stderrText(w io.Writer) string {
+	if b, ok := w.(*logBuffer); ok {
+		return b.String()
+	}
+	return ""
+}
+
+// start runs the server on s.port and waits until it listens.
+func (s *nodeServer) start(t *testing.T) {
+	t.Helper()
+	args := append([]string{"--port", s.port, "--mode", s.mode, "--store", s.store}, s.extra...)
+	s.cmd, s.done, s.port = startNode(t, os.Stderr, nil, "elva-server.mjs", args...)
 }
 
 // kill ends the server at once, as a crash would: no close frames.
@@ -1176,36 +1197,7 @@ func (s *yjsServer) url() string { return "ws://127.0.0.1:" + s.port + "/" }
 // start runs the server on s.port and waits until it listens.
 func (s *yjsServer) start(t *testing.T) {
 	t.Helper()
-	s.cmd = exec.Command("node", append([]string{"yjs-server.mjs", "--port", s.port}, s.extra...)...)
-	s.cmd.Dir = "interop"
-	s.cmd.Stderr = s.stderr
-	stdout, err := s.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	s.done = make(chan error, 1)
-	listening := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			if port, ok := strings.CutPrefix(sc.Text(), "listening "); ok {
-				listening <- port
-				continue
-			}
-			s.note(sc.Text())
-		}
-		s.done <- s.cmd.Wait()
-	}()
-	select {
-	case s.port = <-listening:
-	case err := <-s.done:
-		t.Fatalf("yjs-server exited: %v\n%s", err, s.stderr.String())
-	case <-time.After(testTimeout):
-		t.Fatal("yjs-server did not listen")
-	}
+	s.cmd, s.done, s.port = startNode(t, s.stderr, s.note, "yjs-server.mjs", append([]string{"--port", s.port}, s.extra...)...)
 }
 
 // note records one event line of the server.
@@ -1764,40 +1756,12 @@ func (s *hpServer) url() string { return "ws://127.0.0.1:" + s.port + "/" }
 // start runs the server on s.port and waits until it listens.
 func (s *hpServer) start(t *testing.T) {
 	t.Helper()
-	s.cmd = exec.Command("node", append([]string{"hocuspocus-server.mjs", "--port", s.port}, s.extra...)...)
-	s.cmd.Dir = "interop"
-	s.cmd.Stderr = s.stderr
-	stdout, err := s.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
 	s.mu.Lock()
 	s.run++
 	run := s.run
 	s.mu.Unlock()
-	s.done = make(chan error, 1)
-	listening := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			if port, ok := strings.CutPrefix(sc.Text(), "listening "); ok {
-				listening <- port
-				continue
-			}
-			s.note(run, sc.Text())
-		}
-		s.done <- s.cmd.Wait()
-	}()
-	select {
-	case s.port = <-listening:
-	case err := <-s.done:
-		t.Fatalf("hocuspocus-server exited: %v\n%s", err, s.stderr.String())
-	case <-time.After(testTimeout):
-		t.Fatal("hocuspocus-server did not listen")
-	}
+	note := func(line string) { s.note(run, line) }
+	s.cmd, s.done, s.port = startNode(t, s.stderr, note, "hocuspocus-server.mjs", append([]string{"--port", s.port}, s.extra...)...)
 }
 
 // note records one event line of the server's run.

@@ -438,8 +438,7 @@ type nodeServer struct {
 	store string   // persistent mode: where documents survive a restart
 	extra []string // more options, such as --max-payload
 	port  string
-	cmd   *exec.Cmd
-	done  chan error
+	proc  *nodeProcess // nil while killed
 }
 
 // startNodeServer starts the server on a free port, with the options in
@@ -460,7 +459,7 @@ func (s *nodeServer) url() string { return "ws://127.0.0.1:" + s.port + "/" }
 // stderr and every stdout line but "listening PORT" to onLine (nil:
 // dropped), and waits until it listens. It returns the process, a channel
 // that gets its exit once every line was read, and its port.
-func startNode(t *testing.T, stderr io.Writer, onLine func(string), script string, args ...string) (*exec.Cmd, chan error, string) {
+func startNode(t *testing.T, stderr io.Writer, onLine func(string), script string, args ...string) (*nodeProcess, string) {
 	t.Helper()
 	cmd := exec.Command("node", append([]string{script}, args...)...)
 	cmd.Dir = "interop"
@@ -487,13 +486,29 @@ func startNode(t *testing.T, stderr io.Writer, onLine func(string), script strin
 	}()
 	select {
 	case port := <-listening:
-		return cmd, done, port
+		return &nodeProcess{cmd: cmd, done: done}, port
 	case err := <-done:
 		t.Fatalf("%s exited: %v\n%s", script, err, stderrText(stderr))
 	case <-time.After(testTimeout):
 		t.Fatalf("%s did not listen", script)
 	}
-	return nil, nil, ""
+	return nil, ""
+}
+
+// nodeProcess is a Node script that startNode started.
+type nodeProcess struct {
+	cmd  *exec.Cmd
+	done chan error // its exit, once every stdout line was read
+}
+
+// kill ends p at once, as a crash would, and waits until its every line
+// was read; a nil p is ended already.
+func (p *nodeProcess) kill() {
+	if p == nil {
+		return
+	}
+	p.cmd.Process.Kill()
+	<-p.done
 }
 
 // stderrText is what a log buffer holds, for a failure message.
@@ -508,17 +523,13 @@ func stderrText(w io.Writer) string {
 func (s *nodeServer) start(t *testing.T) {
 	t.Helper()
 	args := append([]string{"--port", s.port, "--mode", s.mode, "--store", s.store}, s.extra...)
-	s.cmd, s.done, s.port = startNode(t, os.Stderr, nil, "elva-server.mjs", args...)
+	s.proc, s.port = startNode(t, os.Stderr, nil, "elva-server.mjs", args...)
 }
 
 // kill ends the server at once, as a crash would: no close frames.
 func (s *nodeServer) kill(t *testing.T) {
-	if s.cmd == nil {
-		return
-	}
-	s.cmd.Process.Kill()
-	<-s.done
-	s.cmd = nil
+	s.proc.kill()
+	s.proc = nil
 }
 
 // testOutages kills the upstream server several times in the middle of
@@ -1165,8 +1176,7 @@ type yjsEvent struct {
 type yjsServer struct {
 	extra  []string // options, such as --refuse-regex
 	port   string
-	cmd    *exec.Cmd
-	done   chan error
+	proc   *nodeProcess // nil while killed
 	stderr *logBuffer
 
 	mu      sync.Mutex
@@ -1197,7 +1207,7 @@ func (s *yjsServer) url() string { return "ws://127.0.0.1:" + s.port + "/" }
 // start runs the server on s.port and waits until it listens.
 func (s *yjsServer) start(t *testing.T) {
 	t.Helper()
-	s.cmd, s.done, s.port = startNode(t, s.stderr, s.note, "yjs-server.mjs", append([]string{"--port", s.port}, s.extra...)...)
+	s.proc, s.port = startNode(t, s.stderr, s.note, "yjs-server.mjs", append([]string{"--port", s.port}, s.extra...)...)
 }
 
 // note records one event line of the server.
@@ -1231,12 +1241,8 @@ func (s *yjsServer) note(line string) {
 // kill ends the server at once, as a crash would: no close frames. Its
 // connections are gone with it.
 func (s *yjsServer) kill(t *testing.T) {
-	if s.cmd == nil {
-		return
-	}
-	s.cmd.Process.Kill()
-	<-s.done // the reader has noted every line
-	s.cmd = nil
+	s.proc.kill()
+	s.proc = nil
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	clear(s.open)
@@ -1714,8 +1720,7 @@ type hpEvent struct {
 type hpServer struct {
 	extra  []string // options, such as --token or --timeout
 	port   string
-	cmd    *exec.Cmd
-	done   chan error
+	proc   *nodeProcess // nil while killed
 	stderr *logBuffer
 
 	mu      sync.Mutex
@@ -1761,7 +1766,7 @@ func (s *hpServer) start(t *testing.T) {
 	run := s.run
 	s.mu.Unlock()
 	note := func(line string) { s.note(run, line) }
-	s.cmd, s.done, s.port = startNode(t, s.stderr, note, "hocuspocus-server.mjs", append([]string{"--port", s.port}, s.extra...)...)
+	s.proc, s.port = startNode(t, s.stderr, note, "hocuspocus-server.mjs", append([]string{"--port", s.port}, s.extra...)...)
 }
 
 // note records one event line of the server's run.
@@ -1790,12 +1795,8 @@ func (s *hpServer) note(run int, line string) {
 // kill ends the server at once, as a crash would: no close frames. Its
 // connections and documents are gone with it.
 func (s *hpServer) kill(t *testing.T) {
-	if s.cmd == nil {
-		return
-	}
-	s.cmd.Process.Kill()
-	<-s.done // the reader has noted every line
-	s.cmd = nil
+	s.proc.kill()
+	s.proc = nil
 }
 
 // waitUntil waits until cond, called with s.mu held, holds after some

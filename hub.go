@@ -104,20 +104,21 @@ type leaving struct {
 // at the stop, when it waits (bounded) for room in the upstream queue.
 type hub struct {
 	// Static after construction.
-	admission   chan admitRequest  // a local request asks for room before its upgrade
-	released    chan string        // an admitted request's handler has returned
-	join        chan *conn         // an upgraded editor
-	leave       chan leaving       // an editor's reader has ended
-	fromEditors chan frame         // from editors' readers
-	fromServer  chan frame         // from the upstream's readers
-	attach      chan *upstreamLink // an upstream connection is up
-	detach      chan *upstreamLink // an upstream connection has ended
-	resyncs     chan string        // a document whose own upstream connection is up
-	quit        chan struct{}      // closed when run returns
-	connQueue   int                // frames an editor's send queue holds
-	maxMessage  int                // the largest message from an editor, in bytes
-	connBytes   int64              // byte budget of an editor's send queue
-	linkBytes   int64              // byte budget of the upstream send queue
+	admission   chan admitRequest // a local request asks for room before its upgrade
+	released    chan string       // an admitted request's handler has returned
+	join        chan *conn        // an upgraded editor
+	leave       chan leaving      // an editor's reader has ended
+	fromEditors chan frame        // from editors' readers
+	fromServer  chan frame        // from the upstream's readers
+	// upstream carries the upstream side's news: a connection's link up or
+	// down, a document to resync. One channel for the three keeps the
+	// loop's select, which locks every channel it waits on, small.
+	upstream   chan upstreamEvent
+	quit       chan struct{} // closed when run returns
+	connQueue  int           // frames an editor's send queue holds
+	maxMessage int           // the largest message from an editor, in bytes
+	connBytes  int64         // byte budget of an editor's send queue
+	linkBytes  int64         // byte budget of the upstream send queue
 	// upstreamMax is the largest frame the upstream server takes, in bytes,
 	// with the link's own overhead (--upstream-max-message); 0: no limit.
 	upstreamMax int
@@ -161,9 +162,7 @@ func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *
 		leave:       make(chan leaving),
 		fromEditors: make(chan frame, inboxQueue),
 		fromServer:  make(chan frame, inboxQueue),
-		attach:      make(chan *upstreamLink),
-		detach:      make(chan *upstreamLink),
-		resyncs:     make(chan string),
+		upstream:    make(chan upstreamEvent),
 		quit:        make(chan struct{}),
 		connQueue:   queue,
 		maxMessage:  maxMessage,
@@ -209,12 +208,8 @@ func (h *hub) run(ctx context.Context) {
 			h.fromLocal(f)
 		case f := <-h.fromServer:
 			h.fromUpstream(f)
-		case l := <-h.attach:
-			h.useLink(l)
-		case l := <-h.detach:
-			h.dropLink(l)
-		case doc := <-h.resyncs:
-			h.resyncDoc(doc)
+		case ev := <-h.upstream:
+			h.upstreamNews(ev)
 		case now := <-h.sweep:
 			h.expireGone(now)
 		}
@@ -498,7 +493,7 @@ func (h *hub) fromUpstream(f frame) {
 	d := h.docs[f.doc]
 	if d == nil {
 		if h.stopping {
-			h.drops.allow(dropNoEditors, time.Now()) // counted, not logged
+			h.drops.count(dropNoEditors)
 		} else {
 			h.drops.note(h.log, dropNoEditors, "doc", f.doc)
 		}
@@ -645,7 +640,7 @@ func (h *hub) toUpstream(f frame) {
 		}
 		return
 	}
-	if (h.cut[f.doc] && f.kind == msgSync) || !h.fitsUpstream(f) {
+	if (f.kind == msgSync && len(h.cut) > 0 && h.cut[f.doc]) || !h.fitsUpstream(f) {
 		return
 	}
 	if h.up.backlog.add(len(f.data), h.linkBytes) {
@@ -675,30 +670,36 @@ func (h *hub) toUpstream(f frame) {
 // the document goes either (see cut): it would wait at the server for the
 // one that is missing.
 func (h *hub) fitsUpstream(f frame) bool {
+	if h.upstreamMax <= 0 || len(f.data)+maxOverhead <= h.upstreamMax {
+		return true // the common case: no framing's overhead to work out
+	}
 	size := len(f.data)
 	if h.up.overhead != nil {
 		size += h.up.overhead(f.doc)
 	}
-	if h.upstreamMax <= 0 || size <= h.upstreamMax {
+	if size <= h.upstreamMax {
 		return true
 	}
 	if f.kind == msgSync {
 		h.cut[f.doc] = true // later updates would depend on this one
 	}
+	h.drops.count(dropTooBigUpstream)
 	if h.tooBigNamed[f.doc] {
-		h.drops.allow(dropTooBigUpstream, time.Now()) // counted; named once
-		return false
+		return false // named once per document
 	}
 	if len(h.tooBigNamed) >= maxNamedDocs {
 		clear(h.tooBigNamed)
 	}
 	h.tooBigNamed[f.doc] = true
-	h.drops.counts[dropTooBigUpstream].total.Add(1)
 	info := dropInfo[dropTooBigUpstream]
 	h.log.Log(context.Background(), info.level, info.msg, "doc", f.doc, "bytes", size, "limit", h.upstreamMax,
 		"flag", "--upstream-max-message", "reason", info.name)
 	return false
 }
+
+// maxOverhead is the most any framing adds to a message: two type bytes,
+// a varuint length and the longest document name.
+const maxOverhead = 2 + maxVaruintLen + maxIDBytes
 
 // maxNamedDocs bounds the documents named in too-large warnings.
 const maxNamedDocs = 1024
@@ -724,7 +725,7 @@ func (h *hub) flushAtStop(f frame) {
 		return
 	}
 	if h.up == nil || h.cut[f.doc] {
-		h.drops.allow(dropNotFlushed, time.Now()) // counted, not logged
+		h.drops.count(dropNotFlushed)
 		return
 	}
 	if !h.fitsUpstream(f) {
@@ -746,11 +747,32 @@ func (h *hub) flushAtStop(f frame) {
 	}
 }
 
+// upstreamEvent is news from the upstream side: the link of a connection
+// that is up (attach) or has ended (detach), or a document whose own
+// connection is up and wants its resync (resync; link nil).
+type upstreamEvent struct {
+	link   *upstreamLink
+	attach bool
+	resync string
+}
+
+// upstreamNews hands an upstreamEvent to the method it is for.
+func (h *hub) upstreamNews(ev upstreamEvent) {
+	switch {
+	case ev.link == nil:
+		h.resyncDoc(ev.resync)
+	case ev.attach:
+		h.useLink(ev.link)
+	default:
+		h.dropLink(ev.link)
+	}
+}
+
 // attachLink hands l, the link of an upstream connection that is up, to
 // the hub (linkTarget); false: the hub has stopped.
 func (h *hub) attachLink(l *upstreamLink) bool {
 	select {
-	case h.attach <- l:
+	case h.upstream <- upstreamEvent{link: l, attach: true}:
 		return true
 	case <-h.quit:
 		return false
@@ -760,7 +782,7 @@ func (h *hub) attachLink(l *upstreamLink) bool {
 // detachLink tells the hub that l's connection has ended (linkTarget).
 func (h *hub) detachLink(l *upstreamLink) {
 	select {
-	case h.detach <- l:
+	case h.upstream <- upstreamEvent{link: l}:
 	case <-h.quit:
 	}
 }

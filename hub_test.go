@@ -156,12 +156,12 @@ func (h *hubHarness) leaveWith(c *conn, code int) {
 // frames.
 func (h *hubHarness) attach(queue int) *upstreamLink {
 	l := &upstreamLink{send: make(chan frame, queue)}
-	h.hub.attach <- l
+	h.hub.upstream <- upstreamEvent{link: l, attach: true}
 	return l
 }
 
 // detach plays the end of l's connection.
-func (h *hubHarness) detach(l *upstreamLink) { h.hub.detach <- l }
+func (h *hubHarness) detach(l *upstreamLink) { h.hub.upstream <- upstreamEvent{link: l} }
 
 // barrier returns once the hub has handled everything sent to it before,
 // frames still waiting in its inboxes included: an admission is a round

@@ -1002,6 +1002,10 @@ func (d *drops) allow(reason dropReason, now time.Time) (int64, bool) {
 	return 1 + c.held.Swap(0), true
 }
 
+// count counts one event of reason without logging it: for events that
+// are logged elsewhere, or not at all (during the stop).
+func (d *drops) count(reason dropReason) { d.counts[reason].total.Add(1) }
+
 // total is how many events of reason were counted.
 func (d *drops) total(reason dropReason) int64 { return d.counts[reason].total.Load() }
 

@@ -653,7 +653,7 @@ type yjsRemote struct {
 
 	// Owned by run.
 	docs    map[string]*yjsDoc
-	pending []string // documents whose resync the hub has yet to take
+	pending []upstreamEvent // documents whose resync the hub has yet to take
 	// Static after construction.
 	events chan docEvent // from the documents' connections
 	idle   chan graceEnd // grace timers that ran out
@@ -708,9 +708,9 @@ type graceEnd struct {
 // connection has flushed, within stopTimeout), or errAuth when a server
 // refuses the credentials.
 func (y *yjsRemote) run(ctx context.Context) error {
-	l, ok := y.attachToHub()
+	l, ok := attachDispatcher(y.hub, nil)
 	for ok {
-		resyncs, next := headOf(y.pending, y.hub.resyncs)
+		resyncs, next := headOf(y.pending, y.hub.upstream)
 		select {
 		case f, open := <-l.send:
 			if !open {
@@ -723,7 +723,7 @@ func (y *yjsRemote) run(ctx context.Context) error {
 					for doc, d := range y.docs {
 						y.startGrace(doc, d)
 					}
-					l, ok = y.attachToHub()
+					l, ok = attachDispatcher(y.hub, nil)
 				}
 				continue
 			}
@@ -744,11 +744,12 @@ func (y *yjsRemote) run(ctx context.Context) error {
 	return nil
 }
 
-// attachToHub hands the hub a new link, the one every document's frames
-// come through; false: the hub has stopped.
-func (y *yjsRemote) attachToHub() (*upstreamLink, bool) {
-	l := &upstreamLink{send: make(chan frame, upstreamQueue), markers: true}
-	return l, y.hub.attachLink(l)
+// attachDispatcher hands h a new link for a dispatcher, the one every
+// document's frames and markers come through, with the framing's overhead
+// (nil: none); false: the hub has stopped.
+func attachDispatcher(h *hub, overhead func(string) int) (*upstreamLink, bool) {
+	l := &upstreamLink{send: make(chan frame, upstreamQueue), overhead: overhead, markers: true}
+	return l, h.attachLink(l)
 }
 
 // dispatch passes f to its document's connection. The hub's markers
@@ -826,7 +827,7 @@ func (y *yjsRemote) open(ctx context.Context, doc string) *yjsDoc {
 	}
 	u.path = docPath(y.base.url, doc)
 	u.framing = plainFraming{doc}
-	u.target = yjsTarget{y, doc}
+	u.target = dispatchTarget{y.events, y.quit, doc}
 	u.dialSlots = y.dials
 	u.log = y.log.With("doc", doc)
 	go func() {
@@ -848,7 +849,7 @@ func (y *yjsRemote) handle(ctx context.Context, ev docEvent) error {
 		up := d != nil && !d.closing
 		if up {
 			d.link = ev.link
-			y.pending = append(y.pending, ev.doc)
+			y.pending = append(y.pending, upstreamEvent{resync: ev.doc})
 		}
 		ev.reply <- up
 	case ev.ended:
@@ -913,27 +914,29 @@ func (y *yjsRemote) stopAll() {
 	close(y.quit)
 }
 
-// yjsTarget takes the links of one document's connection for the
-// dispatcher (linkTarget).
-type yjsTarget struct {
-	y   *yjsRemote
-	doc string
+// dispatchTarget takes the links of a connection for a dispatcher (yjs
+// or hocuspocus mode; linkTarget): each becomes a docEvent of doc on
+// events, until the dispatcher has closed quit.
+type dispatchTarget struct {
+	events chan<- docEvent
+	quit   <-chan struct{}
+	doc    string // the connection's document; "": every document
 }
 
-func (t yjsTarget) attachLink(l *upstreamLink) bool {
+func (t dispatchTarget) attachLink(l *upstreamLink) bool {
 	reply := make(chan bool, 1)
 	select {
-	case t.y.events <- docEvent{doc: t.doc, link: l, attach: true, reply: reply}:
+	case t.events <- docEvent{doc: t.doc, link: l, attach: true, reply: reply}:
 		return <-reply
-	case <-t.y.quit:
+	case <-t.quit:
 		return false
 	}
 }
 
-func (t yjsTarget) detachLink(l *upstreamLink) {
+func (t dispatchTarget) detachLink(l *upstreamLink) {
 	select {
-	case t.y.events <- docEvent{doc: t.doc, link: l}:
-	case <-t.y.quit:
+	case t.events <- docEvent{doc: t.doc, link: l}:
+	case <-t.quit:
 	}
 }
 
@@ -1078,8 +1081,8 @@ type hocuspocusRemote struct {
 	// timer's number (graceSeq), so that a stale timer is ignored.
 	idleSince map[string]int
 	graceSeq  int
-	toHub     []frame  // from the server, on their way to the hub
-	pending   []string // documents to resync
+	toHub     []frame         // from the server, on their way to the hub
+	pending   []upstreamEvent // documents to resync, for the hub
 	// sentSince says a message went out since the last quiet tick.
 	sentSince bool
 }
@@ -1094,7 +1097,7 @@ func newHocuspocusRemote(base upstream, token string, grace time.Duration) *hocu
 	}
 	r.base = base
 	r.base.framing = hpFraming{}
-	r.base.target = hpTarget{r}
+	r.base.target = dispatchTarget{r.links, r.quit, ""}
 	r.base.inbox = r.inbox
 	return r
 }
@@ -1102,7 +1105,7 @@ func newHocuspocusRemote(base upstream, token string, grace time.Duration) *hocu
 // run is the dispatcher. It returns nil when the relay stops, after the
 // socket flushed, or errAuth when the server refuses the credentials.
 func (r *hocuspocusRemote) run(ctx context.Context) error {
-	l, ok := r.attachToHub()
+	l, ok := attachDispatcher(r.hub, hpFraming{}.overhead)
 	if !ok {
 		return nil
 	}
@@ -1111,7 +1114,7 @@ func (r *hocuspocusRemote) run(ctx context.Context) error {
 	defer quiet.Stop()
 	for {
 		toHub, nextFrame := headOf(r.toHub, r.hub.fromServer)
-		resyncs, nextDoc := headOf(r.pending, r.hub.resyncs)
+		resyncs, nextDoc := headOf(r.pending, r.hub.upstream)
 		select {
 		case <-quiet.C:
 			r.keepBusy()
@@ -1121,7 +1124,7 @@ func (r *hocuspocusRemote) run(ctx context.Context) error {
 			}
 			if !open {
 				clear(r.active) // the hub's resync marks them again
-				if l, ok = r.attachToHub(); !ok {
+				if l, ok = attachDispatcher(r.hub, hpFraming{}.overhead); !ok {
 					return r.stop()
 				}
 				continue
@@ -1137,7 +1140,7 @@ func (r *hocuspocusRemote) run(ctx context.Context) error {
 		case resyncs <- nextDoc:
 			r.pending = r.pending[1:]
 		case doc := <-r.retry:
-			r.pending = append(r.pending, doc)
+			r.pending = append(r.pending, upstreamEvent{resync: doc})
 		case t := <-r.idle:
 			r.closeIdle(t)
 		case err := <-r.ended:
@@ -1165,12 +1168,6 @@ func (r *hocuspocusRemote) keepBusy() {
 			return
 		}
 	}
-}
-
-// attachToHub hands the hub a new link, with markers, for every document.
-func (r *hocuspocusRemote) attachToHub() (*upstreamLink, bool) {
-	l := &upstreamLink{send: make(chan frame, upstreamQueue), overhead: hpFraming{}.overhead, markers: true}
-	return l, r.hub.attachLink(l)
 }
 
 // inboxIfRoom is the socket reader's channel while fewer than inboxQueue
@@ -1224,7 +1221,7 @@ func (r *hocuspocusRemote) linkEvent(ev docEvent) {
 		r.sock = ev.link
 		clear(r.docs) // a new socket: every document authenticates again
 		for doc := range r.active {
-			r.pending = append(r.pending, doc)
+			r.pending = append(r.pending, upstreamEvent{resync: doc})
 		}
 		ev.reply <- true
 		return
@@ -1467,7 +1464,7 @@ func (r *hocuspocusRemote) authAnswer(f frame) {
 		d.held, d.heldSize = nil, 0
 		if d.overflow {
 			d.overflow = false
-			r.pending = append(r.pending, f.doc)
+			r.pending = append(r.pending, upstreamEvent{resync: f.doc})
 		}
 		r.log.Info("upstream authenticated", "doc", f.doc, "scope", stringAfterType(f.data))
 	case 1: // permission denied
@@ -1532,24 +1529,4 @@ func stringAfterType(msg []byte) string {
 		return ""
 	}
 	return shorten(strings.ToValidUTF8(string(s), "?"), maxErrorBody)
-}
-
-// hpTarget takes the socket's links for the dispatcher (linkTarget).
-type hpTarget struct{ r *hocuspocusRemote }
-
-func (t hpTarget) attachLink(l *upstreamLink) bool {
-	reply := make(chan bool, 1)
-	select {
-	case t.r.links <- docEvent{link: l, attach: true, reply: reply}:
-		return <-reply
-	case <-t.r.quit:
-		return false
-	}
-}
-
-func (t hpTarget) detachLink(l *upstreamLink) {
-	select {
-	case t.r.links <- docEvent{link: l}:
-	case <-t.r.quit:
-	}
 }

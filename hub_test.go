@@ -686,13 +686,21 @@ func TestHubNewcomerSurvivesTheCloseOfASlowEditor(t *testing.T) {
 	h.expectClosed(b, closeNormal)
 }
 
-func TestHubDropsAwarenessFromAClosedEditor(t *testing.T) {
-	h := startHub(t, nil, nil)
-	a := h.join("d1", connQueue)
-	slow := h.join("d1", 2)
+// slowOwnerOf5 joins an editor a and an editor slow with a queue of two to
+// doc; slow announces awareness client 5, which a has seen.
+func (h *hubHarness) slowOwnerOf5(doc string) (a, slow *conn) {
+	h.t.Helper()
+	a = h.join(doc, connQueue)
+	slow = h.join(doc, 2)
 	h.expect(a, queryAwareness)
 	h.post(slow, awarenessMsg(5, 1, "{}"))
 	h.expect(a, awarenessMsg(5, 1, "{}"))
+	return a, slow
+}
+
+func TestHubDropsAwarenessFromAClosedEditor(t *testing.T) {
+	h := startHub(t, nil, nil)
+	a, slow := h.slowOwnerOf5("d1")
 	h.post(a, update1)
 	h.post(a, update2) // closes slow
 	h.expect(a, awarenessMsg(5, 2, "null"))
@@ -798,11 +806,7 @@ func TestHubMarksAwarenessGoneWhenEditorLeaves(t *testing.T) {
 
 func TestHubMarksAwarenessGoneForSlowEditor(t *testing.T) {
 	h := startHub(t, nil, nil)
-	a := h.join("d1", connQueue)
-	slow := h.join("d1", 2)
-	h.expect(a, queryAwareness)
-	h.post(slow, awarenessMsg(5, 1, "{}"))
-	h.expect(a, awarenessMsg(5, 1, "{}"))
+	a, slow := h.slowOwnerOf5("d1")
 	h.post(a, update1) // slow's queue: its own echo, update1
 	h.post(a, update2) // full: slow is closed
 	h.post(a, awareness)

@@ -130,6 +130,11 @@ type hub struct {
 	limits    limits
 	log       *slog.Logger
 	drops     *drops // shared by every goroutine of the relay
+	// store is the local document store's queue; nil: --no-store.
+	store        *storeLink
+	storeReplies chan storeReply // store.replies; nil without a store
+	// standalone: no server at all; nothing goes upstream.
+	standalone bool
 
 	// Owned by run.
 	docs     map[string]*document
@@ -145,6 +150,12 @@ type hub struct {
 	// never sees update n+1 without update n.
 	cut         map[string]bool
 	tooBigNamed map[string]bool // documents named in a too-large warning; bounded
+	// held lists the documents without local editors that the store
+	// says owe the server edits: they stay open upstream until delivered.
+	held map[string]bool
+	// storeGaps lists the documents of which an operation did not fit in
+	// the store's queue: the store is asked for a repair once it has room.
+	storeGaps map[string]bool
 	// The stop is a mode of run: stopping from the first cancel, until
 	// every handler has returned or stopBy has passed (stopTimer).
 	stopping  bool
@@ -177,6 +188,18 @@ func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *
 		perDoc:      make(map[string]int),
 		cut:         make(map[string]bool),
 		tooBigNamed: make(map[string]bool),
+		held:        make(map[string]bool),
+		storeGaps:   make(map[string]bool),
+	}
+}
+
+// useStore makes the hub hand every document's updates to the store of
+// link, and take its answers; owed are the documents that owe the server
+// edits from an earlier run, held open upstream until delivered.
+func (h *hub) useStore(link *storeLink, owed []string) {
+	h.store, h.storeReplies = link, link.replies
+	for _, doc := range owed {
+		h.held[doc] = true
 	}
 }
 
@@ -210,6 +233,8 @@ func (h *hub) run(ctx context.Context) {
 			h.fromUpstream(f)
 		case ev := <-h.upstream:
 			h.upstreamNews(ev)
+		case r := <-h.storeReplies:
+			h.fromStore(r)
 		case now := <-h.sweep:
 			h.expireGone(now)
 		}
@@ -253,6 +278,9 @@ func (h *hub) finishStop() {
 		default:
 			if h.up != nil {
 				h.closeLink()
+			}
+			if h.store != nil {
+				close(h.store.ops) // the store writes what it has and ends
 			}
 			return
 		}
@@ -371,9 +399,15 @@ func (h *hub) addEditor(c *conn) {
 	if d == nil {
 		d = &document{name: c.doc, conns: make(map[*conn]struct{})}
 		h.docs[c.doc] = d
-		if !h.stopping {
+		if !h.stopping && !h.held[c.doc] {
 			h.toUpstream(frame{doc: c.doc, kind: kindDocActive})
+			if h.up != nil && !h.up.markers {
+				// One connection for every document (elva mode): no
+				// resync comes for this one, so the store syncs it now.
+				h.toStore(storeOp{kind: opLinkUp, doc: c.doc})
+			}
 		}
+		delete(h.held, c.doc) // its editors keep it open now
 	}
 	// c goes in first: should the query close every other editor as slow,
 	// the document must still be there for c.
@@ -384,10 +418,11 @@ func (h *hub) addEditor(c *conn) {
 	}
 	// A y-websocket client sends only its step 1 when it connects; a Yjs
 	// server answers with step 2 and a step 1 of its own, which makes the
-	// client send what the server lacks (PROTOCOL.md §1). The relay has no
-	// state vector of its own, so it asks for everything: what the joiner
-	// made while disconnected reaches the others and the upstream.
-	if !h.queue(c, emptyStep1) {
+	// client send what the server lacks (PROTOCOL.md §1). The store sends
+	// the step 1 with its state vector; without one the relay asks for
+	// everything: what the joiner made while disconnected reaches the
+	// others and the upstream.
+	if !h.toStore(storeOp{kind: opOpen, doc: c.doc, to: c}) && !h.queue(c, emptyStep1) {
 		return // closed as slow at once: a queue with no room
 	}
 	for other := range d.conns {
@@ -429,6 +464,9 @@ func (h *hub) removeEditor(c *conn, code int) {
 			// After the removals: a mode with one connection per document
 			// may close it once they are out.
 			h.removals = append(h.removals, frame{doc: c.doc, kind: kindDocIdle})
+			// The store says whether the document still owes the server
+			// something, and the hub then holds it open (fromStore).
+			h.toStore(storeOp{kind: opIdle, doc: c.doc})
 		}
 	}
 }
@@ -462,11 +500,16 @@ func (h *hub) fromLocal(f frame) {
 		if h.track(d, f.from, f.aware); !d.has(f.from) {
 			return // closed while tracking: as above
 		}
+	case isStep1(f.data) && h.toStore(storeOp{kind: opStep1, doc: f.doc, data: f.data, to: f.from}):
+		return // the store answers: the others need not, nor the server
 	case isStep2(f.data):
 		f.from.step2s++
 		if d != nil {
 			d.request.answered(f.from)
 		}
+	}
+	if f.kind == msgSync && !isStep1(f.data) {
+		h.toStore(storeOp{kind: opUpdate, doc: f.doc, data: f.data, local: true})
 	}
 	h.route(d, f)
 }
@@ -491,6 +534,9 @@ func (h *hub) route(d *document, f frame) {
 // its document.
 func (h *hub) fromUpstream(f frame) {
 	d := h.docs[f.doc]
+	if f.kind == msgSync && h.store != nil && (d != nil || h.held[f.doc]) && h.upstreamSyncToStore(f) {
+		return
+	}
 	if d == nil {
 		if h.stopping {
 			h.drops.count(dropNoEditors)
@@ -505,6 +551,90 @@ func (h *hub) fromUpstream(f frame) {
 	}
 	if fresh {
 		h.introduce(d)
+	}
+}
+
+// upstreamSyncToStore hands a sync message from the upstream to the store
+// and reports whether that is all: a step 1 is the store's to answer (one
+// answer, not one per editor), an update also goes to the editors.
+func (h *hub) upstreamSyncToStore(f frame) bool {
+	if isStep1(f.data) {
+		return h.toStore(storeOp{kind: opStep1, doc: f.doc, data: f.data})
+	}
+	h.toStore(storeOp{kind: opUpdate, doc: f.doc, data: f.data})
+	return h.docs[f.doc] == nil
+}
+
+// toStore queues op for the store without blocking and reports whether it
+// went; false without a store. When the queue is full the operation is
+// dropped, counted, and its document noted for a repair (repairStore):
+// nothing is lost silently.
+func (h *hub) toStore(op storeOp) bool {
+	if h.store == nil {
+		return false
+	}
+	if len(h.storeGaps) > 0 {
+		h.repairStore()
+	}
+	if h.store.backlog.add(len(op.data), h.linkBytes) {
+		select {
+		case h.store.ops <- op:
+			return true
+		default:
+			h.store.backlog.done(len(op.data))
+		}
+	}
+	h.storeGaps[op.doc] = true
+	h.drops.note(h.log, dropStoreBehind, "doc", op.doc, "ops", len(h.store.ops))
+	return false
+}
+
+// repairStore asks the store, once its queue is at most half full, to
+// fetch what it missed of each document with a gap: with a step 1 to one
+// of the document's editors, or to the upstream when it has none.
+func (h *hub) repairStore() {
+	if len(h.store.ops) > cap(h.store.ops)/2 {
+		return
+	}
+	for doc := range h.storeGaps {
+		op := storeOp{kind: opRepair, doc: doc}
+		if d := h.docs[doc]; d != nil {
+			for c := range d.conns {
+				op.to = c
+				break
+			}
+		}
+		select {
+		case h.store.ops <- op:
+			delete(h.storeGaps, doc)
+		default:
+			return
+		}
+	}
+}
+
+// fromStore delivers the store's answer: a message for an editor (if it
+// is still there) or for the upstream, or news that a document owes the
+// server edits (it is held open upstream) or no longer (it is let go).
+func (h *hub) fromStore(r storeReply) {
+	switch {
+	case r.owedNews && h.stopping:
+	case r.owedNews && r.owed:
+		if h.docs[r.doc] == nil && !h.held[r.doc] {
+			h.held[r.doc] = true
+			h.toUpstream(frame{doc: r.doc, kind: kindDocActive})
+		}
+	case r.owedNews:
+		if h.held[r.doc] {
+			delete(h.held, r.doc)
+			h.toUpstream(frame{doc: r.doc, kind: kindDocIdle})
+		}
+	case r.to != nil:
+		if d := h.docs[r.doc]; d != nil && d.has(r.to) {
+			h.queue(r.to, r.data)
+		}
+	default:
+		h.toUpstream(frame{doc: r.doc, data: r.data, kind: msgSync})
 	}
 }
 
@@ -631,6 +761,9 @@ type upstreamLink struct {
 // While the upstream is down nothing is kept: the resync on reconnect
 // makes up for it (see resync).
 func (h *hub) toUpstream(f frame) {
+	if h.standalone {
+		return
+	}
 	if isMarker(f) && (h.up == nil || !h.up.markers) {
 		return // a down link's resync marks every document again
 	}
@@ -723,6 +856,9 @@ func (h *hub) cutAtStop(f frame) {
 func (h *hub) flushAtStop(f frame) {
 	if f.kind == msgAwareness {
 		return
+	}
+	if !isStep1(f.data) {
+		h.toStore(storeOp{kind: opUpdate, doc: f.doc, data: f.data, local: true})
 	}
 	if h.up == nil || h.cut[f.doc] {
 		h.drops.count(dropNotFlushed)
@@ -817,21 +953,35 @@ func (h *hub) useLink(l *upstreamLink) {
 func (h *hub) resync() {
 	for name, d := range h.docs {
 		h.toUpstream(frame{doc: name, kind: kindDocActive})
-		h.toUpstream(frame{doc: name, data: emptyStep1, kind: msgSync})
-		h.askForState(d)
+		h.syncUpstream(d, name)
 	}
+	for name := range h.held {
+		h.toUpstream(frame{doc: name, kind: kindDocActive})
+		h.syncUpstream(nil, name)
+	}
+}
+
+// syncUpstream starts a document's sync over a new connection: the store
+// sends what the server lacks and asks for what it lacks itself; without
+// a store, the upstream is asked for everything and an editor for its
+// whole document. d is nil for a held document.
+func (h *hub) syncUpstream(d *document, doc string) {
+	if h.toStore(storeOp{kind: opLinkUp, doc: doc}) || d == nil {
+		return
+	}
+	h.toUpstream(frame{doc: doc, data: emptyStep1, kind: msgSync})
+	h.askForState(d)
 }
 
 // resyncDoc resyncs one document, whose own upstream connection (yjs
 // mode) has just come up, and sends it the removals it missed.
 func (h *hub) resyncDoc(doc string) {
 	d := h.docs[doc]
-	if d == nil || h.stopping {
+	if (d == nil && !h.held[doc]) || h.stopping {
 		return
 	}
 	delete(h.cut, doc)
-	h.toUpstream(frame{doc: doc, data: emptyStep1, kind: msgSync})
-	h.askForState(d)
+	h.syncUpstream(d, doc)
 	for _, msg := range removalMessages(h.gone.takeOwedOf(doc)) {
 		h.toUpstream(frame{doc: doc, data: msg, kind: msgAwareness})
 	}

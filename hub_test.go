@@ -890,19 +890,36 @@ const benchEditors = 8
 const benchWindow = 64
 
 // BenchmarkRelayFanOut measures the whole relay over loopback sockets: one
-// editor sends 64-byte updates, benchEditors others receive each of them,
-// and each goes upstream to an in-test ELVA server; at most benchWindow
-// messages are in flight. With ELVA_BENCH_ADDR set, the same load goes to
-// that address instead, for example to ../shared/bench/rawrelay.
+// editor sends real Yjs updates of 64 bytes (one text insertion each),
+// benchEditors others receive each of them, and each goes upstream to an
+// in-test ELVA server; at most benchWindow messages are in flight. It runs
+// without the store and with it (data directory in a temporary directory,
+// default --fsync-interval), so that the store's cost shows. With
+// ELVA_BENCH_ADDR set, the same load goes to that address instead, for
+// example to ../shared/bench/rawrelay.
 func BenchmarkRelayFanOut(b *testing.B) {
-	addr := os.Getenv("ELVA_BENCH_ADDR")
-	if addr == "" {
-		srv := newELVAServer(b, magicSeed)
-		srv.frames = nil
-		r := startRelay(b, "--server", srv.url())
-		r.logs.waitFor(b, "upstream connected")
-		addr = r.addr
+	if addr := os.Getenv("ELVA_BENCH_ADDR"); addr != "" {
+		benchFanOut(b, addr)
+		return
 	}
+	for _, mode := range []struct{ name, flag string }{{"no-store", "--no-store"}, {"store", "--data-dir"}} {
+		b.Run(mode.name, func(b *testing.B) {
+			srv := newELVAServer(b, magicSeed)
+			srv.frames = nil
+			args := []string{"--server", srv.url(), mode.flag}
+			if mode.flag == "--data-dir" {
+				args = append(args, b.TempDir())
+			}
+			r := startRelayAt(b, slog.LevelInfo, args...)
+			r.logs.waitFor(b, "upstream connected")
+			benchFanOut(b, r.addr)
+		})
+	}
+}
+
+// benchFanOut sends b.N updates to a document at addr from one editor and
+// waits until each of benchEditors others has received them all.
+func benchFanOut(b *testing.B, addr string) {
 	doc := fmt.Sprintf("bench-%d", b.N)
 	sender := dialLocal(b, addr, doc)
 	var receivers []*websocket.Conn
@@ -910,17 +927,20 @@ func BenchmarkRelayFanOut(b *testing.B) {
 		receivers = append(receivers, dialLocal(b, addr, doc))
 	}
 	warmUp(b, sender, receivers)
-	msg := append([]byte{msgSync, syncUpdate, 62}, bytes.Repeat([]byte{7}, 62)...)
+	const content = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOP" // 52 UTF-16 units
+	client := uint64(1000 + b.N)
+	msg := benchUpdate(nil, client, 0, content)
 	b.SetBytes(int64(len(msg)))
 	b.ReportAllocs()
 	b.ResetTimer()
 	progress := make(chan error, benchEditors*(b.N/benchWindow+2))
 	for _, ws := range receivers {
-		go receiveCounting(ws, len(msg), b.N, progress)
+		go receiveCounting(ws, b.N, progress)
 	}
 	for sent := 0; sent < b.N; {
 		batch := min(benchWindow, b.N-sent)
-		for range batch {
+		for i := range batch {
+			msg = benchUpdate(msg[:0], client, uint64((sent+i)*len(content)), content)
 			if err := websocket.Message.Send(sender, msg); err != nil {
 				b.Fatal(err)
 			}
@@ -936,12 +956,38 @@ func BenchmarkRelayFanOut(b *testing.B) {
 	b.ReportMetric(float64(b.N*benchEditors)/b.Elapsed().Seconds(), "deliveries/s")
 }
 
+// benchUpdate appends to b a sync update message whose Yjs update (format
+// v1) has client insert content at the end of the root Y.Text "text" as
+// its item at clock: the first names its parent, each later one its
+// origin, the last character of the item before (yjs/src/structs/Item.js
+// write; info byte: content ref 4 = ContentString, 0x80 = has origin).
+func benchUpdate(b []byte, client, clock uint64, content string) []byte {
+	u := []byte{1, 1} // one client, one struct
+	u = appendVaruint(u, client)
+	u = appendVaruint(u, clock)
+	if clock == 0 {
+		u = append(u, 4, 1, 4) // no origin: parent by root name, 4 bytes
+		u = append(u, "text"...)
+	} else {
+		u = append(u, 0x84)
+		u = appendVaruint(u, client)
+		u = appendVaruint(u, clock-1)
+	}
+	u = appendVaruint(u, uint64(len(content)))
+	u = append(u, content...)
+	u = append(u, 0) // an empty delete set
+	return appendSyncMessage(b, syncUpdate, u)
+}
+
+// benchHello is the warm-up's message: an empty update, valid for a store.
+var benchHello = []byte{msgSync, syncUpdate, 2, 0, 0}
+
 // warmUp returns once every receiver has heard the sender: a relay may
 // register a connection a little after its handshake. It works with any
 // relay, ours or rawrelay, as it needs no echo.
 func warmUp(b *testing.B, sender *websocket.Conn, receivers []*websocket.Conn) {
 	b.Helper()
-	hello := []byte{msgSync, syncUpdate, 1, 0}
+	hello := benchHello
 	heard := make(chan error, len(receivers))
 	for _, ws := range receivers {
 		go func() {
@@ -970,9 +1016,10 @@ func warmUp(b *testing.B, sender *websocket.Conn, receivers []*websocket.Conn) {
 	}
 }
 
-// receiveCounting reads n messages of size bytes from ws and reports on
-// progress after every benchWindow of them and after the last.
-func receiveCounting(ws *websocket.Conn, size, n int, progress chan<- error) {
+// receiveCounting reads n sync updates longer than the warm-up's from ws
+// and reports on progress after every benchWindow of them and after the
+// last; other messages (a step 1 from the store, awareness) are skipped.
+func receiveCounting(ws *websocket.Conn, n int, progress chan<- error) {
 	ws.SetReadDeadline(time.Now().Add(time.Minute))
 	for got := 0; got < n; {
 		var m []byte
@@ -980,8 +1027,8 @@ func receiveCounting(ws *websocket.Conn, size, n int, progress chan<- error) {
 			progress <- err
 			return
 		}
-		if len(m) != size {
-			continue // awareness noise from the joins
+		if len(m) <= len(benchHello) || m[0] != msgSync || m[1] != syncUpdate {
+			continue
 		}
 		got++
 		if got%benchWindow == 0 || got == n {
@@ -1379,4 +1426,188 @@ func TestDeliverNeverHandsOnAfterTheHub(t *testing.T) {
 	if c.deliver(h, frame{doc: "d", data: update2}) {
 		t.Error("a frame was handed on after the hub stopped")
 	}
+}
+
+// withStore makes the hub hand its store operations to link, which the
+// test plays, and hold owed documents, for startHub.
+func withStore(link *storeLink, owed ...string) func(*hub) {
+	return func(hb *hub) { hb.useStore(link, owed) }
+}
+
+// nextOp returns the next operation the hub queued for the store.
+func (h *hubHarness) nextOp(link *storeLink) storeOp {
+	h.t.Helper()
+	select {
+	case op := <-link.ops:
+		link.backlog.done(len(op.data))
+		return op
+	case <-time.After(testTimeout):
+		h.t.Fatal("nothing queued for the store")
+		return storeOp{}
+	}
+}
+
+// expectOp reads the store's queue until an operation of kind for doc.
+func (h *hubHarness) expectOp(link *storeLink, kind storeOpKind, doc string) storeOp {
+	h.t.Helper()
+	for {
+		if op := h.nextOp(link); op.kind == kind && op.doc == doc {
+			return op
+		}
+	}
+}
+
+// noOps checks that nothing waits in the store's queue once the hub has
+// handled what it was sent.
+func (h *hubHarness) noOps(link *storeLink) {
+	h.t.Helper()
+	h.barrier()
+	if len(link.ops) > 0 {
+		op := <-link.ops
+		h.t.Fatalf("the store was sent op %d of %q (% x)", op.kind, op.doc, op.data)
+	}
+}
+
+// nextMarker returns the next marker queued on l.
+func (h *hubHarness) nextMarker(l *upstreamLink) frame {
+	h.t.Helper()
+	for {
+		select {
+		case f := <-l.send:
+			if isMarker(f) {
+				return f
+			}
+		case <-time.After(testTimeout):
+			h.t.Fatal("no marker queued for the upstream")
+			return frame{}
+		}
+	}
+}
+
+// joinStored plays an editor's handler with a store: the newcomer's step
+// 1 is the store's to send, so the hub sends it nothing itself.
+func (h *hubHarness) joinStored(link *storeLink, doc string) *conn {
+	h.t.Helper()
+	if err := h.hub.admit(doc); err != nil {
+		h.t.Fatalf("admit: %v", err)
+	}
+	c := &conn{peer: peer{log: discard}, doc: doc, remote: "mem", send: make(chan []byte, connQueue)}
+	h.hub.join <- c
+	h.t.Cleanup(func() { h.leave(c) })
+	if op := h.expectOp(link, opOpen, doc); op.to != c {
+		h.t.Fatalf("the store was asked to open %q for another editor", doc)
+	}
+	return c
+}
+
+// TestHubWithStoreRoutesSyncThroughIt checks who hears each sync message
+// when a store is there: a step 1 is the store's alone to answer (from an
+// editor or from the upstream), every update goes to the store as well as
+// where it went before, and the store's answers reach their addressee.
+func TestHubWithStoreRoutesSyncThroughIt(t *testing.T) {
+	link := newStoreLink()
+	h := startHub(t, nil, withStore(link))
+	a := h.joinStored(link, "d1")
+	b := h.joinStored(link, "d1")
+	h.expect(a, queryAwareness)
+	l := h.attach(upstreamQueue)
+	h.expectOp(link, opLinkUp, "d1") // the store syncs it with the server
+	h.noOps(link)
+
+	step1 := []byte{msgSync, syncStep1, 1, 0}
+	h.post(a, step1)
+	if op := h.expectOp(link, opStep1, "d1"); op.to != a || !bytes.Equal(op.data, step1) {
+		t.Errorf("editor's step 1 reached the store as %+v", op)
+	}
+	update := []byte{msgSync, syncUpdate, 2, 0, 0}
+	h.post(a, update)
+	if op := h.nextOp(link); op.kind != opUpdate || !op.local || !bytes.Equal(op.data, update) {
+		t.Errorf("editor's update reached the store as %+v", op)
+	}
+	h.expect(b, update) // the step 1 went to nobody else
+	h.expectUpstream(l, update)
+	if got := h.queuedUp(l); len(got) != 0 {
+		t.Errorf("the upstream also got % x", got)
+	}
+
+	h.fromUpstream("d1", step1)
+	if op := h.nextOp(link); op.kind != opStep1 || op.to != nil {
+		t.Errorf("upstream step 1 reached the store as %+v", op)
+	}
+	h.fromUpstream("d1", update)
+	if op := h.nextOp(link); op.kind != opUpdate || op.local {
+		t.Errorf("upstream update reached the store as %+v", op)
+	}
+	h.expect(a, update) // not the step 1
+	h.expect(b, update)
+
+	answer := []byte{msgSync, syncStep2, 2, 0, 0}
+	link.replies <- storeReply{doc: "d1", to: b, data: answer}
+	h.expect(b, answer)
+	link.replies <- storeReply{doc: "d1", data: step1}
+	h.expectUpstream(l, step1)
+	h.expectEmpty(a)
+	h.noOps(link)
+}
+
+// TestHubHoldsDocumentsTheStoreOwes checks that a document that owes the
+// server edits stays open upstream without editors, from an earlier run
+// and after its last editor left, until the store says it is delivered.
+func TestHubHoldsDocumentsTheStoreOwes(t *testing.T) {
+	link := newStoreLink()
+	h := startHub(t, nil, withStore(link, "old"))
+	l := &upstreamLink{send: make(chan frame, upstreamQueue), markers: true} // a connection per document
+	h.hub.upstream <- upstreamEvent{link: l, attach: true}
+	if f := h.nextMarker(l); f.kind != kindDocActive || f.doc != "old" {
+		t.Errorf("first marker %d for %q, want the owed document active", f.kind, f.doc)
+	}
+	h.expectOp(link, opLinkUp, "old")
+	// Its connection comes up: the store syncs it again.
+	h.hub.upstream <- upstreamEvent{resync: "old"}
+	h.expectOp(link, opLinkUp, "old")
+	// The server's answer goes to the store although no editor is there.
+	step2 := []byte{msgSync, syncStep2, 2, 0, 0}
+	h.fromUpstream("old", step2)
+	if op := h.expectOp(link, opUpdate, "old"); !bytes.Equal(op.data, step2) {
+		t.Errorf("the store got % x, want the server's step 2", op.data)
+	}
+	link.replies <- storeReply{doc: "old", owedNews: true, owed: false}
+	if f := h.nextMarker(l); f.kind != kindDocIdle || f.doc != "old" {
+		t.Errorf("marker %d for %q, want the delivered document idle", f.kind, f.doc)
+	}
+
+	c := h.joinStored(link, "new")
+	h.leave(c)
+	h.expectOp(link, opIdle, "new")
+	link.replies <- storeReply{doc: "new", owedNews: true, owed: true}
+	for f := h.nextMarker(l); f.kind != kindDocActive; f = h.nextMarker(l) {
+	}
+	h.fromUpstream("new", step2)
+	h.expectOp(link, opUpdate, "new")
+}
+
+// TestHubRepairsWhatTheStoreMissed checks that an operation that did not
+// fit in the store's queue is counted and later made up for: the store is
+// asked to fetch what it lacks from an editor of the document.
+func TestHubRepairsWhatTheStoreMissed(t *testing.T) {
+	link := newStoreLink()
+	link.ops = make(chan storeOp, 4)
+	h := startHub(t, nil, withStore(link))
+	a := h.joinStored(link, "d")
+	update := []byte{msgSync, syncUpdate, 2, 0, 0}
+	for range cap(link.ops) + 2 {
+		h.post(a, update)
+	}
+	h.barrier()
+	if n := h.hub.drops.total(dropStoreBehind); n != 2 {
+		t.Errorf("%d operations counted as not stored, want 2", n)
+	}
+	for range cap(link.ops) {
+		h.nextOp(link)
+	}
+	h.post(a, update) // the next operation finds room: the repair goes first
+	if op := h.nextOp(link); op.kind != opRepair || op.to != a {
+		t.Errorf("got op %d to %p, want a repair asking the editor", op.kind, op.to)
+	}
+	h.expectOp(link, opUpdate, "d")
 }

@@ -8,17 +8,20 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -122,13 +125,36 @@ func launchRelay(t *testing.T, port string, args ...string) *relayProcess {
 }
 
 // launchRelayEnv is launchRelay with env (KEY=value) added to the test's
-// environment.
+// environment, and ELVA_DATA_DIR set to a directory of the test's own.
 func launchRelayEnv(t *testing.T, env []string, port string, args ...string) *relayProcess {
 	t.Helper()
-	cmd := exec.Command(relayBinary(t), append(args, "127.0.0.1", port)...)
-	if env != nil {
-		cmd.Env = append(os.Environ(), env...)
-	}
+	return launchRelayCmd(t, env, exec.Command(relayBinary(t), append(args, "127.0.0.1", port)...))
+}
+
+// launchRelayFileLimit is launchRelay under a file-size limit of blocks
+// (ulimit -f: 512-byte blocks in dash, 1024 in bash), as on a full disk:
+// a write past it fails with EFBIG, since Go ignores SIGXFSZ.
+func launchRelayFileLimit(t *testing.T, blocks int, port string, args ...string) *relayProcess {
+	t.Helper()
+	script := fmt.Sprintf(`ulimit -f %d && exec "$0" "$@"`, blocks)
+	shArgs := append([]string{"-c", script, relayBinary(t)}, append(args, "127.0.0.1", port)...)
+	return launchRelayCmd(t, nil, exec.Command("sh", shArgs...))
+}
+
+// relayEnv is the test's environment for a run of the binary: never the
+// user's own data directory, but one of the test's own (unless the args
+// name one: --data-dir wins over the environment); and no second of sleep
+// at the exit of a -race binary (atexit_sleep_ms, 1000 by default, unless
+// GORACE sets it), which every stop and every run of a tool would cost.
+func relayEnv(t *testing.T) []string {
+	return append(os.Environ(), "ELVA_DATA_DIR="+t.TempDir(), "GORACE=atexit_sleep_ms=0 "+os.Getenv("GORACE"))
+}
+
+// launchRelayCmd is launchRelayEnv for cmd, the binary or a shell that
+// execs it (so that signals reach the relay).
+func launchRelayCmd(t *testing.T, env []string, cmd *exec.Cmd) *relayProcess {
+	t.Helper()
+	cmd.Env = append(relayEnv(t), env...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -199,6 +225,21 @@ func (p *relayProcess) terminate(t *testing.T) {
 		<-p.done
 		t.Errorf("relay did not stop within %v of SIGTERM", testTimeout)
 	}
+	p.checkLog(t)
+}
+
+// kill ends the relay with SIGKILL, as a crash or a power cut would: it
+// writes nothing more. Its cleanup then has nothing to stop.
+func (p *relayProcess) kill(t *testing.T) {
+	p.stopOnce.Do(func() {
+		p.cmd.Process.Kill()
+		<-p.done
+		p.checkLog(t)
+	})
+}
+
+// checkLog shows the log of a failed test and fails on a data race in it.
+func (p *relayProcess) checkLog(t *testing.T) {
 	if t.Failed() {
 		t.Logf("relay log:\n%s", p.logs.String())
 	}
@@ -403,8 +444,9 @@ func TestInteropThreeEditorsTwoDocuments(t *testing.T) {
 	}
 }
 
-// converge with expect also waits for edits made by other editors
-// processes, per document.
+// convergeWith is converge that also waits for edits made by other
+// editors processes (expect: document → edits), and checks that each
+// editor has those of its document once and none of another.
 func (e *editors) convergeWith(t *testing.T, expect map[string][]string) []editorReport {
 	t.Helper()
 	a := e.try(t, map[string]any{"cmd": "converge", "timeoutMs": 30000, "expect": expect})
@@ -412,14 +454,28 @@ func (e *editors) convergeWith(t *testing.T, expect map[string][]string) []edito
 		t.Errorf("editors did not converge: %s", a.Error)
 	}
 	checkConvergence(t, a.Report)
-	for _, r := range a.Report {
-		for _, tok := range expect[r.Doc] {
-			if n := strings.Count(r.Text, tok); n != 1 {
-				t.Errorf("%s on %q has %s %d times, want 1", r.Name, r.Doc, tok, n)
+	checkEdits(t, a.Report, expect)
+	return a.Report
+}
+
+// checkEdits fails the test unless the text of each editor in report has
+// every edit in made (document → edits) of its document exactly once, and
+// none made on another document.
+func checkEdits(t *testing.T, report []editorReport, made map[string][]string) {
+	t.Helper()
+	for _, r := range report {
+		for doc, edits := range made {
+			want := 0
+			if doc == r.Doc {
+				want = 1
+			}
+			for _, tok := range edits {
+				if n := strings.Count(r.Text, tok); n != want {
+					t.Errorf("%s on %q has %s %d times, want %d", r.Name, r.Doc, tok, n, want)
+				}
 			}
 		}
 	}
-	return a.Report
 }
 
 // madeByDoc lists the edits in a report by document.
@@ -445,11 +501,37 @@ type nodeServer struct {
 // extra; it is killed at the end.
 func startNodeServer(t *testing.T, mode string, extra ...string) *nodeServer {
 	t.Helper()
-	requireNode(t)
-	s := &nodeServer{mode: mode, store: t.TempDir(), extra: extra, port: "0"}
+	s := newNodeServer(t, mode, "0", extra...)
 	s.start(t)
+	return s
+}
+
+// newNodeServer is startNodeServer for a server that is not started yet:
+// it will listen on port (nothing may listen there before).
+func newNodeServer(t *testing.T, mode, port string, extra ...string) *nodeServer {
+	t.Helper()
+	requireNode(t)
+	s := &nodeServer{mode: mode, store: t.TempDir(), extra: extra, port: port}
 	t.Cleanup(func() { s.kill(t) })
 	return s
+}
+
+// text returns the text of the Y.Text "text" of doc as the server has it
+// in persistent mode.
+func (s *nodeServer) text(t *testing.T, doc string) string {
+	t.Helper()
+	resp, err := http.Get("http://127.0.0.1:" + s.port + "/text?doc=" + url.QueryEscape(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var got struct {
+		Text string `json:"text"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("elva-server text of %q: %s, %v", doc, resp.Status, err)
+	}
+	return got.Text
 }
 
 // url is the server's ws:// URI.
@@ -965,17 +1047,26 @@ func TestInteropHostileInputLeavesOtherDocumentsAlone(t *testing.T) {
 // missed the handshake stay missing for ever.
 const syncBound = 10 * time.Second
 
-// deadUpstream returns a ws:// URI on 127.0.0.1 where nothing listens: a
-// port the OS picked, closed again.
+// deadUpstream returns a ws:// URI on 127.0.0.1 where nothing listens.
 func deadUpstream(t *testing.T) string {
+	t.Helper()
+	return "ws://127.0.0.1:" + freePort(t) + "/"
+}
+
+// freePort returns a port on 127.0.0.1 where nothing listens: one the OS
+// picked, closed again.
+func freePort(t *testing.T) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return "ws://" + addr + "/"
+	defer ln.Close()
+	_, port, err := net.SplitHostPort(ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return port
 }
 
 // editWhileAway has alice drop her socket; while she is away she and bob
@@ -1189,9 +1280,17 @@ type yjsServer struct {
 // extra; it is killed at the end of the test.
 func startYjsServer(t *testing.T, extra ...string) *yjsServer {
 	t.Helper()
-	requireNode(t)
-	s := &yjsServer{extra: extra, port: "0", stderr: newLogBuffer(), open: map[string]int{}, changed: make(chan struct{})}
+	s := newYjsServer(t, "0", extra...)
 	s.start(t)
+	return s
+}
+
+// newYjsServer is startYjsServer for a server that is not started yet: it
+// will listen on port (nothing may listen there before).
+func newYjsServer(t *testing.T, port string, extra ...string) *yjsServer {
+	t.Helper()
+	requireNode(t)
+	s := &yjsServer{extra: extra, port: port, stderr: newLogBuffer(), open: map[string]int{}, changed: make(chan struct{})}
 	t.Cleanup(func() {
 		s.kill(t)
 		if t.Failed() && s.stderr.String() != "" {
@@ -2347,4 +2446,446 @@ func TestInteropHocuspocusNoEchoNoHocuspocusMessages(t *testing.T) {
 		break
 	}
 	checkUpstreams(t, relay, logUpstreamAuthenticated, 1, "echo")
+}
+
+// The tests below cover the local document store (--data-dir): what the
+// relay keeps across a stop and a crash, what it delivers to a server that
+// was down meanwhile, and how it copes with odd names, a damaged file, a
+// data directory it cannot use and a full disk.
+
+// The relay's log messages that the store tests rely on.
+const (
+	logStandalone  = "no server: documents stay on this machine"
+	logOwed        = "documents owe the server edits"
+	logStillOwed   = "documents still owe the server edits"
+	logDelivered   = "server has every edit"
+	logCorruptTail = "torn or corrupt tail"
+	logLevelError  = "level=ERROR"
+)
+
+// joinAll adds an editor for each name in docs (name → document) on the
+// relay or server at url, in the order of the names.
+func (e *editors) joinAll(t *testing.T, url string, docs map[string]string) {
+	t.Helper()
+	for _, name := range slices.Sorted(maps.Keys(docs)) {
+		e.join(t, name, url, docs[name])
+	}
+}
+
+// leaveAll makes every editor leave: their sockets close, and they are in
+// no later report.
+func (e *editors) leaveAll(t *testing.T) {
+	t.Helper()
+	for _, r := range e.do(t, map[string]any{"cmd": "report"}).Report {
+		e.do(t, map[string]any{"cmd": "leave", "name": r.Name})
+	}
+}
+
+// logLines returns the lines of logs that contain every one of substrs.
+func logLines(logs string, substrs ...string) []string {
+	var out []string
+	for line := range strings.Lines(logs) {
+		if !slices.ContainsFunc(substrs, func(s string) bool { return !strings.Contains(line, s) }) {
+			out = append(out, line)
+		}
+	}
+	return out
+}
+
+// typeOnRelay runs the relay with args, and editors on it (name →
+// document) that make rounds edits each and converge. It returns the
+// relay, the editors and their edits by document.
+func typeOnRelay(t *testing.T, editorsOn map[string]string, rounds int, args ...string) (*relayProcess, *editors, map[string][]string) {
+	t.Helper()
+	relay := launchRelay(t, "0", args...)
+	ed := startEditors(t)
+	ed.joinAll(t, "ws://"+relay.addr, editorsOn)
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": rounds})
+	return relay, ed, madeByDoc(ed.convergeWithin(t, syncBound))
+}
+
+// storeSession is typeOnRelay on the data directory dir, after which the
+// editors leave and the relay stops (SIGTERM).
+func storeSession(t *testing.T, dir string, editorsOn map[string]string, rounds int) (*relayProcess, map[string][]string) {
+	t.Helper()
+	relay, ed, made := typeOnRelay(t, editorsOn, rounds, "--data-dir", dir)
+	ed.leaveAll(t)
+	relay.stop(t)
+	return relay, made
+}
+
+// reopenStore runs the relay on dir again with fresh editors (name →
+// document), which must get every edit in made (and none of another
+// document) from it alone: no old editor is left to reconnect, should the
+// relay even get its old port. It returns the relay, running.
+func reopenStore(t *testing.T, dir string, editorsOn map[string]string, made map[string][]string) *relayProcess {
+	t.Helper()
+	relay := launchRelay(t, "0", "--data-dir", dir)
+	fresh := startEditors(t)
+	fresh.joinAll(t, "ws://"+relay.addr, editorsOn)
+	fresh.convergeWith(t, made)
+	fresh.leaveAll(t)
+	return relay
+}
+
+func TestInteropStoreLocalOnly(t *testing.T) {
+	dir := t.TempDir()
+	relay, made := storeSession(t, dir, map[string]string{"alice": "notes", "bob": "notes", "carol": "plans"}, 5)
+	local := filepath.Join(dir, "local") // a standalone relay's documents
+	if got := logLines(relay.logs.String(), logStandalone); len(got) != 1 || !strings.Contains(got[0], logAttr("data_dir", local)) {
+		t.Errorf("lines with %q: %q, want one with %s", logStandalone, got, logAttr("data_dir", local))
+	}
+	reopenStore(t, dir, map[string]string{"dave": "notes", "erin": "plans"}, made)
+}
+
+// storeServer is an upstream that is down while editors type and starts
+// later on a port picked beforehand: the relay's flags for it, its start,
+// and a check that it has every edit in made (document → edits).
+type storeServer struct {
+	args  []string
+	start func(t *testing.T)
+	check func(t *testing.T, made map[string][]string)
+}
+
+// persistentELVAServer is elva-server.mjs in persistent mode, not started;
+// the check reads the server's own documents.
+func persistentELVAServer(t *testing.T) storeServer {
+	srv := newNodeServer(t, "persistent", freePort(t))
+	return storeServer{
+		args:  []string{"--server", srv.url()},
+		start: srv.start,
+		check: func(t *testing.T, made map[string][]string) {
+			var report []editorReport
+			for doc := range made {
+				report = append(report, editorReport{Name: "the server", Doc: doc, Text: srv.text(t, doc)})
+			}
+			checkEdits(t, report, made)
+		},
+	}
+}
+
+// referenceYjsServer is @y/websocket-server (yjs-server.mjs), not started,
+// for a relay in --protocol yjs mode; the check joins fresh editors on
+// the server itself.
+func referenceYjsServer(t *testing.T) storeServer {
+	srv := newYjsServer(t, freePort(t))
+	return storeServer{
+		args:  []string{"--protocol", "yjs", "--server", srv.url(), "--upstream-grace", "100ms"},
+		start: srv.start,
+		check: func(t *testing.T, made map[string][]string) {
+			fresh := startEditors(t)
+			for doc := range made {
+				fresh.join(t, "fresh-"+doc, srv.url(), doc)
+			}
+			fresh.convergeWith(t, made)
+		},
+	}
+}
+
+// TestInteropStoreOfflineDelivery: with the server down, editors type on
+// two documents; the relay stops (every editor gone, SIGTERM) or crashes
+// (editors idle for a second, SIGKILL); it starts again and says what it
+// owes; then the server comes up, with no editor anywhere, and gets every
+// edit from the relay's store alone, which the relay confirms per
+// document.
+func TestInteropStoreOfflineDelivery(t *testing.T) {
+	servers := []struct {
+		name string
+		make func(t *testing.T) storeServer
+	}{
+		{"persistent ELVA server", persistentELVAServer},
+		{"y-websocket server", referenceYjsServer},
+	}
+	stops := []struct {
+		name string
+		stop func(t *testing.T, relay *relayProcess, ed *editors)
+	}{
+		{"SIGTERM after the editors left", func(t *testing.T, relay *relayProcess, ed *editors) {
+			ed.leaveAll(t)
+			relay.stop(t)
+			if !strings.Contains(relay.logs.String(), logStillOwed) {
+				t.Errorf("the relay did not log at its stop that documents %s", logStillOwed)
+			}
+		}},
+		{"SIGKILL after a second of idle editors", func(t *testing.T, relay *relayProcess, ed *editors) {
+			// The idle second is the scenario, not a wait for an event:
+			// the last group is on disk after --fsync-interval (100 ms).
+			time.Sleep(time.Second)
+			relay.kill(t)
+			ed.leaveAll(t)
+		}},
+	}
+	for _, s := range servers {
+		for _, stop := range stops {
+			t.Run(s.name+"/"+stop.name, func(t *testing.T) {
+				srv := s.make(t)
+				dir := t.TempDir()
+				args := append([]string{"--data-dir", dir, "--retry-max", "1s"}, srv.args...)
+				relay, ed, made := typeOnRelay(t, map[string]string{"alice": "notes", "bob": "notes", "carol": "plans"}, 5, args...)
+				stop.stop(t, relay, ed)
+
+				relay = launchRelay(t, "0", args...)
+				line := relay.waitLog(t, logOwed)
+				for doc := range made {
+					if !strings.Contains(line, doc) {
+						t.Errorf("the relay's start line %q does not name %s", line, doc)
+					}
+				}
+				srv.start(t)
+				for delivered := map[string]bool{}; len(delivered) < len(made); {
+					line := relay.waitLog(t, logDelivered)
+					for doc := range made {
+						delivered[doc] = delivered[doc] || strings.Contains(line, logAttr("doc", doc))
+					}
+				}
+				srv.check(t, made)
+			})
+		}
+	}
+}
+
+// TestInteropStoreOfflineEditorBroadcast: alice, alone on her relay, edits
+// with her socket down while bob and carol edit on another relay; the
+// server only passes messages on (broadcast mode). When she is back
+// everyone converges, and so does dave, who opens the document on a third
+// relay that never saw it.
+func TestInteropStoreOfflineEditorBroadcast(t *testing.T) {
+	srv := startNodeServer(t, "broadcast")
+	var urls []string
+	for range 3 {
+		urls = append(urls, "ws://"+startRelayProcess(t, "--server", srv.url(), "--data-dir", t.TempDir()).addr)
+	}
+	ed := startEditors(t)
+	ed.join(t, "alice", urls[0], "notes")
+	ed.join(t, "bob", urls[1], "notes")
+	ed.join(t, "carol", urls[1], "notes")
+	editWhileAway(t, ed) // alice and bob edit while she is away
+	ed.join(t, "dave", urls[2], "notes")
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 1})
+	ed.convergeWithin(t, syncBound)
+}
+
+// TestInteropStoreOddNames: a name that would climb out of the data
+// directory as a path, and two that differ only in case, are three
+// documents that stay apart across a restart, each one file directly in
+// the data directory, 0600 in a 0700 directory, and nothing is written
+// anywhere else.
+func TestInteropStoreOddNames(t *testing.T) {
+	root := t.TempDir()
+	dir := filepath.Join(root, "a", "b", "data")
+	const traversal = "../../etc/passwd"
+	// A y-websocket client puts the room name into the URL as it is, and a
+	// URL parser resolves "../" away: a client that means this name sends
+	// it escaped, and the relay decodes it.
+	docs := map[string]string{"pat": url.PathEscape(traversal), "una": "Doc", "lou": "doc"}
+	_, made := storeSession(t, dir, docs, 3)
+	reopenStore(t, dir, map[string]string{"pat2": docs["pat"], "una2": "Doc", "lou2": "doc"}, made).stop(t)
+
+	if files := checkStoreTree(t, root, filepath.Join(dir, "local")); len(files) != len(docs) {
+		t.Errorf("document files %q, want one per document (%d)", files, len(docs))
+	}
+	out, _, status := runStoreTool(t, "--data-dir", dir, "--list-docs")
+	for _, name := range []string{traversal, "Doc", "doc"} {
+		if status != 0 || !strings.Contains(out, strconv.Quote(name)) {
+			t.Errorf("--list-docs (status %d) does not name %q:\n%s", status, name, out)
+		}
+	}
+}
+
+// checkStoreTree fails the test unless root holds nothing but the
+// directories down to the data directory dir (0700) and, directly in it,
+// regular files (0600), and returns the names of those that are document
+// files.
+func checkStoreTree(t *testing.T, root, dir string) []string {
+	t.Helper()
+	var docFiles []string
+	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		switch {
+		case path == dir:
+			if info.Mode().Perm() != 0o700 {
+				t.Errorf("data directory %s has mode %v, want 0700", path, info.Mode().Perm())
+			}
+		case d.IsDir() && strings.HasPrefix(dir, path+string(filepath.Separator)):
+		case filepath.Dir(path) == dir && info.Mode().IsRegular():
+			if info.Mode().Perm() != 0o600 {
+				t.Errorf("%s has mode %v, want 0600", path, info.Mode().Perm())
+			}
+			if strings.HasSuffix(path, docFileExt) {
+				docFiles = append(docFiles, filepath.Base(path))
+			}
+		default:
+			t.Errorf("%s (%v) is not a file directly in the data directory %s", path, info.Mode(), dir)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return docFiles
+}
+
+// runStoreTool runs the binary as a command-line tool (--list-docs,
+// --remove-doc) and returns its output and exit status.
+func runStoreTool(t *testing.T, args ...string) (stdout, stderr string, status int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, relayBinary(t), args...)
+	cmd.Env = relayEnv(t)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if err != nil && !errors.As(err, &exit) {
+		t.Fatalf("%v: %v", args, err)
+	}
+	return out.String(), errOut.String(), cmd.ProcessState.ExitCode()
+}
+
+// TestInteropStoreCorruptTail: after a stop, one document file gets a
+// record cut short at its end and another bytes that are no record; the
+// relay starts, warns once for each, and new editors get the content.
+// Cut, the files need no warning at the next start.
+func TestInteropStoreCorruptTail(t *testing.T) {
+	dir := t.TempDir()
+	_, made := storeSession(t, dir, map[string]string{"alice": "torn", "bob": "garbage"}, 3)
+	record := appendRecord(nil, recUpdate, []byte("an update that never got to the disk whole"))
+	tails := map[string][]byte{
+		"torn":    record[:len(record)/2],
+		"garbage": []byte("\xde\xad\xbe\xef not a record at all"),
+	}
+	for doc, tail := range tails {
+		appendToFile(t, filepath.Join(dir, "local", docFileName(doc)), tail)
+	}
+	for run := range 2 {
+		relay := reopenStore(t, dir, map[string]string{"tess": "torn", "gus": "garbage"}, made)
+		relay.stop(t)
+		want := 1 - run // a warning at the first start only
+		for doc := range tails {
+			if got := docLines(relay.logs.String(), logCorruptTail, doc); len(got) != want {
+				t.Errorf("start %d: %d lines with %q for %s, want %d:\n%s", run+1, len(got), logCorruptTail, doc, want, strings.Join(got, ""))
+			}
+		}
+	}
+}
+
+// appendToFile appends data to the file at path, which must exist.
+func appendToFile(t *testing.T, path string, data []byte) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestInteropStoreListAndRemove: after a run, --list-docs names the stored
+// documents; --remove-doc removes one (and fails for one that is not
+// there), and after a restart an editor finds that document empty while
+// the other keeps its content.
+func TestInteropStoreListAndRemove(t *testing.T) {
+	dir := t.TempDir()
+	_, made := storeSession(t, dir, map[string]string{"alice": "notes", "bob": "plans"}, 2)
+	list := func(want ...string) {
+		t.Helper()
+		out, errOut, status := runStoreTool(t, "--data-dir", dir, "--list-docs")
+		if status != 0 || !strings.Contains(out, fmt.Sprintf("%d documents in %s", len(want), filepath.Join(dir, "local"))) {
+			t.Errorf("--list-docs: status %d, want 0 and %d documents:\n%s%s", status, len(want), out, errOut)
+		}
+		for _, doc := range []string{"notes", "plans"} {
+			if listed := strings.Contains(out, strconv.Quote(doc)); listed != slices.Contains(want, doc) {
+				t.Errorf("--list-docs names %s: %v, want %v:\n%s", doc, listed, !listed, out)
+			}
+		}
+		if strings.Contains(out, "owed") {
+			t.Errorf("--list-docs marks a document owed, with no server:\n%s", out)
+		}
+	}
+	list("notes", "plans")
+	if out, errOut, status := runStoreTool(t, "--data-dir", dir, "--remove-doc", "notes"); status != 0 {
+		t.Errorf("--remove-doc notes: status %d, want 0:\n%s%s", status, out, errOut)
+	}
+	if _, errOut, status := runStoreTool(t, "--data-dir", dir, "--remove-doc", "notes"); status != 1 || !strings.Contains(errOut, "notes") {
+		t.Errorf("--remove-doc notes again: status %d, want 1 and a message naming it:\n%s", status, errOut)
+	}
+	list("plans")
+
+	relay := launchRelay(t, "0", "--data-dir", dir)
+	fresh := startEditors(t)
+	fresh.joinAll(t, "ws://"+relay.addr, map[string]string{"carol": "notes", "dave": "plans"})
+	fresh.do(t, map[string]any{"cmd": "edit", "rounds": 1, "names": []string{"carol"}})
+	// erin gets what the store has of notes, carol's edit with it: so it
+	// has nothing else only if the removal took it all.
+	fresh.join(t, "erin", "ws://"+relay.addr, "notes")
+	report := fresh.convergeWith(t, map[string][]string{"plans": made["plans"]})
+	for _, r := range report {
+		for _, tok := range made["notes"] {
+			if strings.Contains(r.Text, tok) {
+				t.Errorf("%s on %q has %s of the removed document", r.Name, r.Doc, tok)
+			}
+		}
+	}
+}
+
+// TestInteropStoreCannotWrite: the store cannot write, because the data
+// directory cannot be created (its parent is a regular file) or because
+// the relay runs under a file-size limit that its document file outgrows,
+// as on a full disk. The relay starts all the same, logs one error for it
+// however often the store tries again, keeps relaying (editors converge, a
+// newcomer gets everything from the store in memory) and stops with
+// status 0.
+func TestInteropStoreCannotWrite(t *testing.T) {
+	const blocks = 64 // the file-size limit: 32 KiB in dash, 64 in bash
+	tests := []struct {
+		name   string
+		launch func(t *testing.T) *relayProcess
+		bigger int    // bytes of filler alice inserts before anyone types
+		want   string // in the error
+	}{
+		{"data directory under a regular file", func(t *testing.T) *relayProcess {
+			file := filepath.Join(t.TempDir(), "file")
+			if err := os.WriteFile(file, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			return launchRelay(t, "0", "--data-dir", filepath.Join(file, "data"))
+		}, 0, syscall.ENOTDIR.Error()},
+		{"disk full", func(t *testing.T) *relayProcess {
+			return launchRelayFileLimit(t, blocks, "0", "--data-dir", t.TempDir(), "--fsync-interval", "10ms")
+		}, 2 * blocks * 1024, syscall.EFBIG.Error()},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			relay := tt.launch(t)
+			ed := startEditors(t)
+			ed.joinAll(t, "ws://"+relay.addr, map[string]string{"alice": "notes", "bob": "notes"})
+			if tt.bigger > 0 {
+				ed.do(t, map[string]any{"cmd": "insert", "name": "alice", "bytes": tt.bigger})
+			}
+			// Typing for longer than the store waits before it tries
+			// again: its next failure must not be logged again.
+			const interval = 20 * time.Millisecond
+			ed.do(t, map[string]any{"cmd": "startEditing", "intervalMs": interval.Milliseconds()})
+			ed.do(t, map[string]any{"cmd": "waitEdits", "count": int(retryWrite/interval) + 25})
+			ed.do(t, map[string]any{"cmd": "stopEditing"})
+			made := madeByDoc(ed.convergeWithin(t, syncBound))
+			ed.join(t, "carol", "ws://"+relay.addr, "notes")
+			ed.convergeWith(t, made)
+			relay.stop(t) // status 0
+			if got := logLines(relay.logs.String(), logLevelError, "store"); len(got) != 1 || !strings.Contains(got[0], tt.want) {
+				t.Errorf("%d error lines about the store, want 1 saying %q:\n%s", len(got), tt.want, strings.Join(got, ""))
+			}
+		})
+	}
 }

@@ -30,6 +30,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -100,7 +101,17 @@ PORT to 8000 (0 picks a free port, which is logged). Flags and HOST PORT
 may come in any order.
 
 Flags:
-  --server URI        the remote server, ws:// or wss:// (env ELVA_SERVER)
+  --server URI        the remote server, ws:// or wss:// (env ELVA_SERVER);
+                      without one the relay is a local Yjs server
+  --data-dir DIR      where documents are kept (env ELVA_DATA_DIR; default
+                      $XDG_DATA_HOME/elva-service or ~/.local/share/elva-service,
+                      on macOS ~/Library/Application Support/elva-service)
+  --no-store          keep nothing on disk: edits live only in the editors
+                      and the server
+  --fsync-interval D  longest time an update waits before it is on disk
+                      (default 100ms; 0: fsync after every update)
+  --list-docs         list the stored documents and exit
+  --remove-doc NAME   remove one stored document and exit (stop the relay first)
   --user NAME         user name for HTTP Basic auth (env ELVA_USER)
   --password PASS     password; visible to other users in the process
                       list, prefer ELVA_PASSWORD (env ELVA_PASSWORD)
@@ -173,11 +184,21 @@ type config struct {
 	upstreamMaxMessage int
 	logFile            string
 	verbose            bool
-	keepalive          keepalive
-	retryMax           time.Duration
-	tls                *tls.Config // nil: the system's roots
-	gate               gate
-	limits             limits
+	// dataDir is where the store keeps documents (--data-dir); noStore
+	// turns it off; fsyncInterval is the longest an update waits before
+	// it is on disk (0: fsync after every one).
+	dataDir       string
+	noStore       bool
+	fsyncInterval time.Duration
+	// listDocs and removeDoc are the store's command-line tools: list the
+	// stored documents, remove one; the relay does not start.
+	listDocs  bool
+	removeDoc string
+	keepalive keepalive
+	retryMax  time.Duration
+	tls       *tls.Config // nil: the system's roots
+	gate      gate
+	limits    limits
 	// warnings are logged once the logger exists.
 	warnings []string
 }
@@ -259,6 +280,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		fmt.Fprintf(stderr, "elva-service: %v (see --help)\n", err)
 		return 2
 	}
+	if cfg.listDocs || cfg.removeDoc != "" {
+		return storeTool(cfg, stdout, stderr)
+	}
 	log, closeLog, err := newLogger(cfg, stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "elva-service: %v\n", err)
@@ -274,11 +298,60 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	return s.run(ctx)
 }
 
+// storeTool lists the stored documents (--list-docs) or removes one
+// (--remove-doc) and returns the exit status: 0, or 1 when the store
+// cannot be read or the document is not there.
+func storeTool(cfg *config, stdout, stderr io.Writer) int {
+	dir := cfg.storeDir()
+	if cfg.removeDoc != "" {
+		if err := removeStored(dir, cfg.removeDoc); err != nil {
+			fmt.Fprintf(stderr, "elva-service: %v\n", err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "removed %q from %s\n", cfg.removeDoc, dir)
+		return 0
+	}
+	list, err := listStored(dir)
+	if err != nil {
+		fmt.Fprintf(stderr, "elva-service: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "%d documents in %s\n", len(list), dir)
+	for _, d := range list {
+		switch {
+		case d.err != nil:
+			fmt.Fprintf(stdout, "%10d  %-5s  %s (unreadable: %v)\n", d.bytes, "", d.name, d.err)
+		case d.owed:
+			fmt.Fprintf(stdout, "%10d  %-5s  %q\n", d.bytes, "owed", d.name)
+		default:
+			fmt.Fprintf(stdout, "%10d  %-5s  %q\n", d.bytes, "", d.name)
+		}
+	}
+	return 0
+}
+
+// storeDir is where the store keeps the documents of c's server: a
+// directory of the data directory per server (protocol and URI, without
+// credentials, query or fragment), "local" without one. A document name
+// is unique on one server only: the relay must never answer an editor of
+// one server with another server's "notes", nor send them there.
+func (c *config) storeDir() string {
+	if c.server == nil {
+		return filepath.Join(c.dataDir, "local")
+	}
+	u := *c.server
+	u.User, u.RawQuery, u.Fragment = nil, "", ""
+	return filepath.Join(c.dataDir, strings.TrimSuffix(docFileName(c.protocol+" "+u.String()), docFileExt))
+}
+
 // flagValues holds what the flags set, before it is checked.
 type flagValues struct {
 	server, user, password, passwordFile, caFile, logFile *string
 	magic, maxMessage, upstreamMax, protocol              *string
 	token, tokenFile                                      *string
+	dataDir, removeDoc                                    *string
+	fsyncInterval                                         *time.Duration
+	noStore, listDocs                                     bool
 	pingInterval, peerTimeout, retryMax, upstreamGrace    *time.Duration
 	maxConns, maxPerDoc                                   *int
 	origins                                               originList
@@ -307,7 +380,12 @@ func defineFlags(fs *flag.FlagSet, getenv func(string) string) *flagValues {
 		upstreamGrace: durationFlag(fs, "upstream-grace", defaultUpstreamGrace),
 		maxConns:      intFlag(fs, "max-connections", defaultMaxConns),
 		maxPerDoc:     intFlag(fs, "max-per-document", defaultMaxPerDoc),
+		dataDir:       fs.String("data-dir", getenv("ELVA_DATA_DIR"), ""),
+		removeDoc:     fs.String("remove-doc", "", ""),
+		fsyncInterval: durationFlag(fs, "fsync-interval", defaultFsyncInterval),
 	}
+	fs.BoolVar(&v.noStore, "no-store", false, "")
+	fs.BoolVar(&v.listDocs, "list-docs", false, "")
 	fs.Var(&v.origins, "allow-origin", "")
 	fs.BoolVar(&v.verbose, "v", false, "")
 	fs.BoolVar(&v.verbose, "verbose", false, "")
@@ -366,7 +444,37 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 		}
 	}
 	cfg.setGate(v.origins)
+	if err := cfg.setStore(v, getenv); err != nil {
+		return nil, err
+	}
 	return cfg, nil
+}
+
+// setStore takes the store's flags: the data directory (--data-dir, or the
+// platform's default), --no-store, --fsync-interval and the tools.
+func (c *config) setStore(v *flagValues, getenv func(string) string) error {
+	c.noStore, c.fsyncInterval = v.noStore, *v.fsyncInterval
+	c.listDocs, c.removeDoc = v.listDocs, *v.removeDoc
+	if c.fsyncInterval < 0 {
+		return fmt.Errorf("--fsync-interval %v: want 0 (after every update) or more", c.fsyncInterval)
+	}
+	if c.noStore && (c.listDocs || c.removeDoc != "") {
+		return errors.New("--no-store with --list-docs or --remove-doc: there is no store to look at")
+	}
+	c.dataDir = *v.dataDir
+	if c.dataDir == "" && !c.noStore {
+		dir, err := defaultDataDir(getenv)
+		if err != nil && (c.listDocs || c.removeDoc != "") {
+			return err
+		}
+		if err != nil {
+			// Never refuse to start over the store: relay without one.
+			c.noStore = true
+			c.warnings = append(c.warnings, fmt.Sprintf("documents are not kept: %v", err))
+		}
+		c.dataDir = dir
+	}
+	return nil
 }
 
 // setTuning checks and takes the ID magic, the sizes, the keepalive, the
@@ -568,7 +676,7 @@ func readSecretFile(flagName, path string) (string, error) {
 // checkAuthTransport refuses to send Basic credentials in clear text over
 // the network: ws:// is fine only to this machine.
 func (c *config) checkAuthTransport(allowInsecure bool) error {
-	if c.user == "" || c.server.Scheme != "ws" || allowInsecure || isLoopbackName(strings.ToLower(c.server.Hostname())) {
+	if c.user == "" || c.server == nil || c.server.Scheme != "ws" || allowInsecure || isLoopbackName(strings.ToLower(c.server.Hostname())) {
 		return nil
 	}
 	return fmt.Errorf("refusing to send credentials in clear text to %s: use wss:// or --allow-insecure-auth", c.server.Host)
@@ -739,11 +847,12 @@ func (c *config) setKeepalive(interval, timeout time.Duration) error {
 	return nil
 }
 
-// setServer checks the upstream URI. Credentials in its userinfo are moved
+// setServer checks the upstream URI; without one (raw empty) the relay is
+// standalone and c.server stays nil. Credentials in its userinfo are moved
 // out of it so that the URI can be logged; --user and --password win.
 func (c *config) setServer(raw string) error {
 	if raw == "" {
-		return errors.New("no upstream server: give --server ws://HOST:PORT/ or set ELVA_SERVER")
+		return nil // standalone: a local Yjs server over the store
 	}
 	if !strings.Contains(raw, "://") {
 		return fmt.Errorf("--server %s: want ws://HOST:PORT/ or wss://HOST/", redactArg(raw))
@@ -885,6 +994,10 @@ const (
 	dropSlowEditor                          // an editor's queue was full: it is closed with 1013
 	dropUpstreamDenied                      // a message of a document the server refused (hocuspocus)
 	dropServerOnly                          // a message only Hocuspocus knows: not for editors
+	dropStoreBehind                         // the store's queue was full: the document is repaired later
+	dropStoreRepair                         // a repair of such a gap: the store asks for what it lacks
+	dropStoreMalformed                      // an update or state vector the store could not read
+	dropStoreWrite                          // a write or fsync of the store failed: retried
 	refusedHost                             // Host header not allowed (DNS rebinding)
 	refusedOrigin                           // a web page not allowed
 	refusedNoDoc                            // path "/"
@@ -922,6 +1035,10 @@ var dropInfo = [numDropReasons]struct {
 	dropSlowEditor:        {"slow editor", slog.LevelWarn, "slow editor closed: send queue full", 1},
 	dropUpstreamDenied:    {"upstream_denied", slog.LevelDebug, "message of a document the server refused dropped", 1},
 	dropServerOnly:        {"server_only", slog.LevelDebug, "upstream message only Hocuspocus knows dropped", 1},
+	dropStoreBehind:       {"store_behind", slog.LevelWarn, "store queue full: the document's gap is repaired from an editor or the server", 1},
+	dropStoreRepair:       {"store_repair", slog.LevelInfo, "store repairs a gap", 1},
+	dropStoreMalformed:    {"store_malformed", slog.LevelWarn, "store: unreadable update dropped", 1},
+	dropStoreWrite:        {"store_write", slog.LevelError, "store write failed", 1},
 	refusedHost:           {"host", slog.LevelWarn, "request refused", 1},
 	refusedOrigin:         {"origin", slog.LevelWarn, "request refused", 1},
 	refusedNoDoc:          {"no document name", slog.LevelWarn, "request refused", 1},
@@ -1018,6 +1135,8 @@ type service struct {
 	gate gate
 	hub  *hub
 	up   upstreamMode // the upstream, whatever its protocol
+	// store keeps documents on disk; nil with --no-store.
+	store *store
 }
 
 // listen binds the local address: for localhost, both 127.0.0.1 and ::1
@@ -1029,6 +1148,20 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 	}
 	h := newHub(connQueue, cfg.maxMessage, cfg.keepalive, cfg.limits, log)
 	h.upstreamMax = cfg.upstreamMaxMessage
+	h.standalone = cfg.server == nil
+	var st *store
+	if !cfg.noStore {
+		st = openStore(cfg.storeDir(), cfg.fsyncInterval, newStoreLink(), log, h.drops)
+		st.upstream, st.pushWhole, st.quit = cfg.server != nil, cfg.protocol == protocolELVA, h.quit
+		var owed []string
+		if st.upstream {
+			owed = st.owedDocs()
+		}
+		h.useStore(st.link, owed)
+	}
+	if cfg.server == nil {
+		return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: noUpstream{}, store: st}, nil
+	}
 	u := &upstream{
 		url:        cfg.server,
 		user:       cfg.user,
@@ -1050,7 +1183,16 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 	case protocolHocuspocus:
 		up = newHocuspocusRemote(*u, cfg.token, cfg.upstreamGrace)
 	}
-	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: up}, nil
+	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: up, store: st}, nil
+}
+
+// noUpstream is the upstreamMode of a standalone relay: no server.
+type noUpstream struct{}
+
+// run waits for the stop.
+func (noUpstream) run(ctx context.Context) error {
+	<-ctx.Done()
+	return nil
 }
 
 // listenAll opens the listeners for host and port.
@@ -1287,8 +1429,13 @@ func (s *service) addr() string { return s.lns[0].Addr().String() }
 // queue, and waits for both within stopTimeout.
 func (s *service) run(ctx context.Context) int {
 	for _, ln := range s.lns {
-		s.log.Info("listening", "addr", ln.Addr().String(), "server", s.cfg.server.String(), "protocol", s.cfg.protocol, "version", version)
+		if s.cfg.server == nil {
+			s.log.Info("listening", "addr", ln.Addr().String(), "server", "none", "version", version)
+		} else {
+			s.log.Info("listening", "addr", ln.Addr().String(), "server", s.cfg.server.String(), "protocol", s.cfg.protocol, "version", version)
+		}
 	}
+	s.logStore()
 	for _, w := range s.cfg.warnings {
 		s.log.Warn(w)
 	}
@@ -1301,6 +1448,9 @@ func (s *service) run(ctx context.Context) int {
 	}()
 	upDone := make(chan error, 1)
 	go func() { upDone <- s.up.run(ctx) }()
+	if s.store != nil {
+		go s.store.run()
+	}
 	srv := &http.Server{
 		Handler:           s,
 		ReadHeaderTimeout: handshakeTimeout,
@@ -1335,9 +1485,41 @@ func (s *service) run(ctx context.Context) int {
 	srv.Close() // stops accepting; upgraded conns are the hub's to close
 	<-hubDone
 	s.waitForStop(upWait)
+	s.waitForStore()
 	s.log.Info("stopped")
 	return status
 }
+
+// logStore says where documents are kept, or that they are not.
+func (s *service) logStore() {
+	switch {
+	case s.store != nil && s.cfg.server == nil:
+		s.log.Info("no server: documents stay on this machine", "data_dir", s.store.dir)
+	case s.store != nil:
+		s.log.Info("documents are kept on this machine too", "data_dir", s.store.dir)
+	case s.cfg.server == nil:
+		s.log.Warn("no server and --no-store: editors share documents only while one of them is connected; nothing is kept")
+	}
+}
+
+// waitForStore waits for the store to write and fsync what it holds. It
+// has no deadline short of storeStopTimeout: what it writes is what the
+// relay promised to keep.
+func (s *service) waitForStore() {
+	if s.store == nil {
+		return
+	}
+	timeout := time.NewTimer(storeStopTimeout)
+	defer timeout.Stop()
+	select {
+	case <-s.store.link.done:
+	case <-timeout.C:
+		s.log.Error("stop: the store did not finish writing in time; the last edits may be lost", "data_dir", s.store.dir)
+	}
+}
+
+// storeStopTimeout bounds the wait for the store's last write at the stop.
+const storeStopTimeout = 30 * time.Second
 
 // waitForStop waits up to stopTimeout for the upstream to flush. The
 // hub's stop has waited for the local readers already. upDone is nil when

@@ -214,7 +214,12 @@ func TestUpstreamDownLocalKeepsServing(t *testing.T) {
 
 func TestParseArgs(t *testing.T) {
 	env := map[string]string{}
-	getenv := func(k string) string { return env[k] }
+	getenv := func(k string) string {
+		if v, ok := env[k]; ok || k != "HOME" {
+			return v
+		}
+		return "/home/ada" // a data directory by default, as on a laptop
+	}
 	tests := []struct {
 		name    string
 		args    []string
@@ -262,7 +267,21 @@ func TestParseArgs(t *testing.T) {
 		{"missing CA file", []string{"--server", "wss://e/", "--ca-file", "/nonexistent.pem"}, nil, nil, "--ca-file"},
 		{"id magic 4944", []string{"--server", "ws://e/", "--id-magic", "4944"}, nil, func(c *config) bool { return c.magic == magicASCII }, ""},
 		{"max message", []string{"--server", "ws://e/", "--max-message", "512KiB"}, nil, func(c *config) bool { return c.maxMessage == 512<<10 }, ""},
-		{"no server", nil, nil, nil, "no upstream server"},
+		{"no server: standalone with a store", nil, nil, func(c *config) bool {
+			return c.server == nil && !c.noStore && c.dataDir == filepath.Join(homeDataDir("/home/ada"), "elva-service") && len(c.warnings) == 0
+		}, ""},
+		{"data dir flag", []string{"--data-dir", "/srv/docs"}, nil, func(c *config) bool { return c.dataDir == "/srv/docs" }, ""},
+		{"data dir environment", nil, map[string]string{"ELVA_DATA_DIR": "/srv/e"}, func(c *config) bool { return c.dataDir == "/srv/e" }, ""},
+		{"data dir flag beats environment", []string{"--data-dir", "/srv/f"}, map[string]string{"ELVA_DATA_DIR": "/srv/e"}, func(c *config) bool { return c.dataDir == "/srv/f" }, ""},
+		{"no store", []string{"--no-store"}, nil, func(c *config) bool { return c.noStore && c.dataDir == "" }, ""},
+		{"no home: runs without a store, warned", nil, map[string]string{"HOME": ""}, func(c *config) bool {
+			return c.noStore && len(c.warnings) == 1 && strings.Contains(c.warnings[0], "--data-dir")
+		}, ""},
+		{"no home: the tools need a directory", []string{"--list-docs"}, map[string]string{"HOME": ""}, nil, "--data-dir"},
+		{"fsync interval", []string{"--fsync-interval", "1s"}, nil, func(c *config) bool { return c.fsyncInterval == time.Second }, ""},
+		{"fsync interval zero", []string{"--fsync-interval", "0"}, nil, func(c *config) bool { return c.fsyncInterval == 0 }, ""},
+		{"negative fsync interval", []string{"--fsync-interval", "-1s"}, nil, nil, "--fsync-interval"},
+		{"tools need a store", []string{"--no-store", "--list-docs"}, nil, nil, "no store"},
 		{"bad scheme", []string{"--server", "http://e/"}, nil, nil, "scheme must be ws or wss"},
 		{"no host", []string{"--server", "ws:///x"}, nil, nil, "no host"},
 		{"bad server port", []string{"--server", "ws://e:99999/"}, nil, nil, "bad port"},
@@ -791,4 +810,13 @@ func TestStopIsLoggedAsTheRelays(t *testing.T) {
 	if strings.Contains(line, "closed_by=peer") || !strings.Contains(line, `reason="relay stopping"`) {
 		t.Errorf("the stop is logged as the editor's: %s", line)
 	}
+}
+
+// homeDataDir is where the platform keeps an application's data under
+// home: what defaultDataDir gives without XDG_DATA_HOME.
+func homeDataDir(home string) string {
+	if runtime.GOOS == "darwin" {
+		return filepath.Join(home, "Library", "Application Support")
+	}
+	return filepath.Join(home, ".local", "share")
 }

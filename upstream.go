@@ -654,6 +654,12 @@ type yjsRemote struct {
 	// Owned by run.
 	docs    map[string]*yjsDoc
 	pending []upstreamEvent // documents whose resync the hub has yet to take
+	// attached holds, for each entry of pending, the reply its
+	// connection waits for before it reads: the hub must take the resync
+	// before it gets the server's first frames (a @y/websocket-server
+	// sends its step 1 at once), so that the store answers them over the
+	// new connection and not as leftovers of the old one.
+	attached []chan bool
 	// Static after construction.
 	events chan docEvent // from the documents' connections
 	idle   chan graceEnd // grace timers that ran out
@@ -695,7 +701,7 @@ type docEvent struct {
 	attach bool
 	ended  bool
 	err    error
-	reply  chan bool // for an attach: false when the document is closing
+	reply  chan bool // for an attach: true once the hub took the resync; false when closing
 }
 
 // graceEnd is a grace timer of doc that ran out.
@@ -738,6 +744,8 @@ func (y *yjsRemote) run(ctx context.Context) error {
 			y.closeIdle(t)
 		case resyncs <- next:
 			y.pending = y.pending[1:]
+			y.attached[0] <- true
+			y.attached = y.attached[1:]
 		}
 	}
 	y.stopAll()
@@ -846,12 +854,13 @@ func (y *yjsRemote) handle(ctx context.Context, ev docEvent) error {
 	d := y.docs[ev.doc]
 	switch {
 	case ev.attach:
-		up := d != nil && !d.closing
-		if up {
-			d.link = ev.link
-			y.pending = append(y.pending, upstreamEvent{resync: ev.doc})
+		if d == nil || d.closing {
+			ev.reply <- false
+			break
 		}
-		ev.reply <- up
+		d.link = ev.link
+		y.pending = append(y.pending, upstreamEvent{resync: ev.doc})
+		y.attached = append(y.attached, ev.reply) // answered once the hub took the resync
 	case ev.ended:
 		delete(y.docs, ev.doc)
 		if ev.err != nil {
@@ -886,6 +895,10 @@ func (y *yjsRemote) closeIdle(t graceEnd) {
 // stopAll closes every document's connection after its writer flushed
 // and waits, at most stopTimeout, for them to end.
 func (y *yjsRemote) stopAll() {
+	for _, reply := range y.attached {
+		reply <- false // the hub will not take their resyncs
+	}
+	y.pending, y.attached = nil, nil
 	for _, d := range y.docs {
 		if d.link != nil {
 			close(d.link.send)

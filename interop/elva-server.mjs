@@ -17,6 +17,10 @@
 // maxPayload, default 100 MiB); a larger one closes that connection with
 // 1009 (message too big), as real servers with a message limit do.
 //
+// GET /text?doc=NAME answers {"text": ...}: the Y.Text "text" of the
+// document as the server keeps it (persistent mode only; 404 otherwise),
+// so that a test can see what the server has without a client of its own.
+//
 // It prints "listening PORT" on stdout once it accepts connections, and
 // listens on 127.0.0.1 only.
 
@@ -148,8 +152,16 @@ wss.on('connection', (conn) => {
   })
 })
 
-const server = http.createServer((_req, res) => {
-  res.writeHead(426).end('WebSocket only\n')
+const server = http.createServer((req, res) => {
+  const url = new URL(req.url, 'http://127.0.0.1')
+  if (url.pathname !== '/text') {
+    res.writeHead(426).end('WebSocket only\n')
+  } else if (!persistent) {
+    res.writeHead(404).end('broadcast mode keeps no documents\n')
+  } else {
+    const text = room(url.searchParams.get('doc') ?? '').doc.getText('text').toString()
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ text }) + '\n')
+  }
 })
 server.on('upgrade', (req, socket, head) => {
   if (req.url !== '/') {

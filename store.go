@@ -65,6 +65,12 @@ const (
 	// retryWrite is how long the store waits after a write error (disk
 	// full, read-only directory) before it tries again.
 	retryWrite = 2 * time.Second
+	// pingPatience is how long the store waits for the server's answer
+	// to its ping before it lets go of a document no editor holds open.
+	pingPatience = 30 * time.Second
+	// runningFile exists while a relay runs on the directory: found at
+	// start, it tells that the last run did not stop cleanly.
+	runningFile = "running"
 	// docFileExt is the extension of a document file.
 	docFileExt = ".ydoc"
 	// owedFile lists the documents that owe the server something.
@@ -162,7 +168,9 @@ type store struct {
 	failing   time.Time       // when writes started failing; zero: they do not
 	retryAt   time.Time
 	retry     time.Duration // the wait after a write error: retryWrite, or a test's
-	blocks    []block       // checkUpdate's scratch
+	wait      time.Duration // for the server's answer to a ping: pingPatience, or a test's
+	patience  <-chan time.Time
+	blocks    []block // checkUpdate's scratch
 }
 
 // storedDoc is one document the store holds in memory: its merged state
@@ -188,11 +196,15 @@ type storedDoc struct {
 	// A server answers each step 1 with one step 2, in order, so when it
 	// has answered the step 1 sent after the store gave it everything, it
 	// has applied all of that: the store's "ping".
-	sent1, got2 int    // step 1s sent upstream and step 2s heard back
-	delivered   bool   // the server was sent all the store had (a diff or the whole state)
-	pingAt      int    // sent1 of the outstanding ping; 0: none
-	pingGen     uint64 // localGen when the ping was sent
-	localGen    uint64 // counts local updates
+	sent1, got2 int       // step 1s sent upstream and step 2s heard back
+	delivered   bool      // the server was sent all the store had (a diff or the whole state)
+	pingAt      int       // sent1 of the outstanding ping; 0: none
+	pingGen     uint64    // localGen when the ping was sent
+	// waiting is when the store began to wait for the server to
+	// confirm d over this connection (its link came up, or a ping went);
+	// zero: not waiting.
+	waiting time.Time
+	localGen    uint64    // counts local updates
 }
 
 // newStoreLink makes the queues between the hub and a store.
@@ -219,13 +231,49 @@ func openStore(dir string, interval time.Duration, link *storeLink, log *slog.Lo
 		docs:     make(map[string]*storedDoc),
 		owed:     make(map[string]bool),
 		retry:    retryWrite,
+		wait:     pingPatience,
 	}
 	if err := prepareDir(dir); err != nil {
 		s.writeFailed(err)
 		return s
 	}
 	s.loadOwed()
+	s.checkAfterCrash()
 	return s
+}
+
+// checkAfterCrash reads, at start, every document file that the last run
+// wrote if that run did not stop cleanly (its runningFile is still
+// there), so that a torn tail is cut and warned about now rather than when
+// the document is next opened. Then it marks this run as running.
+func (s *store) checkAfterCrash() {
+	marker := filepath.Join(s.dir, runningFile)
+	if st, err := os.Stat(marker); err == nil {
+		checked := s.readWrittenSince(st.ModTime().Add(-time.Second)) // coarse file times
+		s.log.Info("store: the last run did not stop cleanly; the documents it wrote were checked", "docs", checked)
+		os.Remove(marker)
+	}
+	if f, err := os.OpenFile(marker, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600); err == nil {
+		f.Close()
+	}
+}
+
+// readWrittenSince loads every document whose file was modified at or
+// after since, and returns how many.
+func (s *store) readWrittenSince(since time.Time) int {
+	entries, _ := os.ReadDir(s.dir)
+	n := 0
+	for _, e := range entries {
+		info, err := e.Info()
+		if !strings.HasSuffix(e.Name(), docFileExt) || err != nil || info.ModTime().Before(since) {
+			continue
+		}
+		if name, err := readName(filepath.Join(s.dir, e.Name())); err == nil && docFileName(name) == e.Name() {
+			s.doc(name)
+			n++
+		}
+	}
+	return n
 }
 
 // loadOwed adds owedFile's names to s.owed and returns those it added.
@@ -302,25 +350,14 @@ func (s *store) run() {
 		}
 	}
 	var tick <-chan time.Time
-	var timer *time.Timer
 	for {
 		if s.dirty && tick == nil {
-			timer = time.NewTimer(s.flushDelay())
-			tick = timer.C
+			tick = time.After(s.flushDelay())
 		}
 		select {
 		case op, ok := <-s.link.ops:
 			if !ok {
-				if timer != nil {
-					timer.Stop()
-				}
-				s.compactAll()
-				s.retryAt = time.Time{} // the last chance: try now
-				s.flush()
-				if s.dirty {
-					s.log.Warn("store: stopped with edits not written; they are lost unless an editor or the server has them", "docs", truncatedList(s.unwritten(), 10))
-				}
-				s.finalReport()
+				s.stop()
 				return
 			}
 			s.link.backlog.done(len(op.data))
@@ -331,7 +368,54 @@ func (s *store) run() {
 		case <-tick:
 			tick = nil
 			s.flush()
+		case <-s.patience:
+			s.patience = nil
+			s.letGoUnconfirmed()
 		}
+	}
+}
+
+// stop writes and fsyncs everything at the stop, compacted, and says
+// what could not be written and what the server is still owed. A clean
+// stop removes runningFile.
+func (s *store) stop() {
+	s.compactAll()
+	s.retryAt = time.Time{} // the last chance: try now
+	s.flush()
+	if s.dirty {
+		s.log.Warn("store: stopped with edits not written; they are lost unless an editor or the server has them", "docs", truncatedList(s.unwritten(), 10))
+	} else {
+		os.Remove(filepath.Join(s.dir, runningFile))
+	}
+	s.finalReport()
+}
+
+// letGoUnconfirmed lets go of the documents without editors whose ping
+// the server has not answered within s.wait: a server that keeps nothing
+// (a broadcast server, an ELVA room without --save) never answers, and
+// the relay must not hold a connection per document open for ever. They
+// stay owed, and are sent again at the next connection or start.
+func (s *store) letGoUnconfirmed() {
+	now := time.Now()
+	for _, d := range s.docs {
+		if d.waiting.IsZero() || d.editors || !s.owed[d.name] {
+			continue
+		}
+		if wait := d.waiting.Add(s.wait).Sub(now); wait > 0 {
+			s.armPatience(wait)
+			continue
+		}
+		d.pingAt, d.waiting = 0, time.Time{}
+		s.log.Warn("store: the server did not confirm that it keeps the document; it stays owed and is sent again at the next connection", "doc", d.name, "waited", s.wait)
+		s.reply(storeReply{doc: d.name, owedNews: true, owed: false})
+	}
+}
+
+// armPatience makes run check unanswered pings after wait, unless it
+// will do so already.
+func (s *store) armPatience(wait time.Duration) {
+	if s.patience == nil {
+		s.patience = time.After(wait)
 	}
 }
 
@@ -487,6 +571,7 @@ func (s *store) heardStep2(d *storedDoc) {
 	}
 	d.pingAt = 0
 	if d.pingGen == d.localGen {
+		d.waiting = time.Time{}
 		s.markOwed(d.name, false)
 		s.log.Info("store: server has every edit", "doc", d.name)
 		s.reply(storeReply{doc: d.name, owedNews: true, owed: false})
@@ -541,7 +626,22 @@ func (s *store) ping(d *storedDoc) {
 		return
 	}
 	s.send(d, nil, s.step1(d))
+	s.pinged(d)
+}
+
+// pinged notes that the step 1 just sent to the server for d is a ping.
+func (s *store) pinged(d *storedDoc) {
 	d.pingAt, d.pingGen = d.sent1, d.localGen
+	s.startWaiting(d)
+}
+
+// startWaiting notes that the store waits for the server to confirm d
+// from now on; without editors, it lets go of d if that takes s.wait.
+func (s *store) startWaiting(d *storedDoc) {
+	d.waiting = time.Now()
+	if !d.editors {
+		s.armPatience(s.wait)
+	}
 }
 
 // linkUp syncs d over a new upstream connection: the whole state first
@@ -550,6 +650,9 @@ func (s *store) ping(d *storedDoc) {
 // a step 1, whose answer is what the store lacks.
 func (s *store) linkUp(d *storedDoc) {
 	d.sent1, d.got2, d.pingAt, d.delivered = 0, 0, 0, false
+	if s.owed[d.name] {
+		s.startWaiting(d)
+	}
 	if s.pushWhole && s.owed[d.name] {
 		if state, err := s.state(d); err == nil {
 			s.send(d, nil, appendSyncMessage(nil, syncStep2, state))
@@ -558,7 +661,7 @@ func (s *store) linkUp(d *storedDoc) {
 	}
 	s.send(d, nil, s.step1(d))
 	if d.delivered {
-		d.pingAt, d.pingGen = d.sent1, d.localGen
+		s.pinged(d)
 	}
 }
 
@@ -567,9 +670,14 @@ func (s *store) linkUp(d *storedDoc) {
 // delivered, and the store pings; else d can leave memory.
 func (s *store) idle(d *storedDoc) {
 	d.editors = false
-	if s.owed[d.name] && s.upstream {
-		s.reply(storeReply{doc: d.name, owedNews: true, owed: true})
-		s.ping(d)
+	if !s.owed[d.name] || !s.upstream {
+		return
+	}
+	s.reply(storeReply{doc: d.name, owedNews: true, owed: true})
+	if s.ping(d); d.waiting.IsZero() {
+		s.startWaiting(d) // a server that never sends a step 1 confirms nothing either
+	} else {
+		s.armPatience(max(time.Until(d.waiting.Add(s.wait)), 0))
 	}
 }
 

@@ -196,15 +196,15 @@ type storedDoc struct {
 	// A server answers each step 1 with one step 2, in order, so when it
 	// has answered the step 1 sent after the store gave it everything, it
 	// has applied all of that: the store's "ping".
-	sent1, got2 int       // step 1s sent upstream and step 2s heard back
-	delivered   bool      // the server was sent all the store had (a diff or the whole state)
-	pingAt      int       // sent1 of the outstanding ping; 0: none
-	pingGen     uint64    // localGen when the ping was sent
+	sent1, got2 int    // step 1s sent upstream and step 2s heard back
+	delivered   bool   // the server was sent all the store had (a diff or the whole state)
+	pingAt      int    // sent1 of the outstanding ping; 0: none
+	pingGen     uint64 // localGen when the ping was sent
 	// waiting is when the store began to wait for the server to
 	// confirm d over this connection (its link came up, or a ping went);
 	// zero: not waiting.
-	waiting time.Time
-	localGen    uint64    // counts local updates
+	waiting  time.Time
+	localGen uint64 // counts local updates
 }
 
 // newStoreLink makes the queues between the hub and a store.

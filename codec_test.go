@@ -1076,9 +1076,10 @@ type oracleLine struct {
 	FinalSV   []byte     `json:"finalSV"`
 	YjsSV     [][]byte   `json:"yjsSV"`
 	YjsDiffs  [][][]byte `json:"yjsDiffs"`
-	// The size case.
-	StateBytes     int `json:"stateBytes"`
-	YjsMergedBytes int `json:"yjsMergedBytes"`
+	// The size case, and the store mode's document.
+	StateBytes     int    `json:"stateBytes"`
+	YjsMergedBytes int    `json:"yjsMergedBytes"`
+	Text           string `json:"text"`
 	// The summary.
 	Failed   int            `json:"failed"`
 	Failures []string       `json:"failures"`
@@ -1138,48 +1139,11 @@ func TestUpdatesMatchYjs(t *testing.T) {
 	docs, inserts := oracleCounts(t)
 	seed := cmp.Or(os.Getenv("ELVA_ORACLE_SEED"), "1")
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), oracleTimeout)
-	cmd := exec.CommandContext(ctx, "node", "updates-oracle.mjs", seed, strconv.Itoa(docs), strconv.Itoa(inserts))
-	cmd.Dir = "interop"
-	stderr := newLogBuffer()
-	cmd.Stderr = stderr
-	cmd.WaitDelay = 5 * time.Second
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	finished := false
-	// The process never outlives the test: on any early return it is
-	// killed, and Wait reaps it.
-	t.Cleanup(func() {
-		stdin.Close()
-		if !finished {
-			cmd.Process.Kill()
-		}
-		if err := cmd.Wait(); err != nil && finished {
-			t.Errorf("updates-oracle: %v\n%s", err, stderr.String())
-		}
-		cancel()
-	})
-	lines, readErr := readLines(stdout)
-	out := json.NewEncoder(stdin)
+	o := startOracle(t, oracleTimeout, seed, strconv.Itoa(docs), strconv.Itoa(inserts))
 	var goFailures int
 	for {
-		raw, ok := <-lines
-		if !ok {
-			t.Fatalf("updates-oracle ended early (seed %s): %v\n%s", seed, *readErr, stderr.String())
-		}
 		var line oracleLine
-		if err := json.Unmarshal(raw, &line); err != nil {
-			t.Fatalf("updates-oracle line %.200q: %v", raw, err)
-		}
+		o.next(t, &line)
 		var ans oracleAnswer
 		switch line.Kind {
 		case "doc":
@@ -1187,15 +1151,85 @@ func TestUpdatesMatchYjs(t *testing.T) {
 		case "size":
 			ans = checkOracleSize(t, &line)
 		case "done":
-			finished = true
+			o.finished = true
 			reportOracle(t, &line, time.Since(start))
 			return
 		default:
 			t.Fatalf("updates-oracle line of kind %q", line.Kind)
 		}
-		if err := out.Encode(ans); err != nil {
-			t.Fatalf("updates-oracle input: %v\n%s", err, stderr.String())
+		o.answer(t, ans)
+	}
+}
+
+// oracle is a running interop/updates-oracle.mjs: the test reads its
+// lines with next and writes its answers with answer, from the test's
+// goroutine only.
+type oracle struct {
+	args     []string
+	lines    chan []byte // from readLines; closed when the script exits
+	readErr  *error
+	out      *json.Encoder
+	stderr   *logBuffer
+	finished bool // its summary came: from now on its exit status counts
+}
+
+// startOracle runs `node updates-oracle.mjs args...` in interop/ for at
+// most timeout. The process never outlives the test: at the end it is
+// killed unless it has finished, and reaped.
+func startOracle(t *testing.T, timeout time.Duration, args ...string) *oracle {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	cmd := exec.CommandContext(ctx, "node", append([]string{"updates-oracle.mjs"}, args...)...)
+	cmd.Dir = "interop"
+	o := &oracle{args: args, stderr: newLogBuffer()}
+	cmd.Stderr = o.stderr
+	cmd.WaitDelay = 5 * time.Second
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		stdin.Close()
+		if !o.finished {
+			cmd.Process.Kill()
 		}
+		if err := cmd.Wait(); err != nil && o.finished {
+			t.Errorf("updates-oracle: %v\n%s", err, o.stderr.String())
+		}
+		cancel()
+	})
+	o.lines, o.readErr = readLines(stdout)
+	o.out = json.NewEncoder(stdin)
+	return o
+}
+
+// next decodes the script's next line into v.
+func (o *oracle) next(t *testing.T, v any) {
+	t.Helper()
+	raw, ok := <-o.lines
+	if !ok {
+		t.Fatalf("updates-oracle %q ended early: %v\n%s", o.args, *o.readErr, o.stderr.String())
+	}
+	if err := json.Unmarshal(raw, v); err != nil {
+		t.Fatalf("updates-oracle line %.200q: %v", raw, err)
+	}
+}
+
+// answer writes v to the script as one line of JSON.
+func (o *oracle) answer(t *testing.T, v any) {
+	t.Helper()
+	if err := o.out.Encode(v); err != nil {
+		t.Fatalf("updates-oracle input: %v\n%s", err, o.stderr.String())
 	}
 }
 

@@ -26,6 +26,7 @@ package main
 // writes a new file that is renamed over the old one.
 
 import (
+	"bytes"
 	"cmp"
 	"crypto/sha256"
 	"encoding/binary"
@@ -429,12 +430,21 @@ func (s *store) flushDelay() time.Duration {
 }
 
 // compactAll marks for compaction every document in memory whose file
-// is more than twice its merged state (and 4 KiB), so that at the stop a
-// document's stored size follows its content, not its history.
+// holds more than its merged state, so that after the stop a document's
+// stored size follows its content, not its history.
 func (s *store) compactAll() {
 	for _, d := range s.docs {
-		s.compactIfLarge(d)
+		state, err := s.state(d)
+		if err == nil && d.fileSize+int64(len(d.pending)) > compactedSize(d.name, state) {
+			d.rewrite, s.dirty = true, true
+		}
 	}
+}
+
+// compactedSize is the size of a compacted document file, in bytes: the
+// name record and one update record holding state.
+func compactedSize(name string, state []byte) int64 {
+	return int64(2*(recordHeader+1) + len(name) + len(state))
 }
 
 // compactIfLarge merges d and marks it for rewriting if its file is more
@@ -605,7 +615,9 @@ func (s *store) answer(d *storedDoc, op storeOp) {
 		return
 	}
 	state, err := s.state(d)
-	if err == nil {
+	if err == nil && !bytes.Equal(sv, emptyStateVector) {
+		// Only a sender that knows something gets a diff: for one that
+		// knows nothing (every new editor), the state as it is.
 		state, err = diffUpdate(state, sv)
 	}
 	if err != nil {
@@ -735,8 +747,12 @@ func (s *store) mergeEach(d *storedDoc, parts [][]byte) ([]byte, error) {
 	return merged, nil
 }
 
-// emptyUpdate is the update with no structs and no deletions.
-var emptyUpdate = []byte{0, 0}
+// emptyUpdate is the update with no structs and no deletions;
+// emptyStateVector the state vector of a document that knows nothing.
+var (
+	emptyUpdate      = []byte{0, 0}
+	emptyStateVector = []byte{0}
+)
 
 // add appends update u to d's state and to its pending records.
 func (d *storedDoc) add(u []byte) {
@@ -754,6 +770,20 @@ func (d *storedDoc) add(u []byte) {
 	d.pending = appendRecord(d.pending, recUpdate, u)
 }
 
+// adopt takes u, the one update of a compacted file, as d's merged state
+// without merging it again (which would decode and re-encode all of it),
+// if it decodes.
+func (d *storedDoc) adopt(s *store, u []byte) bool {
+	if _, err := s.checkUpdate(u); err != nil {
+		return false
+	}
+	d.base = u
+	if d.rewrite {
+		s.dirty = true
+	}
+	return true
+}
+
 // doc returns the stored document name, reading its file on first use.
 func (s *store) doc(name string) *storedDoc {
 	if d := s.docs[name]; d != nil {
@@ -762,7 +792,10 @@ func (s *store) doc(name string) *storedDoc {
 	d := &storedDoc{name: name, path: filepath.Join(s.dir, docFileName(name))}
 	s.docs[name] = d
 	updates, size, err := readDocFile(d.path, name)
-	d.read = err == nil || errors.Is(err, errWrongName) || errors.Is(err, errBadRecord)
+	// A missing file counts as read unless the directory was the trouble:
+	// it may come back holding updates (see reread).
+	d.read = err == nil || (errors.Is(err, fs.ErrNotExist) && s.failing.IsZero()) ||
+		errors.Is(err, errWrongName) || errors.Is(err, errBadRecord)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 	case err != nil && !d.read && !s.failing.IsZero():
@@ -778,6 +811,9 @@ func (s *store) doc(name string) *storedDoc {
 		d.rewrite = true
 	}
 	d.fileSize = size
+	if len(updates) == 1 && d.adopt(s, updates[0]) {
+		return d // a compacted file: its one update is the merged state
+	}
 	d.tail = updates
 	if len(updates) > 0 {
 		if _, err := s.state(d); err != nil {

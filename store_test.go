@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -556,7 +558,7 @@ type storeRun struct {
 
 // startStore opens a store on dir and runs it until the test ends. set,
 // if given, sets static fields (upstream, pushWhole) before it runs.
-func startStore(t *testing.T, dir string, interval time.Duration, set func(*store)) *storeRun {
+func startStore(t testing.TB, dir string, interval time.Duration, set func(*store)) *storeRun {
 	t.Helper()
 	logs := newLogBuffer()
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -582,7 +584,7 @@ func startStore(t *testing.T, dir string, interval time.Duration, set func(*stor
 func upstreamStore(s *store) { s.upstream = true }
 
 // op hands the store one operation.
-func (r *storeRun) op(t *testing.T, op storeOp) {
+func (r *storeRun) op(t testing.TB, op storeOp) {
 	t.Helper()
 	select {
 	case r.link.ops <- op:
@@ -598,7 +600,7 @@ func (r *storeRun) update(t *testing.T, doc, u string, local bool) {
 }
 
 // next returns the store's next reply.
-func (r *storeRun) next(t *testing.T) storeReply {
+func (r *storeRun) next(t testing.TB) storeReply {
 	t.Helper()
 	select {
 	case rep := <-r.link.replies:
@@ -632,7 +634,7 @@ func (r *storeRun) sync(t *testing.T, doc string) []storeReply {
 
 // stop closes the store's queue and waits until it has written
 // everything and ended.
-func (r *storeRun) stop(t *testing.T) {
+func (r *storeRun) stop(t testing.TB) {
 	t.Helper()
 	if !r.closed {
 		close(r.link.ops)
@@ -666,7 +668,7 @@ func svOf(t *testing.T, u []byte) map[uint64]uint64 {
 
 // wantMsg checks that rep is a sync message of subtype sub for to and
 // returns its payload.
-func wantMsg(t *testing.T, rep storeReply, sub uint64, to *conn) []byte {
+func wantMsg(t testing.TB, rep storeReply, sub uint64, to *conn) []byte {
 	t.Helper()
 	if rep.owedNews || rep.to != to || len(rep.data) < 2 || rep.data[0] != msgSync || uint64(rep.data[1]) != sub {
 		t.Fatalf("got reply %+v, want a sync message of subtype %d to %p", rep, sub, to)
@@ -1414,4 +1416,204 @@ func TestStoreTools(t *testing.T) {
 		})
 	}
 	wantOwed(t, dir)
+}
+
+// ---- Size, and the answer to a joiner ----
+
+const (
+	// maxStoredRatio bounds a document's file after a stop against
+	// Y.encodeStateAsUpdate of the same document (issue 11, "Size").
+	maxStoredRatio = 8
+	// storeOracleTimeout is the hard limit of TestStoreSizeFollowsContent's
+	// oracle run, which takes a few seconds.
+	storeOracleTimeout = 60 * time.Second
+)
+
+// storeOracleAnswer is the Go side's answer in updates-oracle.mjs's store
+// mode: the update a store sends a joining editor.
+type storeOracleAnswer struct {
+	Name  string `json:"name"`
+	State []byte `json:"state"`
+}
+
+// TestStoreSizeFollowsContent types a document in Yjs as 20,000
+// single-character edits (updates-oracle.mjs's size case: mostly
+// appending, runs in the middle, some deletions), each its own update
+// from a local editor, through a store that then stops: the file it
+// leaves must be at most maxStoredRatio times Y.encodeStateAsUpdate of the
+// document. A second store on the directory answers a joining editor,
+// and Yjs must make the same document of that answer.
+func TestStoreSizeFollowsContent(t *testing.T) {
+	requireOracle(t)
+	_, inserts := oracleCounts(t)
+	seed := cmp.Or(os.Getenv("ELVA_ORACLE_SEED"), "1")
+	o := startOracle(t, storeOracleTimeout, "store", seed, strconv.Itoa(inserts))
+	var typed oracleLine
+	o.next(t, &typed)
+	if typed.Kind != "store" || len(typed.Updates) == 0 || typed.StateBytes == 0 {
+		t.Fatalf("updates-oracle: got a line of kind %q with %d updates, state %d bytes; want the store case", typed.Kind, len(typed.Updates), typed.StateBytes)
+	}
+	updateBytes := 0
+	for _, u := range typed.Updates {
+		updateBytes += len(u)
+	}
+	t.Logf("%d single-character updates, %d bytes; %d code points left; Y.encodeStateAsUpdate %d bytes",
+		len(typed.Updates), updateBytes, utf8.RuneCountInString(typed.Text), typed.StateBytes)
+
+	tests := []struct {
+		name     string
+		interval time.Duration
+	}{
+		// Nothing is on disk before the stop, which writes the merge.
+		{"written at the stop", time.Hour},
+		// The file grows while the editor types, as in a session of
+		// minutes at the default interval; the stop compacts it.
+		{"written as typed", time.Millisecond},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			r := startStore(t, dir, tt.interval, nil)
+			ed := &conn{}
+			r.op(t, storeOp{kind: opOpen, doc: "typed", to: ed})
+			wantMsg(t, r.next(t), syncStep1, ed)
+			for _, u := range typed.Updates {
+				r.op(t, storeOp{kind: opUpdate, doc: "typed", data: updateMsg(u), local: true})
+			}
+			stopping := time.Now()
+			r.stop(t)
+			took := time.Since(stopping)
+
+			path := filepath.Join(dir, docFileName("typed"))
+			st, err := os.Stat(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			records, _, err := readDocFile(path, "typed")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("file after the stop (which took %v): %d bytes, %d update records; %.2fx Y.encodeStateAsUpdate, %.3fx the updates",
+				took.Round(time.Millisecond), st.Size(), len(records), float64(st.Size())/float64(typed.StateBytes), float64(st.Size())/float64(updateBytes))
+			if st.Size() > maxStoredRatio*int64(typed.StateBytes) {
+				t.Errorf("file is %d bytes, over %dx Y.encodeStateAsUpdate's %d", st.Size(), maxStoredRatio, typed.StateBytes)
+			}
+
+			again := startStore(t, dir, 0, nil)
+			again.op(t, storeOp{kind: opStep1, doc: "typed", data: emptyStep1, to: ed})
+			o.answer(t, storeOracleAnswer{Name: tt.name, State: wantMsg(t, again.next(t), syncStep2, ed)})
+			var checked oracleLine
+			o.next(t, &checked)
+			if checked.Kind != "checked" {
+				t.Fatalf("updates-oracle: got a line of kind %q, want its check of the answer", checked.Kind)
+			}
+			for _, f := range checked.Failures {
+				t.Error(f)
+			}
+		})
+	}
+	o.finished = true // it exits 0 when its input ends
+}
+
+// joinerDocSize is the size of BenchmarkStoreAnswersJoiner's document.
+const joinerDocSize = 1 << 20
+
+// typedText returns updates in which clients take turns appending chunks
+// of chunk bytes to the root Y.Text "text" until it holds size bytes.
+// Each item's origin is the last character of the item before, another
+// client's, so that no merge joins them: the document stays as many
+// items as a text many people typed together.
+func typedText(clients, chunk, size int) [][]byte {
+	var updates [][]byte
+	clocks := make([]uint64, clients)
+	var originClient, originClock uint64
+	for i := 0; i*chunk < size; i++ {
+		c := i % clients
+		client := uint64(c + 1)
+		content := strings.Repeat(string(rune('a'+i%26)), chunk)
+		u := appendVaruint([]byte{1, 1}, client) // one client, one struct
+		u = appendVaruint(u, clocks[c])
+		if i == 0 {
+			u = append(u, 4, 1, 4) // ContentString, no origin; parent by key, 4 bytes
+			u = append(u, "text"...)
+		} else {
+			u = append(u, 0x84) // ContentString with an origin
+			u = appendVaruint(u, originClient)
+			u = appendVaruint(u, originClock)
+		}
+		u = appendVaruint(u, uint64(len(content)))
+		u = append(u, content...)
+		updates = append(updates, append(u, 0)) // no deletions
+		originClient, originClock = client, clocks[c]+uint64(chunk)-1
+		clocks[c] += uint64(chunk)
+	}
+	return updates
+}
+
+// BenchmarkStoreAnswersJoiner measures how long a store takes to answer
+// a joining editor's step 1 (the empty state vector) with its step 2 on
+// a document of about 1 MB, from the step 1 entering its queue to the
+// reply: with the document in memory (an editor has it open), and as the
+// first joiner after a start (the file read and merged). reply-bytes is
+// the step 2's size.
+func BenchmarkStoreAnswersJoiner(b *testing.B) {
+	docs := []struct {
+		name    string
+		updates [][]byte
+	}{
+		{"one insert", [][]byte{yjsText(1, "text", strings.Repeat("abcdefghij", joinerDocSize/10))}},
+		{"4 clients typing 64-byte items", typedText(4, 64, joinerDocSize)},
+	}
+	for _, doc := range docs {
+		b.Run(doc.name, func(b *testing.B) {
+			dir := b.TempDir()
+			r := startStore(b, dir, time.Hour, nil) // written once, at the stop
+			for _, u := range doc.updates {
+				r.op(b, storeOp{kind: opUpdate, doc: "big", data: updateMsg(u), local: true})
+			}
+			r.stop(b)
+			b.Run("in memory", func(b *testing.B) {
+				r := startStore(b, dir, time.Hour, nil)
+				ed := &conn{}
+				r.op(b, storeOp{kind: opOpen, doc: "big", to: ed})
+				wantMsg(b, r.next(b), syncStep1, ed)
+				var reply []byte
+				b.ResetTimer()
+				for range b.N {
+					reply = answerJoiner(b, r, ed)
+				}
+				b.StopTimer()
+				b.ReportMetric(float64(len(reply)), "reply-bytes")
+				r.stop(b)
+			})
+			b.Run("after a start", func(b *testing.B) {
+				ed := &conn{}
+				var reply []byte
+				b.ResetTimer()
+				for range b.N {
+					b.StopTimer()
+					r := startStore(b, dir, time.Hour, nil)
+					b.StartTimer()
+					reply = answerJoiner(b, r, ed)
+					b.StopTimer()
+					r.stop(b)
+					b.StartTimer()
+				}
+				b.StopTimer()
+				b.ReportMetric(float64(len(reply)), "reply-bytes")
+			})
+		})
+	}
+}
+
+// answerJoiner sends r a joining editor's step 1 for "big" and returns
+// the step 2 it answers with; it fails unless that holds the document.
+func answerJoiner(b *testing.B, r *storeRun, ed *conn) []byte {
+	b.Helper()
+	r.op(b, storeOp{kind: opStep1, doc: "big", data: emptyStep1, to: ed})
+	reply := wantMsg(b, r.next(b), syncStep2, ed)
+	if len(reply) < joinerDocSize {
+		b.Fatalf("step 2 of %d bytes, want the whole document of %d", len(reply), joinerDocSize)
+	}
+	return reply
 }

@@ -29,14 +29,25 @@
 // into one Y.Text, each its own update, mostly at the end; the answer's
 // merge must give the same document. Last, {"kind":"done"} with the
 // counts and the first failures; then it exits.
+//
+//   node updates-oracle.mjs store SEED SIZE_INSERTS
+//
+// The store mode, for TestStoreSizeFollowsContent: one {"kind":"store"}
+// line with the size case's document typed as above (its updates, the
+// length of Y.encodeStateAsUpdate and the text). Then each answer
+// {"name", "state": what a store sends a joining editor} must give the
+// same document; the script says so in a {"kind":"checked"} line with the
+// failures, and exits when its input ends.
 
 import * as readline from 'node:readline'
 import * as Y from 'yjs'
 import * as encoding from 'lib0/encoding'
 
-const seed = Number(process.argv[2] ?? 1)
-const docCount = Number(process.argv[3] ?? 2000)
-const sizeInserts = Number(process.argv[4] ?? 20000)
+const storeMode = process.argv[2] === 'store'
+const args = process.argv.slice(storeMode ? 3 : 2)
+const seed = Number(args[0] ?? 1)
+const docCount = storeMode ? 0 : Number(args[1] ?? 2000)
+const sizeInserts = Number(args[storeMode ? 1 : 2] ?? 20000)
 
 // The Go test has a hard timeout too; this one only keeps an orphan from
 // living on.
@@ -472,7 +483,10 @@ const checkAnswer = (i, ans, { updates, mid, yMerged, want, stateUpdate, svs, su
   })
 }
 
-const checkSize = async () => {
+// typeDoc types the size case's document: sizeInserts single-character
+// edits of one Y.Text, each its own update, mostly at the end, some runs
+// in the middle, about 4% deletions of 1-3 characters.
+const typeDoc = () => {
   const r = prng(seed * 31 + 17)
   const doc = new Y.Doc({ guid: 'size' })
   doc.clientID = 42
@@ -496,6 +510,11 @@ const checkSize = async () => {
     if (pos >= 0) t.insert(pos++, r.pick(CHARS))
     else t.insert(t.length, r.pick(CHARS))
   }
+  return { doc, updates }
+}
+
+const checkSize = async () => {
+  const { doc, updates } = typeDoc()
   // Y.mergeUpdates of 20,000 updates at once sorts its readers for every
   // struct: minutes. Merging in a balanced tree gives the same structs.
   const treeMerge = us => us.length <= 16 ? Y.mergeUpdates(us) : Y.mergeUpdates([treeMerge(us.slice(0, us.length >> 1)), treeMerge(us.slice(us.length >> 1))])
@@ -510,7 +529,31 @@ const checkSize = async () => {
   same('size', 'go merge of single-character inserts', state(docFrom(unb64(ans.merged))), state(doc))
 }
 
+// checkStore sends the typed document's updates to the Go side, which
+// passes them through stores and answers, once per store, with its reply
+// to a joining editor.
+const checkStore = async () => {
+  const { doc, updates } = typeDoc()
+  const text = doc.getText('text').toString()
+  const want = state(doc)
+  send({ kind: 'store', updates: updates.map(b64), stateBytes: Y.encodeStateAsUpdate(doc).length, text })
+  for (;;) {
+    const { value: line, done } = await answers.next()
+    if (done) return
+    const ans = JSON.parse(line)
+    const shown = failures.length
+    const joined = docFrom(unb64(ans.state))
+    same(ans.name, 'text a joining editor gets from the store', joined.getText('text').toString(), text)
+    same(ans.name, 'document a joining editor gets from the store', state(joined), want)
+    send({ kind: 'checked', failures: failures.slice(shown) })
+  }
+}
+
 const main = async () => {
+  if (storeMode) {
+    await checkStore()
+    return
+  }
   // At most two requests are out at a time.
   let previous = null
   for (let i = 0; i < docCount; i++) {

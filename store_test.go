@@ -1617,3 +1617,68 @@ func answerJoiner(b *testing.B, r *storeRun, ed *conn) []byte {
 	}
 	return reply
 }
+
+// TestStoreLetsGoOfUnconfirmedDocuments: a document without editors that
+// owes the server edits is held open upstream only as long as the server
+// may still confirm it (here 10 ms instead of 30 s); then the hub is told
+// to let go, once, and the document stays owed for the next start.
+func TestStoreLetsGoOfUnconfirmedDocuments(t *testing.T) {
+	dir := t.TempDir()
+	r := startStore(t, dir, 0, func(s *store) { s.upstream, s.wait = true, 10*time.Millisecond })
+	r.op(t, storeOp{kind: opOpen, doc: "d", to: syncEditor})
+	if rep := r.next(t); rep.to != syncEditor || !isStep1(rep.data) {
+		t.Fatalf("open answered with %+v, want a step 1", rep)
+	}
+	r.update(t, "d", yHello, true)
+	r.op(t, storeOp{kind: opIdle, doc: "d"})
+	if rep := r.next(t); !rep.owedNews || !rep.owed {
+		t.Fatalf("idle answered with %+v, want the hub told to hold the document", rep)
+	}
+	// A server that keeps nothing never sends a step 1, so no ping goes.
+	if rep := r.next(t); !rep.owedNews || rep.owed || rep.doc != "d" {
+		t.Fatalf("then %+v, want the hub told to let go of d", rep)
+	}
+	r.logs.waitFor(t, "did not confirm")
+	if got := r.sync(t, "d"); len(got) != 0 {
+		t.Errorf("after letting go, replies %+v", got)
+	}
+	wantOwed(t, dir, "d")
+}
+
+// TestStoreChecksWhatACrashedRunWrote: after a run that did not stop
+// cleanly (its marker file is still there), the files it wrote are read
+// at start, so that a torn tail is warned about and cut then, and older
+// files are left alone; a clean stop removes the marker.
+func TestStoreChecksWhatACrashedRunWrote(t *testing.T) {
+	u := unhex(t, yHello)
+	dir := storeFixture(t, map[string][][]byte{"old": {u}, "torn": {u}})
+	torn := filepath.Join(dir, docFileName("torn"))
+	appendToFile(t, torn, []byte{9, 0, 0, 0, 1, 2}) // half a record
+	appendToFile(t, filepath.Join(dir, docFileName("old")), []byte{9, 0, 0})
+	start := time.Now().Add(-time.Hour)
+	os.WriteFile(filepath.Join(dir, runningFile), nil, 0o600)
+	for path, at := range map[string]time.Time{
+		filepath.Join(dir, runningFile):       start,
+		filepath.Join(dir, docFileName("old")): start.Add(-time.Hour), // before that run
+		torn:                                  start.Add(time.Minute),
+	} {
+		if err := os.Chtimes(path, at, at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := startStore(t, dir, 0, nil)
+	logs := r.logs.String() // what openStore logged, before any operation
+	if n := strings.Count(logs, "torn or corrupt tail"); n != 1 || !strings.Contains(logs, `doc=torn`) {
+		t.Errorf("%d torn-tail warnings at start, want one for torn:\n%s", n, logs)
+	}
+	if !strings.Contains(logs, "did not stop cleanly") {
+		t.Errorf("no line about the unclean stop:\n%s", logs)
+	}
+	if _, err := os.Stat(filepath.Join(dir, runningFile)); err != nil {
+		t.Errorf("no marker while running: %v", err)
+	}
+	r.stop(t)
+	if _, err := os.Stat(filepath.Join(dir, runningFile)); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("marker after a clean stop: %v", err)
+	}
+}

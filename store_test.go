@@ -1658,9 +1658,9 @@ func TestStoreChecksWhatACrashedRunWrote(t *testing.T) {
 	start := time.Now().Add(-time.Hour)
 	os.WriteFile(filepath.Join(dir, runningFile), nil, 0o600)
 	for path, at := range map[string]time.Time{
-		filepath.Join(dir, runningFile):       start,
+		filepath.Join(dir, runningFile):        start,
 		filepath.Join(dir, docFileName("old")): start.Add(-time.Hour), // before that run
-		torn:                                  start.Add(time.Minute),
+		torn:                                   start.Add(time.Minute),
 	} {
 		if err := os.Chtimes(path, at, at); err != nil {
 			t.Fatal(err)

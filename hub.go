@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -156,6 +158,14 @@ type hub struct {
 	// storeGaps lists the documents of which an operation did not fit in
 	// the store's queue: the store is asked for a repair once it has room.
 	storeGaps map[string]bool
+	// linkGen numbers each document's current upstream connection (its
+	// last opLinkUp); store replies for another one are stale and dropped.
+	// linkGaps lists the documents whose opLinkUp did not fit in the
+	// store's queue: until it does, the store gets none of their upstream
+	// messages. syncs counts the opLinkUps.
+	linkGen  map[string]uint64
+	linkGaps map[string]bool
+	syncs    uint64
 	// The stop is a mode of run: stopping from the first cancel, until
 	// every handler has returned or stopBy has passed (stopTimer).
 	stopping  bool
@@ -190,6 +200,8 @@ func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *
 		tooBigNamed: make(map[string]bool),
 		held:        make(map[string]bool),
 		storeGaps:   make(map[string]bool),
+		linkGen:     make(map[string]uint64),
+		linkGaps:    make(map[string]bool),
 	}
 }
 
@@ -280,6 +292,9 @@ func (h *hub) finishStop() {
 				h.closeLink()
 			}
 			if h.store != nil {
+				if len(h.storeGaps) > 0 {
+					h.log.Warn("stop: the store missed edits it could not fetch again; they are only in the editors or the server", "docs", truncatedList(slices.Sorted(maps.Keys(h.storeGaps)), 10))
+				}
 				close(h.store.ops) // the store writes what it has and ends
 			}
 			return
@@ -404,7 +419,7 @@ func (h *hub) addEditor(c *conn) {
 			if h.up != nil && !h.up.markers {
 				// One connection for every document (elva mode): no
 				// resync comes for this one, so the store syncs it now.
-				h.toStore(storeOp{kind: opLinkUp, doc: c.doc})
+				h.linkUpStore(c.doc)
 			}
 		}
 		delete(h.held, c.doc) // its editors keep it open now
@@ -534,7 +549,11 @@ func (h *hub) route(d *document, f frame) {
 // its document.
 func (h *hub) fromUpstream(f frame) {
 	d := h.docs[f.doc]
-	if f.kind == msgSync && h.store != nil && (d != nil || h.held[f.doc]) && h.upstreamSyncToStore(f) {
+	// The store takes the server's sync messages of every document it is
+	// syncing (linkGen): also in the moment between its last editor's
+	// leaving and the store's answer that holds it, when the answer to a
+	// ping may come.
+	if f.kind == msgSync && h.store != nil && (d != nil || h.held[f.doc] || h.linkGen[f.doc] != 0) && !h.linkGaps[f.doc] && h.upstreamSyncToStore(f) {
 		return
 	}
 	if d == nil {
@@ -573,7 +592,7 @@ func (h *hub) toStore(op storeOp) bool {
 	if h.store == nil {
 		return false
 	}
-	if len(h.storeGaps) > 0 {
+	if len(h.storeGaps) > 0 || len(h.linkGaps) > 0 {
 		h.repairStore()
 	}
 	if h.store.backlog.add(len(op.data), h.linkBytes) {
@@ -595,6 +614,14 @@ func (h *hub) toStore(op storeOp) bool {
 func (h *hub) repairStore() {
 	if len(h.store.ops) > cap(h.store.ops)/2 {
 		return
+	}
+	for doc := range h.linkGaps {
+		select {
+		case h.store.ops <- storeOp{kind: opLinkUp, doc: doc, gen: h.linkGen[doc]}:
+			delete(h.linkGaps, doc)
+		default:
+			return
+		}
 	}
 	for doc := range h.storeGaps {
 		op := storeOp{kind: opRepair, doc: doc}
@@ -629,10 +656,16 @@ func (h *hub) fromStore(r storeReply) {
 			delete(h.held, r.doc)
 			h.toUpstream(frame{doc: r.doc, kind: kindDocIdle})
 		}
+		if h.docs[r.doc] == nil && !r.stillOwed {
+			delete(h.linkGen, r.doc) // its next connection gets a new number
+		}
 	case r.to != nil:
 		if d := h.docs[r.doc]; d != nil && d.has(r.to) {
 			h.queue(r.to, r.data)
 		}
+	case r.gen != h.linkGen[r.doc] || h.linkGaps[r.doc]:
+		// For an earlier connection, or before the store heard of this
+		// one: its answer would be counted against the wrong step 1.
 	default:
 		h.toUpstream(frame{doc: r.doc, data: r.data, kind: msgSync})
 	}
@@ -857,7 +890,7 @@ func (h *hub) flushAtStop(f frame) {
 	if f.kind == msgAwareness {
 		return
 	}
-	if !isStep1(f.data) {
+	if f.kind == msgSync && !isStep1(f.data) {
 		h.toStore(storeOp{kind: opUpdate, doc: f.doc, data: f.data, local: true})
 	}
 	if h.up == nil || h.cut[f.doc] {
@@ -966,11 +999,30 @@ func (h *hub) resync() {
 // a store, the upstream is asked for everything and an editor for its
 // whole document. d is nil for a held document.
 func (h *hub) syncUpstream(d *document, doc string) {
-	if h.toStore(storeOp{kind: opLinkUp, doc: doc}) || d == nil {
+	if h.store != nil {
+		if !h.linkUpStore(doc) && d != nil {
+			h.askForState(d) // the editors' content reaches the server meanwhile
+		}
+		return
+	}
+	if d == nil {
 		return
 	}
 	h.toUpstream(frame{doc: doc, data: emptyStep1, kind: msgSync})
 	h.askForState(d)
+}
+
+// linkUpStore numbers doc's new upstream connection and tells the store;
+// false: its queue is full, and the opLinkUp goes with the repairs.
+func (h *hub) linkUpStore(doc string) bool {
+	h.syncs++
+	h.linkGen[doc] = h.syncs
+	if h.toStore(storeOp{kind: opLinkUp, doc: doc, gen: h.syncs}) {
+		delete(h.linkGaps, doc)
+		return true
+	}
+	h.linkGaps[doc] = true
+	return false
 }
 
 // resyncDoc resyncs one document, whose own upstream connection (yjs

@@ -1511,7 +1511,7 @@ func TestHubWithStoreRoutesSyncThroughIt(t *testing.T) {
 	b := h.joinStored(link, "d1")
 	h.expect(a, queryAwareness)
 	l := h.attach(upstreamQueue)
-	h.expectOp(link, opLinkUp, "d1") // the store syncs it with the server
+	up := h.expectOp(link, opLinkUp, "d1") // the store syncs it with the server
 	h.noOps(link)
 
 	step1 := []byte{msgSync, syncStep1, 1, 0}
@@ -1544,7 +1544,7 @@ func TestHubWithStoreRoutesSyncThroughIt(t *testing.T) {
 	answer := []byte{msgSync, syncStep2, 2, 0, 0}
 	link.replies <- storeReply{doc: "d1", to: b, data: answer}
 	h.expect(b, answer)
-	link.replies <- storeReply{doc: "d1", data: step1}
+	link.replies <- storeReply{doc: "d1", data: step1, gen: up.gen}
 	h.expectUpstream(l, step1)
 	h.expectEmpty(a)
 	h.noOps(link)

@@ -123,8 +123,9 @@ type storeOp struct {
 	kind  storeOpKind
 	doc   string
 	data  []byte
-	to    *conn // an editor to answer; nil: the upstream (or nobody)
-	local bool  // opUpdate from a local editor
+	to    *conn  // an editor to answer; nil: the upstream (or nobody)
+	local bool   // opUpdate from a local editor
+	gen   uint64 // opLinkUp: the hub's number for this connection of doc
 }
 
 // storeReply is one answer from the store to the hub: a message for the
@@ -136,6 +137,10 @@ type storeReply struct {
 	data     []byte
 	owedNews bool
 	owed     bool
+	// stillOwed: let go although not delivered (the server did not
+	// confirm); the store holds it again later.
+	stillOwed bool
+	gen       uint64 // to the upstream: the connection (opLinkUp gen) it was meant for
 }
 
 // storeLink is the hub's handle on the store: the queue of operations and
@@ -206,6 +211,11 @@ type storedDoc struct {
 	// zero: not waiting.
 	waiting  time.Time
 	localGen uint64 // counts local updates
+	gen      uint64 // the gen of the last opLinkUp
+	// retryAt is when a document let go unconfirmed is held again; zero:
+	// not let go. retryWait is the last wait, doubled at each let-go.
+	retryAt   time.Time
+	retryWait time.Duration
 }
 
 // newStoreLink makes the queues between the hub and a store.
@@ -251,6 +261,7 @@ func (s *store) checkAfterCrash() {
 	marker := filepath.Join(s.dir, runningFile)
 	if st, err := os.Stat(marker); err == nil {
 		checked := s.readWrittenSince(st.ModTime().Add(-time.Second)) // coarse file times
+		s.unloadIdle()                                                // checked, not needed in memory
 		s.log.Info("store: the last run did not stop cleanly; the documents it wrote were checked", "docs", checked)
 		os.Remove(marker)
 	}
@@ -398,19 +409,51 @@ func (s *store) stop() {
 // stay owed, and are sent again at the next connection or start.
 func (s *store) letGoUnconfirmed() {
 	now := time.Now()
+	var next time.Duration
+	soonest := func(wait time.Duration) {
+		if next == 0 || wait < next {
+			next = wait
+		}
+	}
 	for _, d := range s.docs {
-		if d.waiting.IsZero() || d.editors || !s.owed[d.name] {
+		if d.editors || !s.owed[d.name] {
+			continue
+		}
+		if !d.retryAt.IsZero() {
+			if wait := d.retryAt.Sub(now); wait > 0 {
+				soonest(wait)
+				continue
+			}
+			// Held again: its next connection syncs and pings it.
+			d.retryAt = time.Time{}
+			s.reply(storeReply{doc: d.name, owedNews: true, owed: true})
+			continue
+		}
+		if d.waiting.IsZero() {
 			continue
 		}
 		if wait := d.waiting.Add(s.wait).Sub(now); wait > 0 {
-			s.armPatience(wait)
+			soonest(wait)
 			continue
 		}
 		d.pingAt, d.waiting = 0, time.Time{}
-		s.log.Warn("store: the server did not confirm that it keeps the document; it stays owed and is sent again at the next connection", "doc", d.name, "waited", s.wait)
-		s.reply(storeReply{doc: d.name, owedNews: true, owed: false})
+		if s.pushWhole {
+			continue // one connection carries every document: holding it costs nothing
+		}
+		d.retryWait = min(max(2*d.retryWait, 2*s.wait), maxUnconfirmedRetry)
+		d.retryAt = now.Add(d.retryWait)
+		soonest(d.retryWait)
+		s.log.Warn("store: the server did not confirm that it keeps the document; it stays owed and is tried again later", "doc", d.name, "waited", s.wait, "retry_in", d.retryWait)
+		s.reply(storeReply{doc: d.name, owedNews: true, owed: false, stillOwed: true})
+	}
+	if next > 0 {
+		s.armPatience(next)
 	}
 }
+
+// maxUnconfirmedRetry bounds the wait between two tries of a document
+// that a server never confirmed.
+const maxUnconfirmedRetry = time.Hour
 
 // armPatience makes run check unanswered pings after wait, unless it
 // will do so already.
@@ -482,16 +525,23 @@ func (s *store) apply(op storeOp) {
 	case opUpdate:
 		s.update(d, op)
 	case opOpen:
-		d.editors = true
+		d.editors, d.retryAt = true, time.Time{}
 		s.reply(storeReply{doc: d.name, to: op.to, data: s.step1(d)})
 	case opStep1:
 		s.answer(d, op)
 	case opLinkUp:
+		d.gen = op.gen
 		s.linkUp(d)
 	case opIdle:
 		s.idle(d)
 	case opRepair:
 		s.drops.count(dropStoreRepair)
+		switch {
+		case op.to != nil:
+			d.editors = true // its opOpen may be what was dropped
+		case d.editors:
+			s.idle(d) // no editor at the hub: its opIdle may be what was dropped
+		}
 		s.send(d, op.to, s.step1(d))
 	}
 }
@@ -507,7 +557,7 @@ func (s *store) send(d *storedDoc, to *conn, msg []byte) {
 			d.sent1++
 		}
 	}
-	s.reply(storeReply{doc: d.name, to: to, data: msg})
+	s.reply(storeReply{doc: d.name, to: to, data: msg, gen: d.gen})
 }
 
 // reply hands r to the hub; once the hub has stopped, replies are dropped.
@@ -581,7 +631,7 @@ func (s *store) heardStep2(d *storedDoc) {
 	}
 	d.pingAt = 0
 	if d.pingGen == d.localGen {
-		d.waiting = time.Time{}
+		d.waiting, d.retryWait = time.Time{}, 0
 		s.markOwed(d.name, false)
 		s.log.Info("store: server has every edit", "doc", d.name)
 		s.reply(storeReply{doc: d.name, owedNews: true, owed: false})
@@ -625,7 +675,10 @@ func (s *store) answer(d *storedDoc, op storeOp) {
 		return
 	}
 	s.send(d, op.to, appendSyncMessage(nil, syncStep2, state))
-	if op.to == nil {
+	if op.to == nil && !d.delivered {
+		// The first answer on this connection: later step 1s answer the
+		// store's own (ELVA: step 2, then step 1) and must not start a
+		// ping per round trip while an editor types.
 		d.delivered = true
 		s.ping(d)
 	}
@@ -682,7 +735,12 @@ func (s *store) linkUp(d *storedDoc) {
 // delivered, and the store pings; else d can leave memory.
 func (s *store) idle(d *storedDoc) {
 	d.editors = false
-	if !s.owed[d.name] || !s.upstream {
+	if !s.upstream {
+		return
+	}
+	if !s.owed[d.name] {
+		// Nothing to hold: the hub may forget the document's connection.
+		s.reply(storeReply{doc: d.name, owedNews: true, owed: false})
 		return
 	}
 	s.reply(storeReply{doc: d.name, owedNews: true, owed: true})
@@ -848,7 +906,11 @@ func (s *store) flush() {
 			s.owedDirty = false
 		}
 	}
-	var written []*os.File
+	type writtenDoc struct {
+		d *storedDoc
+		f *os.File
+	}
+	var written []writtenDoc
 	for _, d := range s.docs {
 		f, err := s.writeDoc(d)
 		if err != nil {
@@ -856,14 +918,17 @@ func (s *store) flush() {
 			continue
 		}
 		if f != nil {
-			written = append(written, f)
+			written = append(written, writtenDoc{d, f})
 		}
 	}
-	for _, f := range written {
-		if err := f.Sync(); err != nil {
-			failed = fmt.Errorf("store: fsync %s: %w", f.Name(), err)
+	for _, w := range written {
+		if err := w.f.Sync(); err != nil {
+			failed = fmt.Errorf("store: fsync %s: %w", w.f.Name(), err)
+			// After a failed fsync the kernel may have dropped the
+			// pages: what was appended is not known to be on disk.
+			w.d.rewrite = true
 		}
-		f.Close()
+		w.f.Close()
 	}
 	s.settle(failed)
 	s.unloadIdle()
@@ -1156,17 +1221,17 @@ func writeOwed(dir string, names []string) error {
 // of a step 1, the update of a step 2 or update (PROTOCOL.md §1).
 // Errors: the envelope's.
 func syncPayload(msg []byte) ([]byte, error) {
-	if err := checkSync(msg); err != nil {
-		return nil, err
-	}
-	_, n, err := readVaruint(msg)
+	kind, n, err := readVaruint(msg)
 	if err != nil {
 		return nil, err
 	}
-	_, m, err := readVaruint(msg[n:])
-	if err != nil {
+	if kind != msgSync {
+		return nil, fmt.Errorf("%w %d: not a sync message", errUnknownType, kind)
+	}
+	if err := checkSync(msg[n:]); err != nil {
 		return nil, err
 	}
+	_, m, _ := readVaruint(msg[n:]) // checked by checkSync
 	payload, _, err := readBytes(msg[n+m:])
 	return payload, err
 }

@@ -1252,6 +1252,10 @@ func (r *hocuspocusRemote) linkEvent(ev docEvent) {
 func (r *hocuspocusRemote) toServer(f frame) {
 	switch {
 	case f.kind == kindDocActive:
+		if r.sock != nil && r.docs[f.doc] == nil && !r.active[f.doc] {
+			// New on this socket: the hub's resync sends its first step 1.
+			r.pending = append(r.pending, upstreamEvent{resync: f.doc})
+		}
 		r.active[f.doc] = true
 		delete(r.idleSince, f.doc)
 		return

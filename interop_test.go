@@ -2964,3 +2964,19 @@ func TestLoadCommandShortMode(t *testing.T) {
 		}
 	}
 }
+
+// TestInteropHocuspocusJoinAfterServerContent: an editor who opens a
+// document through the relay while its Hocuspocus socket is up gets what
+// the server had before. (With the store, the editor's step 1 is the
+// store's to answer; the relay's own step 1 for a document new on the
+// socket must still go upstream.)
+func TestInteropHocuspocusJoinAfterServerContent(t *testing.T) {
+	srv := startHocuspocusServer(t, "--token", hpToken)
+	ed := startEditors(t)
+	ed.joinHocuspocus(t, "dan", srv.url(), "notes", hpToken)
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 3, "names": []string{"dan"}})
+	relay := startHocuspocusRelay(t, srv, "--token", hpToken)
+	relay.waitLog(t, "upstream connected")
+	ed.join(t, "ann", "ws://"+relay.addr, "notes")
+	ed.convergeWithin(t, syncBound)
+}

@@ -1347,7 +1347,9 @@ func (c *percentConn) Read(p []byte) (int, error) {
 	}
 	if len(c.pending) > 0 {
 		n := copy(p, c.pending)
-		c.pending = c.pending[n:]
+		if c.pending = c.pending[n:]; len(c.pending) == 0 {
+			c.pending = nil // an upgraded connection lives long: free the read-ahead buffer
+		}
 		return n, nil
 	}
 	if c.err != nil {

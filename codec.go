@@ -1818,3 +1818,20 @@ func updateCovers(have, other []byte) (bool, error) {
 	}
 	return true, nil
 }
+
+// appendServerFrame appends one final, unmasked frame of opcode holding
+// payload to b, as a server sends it (RFC 6455 §5.2: FIN and opcode, then
+// a 7-bit length, or 126 and a 16-bit one, or 127 and a 64-bit one, big
+// endian; no mask).
+func appendServerFrame(b []byte, opcode byte, payload []byte) []byte {
+	b = append(b, 0x80|opcode)
+	switch n := len(payload); {
+	case n < 126:
+		b = append(b, byte(n))
+	case n <= 0xffff:
+		b = binary.BigEndian.AppendUint16(append(b, 126), uint16(n))
+	default:
+		b = binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
+	}
+	return append(b, payload...)
+}

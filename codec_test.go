@@ -1407,3 +1407,27 @@ func reportOracle(t *testing.T, done *oracleLine, took time.Duration) {
 		s["docs"], s["updates"], s["checks"], took.Round(time.Millisecond), s["goMergedBytes"], s["yjsMergedBytes"], s["stateBytes"],
 		s["surrogateSplitDocs"], s["looseMatches"], s["pendingDiffers"])
 }
+
+// TestAppendServerFrame checks the frame header of RFC 6455 §5.2 at each
+// length boundary: FIN and opcode, then a 7-bit, 16-bit or 64-bit length,
+// no mask, then the payload as it is.
+func TestAppendServerFrame(t *testing.T) {
+	tests := []struct {
+		size   int
+		header string
+	}{
+		{0, "82 00"},
+		{125, "82 7d"},
+		{126, "82 7e 00 7e"},
+		{65535, "82 7e ff ff"},
+		{65536, "82 7f 00 00 00 00 00 01 00 00"},
+	}
+	for _, tt := range tests {
+		payload := bytes.Repeat([]byte{0xa5}, tt.size)
+		got := appendServerFrame([]byte{0xee}, 2, payload)
+		header := unhex(t, tt.header)
+		if got[0] != 0xee || !bytes.Equal(got[1:1+len(header)], header) || !bytes.Equal(got[1+len(header):], payload) {
+			t.Errorf("size %d: header % x, want % x after what was there", tt.size, got[1:min(len(got), 1+len(header))], header)
+		}
+	}
+}

@@ -10,7 +10,9 @@ import (
 	"log/slog"
 	"maps"
 	"math"
+	"net"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -1373,6 +1375,7 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 		remote: remote,
 		send:   make(chan []byte, h.connQueue),
 	}
+	c.out, _ = ws.Request().Context().Value(acceptedConnKey{}).(net.Conn)
 	select {
 	case h.join <- c:
 	case <-h.quit:
@@ -1516,8 +1519,12 @@ func checkLocal(c *conn, data []byte) (frame, error) {
 // goroutines share: the reader (a frameReader) and the writer (pump).
 type peer struct {
 	// Static after construction.
-	ws      *websocket.Conn
-	raw     io.Closer // closes the socket (the upstream's TCP or TLS conn; an editor's ws)
+	ws  *websocket.Conn
+	raw io.Closer // closes the socket (the upstream's TCP or TLS conn; an editor's ws)
+	// out is an editor's connection as the HTTP server accepted it, for
+	// writing data frames in batches (writeBatch); nil: every frame goes
+	// through ws (the upstream, whose frames must be masked).
+	out     net.Conn
 	log     *slog.Logger
 	ka      keepalive
 	grace   time.Duration // how long to wait for the answer to a close frame
@@ -1585,14 +1592,18 @@ func pump[T any](p *peer, send <-chan T, encode func(T) []byte, written func(T))
 	for {
 		select {
 		case m, ok := <-send:
+			if ok && p.out != nil {
+				ok = writeBatch(&w, m, send, encode, written)
+			} else if ok {
+				if msg := encode(m); msg != nil && w.open() {
+					w.data(msg)
+				}
+				written(m)
+			}
 			if !ok {
 				w.close(cmp.Or(p.closeCode, closeNormal))
 				return
 			}
-			if msg := encode(m); msg != nil && w.open() {
-				w.data(msg)
-			}
-			written(m)
 		case <-tick:
 			w.control(websocket.PingFrame, p.live.pingPayload())
 		case payload := <-p.pongs:
@@ -1601,6 +1612,74 @@ func pump[T any](p *peer, send <-chan T, encode func(T) []byte, written func(T))
 			w.close(code) // RFC 6455 §5.5.1: answer, then send no more data
 		}
 	}
+}
+
+// maxBatch is how many bytes of frames writeBatch gathers for one write;
+// a larger message goes on its own.
+const maxBatch = 32 << 10
+
+// batchBuffers holds writeBatch's buffers between batches, so that an idle
+// editor holds none.
+var batchBuffers = sync.Pool{New: func() any { return new([]byte) }}
+
+// writeBatch writes first and whatever else send holds already, up to
+// maxBatch bytes, as binary frames in one write: x/net/websocket flushes
+// after every frame, and under load one write(2) per delivery was most of
+// the relay's CPU. It returns false once send is closed. Writer goroutine
+// only; p.out is written directly, which is safe because x/net flushes
+// its own buffer after each of its writes.
+func writeBatch[T any](w *pumpState, first T, send <-chan T, encode func(T) []byte, written func(T)) (open bool) {
+	buf := batchBuffers.Get().(*[]byte)
+	b, payload := (*buf)[:0], 0
+	m, open := first, true
+	for {
+		if msg := encode(m); msg != nil && w.open() {
+			if len(msg) > maxBatch {
+				b, payload = w.flushBatch(b, payload), 0
+				w.data(msg) // large: on its own, framed by x/net
+			} else {
+				b, payload = appendServerFrame(b, websocket.BinaryFrame, msg), payload+len(msg)
+			}
+		}
+		written(m)
+		if len(b) >= maxBatch {
+			break
+		}
+		select {
+		case m, open = <-send:
+			if open {
+				continue
+			}
+		default:
+		}
+		break
+	}
+	b = w.flushBatch(b, payload)
+	if cap(b) <= 2*maxBatch {
+		*buf = b
+		batchBuffers.Put(buf)
+	}
+	return open
+}
+
+// flushBatch writes the frames in b, which carry payload bytes of data,
+// within the time their size allows, and returns b emptied.
+func (w *pumpState) flushBatch(b []byte, payload int) []byte {
+	if len(b) == 0 || !w.open() {
+		return b[:0]
+	}
+	out := w.p.out
+	err := out.SetWriteDeadline(time.Now().Add(transferTime(writeWait, len(b))))
+	if err == nil {
+		_, err = out.Write(b)
+		out.SetWriteDeadline(time.Time{})
+	}
+	if err != nil {
+		w.fail(err)
+	} else {
+		w.p.live.sent(payload)
+	}
+	return b[:0]
 }
 
 // pumpState is what the writer knows of its socket. Writer goroutine only.

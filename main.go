@@ -1186,6 +1186,10 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: up, store: st}, nil
 }
 
+// acceptedConnKey is the request context key of the connection the HTTP
+// server accepted the request on.
+type acceptedConnKey struct{}
+
 // noUpstream is the upstreamMode of a standalone relay: no server.
 type noUpstream struct{}
 
@@ -1454,7 +1458,12 @@ func (s *service) run(ctx context.Context) int {
 		go s.store.run()
 	}
 	srv := &http.Server{
-		Handler:           s,
+		Handler: s,
+		// The accepted connection, for an editor's writer to write its
+		// frames in batches (writeBatch).
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, acceptedConnKey{}, c)
+		},
 		ReadHeaderTimeout: handshakeTimeout,
 		// Bounds the answers to plain requests for a client that does not
 		// read them; a hijacked WebSocket has its deadlines cleared.

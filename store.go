@@ -590,10 +590,11 @@ func (s *store) update(d *storedDoc, op storeOp) {
 			s.markOwed(d.name, true)
 		}
 	}
-	if len(d.tail) >= maxTail && d.tailBytes >= len(d.base)/2 {
+	if len(d.tail) >= maxTail && d.tailBytes >= len(d.base) {
 		// Merged now and then, so that memory follows content; only once
-		// the tail has half the base's size, so that the merges, each
-		// O(document), cost O(1) per byte stored.
+		// the tail is as large as the base, so that the merges, each
+		// O(document), cost O(1) per byte stored (each byte is merged
+		// about twice).
 		s.state(d)
 	}
 	if !op.local && isStep2(op.data) {

@@ -90,7 +90,8 @@ var version = "dev"
 // errVersion asks run to print the version and exit 0.
 var errVersion = errors.New("version requested")
 
-const usage = `elva-service relays Yjs documents between local editors and a remote ELVA server.
+const usage = `elva-service relays Yjs documents between local editors, keeps them on this
+machine, and carries them to a remote server (ELVA, a Yjs server, Hocuspocus) if given one.
 
 Usage:
   elva-service [flags] [HOST] [PORT]
@@ -152,6 +153,7 @@ Flags:
   -h, --help          print this help and exit
 
 Examples:
+  elva-service
   elva-service --server wss://elva.example.org/
   ELVA_USER=ada ELVA_PASSWORD=secret elva-service --server wss://elva.example.org/ localhost 8000
   elva-service 127.0.0.1 9000 --server ws://127.0.0.1:8765/ --id-magic 4944 -v

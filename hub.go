@@ -1375,7 +1375,9 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 		remote: remote,
 		send:   make(chan []byte, h.connQueue),
 	}
-	c.out, _ = ws.Request().Context().Value(acceptedConnKey{}).(net.Conn)
+	if ws.Request().TLS == nil { // under TLS the accepted conn is below the encryption
+		c.out, _ = ws.Request().Context().Value(acceptedConnKey{}).(net.Conn)
+	}
 	select {
 	case h.join <- c:
 	case <-h.quit:
@@ -1622,28 +1624,36 @@ const maxBatch = 32 << 10
 // editor holds none.
 var batchBuffers = sync.Pool{New: func() any { return new([]byte) }}
 
-// writeBatch writes first and whatever else send holds already, up to
-// maxBatch bytes, as binary frames in one write: x/net/websocket flushes
-// after every frame, and under load one write(2) per delivery was most of
-// the relay's CPU. It returns false once send is closed. Writer goroutine
-// only; p.out is written directly, which is safe because x/net flushes
-// its own buffer after each of its writes.
+// writeBatch writes first and whatever else send holds already, until it
+// has taken maxBatch bytes or more (under 2*maxBatch), as binary frames in
+// one write: x/net/websocket flushes after every frame, and under load one
+// write(2) per delivery was most of the relay's CPU. It returns false once
+// send is closed. Bytes are marked written (the hub's backlog) once they
+// are in the batch, so a writer may hold one batch beyond its queue's
+// budget. Writer goroutine only. p.out is written directly, which is safe
+// because the writer goroutine is the only one that writes, x/net flushes
+// its own buffer after each of its writes, nothing is written raw after a
+// failed write or the close frame, and p.out is the very connection x/net
+// writes to (plain HTTP: serve leaves p.out nil under TLS).
 func writeBatch[T any](w *pumpState, first T, send <-chan T, encode func(T) []byte, written func(T)) (open bool) {
 	buf := batchBuffers.Get().(*[]byte)
-	b, payload := (*buf)[:0], 0
+	b, payload, taken := (*buf)[:0], 0, 0
 	m, open := first, true
 	for {
 		if msg := encode(m); msg != nil && w.open() {
+			taken += len(msg)
 			if len(msg) > maxBatch {
 				b, payload = w.flushBatch(b, payload), 0
-				w.data(msg) // large: on its own, framed by x/net
+				if w.open() { // the flush may have failed
+					w.data(msg) // large: on its own, framed by x/net
+				}
 			} else {
 				b, payload = appendServerFrame(b, websocket.BinaryFrame, msg), payload+len(msg)
 			}
 		}
 		written(m)
-		if len(b) >= maxBatch {
-			break
+		if taken >= maxBatch {
+			break // pings, pongs and the answer to a close get their turn
 		}
 		select {
 		case m, open = <-send:

@@ -964,15 +964,30 @@ func newLogger(cfg *config, stderr io.Writer) (*slog.Logger, func(), error) {
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level})), closeLog, nil
 }
 
-// buildVersion adds the VCS revision that the Go toolchain recorded.
+// buildVersion is the relay's version: -ldflags "-X main.version=…" if
+// given, else the module version the Go toolchain recorded (a tag, or a
+// pseudo-version from the VCS; "(devel)" counts as none), then the VCS
+// revision, "+dirty" when the tree had changes.
 func buildVersion() string {
 	v := version
-	if info, ok := debug.ReadBuildInfo(); ok {
-		for _, s := range info.Settings {
-			if s.Key == "vcs.revision" && len(s.Value) >= 12 {
-				v += " (" + s.Value[:12] + ")"
-			}
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return v
+	}
+	if mv := info.Main.Version; v == "dev" && mv != "" && mv != "(devel)" {
+		v = mv
+	}
+	var rev, dirty string
+	for _, s := range info.Settings {
+		switch {
+		case s.Key == "vcs.revision" && len(s.Value) >= 12:
+			rev = s.Value[:12]
+		case s.Key == "vcs.modified" && s.Value == "true":
+			dirty = "+dirty"
 		}
+	}
+	if rev != "" && !strings.Contains(v, rev) { // a pseudo-version names it already
+		v += " (" + rev + dirty + ")"
 	}
 	return v
 }
@@ -1438,9 +1453,9 @@ func (s *service) addr() string { return s.lns[0].Addr().String() }
 func (s *service) run(ctx context.Context) int {
 	for _, ln := range s.lns {
 		if s.cfg.server == nil {
-			s.log.Info("listening", "addr", ln.Addr().String(), "server", "none", "version", version)
+			s.log.Info("listening", "addr", ln.Addr().String(), "server", "none", "version", buildVersion())
 		} else {
-			s.log.Info("listening", "addr", ln.Addr().String(), "server", s.cfg.server.String(), "protocol", s.cfg.protocol, "version", version)
+			s.log.Info("listening", "addr", ln.Addr().String(), "server", s.cfg.server.String(), "protocol", s.cfg.protocol, "version", buildVersion())
 		}
 	}
 	s.logStore()

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/xml"
 	"fmt"
 	"io"
 	"log/slog"
@@ -819,4 +820,55 @@ func homeDataDir(home string) string {
 		return filepath.Join(home, "Library", "Application Support")
 	}
 	return filepath.Join(home, ".local", "share")
+}
+
+// TestServiceFiles checks the service files in contrib/: the launchd agent
+// is well-formed XML with its label and program, and the systemd user unit
+// passes `systemd-analyze verify` with ExecStart pointed at the built
+// binary (verify checks that the program exists).
+func TestServiceFiles(t *testing.T) {
+	plist, err := os.ReadFile("contrib/org.elva.service.plist")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec := xml.NewDecoder(bytes.NewReader(plist))
+	for {
+		if _, err := dec.Token(); err == io.EOF {
+			break
+		} else if err != nil {
+			t.Fatalf("org.elva.service.plist is not well-formed XML: %v", err)
+		}
+	}
+	for _, want := range []string{"<key>Label</key>", "<string>org.elva.service</string>", "<key>ProgramArguments</key>"} {
+		if !bytes.Contains(plist, []byte(want)) {
+			t.Errorf("org.elva.service.plist lacks %s", want)
+		}
+	}
+
+	unit, err := os.ReadFile("contrib/elva-service.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	analyze, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("systemd-analyze is missing (apt-get install systemd): %v", err)
+		}
+		t.Skip("systemd-analyze is missing; the unit is not verified")
+	}
+	const exec0 = "ExecStart=%h/.local/bin/elva-service"
+	if !bytes.Contains(unit, []byte(exec0)) {
+		t.Fatalf("elva-service.service has no %q line", exec0)
+	}
+	path := filepath.Join(t.TempDir(), "elva-service.service")
+	unit = bytes.Replace(unit, []byte(exec0), []byte("ExecStart="+relayBinary(t)), 1)
+	if err := os.WriteFile(path, unit, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, analyze, "verify", path).CombinedOutput()
+	if err != nil || bytes.Contains(out, []byte("elva-service.service")) {
+		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	}
 }

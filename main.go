@@ -115,7 +115,7 @@ Flags:
   --remove-doc NAME   remove one stored document and exit (stop the relay first)
   --user NAME         user name for HTTP Basic auth (env ELVA_USER)
   --password PASS     password; visible to other users in the process
-                      list, prefer ELVA_PASSWORD (env ELVA_PASSWORD)
+                      list, prefer --password-file or ELVA_PASSWORD
   --password-file F   read the password from the first line of F, which
                       only its owner may read (chmod 600)
   --allow-insecure-auth  send credentials over ws:// to another machine

@@ -1451,17 +1451,7 @@ func (s *service) addr() string { return s.lns[0].Addr().String() }
 // hub close every conn with "going away" and the upstream writer flush its
 // queue, and waits for both within stopTimeout.
 func (s *service) run(ctx context.Context) int {
-	for _, ln := range s.lns {
-		if s.cfg.server == nil {
-			s.log.Info("listening", "addr", ln.Addr().String(), "server", "none", "version", buildVersion())
-		} else {
-			s.log.Info("listening", "addr", ln.Addr().String(), "server", s.cfg.server.String(), "protocol", s.cfg.protocol, "version", buildVersion())
-		}
-	}
-	s.logStore()
-	for _, w := range s.cfg.warnings {
-		s.log.Warn(w)
-	}
+	s.logStart()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	hubDone := make(chan struct{})
@@ -1474,24 +1464,7 @@ func (s *service) run(ctx context.Context) int {
 	if s.store != nil {
 		go s.store.run()
 	}
-	srv := &http.Server{
-		Handler: s,
-		// The accepted connection, for an editor's writer to write its
-		// frames in batches (writeBatch).
-		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
-			return context.WithValue(ctx, acceptedConnKey{}, c)
-		},
-		ReadHeaderTimeout: handshakeTimeout,
-		// Bounds the answers to plain requests for a client that does not
-		// read them; a hijacked WebSocket has its deadlines cleared.
-		WriteTimeout:   handshakeTimeout,
-		IdleTimeout:    handshakeTimeout,
-		MaxHeaderBytes: maxHeaderBytes,
-		ErrorLog:       slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
-	}
-	// A local relay gains nothing from keep-alive, and with one request per
-	// connection percentConn needs to rewrite only the first request line.
-	srv.SetKeepAlivesEnabled(false)
+	srv := s.httpServer()
 	srvDone := make(chan error, 1)
 	ln := percentListener{limitConns(s.lns, s.cfg.limits.conns+preUpgradeSlots)}
 	go func() { srvDone <- srv.Serve(ln) }()
@@ -1516,6 +1489,45 @@ func (s *service) run(ctx context.Context) int {
 	s.waitForStore()
 	s.log.Info("stopped")
 	return status
+}
+
+// logStart logs the listening addresses with the server and version, where
+// documents are kept, and the configuration's warnings.
+func (s *service) logStart() {
+	for _, ln := range s.lns {
+		if s.cfg.server == nil {
+			s.log.Info("listening", "addr", ln.Addr().String(), "server", "none", "version", buildVersion())
+		} else {
+			s.log.Info("listening", "addr", ln.Addr().String(), "server", s.cfg.server.String(), "protocol", s.cfg.protocol, "version", buildVersion())
+		}
+	}
+	s.logStore()
+	for _, w := range s.cfg.warnings {
+		s.log.Warn(w)
+	}
+}
+
+// httpServer is the local HTTP server, with s as its handler.
+func (s *service) httpServer() *http.Server {
+	srv := &http.Server{
+		Handler: s,
+		// The accepted connection, for an editor's writer to write its
+		// frames in batches (writeBatch).
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, acceptedConnKey{}, c)
+		},
+		ReadHeaderTimeout: handshakeTimeout,
+		// Bounds the answers to plain requests for a client that does not
+		// read them; a hijacked WebSocket has its deadlines cleared.
+		WriteTimeout:   handshakeTimeout,
+		IdleTimeout:    handshakeTimeout,
+		MaxHeaderBytes: maxHeaderBytes,
+		ErrorLog:       slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	// A local relay gains nothing from keep-alive, and with one request per
+	// connection percentConn needs to rewrite only the first request line.
+	srv.SetKeepAlivesEnabled(false)
+	return srv
 }
 
 // logStore says where documents are kept, or that they are not.

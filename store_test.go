@@ -974,7 +974,7 @@ func TestStoreOwedUntilServerConfirms(t *testing.T) {
 		t.Errorf("ping: state vector %v, %v; want %v", sv, err, want)
 	}
 	// The server's answer to the ping.
-	r.op(t, storeOp{kind: opUpdate, doc: "doc", data: appendSyncMessage(nil, syncStep2, emptyUpdate)})
+	r.serverStep2(t, "doc")
 	if rep := r.next(t); !rep.owedNews || rep.owed || rep.doc != "doc" {
 		t.Fatalf("got %+v, want news that doc owes nothing", rep)
 	}
@@ -993,14 +993,9 @@ func TestStoreOwedUntilServerConfirms(t *testing.T) {
 func TestStoreLateEditKeepsDocOwed(t *testing.T) {
 	dir := t.TempDir()
 	r := startStore(t, dir, 0, upstreamStore)
-	r.op(t, storeOp{kind: opOpen, doc: "doc", to: &conn{}})
-	r.next(t)
-	r.update(t, "doc", yHello, true)
-	r.op(t, storeOp{kind: opStep1, doc: "doc", data: emptyStep1})
-	wantMsg(t, r.next(t), syncStep2, nil)
-	wantMsg(t, r.next(t), syncStep1, nil) // the ping
-	r.update(t, "doc", yWorld, true)      // before the ping's answer
-	r.op(t, storeOp{kind: opUpdate, doc: "doc", data: appendSyncMessage(nil, syncStep2, emptyUpdate)})
+	r.editedAndPinged(t, "doc")
+	r.update(t, "doc", yWorld, true) // before the ping's answer
+	r.serverStep2(t, "doc")
 	if got := r.sync(t, "doc"); len(got) != 0 {
 		t.Fatalf("got replies %+v, want none: the late edit is not confirmed", got)
 	}
@@ -1013,7 +1008,7 @@ func TestStoreLateEditKeepsDocOwed(t *testing.T) {
 		t.Fatalf("got %+v, want news that doc owes the server", rep)
 	}
 	wantMsg(t, r.next(t), syncStep1, nil)
-	r.op(t, storeOp{kind: opUpdate, doc: "doc", data: appendSyncMessage(nil, syncStep2, emptyUpdate)})
+	r.serverStep2(t, "doc")
 	if rep := r.next(t); !rep.owedNews || rep.owed {
 		t.Fatalf("got %+v, want news that doc owes nothing", rep)
 	}
@@ -1028,23 +1023,18 @@ func TestStoreLateEditKeepsDocOwed(t *testing.T) {
 func TestStoreLateEditAfterIdleIsConfirmed(t *testing.T) {
 	dir := t.TempDir()
 	r := startStore(t, dir, 0, upstreamStore)
-	r.op(t, storeOp{kind: opOpen, doc: "doc", to: &conn{}})
-	r.next(t)
-	r.update(t, "doc", yHello, true)
-	r.op(t, storeOp{kind: opStep1, doc: "doc", data: emptyStep1})
-	wantMsg(t, r.next(t), syncStep2, nil)
-	wantMsg(t, r.next(t), syncStep1, nil) // the ping
+	r.editedAndPinged(t, "doc")
 	r.update(t, "doc", yWorld, true)
 	r.op(t, storeOp{kind: opIdle, doc: "doc"})
 	if rep := r.next(t); !rep.owedNews || !rep.owed {
 		t.Fatalf("got %+v, want news that doc owes the server", rep)
 	}
-	r.op(t, storeOp{kind: opUpdate, doc: "doc", data: appendSyncMessage(nil, syncStep2, emptyUpdate)})
+	r.serverStep2(t, "doc")
 	got := r.sync(t, "doc")
 	if len(got) != 1 || !isStep1(got[0].data) || got[0].to != nil {
 		t.Fatalf("after the answer to a ping that missed an edit: got replies %+v, want one step 1 to the server", got)
 	}
-	r.op(t, storeOp{kind: opUpdate, doc: "doc", data: appendSyncMessage(nil, syncStep2, emptyUpdate)})
+	r.serverStep2(t, "doc")
 	if rep := r.next(t); !rep.owedNews || rep.owed {
 		t.Fatalf("got %+v, want news that doc owes nothing", rep)
 	}
@@ -1691,4 +1681,23 @@ func TestStoreChecksWhatACrashedRunWrote(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, runningFile)); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("marker after a clean stop: %v", err)
 	}
+}
+
+// editedAndPinged plays an editor that opens doc and makes one edit, and a
+// server whose step 1 the store answers: it checks the store's step 2 and
+// the ping step 1 that follows it.
+func (r *storeRun) editedAndPinged(t *testing.T, doc string) {
+	t.Helper()
+	r.op(t, storeOp{kind: opOpen, doc: doc, to: &conn{}})
+	r.next(t)
+	r.update(t, doc, yHello, true)
+	r.op(t, storeOp{kind: opStep1, doc: doc, data: emptyStep1})
+	wantMsg(t, r.next(t), syncStep2, nil)
+	wantMsg(t, r.next(t), syncStep1, nil) // the ping
+}
+
+// serverStep2 plays the server's answer to a step 1: an empty step 2.
+func (r *storeRun) serverStep2(t *testing.T, doc string) {
+	t.Helper()
+	r.op(t, storeOp{kind: opUpdate, doc: doc, data: appendSyncMessage(nil, syncStep2, emptyUpdate)})
 }

@@ -369,6 +369,10 @@ const (
 	closePeerTimeout = 4408
 )
 
+// closeAbnormal is the code that stands for a connection that ended
+// without a close frame (RFC 6455 §7.1.5); it is never sent.
+const closeAbnormal = 1006
+
 // maxControlPayload is the largest payload of a ping, pong or close frame
 // (RFC 6455 §5.5).
 const maxControlPayload = 125

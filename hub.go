@@ -12,6 +12,7 @@ import (
 	"math"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -85,6 +86,9 @@ type conn struct {
 	// sent. A Yjs client answers every step 1 with one step 2, in order, so
 	// the counts tell when it has answered a given step 1.
 	step1s, step2s int
+	// traffic is its document's counters (set by addEditor), owned by the
+	// hub.
+	traffic *traffic
 }
 
 // keepalive says how the relay finds dead peers: the writer pings every
@@ -117,7 +121,10 @@ type hub struct {
 	// upstream carries the upstream side's news: a connection's link up or
 	// down, a document to resync. One channel for the three keeps the
 	// loop's select, which locks every channel it waits on, small.
-	upstream   chan upstreamEvent
+	upstream chan upstreamEvent
+	// queries asks the hub for a snapshot for the status page and the
+	// metrics: each carries the channel (room for one) it is answered on.
+	queries    chan chan<- hubStatus
 	quit       chan struct{} // closed when run returns
 	connQueue  int           // frames an editor's send queue holds
 	maxMessage int           // the largest message from an editor, in bytes
@@ -168,6 +175,10 @@ type hub struct {
 	linkGen  map[string]uint64
 	linkGaps map[string]bool
 	syncs    uint64
+	// editorTraffic and serverTraffic count every message from and to
+	// the local editors and the server, in all: the metrics' counters,
+	// which must not go down when a document closes.
+	editorTraffic, serverTraffic traffic
 	// The stop is a mode of run: stopping from the first cancel, until
 	// every handler has returned or stopBy has passed (stopTimer).
 	stopping  bool
@@ -186,6 +197,7 @@ func newHub(queue, maxMessage int, ka keepalive, lim limits, log *slog.Logger) *
 		fromEditors: make(chan frame, inboxQueue),
 		fromServer:  make(chan frame, inboxQueue),
 		upstream:    make(chan upstreamEvent),
+		queries:     make(chan chan<- hubStatus),
 		quit:        make(chan struct{}),
 		connQueue:   queue,
 		maxMessage:  maxMessage,
@@ -247,6 +259,8 @@ func (h *hub) run(ctx context.Context) {
 			h.fromUpstream(f)
 		case ev := <-h.upstream:
 			h.upstreamNews(ev)
+		case reply := <-h.queries:
+			reply <- h.snapshot()
 		case r := <-h.storeReplies:
 			h.fromStore(r)
 		case now := <-h.sweep:
@@ -302,6 +316,62 @@ func (h *hub) finishStop() {
 			return
 		}
 	}
+}
+
+// hubStatus is the hub's part of the status page and the metrics, as of
+// one moment: the documents open now, sorted by name, and the traffic in
+// all since the start.
+type hubStatus struct {
+	editors       int
+	docs          []docStatus
+	editorTraffic traffic // from and to local editors
+	serverTraffic traffic // from and to the server
+	linked        bool    // the upstream link is up (elva, hocuspocus: the one socket)
+}
+
+// docStatus is one open document: its local editors, whether it is held
+// open upstream for the store without any, and its traffic since it was
+// opened (zero while held).
+type docStatus struct {
+	name    string
+	editors int
+	held    bool
+	traffic traffic
+}
+
+// status asks the hub goroutine for a hubStatus. Errors: errStopping
+// once the hub has ended, or ctx's error.
+func (h *hub) status(ctx context.Context) (hubStatus, error) {
+	reply := make(chan hubStatus, 1)
+	select {
+	case h.queries <- reply:
+		return <-reply, nil // the hub answers at once
+	case <-h.quit:
+		return hubStatus{}, errStopping
+	case <-ctx.Done():
+		return hubStatus{}, ctx.Err()
+	}
+}
+
+// snapshot is the hubStatus now (run answers queries with it).
+func (h *hub) snapshot() hubStatus {
+	st := hubStatus{
+		docs:          make([]docStatus, 0, len(h.docs)+len(h.held)),
+		editorTraffic: h.editorTraffic,
+		serverTraffic: h.serverTraffic,
+		linked:        h.up != nil,
+	}
+	for name, d := range h.docs {
+		st.editors += len(d.conns)
+		st.docs = append(st.docs, docStatus{name: name, editors: len(d.conns), traffic: d.traffic})
+	}
+	for name := range h.held {
+		if h.docs[name] == nil {
+			st.docs = append(st.docs, docStatus{name: name, held: true})
+		}
+	}
+	slices.SortFunc(st.docs, func(a, b docStatus) int { return strings.Compare(a.name, b.name) })
+	return st
 }
 
 // limits bound the local connections, so that a client that opens sockets
@@ -376,7 +446,21 @@ type document struct {
 	// introduced is when the relay last asked an editor here for the
 	// awareness states it knows, for a client new upstream.
 	introduced time.Time
+	traffic    traffic // since the document was opened
 }
+
+// traffic counts messages and their bytes, both ways: in is what the
+// relay received (from editors or the server), out what it queued to
+// send. Owned by the hub goroutine.
+type traffic struct {
+	msgsIn, bytesIn, msgsOut, bytesOut uint64
+}
+
+// in counts one received message of n bytes.
+func (t *traffic) in(n int) { t.msgsIn, t.bytesIn = t.msgsIn+1, t.bytesIn+uint64(n) }
+
+// out counts one message of n bytes queued to be sent.
+func (t *traffic) out(n int) { t.msgsOut, t.bytesOut = t.msgsOut+1, t.bytesOut+uint64(n) }
 
 // has reports whether c is one of d's editors.
 func (d *document) has(c *conn) bool {
@@ -426,6 +510,7 @@ func (h *hub) addEditor(c *conn) {
 		}
 		delete(h.held, c.doc) // its editors keep it open now
 	}
+	c.traffic = &d.traffic
 	// c goes in first: should the query close every other editor as slow,
 	// the document must still be there for c.
 	d.conns[c] = struct{}{}
@@ -506,8 +591,12 @@ func (h *hub) fromLocal(f frame) {
 		h.flushAtStop(f)
 		return
 	}
+	h.editorTraffic.in(len(f.data))
 	d := h.docs[f.doc]
 	registered := d != nil && d.has(f.from)
+	if registered {
+		d.traffic.in(len(f.data))
+	}
 	switch {
 	case f.kind == msgAwareness && !registered:
 		// The relay has closed f.from and sent removals for its clients;
@@ -544,13 +633,19 @@ func (h *hub) route(d *document, f frame) {
 			h.queue(c, f.data)
 		}
 	}
-	h.toUpstream(f)
+	if h.toUpstream(f) && d != nil {
+		d.traffic.out(len(f.data))
+	}
 }
 
 // fromUpstream passes a message from the upstream to every local editor of
 // its document.
 func (h *hub) fromUpstream(f frame) {
 	d := h.docs[f.doc]
+	h.serverTraffic.in(len(f.data))
+	if d != nil {
+		d.traffic.in(len(f.data))
+	}
 	// The store takes the server's sync messages of every document it is
 	// syncing (linkGen): also in the moment between its last editor's
 	// leaving and the store's answer that holds it, when the answer to a
@@ -739,6 +834,10 @@ func (h *hub) queue(c *conn, data []byte) bool {
 			if isStep1(data) {
 				c.step1s++
 			}
+			h.editorTraffic.out(len(data))
+			if c.traffic != nil {
+				c.traffic.out(len(data))
+			}
 			return true
 		default:
 			c.backlog.done(len(data))
@@ -794,27 +893,30 @@ type upstreamLink struct {
 // toUpstream queues f for the upstream writer without blocking. A full
 // queue closes the upstream connection, which then reconnects and resyncs.
 // While the upstream is down nothing is kept: the resync on reconnect
-// makes up for it (see resync).
-func (h *hub) toUpstream(f frame) {
+// makes up for it (see resync). It reports whether f was queued.
+func (h *hub) toUpstream(f frame) bool {
 	if h.standalone {
-		return
+		return false
 	}
 	if isMarker(f) && (h.up == nil || !h.up.markers) {
-		return // a down link's resync marks every document again
+		return false // a down link's resync marks every document again
 	}
 	if h.up == nil {
 		if n, ok := h.drops.allow(dropUpstreamDown, time.Now()); ok {
 			h.drops.write(h.log, dropUpstreamDown, n, "doc", f.doc)
 		}
-		return
+		return false
 	}
 	if (f.kind == msgSync && len(h.cut) > 0 && h.cut[f.doc]) || !h.fitsUpstream(f) {
-		return
+		return false
 	}
 	if h.up.backlog.add(len(f.data), h.linkBytes) {
 		select {
 		case h.up.send <- f:
-			return
+			if !isMarker(f) {
+				h.serverTraffic.out(len(f.data))
+			}
+			return true
 		default:
 			h.up.backlog.done(len(f.data))
 		}
@@ -824,10 +926,11 @@ func (h *hub) toUpstream(f frame) {
 		// what does not fit is dropped instead, with the rest of its
 		// document.
 		h.cutAtStop(f)
-		return
+		return false
 	}
 	h.log.Warn("upstream send queue full: reconnecting", "frames", len(h.up.send), "bytes", h.up.backlog.bytes.Load())
 	h.closeLink()
+	return false
 }
 
 // fitsUpstream reports whether f, with the link's overhead, is within the

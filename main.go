@@ -19,6 +19,8 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	_ "embed"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -1154,6 +1156,10 @@ type service struct {
 	up   upstreamMode // the upstream, whatever its protocol
 	// store keeps documents on disk; nil with --no-store.
 	store *store
+	// For the status page and the metrics: when the relay started, and
+	// what the upstream's goroutines note of their connections.
+	started  time.Time
+	upstream *upstreamStats
 }
 
 // listen binds the local address: for localhost, both 127.0.0.1 and ::1
@@ -1176,8 +1182,9 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		}
 		h.useStore(st.link, owed)
 	}
+	s := &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: noUpstream{}, store: st, started: time.Now(), upstream: &upstreamStats{}}
 	if cfg.server == nil {
-		return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: noUpstream{}, store: st}, nil
+		return s, nil
 	}
 	u := &upstream{
 		url:        cfg.server,
@@ -1192,15 +1199,16 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 		log:        log,
 		framing:    idFraming{cfg.magic},
 		target:     h,
+		stats:      s.upstream,
 	}
-	var up upstreamMode = u
+	s.up = u
 	switch cfg.protocol {
 	case protocolYjs:
-		up = newYjsRemote(*u, cfg.upstreamGrace)
+		s.up = newYjsRemote(*u, cfg.upstreamGrace)
 	case protocolHocuspocus:
-		up = newHocuspocusRemote(*u, cfg.token, cfg.upstreamGrace)
+		s.up = newHocuspocusRemote(*u, cfg.token, cfg.upstreamGrace)
 	}
-	return &service{cfg: cfg, log: log, lns: lns, gate: cfg.gate, hub: h, up: up, store: st}, nil
+	return s, nil
 }
 
 // acceptedConnKey is the request context key of the connection the HTTP
@@ -1578,9 +1586,15 @@ func (s *service) waitForStop(upDone <-chan error) {
 }
 
 // ServeHTTP answers one local request: a WebSocket upgrade on /<document>
-// that passes the gate and the connection limits joins that document;
-// anything else gets a short, clear HTTP answer before any upgrade.
+// that passes the gate and the connection limits joins that document; a
+// plain request for / or /metrics gets the status or the metrics (an
+// upgrade there is a document like any other); anything else gets a
+// short, clear HTTP answer before any upgrade.
 func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if !isWebSocketUpgrade(r) && (r.URL.Path == "/" || r.URL.Path == metricsPath) {
+		s.serveInfo(w, r)
+		return
+	}
 	doc, status, kind, detail := s.gate.check(r)
 	if status != 0 {
 		s.refuse(w, r, status, kind, detail)
@@ -1645,11 +1659,8 @@ type gate struct {
 // check returns the document r asks for, or the status, kind and detail
 // to refuse it with.
 func (g *gate) check(r *http.Request) (doc string, status int, kind dropReason, detail string) {
-	if !g.hostAllowed(r.Host) {
-		return "", http.StatusForbidden, refusedHost, fmt.Sprintf("host %q not allowed: connect to localhost or 127.0.0.1", r.Host)
-	}
-	if origin := r.Header.Get("Origin"); origin != "" && !g.originAllowed(origin) {
-		return "", http.StatusForbidden, refusedOrigin, fmt.Sprintf("origin %q not allowed (see --allow-origin)", origin)
+	if status, kind, detail = g.checkSender(r); status != 0 {
+		return "", status, kind, detail
 	}
 	// r.URL.Path is percent-decoded and has no query: /Gr%C3%BC%C3%9Fe?x=1
 	// is the document "Grüße", the same for every kind of client.
@@ -1661,6 +1672,19 @@ func (g *gate) check(r *http.Request) (doc string, status int, kind dropReason, 
 		return "", http.StatusBadRequest, refusedBadDoc, err.Error()
 	}
 	return doc, 0, noDrop, ""
+}
+
+// checkSender checks r's Host and Origin, for every request (upgrades,
+// the status page, the metrics), and returns the status, kind and detail
+// to refuse it with; status 0: it may go on.
+func (g *gate) checkSender(r *http.Request) (status int, kind dropReason, detail string) {
+	if !g.hostAllowed(r.Host) {
+		return http.StatusForbidden, refusedHost, fmt.Sprintf("host %q not allowed: connect to localhost or 127.0.0.1", r.Host)
+	}
+	if origin := r.Header.Get("Origin"); origin != "" && !g.originAllowed(origin) {
+		return http.StatusForbidden, refusedOrigin, fmt.Sprintf("origin %q not allowed (see --allow-origin)", origin)
+	}
+	return 0, noDrop, ""
 }
 
 // hostAllowed accepts loopback names and addresses, the configured host
@@ -1734,3 +1758,431 @@ func headerHasToken(h http.Header, name, token string) bool {
 	}
 	return false
 }
+
+// metricsPath is where a plain GET finds the Prometheus metrics.
+const metricsPath = "/metrics"
+
+// statusPage is the status page: one self-contained HTML document that
+// polls the status JSON (see statusReport) and draws it.
+//
+//go:embed status.html
+var statusPage []byte
+
+// statusTimeout bounds the wait for the hub's snapshot: a stopping hub
+// may be busy.
+const statusTimeout = 2 * time.Second
+
+// serveInfo answers a plain request for / (the status: HTML for a
+// browser, JSON otherwise) or /metrics, after the same Host and Origin
+// checks as an upgrade. Only GET and HEAD are answered.
+func (s *service) serveInfo(w http.ResponseWriter, r *http.Request) {
+	if status, kind, detail := s.gate.checkSender(r); status != 0 {
+		s.refuse(w, r, status, kind, detail)
+		return
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		http.Error(w, "elva-service: "+r.Method+" not allowed here; GET the status or the metrics", http.StatusMethodNotAllowed)
+		return
+	}
+	h := w.Header()
+	h.Set("Cache-Control", "no-store")
+	h.Set("X-Content-Type-Options", "nosniff")
+	if r.URL.Path == "/" && wantsHTML(r) {
+		// The page needs nothing but itself and the JSON from this origin.
+		h.Set("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'")
+		h.Set("Content-Type", "text/html; charset=utf-8")
+		w.Write(statusPage)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), statusTimeout)
+	defer cancel()
+	hs, err := s.hub.status(ctx)
+	if err != nil {
+		http.Error(w, "elva-service: no status: "+err.Error(), http.StatusServiceUnavailable)
+		return
+	}
+	rep := s.statusReport(hs, time.Now())
+	if r.URL.Path == metricsPath {
+		h.Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		w.Write(rep.metrics(s.hub.drops))
+		return
+	}
+	h.Set("Content-Type", "application/json")
+	body, err := json.MarshalIndent(rep, "", "  ")
+	if err != nil { // only plain values: cannot happen
+		http.Error(w, "elva-service: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	w.Write(append(body, '\n'))
+}
+
+// wantsHTML reports whether r's Accept header names text/html before (or
+// without) application/json: a browser navigating to the page.
+func wantsHTML(r *http.Request) bool {
+	accept := r.Header.Get("Accept")
+	html, json := strings.Index(accept, "text/html"), strings.Index(accept, "application/json")
+	return html >= 0 && (json < 0 || html < json)
+}
+
+// statusReport is the status JSON (GET / without text/html), and what the
+// metrics are written from. Its field names are the JSON's: the status
+// page and scripts read them.
+type statusReport struct {
+	Version   string           `json:"version"`
+	StartedAt time.Time        `json:"started_at"`
+	Uptime    float64          `json:"uptime_seconds"`
+	Listening []string         `json:"listening"`
+	Editors   int              `json:"editors"`
+	Upstream  upstreamReport   `json:"upstream"`
+	Store     storeReport      `json:"store"`
+	Documents []documentReport `json:"documents"`
+	// Traffic is every message in all, from and to the editors and the
+	// server, since the start.
+	Traffic map[string]trafficReport `json:"traffic"`
+	// Drops, Refusals and Closes count by reason (nonzero only): dropped
+	// messages, refused requests, editors' connections ended.
+	Drops    map[string]int64 `json:"drops"`
+	Refusals map[string]int64 `json:"refusals"`
+	Closes   map[string]int64 `json:"editor_closes"`
+	Joins    int64            `json:"editor_joins"`
+}
+
+// upstreamReport is the upstream's part of statusReport. State is
+// "connected" (a connection is up), "connecting" (none has been up yet),
+// "disconnected" (the last one was lost or the last attempt failed),
+// "idle" (yjs, hocuspocus: no document open upstream) or "none" (no
+// server).
+type upstreamReport struct {
+	Protocol       string     `json:"protocol"`
+	Server         string     `json:"server"`
+	State          string     `json:"state"`
+	ConnectedSince *time.Time `json:"connected_since"`
+	Connections    int64      `json:"connections"`
+	Reconnects     int64      `json:"reconnects"`
+	Failures       int64      `json:"failures"`
+	LastError      string     `json:"last_error"`
+	LastCloseCode  int64      `json:"last_close_code"`
+}
+
+// storeReport is the store's part of statusReport; Bytes counts the
+// document files' bytes on disk.
+type storeReport struct {
+	Enabled      bool       `json:"enabled"`
+	DataDir      string     `json:"data_dir,omitempty"`
+	Documents    int        `json:"documents"`
+	Bytes        int64      `json:"bytes"`
+	Owed         []string   `json:"owed"`
+	FailingSince *time.Time `json:"failing_since"`
+	Error        string     `json:"error,omitempty"`
+}
+
+// documentReport is one open document: in is what the relay received for
+// it (from editors and the server), out what it sent (to both), since the
+// document was opened; Held: open upstream for the store, no editor.
+type documentReport struct {
+	Name     string `json:"name"`
+	Editors  int    `json:"editors"`
+	MsgsIn   uint64 `json:"messages_in"`
+	BytesIn  uint64 `json:"bytes_in"`
+	MsgsOut  uint64 `json:"messages_out"`
+	BytesOut uint64 `json:"bytes_out"`
+	Held     bool   `json:"held"`
+	Owed     bool   `json:"owed"`
+}
+
+// trafficReport is a traffic in JSON.
+type trafficReport struct {
+	MsgsIn   uint64 `json:"messages_in"`
+	BytesIn  uint64 `json:"bytes_in"`
+	MsgsOut  uint64 `json:"messages_out"`
+	BytesOut uint64 `json:"bytes_out"`
+}
+
+// report is t in JSON.
+func (t traffic) report() trafficReport {
+	return trafficReport{MsgsIn: t.msgsIn, BytesIn: t.bytesIn, MsgsOut: t.msgsOut, BytesOut: t.bytesOut}
+}
+
+// statusReport puts the hub's snapshot hs together with the upstream's
+// and the store's figures and the drop counters, as of now.
+func (s *service) statusReport(hs hubStatus, now time.Time) *statusReport {
+	rep := &statusReport{
+		Version:   buildVersion(),
+		StartedAt: s.started.UTC().Truncate(time.Millisecond),
+		Uptime:    now.Sub(s.started).Seconds(),
+		Editors:   hs.editors,
+		Upstream:  s.upstreamReport(),
+		Store:     s.storeReport(),
+		Documents: make([]documentReport, 0, len(hs.docs)),
+		Traffic:   map[string]trafficReport{"editors": hs.editorTraffic.report(), "server": hs.serverTraffic.report()},
+		Drops:     map[string]int64{},
+		Refusals:  map[string]int64{},
+		Closes:    map[string]int64{},
+		Joins:     s.hub.drops.total(editorJoined),
+	}
+	for _, ln := range s.lns {
+		rep.Listening = append(rep.Listening, ln.Addr().String())
+	}
+	owed := make(map[string]bool, len(rep.Store.Owed))
+	for _, name := range rep.Store.Owed {
+		owed[name] = true
+	}
+	for _, d := range hs.docs {
+		rep.Documents = append(rep.Documents, documentReport{
+			Name: d.name, Editors: d.editors, Held: d.held, Owed: owed[d.name],
+			MsgsIn: d.traffic.msgsIn, BytesIn: d.traffic.bytesIn, MsgsOut: d.traffic.msgsOut, BytesOut: d.traffic.bytesOut,
+		})
+	}
+	for r := noDrop + 1; r < numDropReasons; r++ {
+		if n := s.hub.drops.total(r); n > 0 {
+			if g := groupOf(r); g != nil {
+				(*g.of(rep))[r.label()] = n
+			}
+		}
+	}
+	return rep
+}
+
+// upstreamReport is the upstream's part of the status now.
+func (s *service) upstreamReport() upstreamReport {
+	if s.cfg.server == nil {
+		return upstreamReport{State: "none"}
+	}
+	st := s.upstream
+	rep := upstreamReport{
+		Protocol:      s.cfg.protocol,
+		Server:        s.cfg.server.String(),
+		Connections:   st.open.Load(),
+		Reconnects:    st.reconnects.Load(),
+		Failures:      st.failures.Load(),
+		LastCloseCode: st.lastClose.Load(),
+	}
+	if e := st.lastError.Load(); e != nil {
+		rep.LastError = *e
+	}
+	switch {
+	case rep.Connections > 0:
+		rep.State = "connected"
+		if ns := st.since.Load(); ns != 0 {
+			t := time.Unix(0, ns).UTC().Truncate(time.Millisecond)
+			rep.ConnectedSince = &t
+		}
+	case rep.LastError != "":
+		rep.State = "disconnected"
+	case s.cfg.protocol == protocolYjs && st.connects.Load() > 0:
+		rep.State = "idle" // every document's connection closed after its grace
+	default:
+		rep.State = "connecting"
+	}
+	return rep
+}
+
+// storeReport is the store's part of the status now.
+func (s *service) storeReport() storeReport {
+	if s.store == nil {
+		return storeReport{Owed: []string{}}
+	}
+	sum := s.store.summary()
+	rep := storeReport{Enabled: true, DataDir: sum.dir, Documents: sum.documents, Bytes: sum.bytes, Owed: sum.owed}
+	if rep.Owed == nil {
+		rep.Owed = []string{}
+	}
+	if !sum.failing.IsZero() {
+		t := sum.failing.UTC().Truncate(time.Millisecond)
+		rep.FailingSince = &t
+	}
+	if sum.err != nil {
+		rep.Error = sum.err.Error()
+	}
+	return rep
+}
+
+// reasonGroup is a range of drop reasons counted in one metric family
+// and one JSON object of the status.
+type reasonGroup struct {
+	first, last dropReason
+	metric      string // the counter family's name
+	help        string
+	of          func(*statusReport) *map[string]int64
+}
+
+// reasonGroups are the drops, the refusals and the editor closes;
+// editorJoined is counted alone.
+var reasonGroups = []reasonGroup{
+	{dropMalformed, dropStoreWrite, "elva_drops_total", "Messages dropped, and store writes failed, by reason.", func(r *statusReport) *map[string]int64 { return &r.Drops }},
+	{refusedHost, refusedNotUpgrade, "elva_refusals_total", "Local requests refused before any upgrade, by reason.", func(r *statusReport) *map[string]int64 { return &r.Refusals }},
+	{closedByEditor, closedBroken, "elva_editor_closes_total", "Local editors' connections ended, by reason.", func(r *statusReport) *map[string]int64 { return &r.Closes }},
+}
+
+// groupOf is the group of r; nil for noDrop and editorJoined.
+func groupOf(r dropReason) *reasonGroup {
+	for i := range reasonGroups {
+		if g := &reasonGroups[i]; r >= g.first && r <= g.last {
+			return g
+		}
+	}
+	return nil
+}
+
+// label is the reason's name as a metrics label value and a JSON key:
+// words joined by underscores.
+func (r dropReason) label() string { return strings.ReplaceAll(r.String(), " ", "_") }
+
+// metrics writes rep in the Prometheus text exposition format (version
+// 0.0.4: "# HELP" and "# TYPE" lines, then one sample per line), with
+// every reason of d, zero or not, so that each series exists from the
+// start.
+func (rep *statusReport) metrics(d *drops) []byte {
+	var m metricsText
+	m.family("elva_build_info", "gauge", "The relay's version; always 1.")
+	m.sample("elva_build_info", 1, "version", rep.Version)
+	m.family("elva_start_time_seconds", "gauge", "When the relay started, in seconds since the Unix epoch.")
+	m.sample("elva_start_time_seconds", float64(rep.StartedAt.UnixMilli())/1e3)
+	m.family("elva_editors", "gauge", "Local editors connected now.")
+	m.sample("elva_editors", float64(rep.Editors))
+	m.family("elva_documents_open", "gauge", "Documents open now: with local editors, or held open upstream for the store.")
+	m.sample("elva_documents_open", float64(len(rep.Documents)))
+	rep.trafficMetrics(&m)
+	rep.documentMetrics(&m)
+	rep.upstreamMetrics(&m)
+	rep.storeMetrics(&m)
+	for _, g := range reasonGroups {
+		m.family(g.metric, "counter", g.help)
+		for r := g.first; r <= g.last; r++ {
+			m.sample(g.metric, float64(d.total(r)), "reason", r.label())
+		}
+	}
+	m.family("elva_editor_joins_total", "counter", "Local editors connected, in all.")
+	m.sample("elva_editor_joins_total", float64(rep.Joins))
+	return m.b
+}
+
+// trafficMetrics writes the relay's messages and bytes in all, by peer.
+func (rep *statusReport) trafficMetrics(m *metricsText) {
+	for _, f := range []struct {
+		name, help, dir string
+		value           func(trafficReport) uint64
+	}{
+		{"elva_messages_received_total", "Messages received, from the local editors or the server.", "from", func(t trafficReport) uint64 { return t.MsgsIn }},
+		{"elva_received_bytes_total", "Bytes of the messages received, from the local editors or the server.", "from", func(t trafficReport) uint64 { return t.BytesIn }},
+		{"elva_messages_sent_total", "Messages queued to be sent, to the local editors or the server.", "to", func(t trafficReport) uint64 { return t.MsgsOut }},
+		{"elva_sent_bytes_total", "Bytes of the messages queued to be sent, to the local editors or the server.", "to", func(t trafficReport) uint64 { return t.BytesOut }},
+	} {
+		m.family(f.name, "counter", f.help)
+		for _, peer := range []string{"editors", "server"} {
+			m.sample(f.name, float64(f.value(rep.Traffic[peer])), f.dir, peer)
+		}
+	}
+}
+
+// documentMetrics writes each open document's editors and traffic (since
+// the document was opened: a counter that starts again when it reopens).
+func (rep *statusReport) documentMetrics(m *metricsText) {
+	for _, f := range []struct {
+		name, typ, help string
+		value           func(documentReport) float64
+	}{
+		{"elva_document_editors", "gauge", "Local editors of an open document.", func(d documentReport) float64 { return float64(d.Editors) }},
+		{"elva_document_messages_received_total", "counter", "Messages received for an open document, from editors and the server.", func(d documentReport) float64 { return float64(d.MsgsIn) }},
+		{"elva_document_received_bytes_total", "counter", "Bytes received for an open document.", func(d documentReport) float64 { return float64(d.BytesIn) }},
+		{"elva_document_messages_sent_total", "counter", "Messages of an open document queued to editors and the server.", func(d documentReport) float64 { return float64(d.MsgsOut) }},
+		{"elva_document_sent_bytes_total", "counter", "Bytes of an open document queued to editors and the server.", func(d documentReport) float64 { return float64(d.BytesOut) }},
+	} {
+		m.family(f.name, f.typ, f.help)
+		for _, d := range rep.Documents {
+			m.sample(f.name, f.value(d), "document", d.Name)
+		}
+	}
+}
+
+// upstreamMetrics writes the upstream's connections; nothing without a
+// server.
+func (rep *statusReport) upstreamMetrics(m *metricsText) {
+	u := rep.Upstream
+	if u.State == "none" {
+		return
+	}
+	m.family("elva_upstream_info", "gauge", "The server and its protocol; always 1.")
+	m.sample("elva_upstream_info", 1, "protocol", u.Protocol, "server", u.Server)
+	m.family("elva_upstream_connections", "gauge", "Connections to the server up now (yjs: one per open document).")
+	m.sample("elva_upstream_connections", float64(u.Connections))
+	since := 0.0
+	if u.ConnectedSince != nil {
+		since = float64(u.ConnectedSince.UnixMilli()) / 1e3
+	}
+	m.family("elva_upstream_connected_since_seconds", "gauge", "Since when a connection to the server has been up, in seconds since the Unix epoch; 0: none is.")
+	m.sample("elva_upstream_connected_since_seconds", since)
+	m.family("elva_upstream_reconnects_total", "counter", "Connections to the server made after one was lost.")
+	m.sample("elva_upstream_reconnects_total", float64(u.Reconnects))
+	m.family("elva_upstream_failures_total", "counter", "Attempts to connect to the server that failed.")
+	m.sample("elva_upstream_failures_total", float64(u.Failures))
+	m.family("elva_upstream_last_close_code", "gauge", "The close code of the last connection lost (1006: without a close frame); 0: none was.")
+	m.sample("elva_upstream_last_close_code", float64(u.LastCloseCode))
+}
+
+// storeMetrics writes the store's documents, bytes and owed documents;
+// nothing with --no-store.
+func (rep *statusReport) storeMetrics(m *metricsText) {
+	st := rep.Store
+	if !st.Enabled {
+		return
+	}
+	failing := 0.0
+	if st.FailingSince != nil {
+		failing = 1
+	}
+	m.family("elva_store_documents", "gauge", "Document files in the store.")
+	m.sample("elva_store_documents", float64(st.Documents))
+	m.family("elva_store_bytes", "gauge", "Bytes of the store's document files.")
+	m.sample("elva_store_bytes", float64(st.Bytes))
+	m.family("elva_store_owed_documents", "gauge", "Documents with local edits the server may lack.")
+	m.sample("elva_store_owed_documents", float64(len(st.Owed)))
+	m.family("elva_store_write_failing", "gauge", "1 while the store's writes fail (it retries), else 0.")
+	m.sample("elva_store_write_failing", failing)
+}
+
+// metricsText builds a text exposition (Prometheus text format 0.0.4).
+type metricsText struct{ b []byte }
+
+// family starts a metric family with its HELP and TYPE lines.
+func (m *metricsText) family(name, typ, help string) {
+	m.b = fmt.Appendf(m.b, "# HELP %s %s\n# TYPE %s %s\n", name, escapeHelp(help), name, typ)
+}
+
+// sample writes one sample of name with value and the label pairs in
+// labels (name, value, name, value...), values escaped.
+func (m *metricsText) sample(name string, value float64, labels ...string) {
+	m.b = append(m.b, name...)
+	for i := 0; i+1 < len(labels); i += 2 {
+		sep := byte(',')
+		if i == 0 {
+			sep = '{'
+		}
+		m.b = append(m.b, sep)
+		m.b = append(m.b, labels[i]...)
+		m.b = append(m.b, '=', '"')
+		m.b = append(m.b, escapeLabel(labels[i+1])...)
+		m.b = append(m.b, '"')
+	}
+	if len(labels) > 0 {
+		m.b = append(m.b, '}')
+	}
+	m.b = append(m.b, ' ')
+	m.b = strconv.AppendFloat(m.b, value, 'g', -1, 64)
+	m.b = append(m.b, '\n')
+}
+
+// labelEscaper and helpEscaper escape what the text format requires: in
+// label values a backslash, a double quote and a line feed; in HELP text a
+// backslash and a line feed.
+var (
+	labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
+	helpEscaper  = strings.NewReplacer(`\`, `\\`, "\n", `\n`)
+)
+
+// escapeLabel escapes a label value.
+func escapeLabel(v string) string { return labelEscaper.Replace(v) }
+
+// escapeHelp escapes HELP text.
+func escapeHelp(v string) string { return helpEscaper.Replace(v) }

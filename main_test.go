@@ -3,16 +3,20 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"encoding/xml"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -86,9 +90,13 @@ func TestLocalHTTPAnswers(t *testing.T) {
 		body   string
 	}{
 		{"upgrade without document", "/", upgrade, http.StatusForbidden, "no document name"},
-		{"plain request without document", "/", nil, http.StatusForbidden, "no document name"},
 		{"upgrade with only a query", "/?x=1", upgrade, http.StatusForbidden, "no document name"},
 		{"plain request for a document", "/doc-a", nil, http.StatusUpgradeRequired, "Yjs WebSocket relay"},
+		{"status as JSON", "/", nil, http.StatusOK, `"version":`},
+		{"status for a browser", "/", http.Header{"Accept": {"text/html,application/xhtml+xml,*/*;q=0.8"}}, http.StatusOK, "<!doctype html>"},
+		{"status from a foreign page", "/", http.Header{"Origin": {"https://evil.example"}}, http.StatusForbidden, "not allowed"},
+		{"metrics", "/metrics", nil, http.StatusOK, "# TYPE elva_editors gauge"},
+		{"metrics for a rebinding host", "/metrics", http.Header{"Host": {"attacker.example"}}, http.StatusForbidden, "not allowed"},
 	}
 	client := &http.Client{Timeout: testTimeout}
 	for _, tt := range tests {
@@ -96,6 +104,9 @@ func TestLocalHTTPAnswers(t *testing.T) {
 			req, _ := http.NewRequest("GET", "http://"+r.addr+tt.path, nil)
 			for k, v := range tt.header {
 				req.Header[k] = v
+			}
+			if host := tt.header.Get("Host"); host != "" {
+				req.Host = host
 			}
 			resp, err := client.Do(req)
 			if err != nil {
@@ -108,6 +119,175 @@ func TestLocalHTTPAnswers(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestStatusAndMetricsAfterASession scripts a session (two documents,
+// three editors, one upstream reconnect, one refused origin) and checks
+// the figures of the status JSON and of the metrics, whose text must
+// follow the exposition format line by line.
+func TestStatusAndMetricsAfterASession(t *testing.T) {
+	srv := newELVAServer(t, magicSeed)
+	r := startRelay(t, "--server", srv.url(), "--data-dir", t.TempDir())
+	srv.waitConnected(t)
+	r.logs.waitFor(t, "upstream connected")
+	docB := `notes "b" \ 2` // quotes and a backslash, escaped in the metrics
+	a1, a2 := join(t, r.addr, "doc-a"), join(t, r.addr, "doc-a")
+	join(t, r.addr, url.PathEscape(docB))
+	update := updateMsg(unhex(t, "01 01 c8 01 00 04 01 01 74 01 61 00")) // client 200 inserts "a" into text "t"
+	send(t, a1, update)
+	receiveSkipping(t, a2, func(msg []byte) bool { return bytes.Equal(msg, update) })
+
+	srv.dropAll()
+	srv.waitConnected(t)
+	r.logs.waitFor(t, "upstream connected")
+	req, _ := http.NewRequest("GET", "http://"+r.addr+"/", nil)
+	req.Header.Set("Origin", "https://evil.example")
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("foreign origin: %v %v, want 403", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+
+	var st statusReport
+	if err := json.Unmarshal(httpGet(t, "http://"+r.addr+"/", "application/json"), &st); err != nil {
+		t.Fatalf("status JSON: %v", err)
+	}
+	checks := []struct {
+		what      string
+		got, want any
+	}{
+		{"editors", st.Editors, 3},
+		{"documents", len(st.Documents), 2},
+		{"editor joins", st.Joins, int64(3)},
+		{"refused origins", st.Refusals["origin"], int64(1)},
+		{"upstream state", st.Upstream.State, "connected"},
+		{"upstream protocol", st.Upstream.Protocol, protocolELVA},
+		{"upstream connections", st.Upstream.Connections, int64(1)},
+		{"upstream reconnects", st.Upstream.Reconnects, int64(1)},
+		{"store on", st.Store.Enabled, true},
+		{"editors' messages in", st.Traffic["editors"].MsgsIn, uint64(4)}, // three hellos and the update
+	}
+	if len(st.Documents) == 2 {
+		a, b := st.Documents[0], st.Documents[1]
+		checks = append(checks, []struct {
+			what      string
+			got, want any
+		}{
+			{"first document", a.Name, "doc-a"},
+			{"doc-a editors", a.Editors, 2},
+			{"doc-a messages in", a.MsgsIn, uint64(3)},
+			{"doc-a bytes in", a.BytesIn, uint64(6 + len(update))},
+			{"second document", b.Name, docB},
+			{"doc-b editors", b.Editors, 1},
+			{"doc-b messages in", b.MsgsIn, uint64(1)},
+		}...)
+		if a.MsgsOut < 3 { // the update to a2; both hellos echoed to a1 and a2 at least
+			t.Errorf("doc-a messages out: %d, want at least 3", a.MsgsOut)
+		}
+	}
+	for _, c := range checks {
+		if c.got != c.want {
+			t.Errorf("status %s: %v, want %v", c.what, c.got, c.want)
+		}
+	}
+	if st.Upstream.ConnectedSince == nil || st.Upstream.LastCloseCode == 0 {
+		t.Errorf("upstream: connected since %v, last close code %d; want both set after the reconnect", st.Upstream.ConnectedSince, st.Upstream.LastCloseCode)
+	}
+
+	samples := parseExposition(t, httpGet(t, "http://"+r.addr+"/metrics", ""))
+	for series, want := range map[string]float64{
+		`elva_editors`:                                            3,
+		`elva_documents_open`:                                     2,
+		`elva_document_editors{document="doc-a"}`:                 2,
+		`elva_document_editors{document="notes \"b\" \\ 2"}`:      1,
+		`elva_document_messages_received_total{document="doc-a"}`: 3,
+		`elva_messages_received_total{from="editors"}`:            4,
+		`elva_refusals_total{reason="origin"}`:                    1,
+		`elva_refusals_total{reason="host"}`:                      0,
+		`elva_upstream_connections`:                               1,
+		`elva_upstream_reconnects_total`:                          1,
+		`elva_editor_joins_total`:                                 3,
+		`elva_editor_closes_total{reason="slow"}`:                 0,
+		`elva_drops_total{reason="malformed"}`:                    0,
+	} {
+		got, ok := samples[series]
+		if !ok || got != want {
+			t.Errorf("metrics %s = %v (present %v), want %v", series, got, ok, want)
+		}
+	}
+}
+
+// httpGet GETs url with the Accept header accept (none if empty) and
+// returns the body of a 200 answer; anything else fails the test.
+func httpGet(t *testing.T, url, accept string) []byte {
+	t.Helper()
+	req, err := http.NewRequest("GET", url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if accept != "" {
+		req.Header.Set("Accept", accept)
+	}
+	resp, err := (&http.Client{Timeout: testTimeout}).Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %d %q %v", url, resp.StatusCode, body, err)
+	}
+	return body
+}
+
+// parseExposition checks text line by line against the Prometheus text
+// format (version 0.0.4): HELP and TYPE lines name a metric once each,
+// before its samples; a sample is a metric name, optional labels with
+// quoted values (escapes \\, \" and \n only) and a float; no series
+// twice; counters end in _total. It returns the samples by series, as
+// written.
+func parseExposition(t *testing.T, text []byte) map[string]float64 {
+	t.Helper()
+	name := `[a-zA-Z_:][a-zA-Z0-9_:]*`
+	help := regexp.MustCompile(`^# HELP (` + name + `) (?:[^\\\n]|\\[\\n])*$`)
+	typ := regexp.MustCompile(`^# TYPE (` + name + `) (counter|gauge|histogram|summary|untyped)$`)
+	sample := regexp.MustCompile(`^(` + name + `)((?:\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\["\\n])*"(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\["\\n])*")*\})?) (\S+)$`)
+	types, helps := map[string]string{}, map[string]bool{}
+	samples := map[string]float64{}
+	if !bytes.HasSuffix(text, []byte("\n")) {
+		t.Errorf("metrics do not end with a line feed")
+	}
+	for i, line := range strings.Split(strings.TrimSuffix(string(text), "\n"), "\n") {
+		switch m := []string(nil); {
+		case strings.HasPrefix(line, "# HELP "):
+			if m = help.FindStringSubmatch(line); m == nil || helps[m[1]] {
+				t.Errorf("line %d: bad or second HELP: %q", i+1, line)
+			} else {
+				helps[m[1]] = true
+			}
+		case strings.HasPrefix(line, "# TYPE "):
+			if m = typ.FindStringSubmatch(line); m == nil || types[m[1]] != "" {
+				t.Errorf("line %d: bad or second TYPE: %q", i+1, line)
+			} else if types[m[1]] = m[2]; m[2] == "counter" && !strings.HasSuffix(m[1], "_total") {
+				t.Errorf("line %d: counter %s does not end in _total", i+1, m[1])
+			}
+		default:
+			m = sample.FindStringSubmatch(line)
+			if m == nil {
+				t.Errorf("line %d: not a sample: %q", i+1, line)
+				continue
+			}
+			v, err := strconv.ParseFloat(m[3], 64)
+			if err != nil || types[m[1]] == "" {
+				t.Errorf("line %d: value %q (%v) or no TYPE before it: %q", i+1, m[3], err, line)
+			}
+			if _, dup := samples[m[1]+m[2]]; dup {
+				t.Errorf("line %d: series twice: %q", i+1, line)
+			}
+			samples[m[1]+m[2]] = v
+		}
+	}
+	return samples
 }
 
 func TestUpstreamAuthRetriesWithBasic(t *testing.T) {

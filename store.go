@@ -42,6 +42,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -164,6 +165,11 @@ type store struct {
 	quit      <-chan struct{} // the hub's: closed when it stops reading replies
 	log       *slog.Logger
 	drops     *drops
+
+	// For the status page and the metrics: written by run, read by HTTP
+	// handlers.
+	owedNow      atomic.Pointer[[]string] // s.owed, sorted, as of its last change
+	failingSince atomic.Int64             // Unix ns when writes began to fail; 0: they do not
 
 	// Owned by run.
 	docs      map[string]*storedDoc
@@ -302,6 +308,7 @@ func (s *store) loadOwed() []string {
 			added = append(added, name)
 		}
 	}
+	s.publishOwed()
 	return added
 }
 
@@ -654,6 +661,52 @@ func (s *store) markOwed(doc string, owed bool) {
 		delete(s.owed, doc)
 	}
 	s.owedDirty, s.dirty = true, true
+	s.publishOwed()
+}
+
+// publishOwed makes the owed list as it is now the one the status page
+// shows.
+func (s *store) publishOwed() {
+	names := s.owedDocs()
+	s.owedNow.Store(&names)
+}
+
+// storeSummary is the store's part of the status page: its directory,
+// the document files in it and their bytes, the documents that owe the
+// server edits, and since when writes fail (zero: they do not).
+type storeSummary struct {
+	dir       string
+	documents int
+	bytes     int64
+	owed      []string
+	failing   time.Time
+	err       error // the directory could not be read
+}
+
+// summary is the storeSummary now. Safe from any goroutine: it reads the
+// directory's entries (no file's content) and what run published.
+func (s *store) summary() storeSummary {
+	sum := storeSummary{dir: s.dir}
+	if p := s.owedNow.Load(); p != nil {
+		sum.owed = *p
+	}
+	if ns := s.failingSince.Load(); ns != 0 {
+		sum.failing = time.Unix(0, ns)
+	}
+	entries, err := os.ReadDir(s.dir)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		sum.err = err
+	}
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), docFileExt) {
+			continue
+		}
+		sum.documents++
+		if info, err := e.Info(); err == nil {
+			sum.bytes += info.Size()
+		}
+	}
+	return sum
 }
 
 // answer answers a step 1 with a step 2 holding what its sender lacks.
@@ -947,6 +1000,7 @@ func (s *store) settle(failed error) {
 	case !s.failing.IsZero():
 		s.log.Info("store: writing again; caught up", "failed_for", time.Since(s.failing).Round(time.Second))
 		s.failing = time.Time{}
+		s.failingSince.Store(0)
 	}
 }
 
@@ -957,6 +1011,7 @@ func (s *store) writeFailed(err error) {
 		return
 	}
 	s.failing = time.Now()
+	s.failingSince.Store(s.failing.UnixNano())
 	s.log.Error("store: cannot write; documents are kept in memory and written when it works again", "err", err)
 }
 

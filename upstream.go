@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -91,6 +92,10 @@ type upstream struct {
 	// document.
 	perDocument bool
 	dialSlots   chan struct{} // a token per dial in progress, shared; nil: no limit
+	// stats is what the status page tells of the connections, shared by
+	// every copy of this upstream (yjs mode: one per document); nil: none
+	// kept.
+	stats *upstreamStats
 
 	// Owned by run.
 	authorization string // Basic credentials, once the server asked for them
@@ -117,6 +122,7 @@ func (u *upstream) run(ctx context.Context) error {
 	b := backoff{max: u.retryMax}
 	var downSince time.Time // zero while up
 	var lastReason string   // why the last attempt failed, as logged at warn
+	served := false         // a connection was up before: the next is a reconnect
 	for {
 		ws, raw, err := u.connect(ctx)
 		if errors.Is(err, errAuth) {
@@ -126,6 +132,7 @@ func (u *upstream) run(ctx context.Context) error {
 			return nil
 		}
 		if err != nil {
+			u.stats.failed(err)
 			delay := b.next()
 			if downSince.IsZero() {
 				downSince = time.Now()
@@ -148,10 +155,14 @@ func (u *upstream) run(ctx context.Context) error {
 			outage = start.Sub(downSince)
 		}
 		downSince, lastReason = time.Time{}, ""
+		u.stats.up(served)
+		served = true
 		err = u.serve(ws, raw, outage)
+		u.stats.down()
 		if ctx.Err() != nil {
 			return nil
 		}
+		u.stats.lost(err)
 		if time.Since(start) >= stableAfter {
 			b.reset()
 		}
@@ -162,6 +173,75 @@ func (u *upstream) run(ctx context.Context) error {
 		if !sleep(ctx, delay) {
 			return nil
 		}
+	}
+}
+
+// upstreamStats tells the status page and the metrics about the upstream
+// connections: written by their goroutines, read by HTTP handlers, so
+// atomics only. A nil *upstreamStats counts nothing.
+type upstreamStats struct {
+	open       atomic.Int64 // connections up now (yjs mode: one per document)
+	since      atomic.Int64 // Unix ns since when one has been up; 0: none is
+	connects   atomic.Int64 // connections made, in all
+	reconnects atomic.Int64 // connections made after one was lost
+	failures   atomic.Int64 // attempts that failed
+	losses     atomic.Int64 // connections lost (not closed by the relay)
+	lastError  atomic.Pointer[string]
+	lastClose  atomic.Int64 // close code of the last lost connection; 1006: without a close frame
+}
+
+// up counts a connection that came up; again: one was up before.
+func (s *upstreamStats) up(again bool) {
+	if s == nil {
+		return
+	}
+	s.connects.Add(1)
+	if again {
+		s.reconnects.Add(1)
+	}
+	if s.open.Add(1) == 1 {
+		s.since.Store(time.Now().UnixNano())
+	}
+}
+
+// down counts a connection that ended, whatever ended it.
+func (s *upstreamStats) down() {
+	if s == nil {
+		return
+	}
+	since := s.since.Load()
+	if s.open.Add(-1) == 0 {
+		// Not Store(0): a connection that came up meanwhile has set its own.
+		s.since.CompareAndSwap(since, 0)
+	}
+}
+
+// failed notes an attempt that failed with err (already redacted).
+func (s *upstreamStats) failed(err error) {
+	if s == nil {
+		return
+	}
+	s.failures.Add(1)
+	msg := err.Error()
+	s.lastError.Store(&msg)
+}
+
+// lost notes a connection that ended with err, and the close code: the
+// server's (RFC 6455 §7.1.5), or 1006 when none came.
+func (s *upstreamStats) lost(err error) {
+	if s == nil {
+		return
+	}
+	s.losses.Add(1)
+	code := int64(closeAbnormal)
+	var pc *peerCloseError
+	if errors.As(err, &pc) {
+		code = int64(pc.code)
+	}
+	s.lastClose.Store(code)
+	if err != nil {
+		msg := err.Error()
+		s.lastError.Store(&msg)
 	}
 }
 

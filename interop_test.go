@@ -2980,3 +2980,304 @@ func TestInteropHocuspocusJoinAfterServerContent(t *testing.T) {
 	ed.join(t, "ann", "ws://"+relay.addr, "notes")
 	ed.convergeWithin(t, syncBound)
 }
+
+// The status page in a browser: interop/status-page.mjs opens status.html
+// in headless Chromium (Debian's, driven by playwright-core) and reports
+// what the page shows.
+
+// chromiumPath is the browser the status page test runs: $CHROMIUM, else
+// Debian's package (which .ci/run installs).
+func chromiumPath() string {
+	if p := os.Getenv("CHROMIUM"); p != "" {
+		return p
+	}
+	return "/usr/bin/chromium"
+}
+
+// requireChromium skips or fails (in CI) the test when the browser, its
+// driver (playwright-core in interop/node_modules) or Node is missing.
+func requireChromium(t *testing.T) {
+	t.Helper()
+	requireNode(t)
+	_, driverErr := os.Stat(filepath.Join("interop", "node_modules", "playwright-core"))
+	_, browserErr := exec.LookPath(chromiumPath())
+	if driverErr == nil && browserErr == nil {
+		return
+	}
+	msg := fmt.Sprintf("status page browser unavailable (%s: %v; playwright-core: %v): install Debian's chromium and run `npm ci` in interop/", chromiumPath(), browserErr, driverErr)
+	if os.Getenv("CI") != "" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+}
+
+// browserPage drives interop/status-page.mjs: one browser with the status
+// page open, one JSON command per line.
+type browserPage struct {
+	cmd     *exec.Cmd
+	stdin   io.WriteCloser
+	answers chan string // closed when its stdout ends
+	stderr  *logBuffer
+	profile string // the browser's profile folder, unique to this run
+}
+
+// pageView mirrors what status-page.mjs says the page shows: the texts on
+// the page, and what the driver saw of the page itself (marker, loads,
+// errors).
+type pageView struct {
+	Marker    string `json:"marker"` // set once after the first load; a reload loses it
+	Loads     int    `json:"loads"`  // load events of the page
+	Polls     int    `json:"polls"`  // the page's successful refreshes
+	State     string `json:"state"`  // "loading", "live" or "unreachable"
+	Reach     string `json:"reach"`
+	Version   string `json:"version"`
+	Listening string `json:"listening"`
+	Editors   string `json:"editors"`
+	Upstream  struct {
+		State      string `json:"state"`
+		Protocol   string `json:"protocol"`
+		Server     string `json:"server"`
+		Since      string `json:"since"`
+		Reconnects string `json:"reconnects"`
+		Error      string `json:"error"`
+		Close      string `json:"close"`
+	} `json:"upstream"`
+	Documents      map[string]map[string]string `json:"documents"` // name → field → text
+	Order          []string                     `json:"order"`     // document names, top to bottom
+	Graph          map[string]int               `json:"graph"`     // name → points drawn
+	ConsoleErrors  []string                     `json:"consoleErrors"`
+	PageErrors     []string                     `json:"pageErrors"`
+	FailedRequests []string                     `json:"failedRequests"`
+}
+
+// pageAnswer mirrors one answer line of status-page.mjs.
+type pageAnswer struct {
+	OK      bool     `json:"ok"`
+	Error   string   `json:"error"`
+	Page    pageView `json:"page"`
+	Profile string   `json:"profile"`
+}
+
+// openStatusPage starts the browser on the page at url and waits for its
+// first refresh. At cleanup it closes the browser and fails the test if a
+// process of it is left.
+func openStatusPage(t *testing.T, url string) (*browserPage, pageView) {
+	t.Helper()
+	requireChromium(t)
+	ctx, cancel := context.WithTimeout(context.Background(), interopTimeout)
+	cmd := exec.CommandContext(ctx, "node", "status-page.mjs", "--timeout", strconv.Itoa(int(interopTimeout/time.Second)))
+	cmd.Dir = "interop"
+	// On the timeout, SIGTERM: the driver then closes the browser.
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = testTimeout
+	p := &browserPage{cmd: cmd, answers: make(chan string, 10), stderr: newLogBuffer()}
+	cmd.Stderr = p.stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.stdin, err = cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(nil, 16<<20)
+		for sc.Scan() {
+			p.answers <- sc.Text()
+		}
+		close(p.answers)
+	}()
+	t.Cleanup(func() { p.close(t); cancel() })
+	return p, p.do(t, map[string]any{"cmd": "open", "url": url}).Page
+}
+
+// do sends one command and returns its answer; a failed command fails the
+// test, with what the page showed last.
+func (p *browserPage) do(t *testing.T, cmd map[string]any) pageAnswer {
+	t.Helper()
+	line, _ := json.Marshal(cmd)
+	if _, err := p.stdin.Write(append(line, '\n')); err != nil {
+		t.Fatalf("status-page.mjs: %v\n%s", err, p.stderr.String())
+	}
+	var raw string
+	select {
+	case r, ok := <-p.answers:
+		if !ok {
+			t.Fatalf("status-page.mjs exited\n%s", p.stderr.String())
+		}
+		raw = r
+	case <-time.After(interopTimeout):
+		t.Fatalf("status-page.mjs did not answer %v", cmd)
+	}
+	var a pageAnswer
+	if err := json.Unmarshal([]byte(raw), &a); err != nil {
+		t.Fatalf("status-page.mjs answer %q: %v", raw, err)
+	}
+	if a.Profile != "" {
+		p.profile = a.Profile // for close, even when the page failed
+	}
+	if !a.OK {
+		t.Fatalf("status-page.mjs %v: %s\npage: %s\n%s", cmd, a.Error, raw, p.stderr.String())
+	}
+	return a
+}
+
+// waitFor waits until the page shows show (a partial pageView: objects
+// match on the keys given, texts by equality), does not show hide (nil:
+// no such condition) and has refreshed itself at least minPolls times.
+func (p *browserPage) waitFor(t *testing.T, show, hide map[string]any, minPolls int) pageView {
+	t.Helper()
+	cmd := map[string]any{"cmd": "waitFor", "show": show, "minPolls": minPolls, "timeoutMs": (2 * syncBound).Milliseconds()}
+	if hide != nil {
+		cmd["hide"] = hide
+	}
+	return p.do(t, cmd).Page
+}
+
+// close quits the driver, which closes the browser, and fails the test
+// if a browser process is still running on its profile.
+func (p *browserPage) close(t *testing.T) {
+	p.stdin.Close() // the driver quits at the end of its input
+	if err := p.cmd.Wait(); err != nil {
+		t.Errorf("status-page.mjs: %v\n%s", err, p.stderr.String())
+	}
+	if p.profile == "" {
+		return
+	}
+	if left := processesWith(t, p.profile); len(left) > 0 {
+		t.Errorf("browser processes left behind: %q", left)
+	}
+	os.RemoveAll(p.profile) // the driver's own work, unless it was killed
+}
+
+// processesWith lists the command lines of running processes that
+// contain substr (none where there is no /proc).
+func processesWith(t *testing.T, substr string) []string {
+	t.Helper()
+	cmdlines, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	var found []string
+	for _, path := range cmdlines {
+		b, err := os.ReadFile(path) // the process may be gone by now
+		if err == nil && bytes.Contains(b, []byte(substr)) {
+			found = append(found, string(bytes.ReplaceAll(b, []byte{0}, []byte{' '})))
+		}
+	}
+	return found
+}
+
+// screenshot saves the whole page to file, a PNG.
+func (p *browserPage) screenshot(t *testing.T, file string) {
+	t.Helper()
+	abs, err := filepath.Abs(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.do(t, map[string]any{"cmd": "screenshot", "file": abs})
+}
+
+// pageNumber is the integer a page cell shows; it fails the test on
+// anything else.
+func pageNumber(t *testing.T, v pageView, doc, field string) int {
+	t.Helper()
+	n, err := strconv.Atoi(v.Documents[doc][field])
+	if err != nil {
+		t.Fatalf("document %q, %s: %v", doc, field, err)
+	}
+	return n
+}
+
+// statusOddDoc is a document name that is markup if a page lets it be.
+const statusOddDoc = `<i>plans</i> & "Grüße"`
+
+// TestInteropStatusPage opens the status page in headless Chromium during
+// a session with an ELVA server, two documents and three editors, and
+// checks what it shows, that it follows the session (an editor joins,
+// edits, the server goes away and comes back) without a reload, that it
+// says so when the relay is gone, and that the browser logged no error
+// before that. With ELVA_STATUS_SCREENSHOT=FILE it saves a screenshot
+// (the README's docs/status-page.png) while editors type.
+func TestInteropStatusPage(t *testing.T) {
+	requireChromium(t)
+	srv := startNodeServer(t, "broadcast")
+	relay := startRelayProcess(t, "--server", srv.url(), "--retry-max", "1s")
+	ed := startEditors(t)
+	url := "ws://" + relay.addr
+	ed.join(t, "alice", url, "notes")
+	ed.join(t, "bob", url, "notes")
+	ed.join(t, "carol", url, statusOddDoc)
+	ed.do(t, map[string]any{"cmd": "edit", "rounds": 3})
+	ed.converge(t)
+
+	page, _ := openStatusPage(t, "http://"+relay.addr+"/")
+	first := page.waitFor(t, map[string]any{
+		"editors":   "3",
+		"upstream":  map[string]any{"state": "connected", "protocol": "elva", "server": srv.url()},
+		"documents": map[string]any{"notes": map[string]any{"editors": "2"}, statusOddDoc: map[string]any{"editors": "1"}},
+	}, nil, 1)
+	if want := []string{statusOddDoc, "notes"}; !slices.Equal(first.Order, want) {
+		t.Errorf("documents shown %q, want %q (by name)", first.Order, want)
+	}
+	if first.Version == "" || !strings.Contains(first.Listening, relay.addr) {
+		t.Errorf("version %q, listening %q; want a version and %s among the addresses", first.Version, first.Listening, relay.addr)
+	}
+	for _, doc := range first.Order {
+		if shown := first.Documents[doc]["name"]; shown != doc { // as text, not markup
+			t.Errorf("document %q shows as %q", doc, shown)
+		}
+		if n := pageNumber(t, first, doc, "messages_in"); n == 0 {
+			t.Errorf("document %q: messages in shows 0 after edits", doc)
+		}
+	}
+
+	// A fourth editor joins and everyone types: the page follows.
+	ed.join(t, "dave", url, statusOddDoc)
+	ed.do(t, map[string]any{"cmd": "startEditing", "intervalMs": 100})
+	typing := page.waitFor(t, map[string]any{
+		"editors":   "4",
+		"documents": map[string]any{"notes": map[string]any{"editors": "2"}, statusOddDoc: map[string]any{"editors": "2"}},
+	}, nil, first.Polls+3)
+	for _, doc := range typing.Order {
+		if before, now := pageNumber(t, first, doc, "messages_in"), pageNumber(t, typing, doc, "messages_in"); now <= before {
+			t.Errorf("document %q: messages in went from %d to %d while editors typed", doc, before, now)
+		}
+		if typing.Graph[doc] < 2 {
+			t.Errorf("document %q: the graph has %d points after %d refreshes, want a line", doc, typing.Graph[doc], typing.Polls)
+		}
+	}
+	if file := os.Getenv("ELVA_STATUS_SCREENSHOT"); file != "" {
+		page.screenshot(t, file)
+	}
+
+	// The server goes away and comes back.
+	srv.kill(t)
+	down := page.waitFor(t, nil, map[string]any{"upstream": map[string]any{"state": "connected"}}, typing.Polls+1)
+	if down.Upstream.State != "connecting" && down.Upstream.State != "disconnected" {
+		t.Errorf("upstream shows %q after the server went away, want connecting or disconnected", down.Upstream.State)
+	}
+	srv.start(t)
+	back := page.waitFor(t, map[string]any{"upstream": map[string]any{"state": "connected"}}, nil, down.Polls+1)
+	if back.Upstream.Reconnects == first.Upstream.Reconnects {
+		t.Errorf("reconnects shows %s before the outage and after it", back.Upstream.Reconnects)
+	}
+	ed.do(t, map[string]any{"cmd": "stopEditing"})
+	ed.converge(t)
+
+	// All of that in one page load, without a message on the console.
+	if back.Marker != first.Marker || back.Loads != 1 {
+		t.Errorf("the page reloaded: marker %q then %q, %d loads; want it to refresh itself", first.Marker, back.Marker, back.Loads)
+	}
+	if len(back.ConsoleErrors)+len(back.PageErrors)+len(back.FailedRequests) > 0 {
+		t.Errorf("browser errors: console %q, page %q, failed requests %q", back.ConsoleErrors, back.PageErrors, back.FailedRequests)
+	}
+
+	// The relay stops: the page says so (the browser now logs its failed
+	// fetches, so no error check after this).
+	relay.stop(t)
+	gone := page.waitFor(t, map[string]any{"state": "unreachable"}, nil, 0)
+	if !strings.HasPrefix(gone.Reach, "relay unreachable") || gone.Marker != first.Marker {
+		t.Errorf("after the relay stopped the page shows %q (marker %q, want %q), want relay unreachable", gone.Reach, gone.Marker, first.Marker)
+	}
+}

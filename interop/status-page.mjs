@@ -20,20 +20,22 @@
 //       with it). It sets a random marker in window, which a reload would
 //       lose.
 //   {"cmd":"read"}   answers with what the page shows now
-//   {"cmd":"waitFor","show":{"upstream":{"state":"connected"}},"minPolls":3,"timeoutMs":20000}
+//   {"cmd":"waitFor","show":{"upstream":{"state":"connected"}},"hide":{...},"minPolls":3,"timeoutMs":20000}
 //       waits until what the page shows contains show (objects match on
-//       the keys given, other values by equality) and it refreshed itself
-//       at least minPolls times; answers with what it shows (ok false on
-//       timeout, with what it showed last)
+//       the keys given, other values by equality), does not contain hide
+//       (if given) and the page refreshed itself at least minPolls times;
+//       answers with what it shows (ok false on timeout, with what it
+//       showed last)
 //   {"cmd":"screenshot","file":"/abs/path.png"}   the whole page, as PNG
 //   {"cmd":"quit"}   closes the browser, removes the profile and exits
 //
 // What the page shows ("page" in every answer): marker, loads (load events
 // of the page: 1 unless it reloaded), polls and state (of <body>), reach,
-// version, uptime, listening, editors, drops, upstream {state, protocol,
-// server, since, connections, reconnects, error, close}, store {dir,
-// documents, bytes, owed}, documents {name: {editors, rate, messages_in,
-// bytes_in, messages_out, bytes_out, owed}} and order (names, top to
+// version, uptime, listening, editors, joins, drops, refusals, closes,
+// upstream {state, protocol, server, since, connections, reconnects,
+// failures, error, close}, store {dir, documents, bytes, problem, owed},
+// documents {name: {name (as shown), editors, rate, messages_in,
+// bytes_in, messages_out, bytes_out, held, owed}}, order (names, top to
 // bottom), graph (name → points drawn), consoleErrors, pageErrors and
 // failedRequests, all as text the page shows.
 //
@@ -113,55 +115,20 @@ async function open ({ url }) {
   return { ...shown, profile }
 }
 
-// read returns what the page shows, from the DOM.
+// read returns what the page shows, from the DOM. A page that navigates
+// away (a reload) while it is read is read again once it has loaded: the
+// reload shows in loads and marker, not as an error here.
 async function read () {
   if (!page) throw new Error('no page open')
-  const shown = await page.evaluate(() => {
-    const text = (id) => document.getElementById(id)?.textContent ?? null
-    const documents = {}
-    const order = []
-    for (const row of document.querySelectorAll('#documents tr[data-doc]')) {
-      const cells = {}
-      for (const td of row.querySelectorAll('td[data-field]')) cells[td.dataset.field] = td.textContent
-      delete cells.name
-      documents[row.dataset.doc] = cells
-      order.push(row.dataset.doc)
+  let shown
+  for (let tries = 0; !shown; tries++) {
+    try {
+      shown = await page.evaluate(readDOM)
+    } catch (err) {
+      if (tries > 0 || !/navigat|context was destroyed/i.test(err.message)) throw err
+      await page.waitForLoadState('load', { timeout: 15000 })
     }
-    const graph = {}
-    for (const line of document.querySelectorAll('#graph polyline')) {
-      graph[line.dataset.doc] = line.getAttribute('points').split(' ').filter(Boolean).length
-    }
-    return {
-      marker: window.statusPageMarker ?? null,
-      polls: Number(document.body.dataset.polls),
-      state: document.body.dataset.state,
-      reach: text('reach'),
-      version: text('version'),
-      uptime: text('uptime'),
-      listening: text('listening'),
-      editors: text('editors'),
-      drops: text('drops'),
-      upstream: {
-        state: text('upstream-state'),
-        protocol: text('upstream-protocol'),
-        server: text('upstream-server'),
-        since: text('upstream-since'),
-        connections: text('upstream-connections'),
-        reconnects: text('upstream-reconnects'),
-        error: text('upstream-error'),
-        close: text('upstream-close')
-      },
-      store: {
-        dir: text('store-dir'),
-        documents: text('store-documents'),
-        bytes: text('store-bytes'),
-        owed: [...document.querySelectorAll('#store-owed li')].map((li) => li.textContent)
-      },
-      documents,
-      order,
-      graph
-    }
-  })
+  }
   return {
     page: {
       ...shown,
@@ -173,6 +140,58 @@ async function read () {
   }
 }
 
+// readDOM runs in the page: what it shows.
+function readDOM () {
+  const text = (id) => document.getElementById(id)?.textContent ?? null
+  const documents = {}
+  const order = []
+  for (const row of document.querySelectorAll('#documents tr[data-doc]')) {
+    const cells = {}
+    for (const td of row.querySelectorAll('td[data-field]')) cells[td.dataset.field] = td.textContent
+    documents[row.dataset.doc] = cells
+    order.push(row.dataset.doc)
+  }
+  const graph = {}
+  for (const line of document.querySelectorAll('#graph polyline')) {
+    graph[line.dataset.doc] = line.getAttribute('points').split(' ').filter(Boolean).length
+  }
+  return {
+    marker: window.statusPageMarker ?? null,
+    polls: Number(document.body.dataset.polls),
+    state: document.body.dataset.state,
+    reach: text('reach'),
+    version: text('version'),
+    uptime: text('uptime'),
+    listening: text('listening'),
+    editors: text('editors'),
+    joins: text('joins'),
+    drops: text('drops'),
+    refusals: text('refusals'),
+    closes: text('closes'),
+    upstream: {
+      state: text('upstream-state'),
+      protocol: text('upstream-protocol'),
+      server: text('upstream-server'),
+      since: text('upstream-since'),
+      connections: text('upstream-connections'),
+      reconnects: text('upstream-reconnects'),
+      failures: text('upstream-failures'),
+      error: text('upstream-error'),
+      close: text('upstream-close')
+    },
+    store: {
+      dir: text('store-dir'),
+      documents: text('store-documents'),
+      bytes: text('store-bytes'),
+      problem: text('store-error'),
+      owed: [...document.querySelectorAll('#store-owed li')].map((li) => li.textContent)
+    },
+    documents,
+    order,
+    graph
+  }
+}
+
 // contains tells whether got has everything in want: objects on want's
 // keys, everything else by equality.
 function contains (got, want) {
@@ -181,15 +200,17 @@ function contains (got, want) {
   return Object.keys(want).every((k) => contains(got[k], want[k]))
 }
 
-// waitFor reads the page every 50 ms until it shows show and has
-// refreshed itself minPolls times.
-async function waitFor ({ show, minPolls, timeoutMs }) {
+// waitFor reads the page every 50 ms until it shows show, not hide, and
+// has refreshed itself minPolls times.
+async function waitFor ({ show, hide, minPolls, timeoutMs }) {
   const deadline = Date.now() + (timeoutMs ?? 20000)
   for (;;) {
     const shown = await read()
-    if (shown.page.polls >= (minPolls ?? 0) && contains(shown.page, show ?? {})) return shown
+    if (shown.page.polls >= (minPolls ?? 0) && contains(shown.page, show ?? {}) &&
+        !(hide && contains(shown.page, hide))) return shown
     if (Date.now() > deadline) {
-      return { ok: false, error: `the page did not show ${JSON.stringify(show ?? {})} after ${minPolls ?? 0} refreshes within ${timeoutMs ?? 20000} ms`, ...shown }
+      const want = `show ${JSON.stringify(show ?? {})}, hide ${JSON.stringify(hide ?? null)}, ${minPolls ?? 0} refreshes`
+      return { ok: false, error: `the page did not get to ${want} within ${timeoutMs ?? 20000} ms`, ...shown }
     }
     await sleep(50)
   }

@@ -3168,16 +3168,6 @@ func processesWith(t *testing.T, substr string) []string {
 	return found
 }
 
-// screenshot saves the whole page to file, a PNG.
-func (p *browserPage) screenshot(t *testing.T, file string) {
-	t.Helper()
-	abs, err := filepath.Abs(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.do(t, map[string]any{"cmd": "screenshot", "file": abs})
-}
-
 // pageNumber is the integer a page cell shows; it fails the test on
 // anything else.
 func pageNumber(t *testing.T, v pageView, doc, field string) int {
@@ -3197,8 +3187,7 @@ const statusOddDoc = `<i>plans</i> & "Grüße"`
 // checks what it shows, that it follows the session (an editor joins,
 // edits, the server goes away and comes back) without a reload, that it
 // says so when the relay is gone, and that the browser logged no error
-// before that. With ELVA_STATUS_SCREENSHOT=FILE it saves a screenshot
-// (the README's docs/status-page.png) while editors type.
+// before that.
 func TestInteropStatusPage(t *testing.T) {
 	requireChromium(t)
 	srv := startNodeServer(t, "broadcast")
@@ -3246,9 +3235,6 @@ func TestInteropStatusPage(t *testing.T) {
 		if typing.Graph[doc] < 2 {
 			t.Errorf("document %q: the graph has %d points after %d refreshes, want a line", doc, typing.Graph[doc], typing.Polls)
 		}
-	}
-	if file := os.Getenv("ELVA_STATUS_SCREENSHOT"); file != "" {
-		page.screenshot(t, file)
 	}
 
 	// The server goes away and comes back.

@@ -4,10 +4,10 @@
 // screenshot.
 //
 //   node status-page.mjs                     commands on stdin (the test)
-//   node status-page.mjs --screenshot FILE [--polls N] URL
+//   node status-page.mjs [--screenshot FILE] [--polls N] URL
 //       opens URL, waits until the page refreshed itself N times (default
-//       5), saves a screenshot of the whole page to FILE (PNG), prints what
-//       the page shows and exits
+//       5), saves a screenshot of the whole page to FILE (PNG) if asked,
+//       prints what the page shows (JSON) and exits
 //
 // Command mode reads one JSON command per line on stdin and answers each
 // with one JSON line on stdout ({"ok": true, ...} or {"ok": false,
@@ -26,7 +26,6 @@
 //       (if given) and the page refreshed itself at least minPolls times;
 //       answers with what it shows (ok false on timeout, with what it
 //       showed last)
-//   {"cmd":"screenshot","file":"/abs/path.png"}   the whole page, as PNG
 //   {"cmd":"quit"}   closes the browser, removes the profile and exits
 //
 // What the page shows ("page" in every answer): marker, loads (load events
@@ -216,10 +215,9 @@ async function waitFor ({ show, hide, minPolls, timeoutMs }) {
   }
 }
 
-async function screenshot ({ file }) {
-  if (!page) throw new Error('no page open')
+// screenshot saves the whole page to file, as PNG.
+async function screenshot (file) {
   await page.screenshot({ path: file, fullPage: true })
-  return {}
 }
 
 // close ends the browser and removes its profile; it is safe to call twice.
@@ -235,7 +233,6 @@ const commands = {
   open,
   read,
   waitFor,
-  screenshot,
   quit: async () => {
     await close()
     setTimeout(() => process.exit(0), 10)
@@ -258,7 +255,7 @@ if (oneShotURL) {
   try {
     await open({ url: oneShotURL })
     const shown = await waitFor({ minPolls: wantPolls, timeoutMs: (wantPolls + 10) * 1500 })
-    if (screenshotFile) await screenshot({ file: screenshotFile })
+    if (screenshotFile) await screenshot(screenshotFile)
     process.stdout.write(JSON.stringify(shown.page, null, 2) + '\n')
     await close()
     process.exit(shown.ok === false ? 1 : 0)

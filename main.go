@@ -1968,9 +1968,9 @@ func (s *service) upstreamReport() upstreamReport {
 			t := time.Unix(0, ns).UTC().Truncate(time.Millisecond)
 			rep.ConnectedSince = &t
 		}
-	case rep.LastError != "":
+	case st.troubled.Load():
 		rep.State = "disconnected"
-	case s.cfg.protocol == protocolYjs && st.connects.Load() > 0:
+	case st.connects.Load() > 0:
 		rep.State = "idle" // every document's connection closed after its grace
 	default:
 		rep.State = "connecting"

@@ -188,6 +188,9 @@ type upstreamStats struct {
 	losses     atomic.Int64 // connections lost (not closed by the relay)
 	lastError  atomic.Pointer[string]
 	lastClose  atomic.Int64 // close code of the last lost connection; 1006: without a close frame
+	// troubled: the last news was a failed attempt or a lost
+	// connection, not a connection made.
+	troubled atomic.Bool
 }
 
 // up counts a connection that came up; again: one was up before.
@@ -196,6 +199,7 @@ func (s *upstreamStats) up(again bool) {
 		return
 	}
 	s.connects.Add(1)
+	s.troubled.Store(false)
 	if again {
 		s.reconnects.Add(1)
 	}
@@ -222,6 +226,7 @@ func (s *upstreamStats) failed(err error) {
 		return
 	}
 	s.failures.Add(1)
+	s.troubled.Store(true)
 	msg := err.Error()
 	s.lastError.Store(&msg)
 }
@@ -233,6 +238,7 @@ func (s *upstreamStats) lost(err error) {
 		return
 	}
 	s.losses.Add(1)
+	s.troubled.Store(true)
 	code := int64(closeAbnormal)
 	var pc *peerCloseError
 	if errors.As(err, &pc) {

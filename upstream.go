@@ -193,6 +193,23 @@ type upstreamStats struct {
 	troubled atomic.Bool
 }
 
+// state names the upstream's state for the status: "connected" (a
+// connection is up), "connecting" (none has been tried to the end yet),
+// "disconnected" (the last news was a loss or a failed attempt) or "idle"
+// (yjs, hocuspocus: every document's connection was closed after its
+// grace).
+func (s *upstreamStats) state() string {
+	switch {
+	case s.open.Load() > 0:
+		return "connected"
+	case s.troubled.Load():
+		return "disconnected"
+	case s.connects.Load() > 0:
+		return "idle"
+	}
+	return "connecting"
+}
+
 // up counts a connection that came up; again: one was up before.
 func (s *upstreamStats) up(again bool) {
 	if s == nil {

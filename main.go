@@ -1849,10 +1849,7 @@ type statusReport struct {
 }
 
 // upstreamReport is the upstream's part of statusReport. State is
-// "connected" (a connection is up), "connecting" (none has been up yet),
-// "disconnected" (the last one was lost or the last attempt failed),
-// "idle" (yjs, hocuspocus: no document open upstream) or "none" (no
-// server).
+// upstreamStats.state, or "none" without a server.
 type upstreamReport struct {
 	Protocol       string     `json:"protocol"`
 	Server         string     `json:"server"`
@@ -1961,19 +1958,10 @@ func (s *service) upstreamReport() upstreamReport {
 	if e := st.lastError.Load(); e != nil {
 		rep.LastError = *e
 	}
-	switch {
-	case rep.Connections > 0:
-		rep.State = "connected"
-		if ns := st.since.Load(); ns != 0 {
-			t := time.Unix(0, ns).UTC().Truncate(time.Millisecond)
-			rep.ConnectedSince = &t
-		}
-	case rep.LastError != "":
-		rep.State = "disconnected"
-	case s.cfg.protocol == protocolYjs && st.connects.Load() > 0:
-		rep.State = "idle" // every document's connection closed after its grace
-	default:
-		rep.State = "connecting"
+	rep.State = st.state()
+	if ns := st.since.Load(); ns != 0 {
+		t := time.Unix(0, ns).UTC().Truncate(time.Millisecond)
+		rep.ConnectedSince = &t
 	}
 	return rep
 }

@@ -188,6 +188,26 @@ type upstreamStats struct {
 	losses     atomic.Int64 // connections lost (not closed by the relay)
 	lastError  atomic.Pointer[string]
 	lastClose  atomic.Int64 // close code of the last lost connection; 1006: without a close frame
+	// troubled: the last news was a failed attempt or a lost
+	// connection, not a connection made.
+	troubled atomic.Bool
+}
+
+// state names the upstream's state for the status: "connected" (a
+// connection is up), "connecting" (none has been tried to the end yet),
+// "disconnected" (the last news was a loss or a failed attempt) or "idle"
+// (yjs, hocuspocus: every document's connection was closed after its
+// grace).
+func (s *upstreamStats) state() string {
+	switch {
+	case s.open.Load() > 0:
+		return "connected"
+	case s.troubled.Load():
+		return "disconnected"
+	case s.connects.Load() > 0:
+		return "idle"
+	}
+	return "connecting"
 }
 
 // up counts a connection that came up; again: one was up before.
@@ -196,6 +216,7 @@ func (s *upstreamStats) up(again bool) {
 		return
 	}
 	s.connects.Add(1)
+	s.troubled.Store(false)
 	if again {
 		s.reconnects.Add(1)
 	}
@@ -222,6 +243,7 @@ func (s *upstreamStats) failed(err error) {
 		return
 	}
 	s.failures.Add(1)
+	s.troubled.Store(true)
 	msg := err.Error()
 	s.lastError.Store(&msg)
 }
@@ -233,6 +255,7 @@ func (s *upstreamStats) lost(err error) {
 		return
 	}
 	s.losses.Add(1)
+	s.troubled.Store(true)
 	code := int64(closeAbnormal)
 	var pc *peerCloseError
 	if errors.As(err, &pc) {

@@ -7,6 +7,7 @@ import (
 	"crypto/sha1"
 	"encoding/base64"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -744,4 +745,66 @@ func TestHocuspocusModeClosesIdleDocuments(t *testing.T) {
 	r.logs.waitFor(t, `msg="upstream closed" doc=notes`)
 	join(t, r.addr, "notes")
 	up.expectFrame(t, auth) // open again
+}
+
+// TestUpstreamStatsState follows the upstream's state through sequences
+// of connections made, ended, lost and failed, as yjs mode's per-document
+// connections interleave them.
+func TestUpstreamStatsState(t *testing.T) {
+	lostErr := &peerCloseError{code: 1012}
+	tests := []struct {
+		name       string
+		events     string // u: up, U: up again, d: down, l: lost (close 1012), f: failed
+		want       string
+		reconnects int64
+		lastClose  int64
+		since      bool
+	}{
+		{"nothing yet", "", "connecting", 0, 0, false},
+		{"first attempt failed", "f", "disconnected", 0, 0, false},
+		{"up", "u", "connected", 0, 0, true},
+		{"up after failures", "ffu", "connected", 0, 0, true},
+		{"lost", "udl", "disconnected", 0, 1012, false},
+		{"lost and back", "udlU", "connected", 1, 1012, true},
+		{"closed after its grace", "ud", "idle", 0, 0, false},
+		{"two documents, one closed", "uud", "connected", 0, 0, true},
+		{"two documents, both closed", "uudd", "idle", 0, 0, false},
+		{"one lost while another is up", "uudl", "connected", 0, 1012, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := &upstreamStats{}
+			for _, ev := range tt.events {
+				switch ev {
+				case 'u':
+					s.up(false)
+				case 'U':
+					s.up(true)
+				case 'd':
+					s.down()
+				case 'l':
+					s.lost(lostErr)
+				case 'f':
+					s.failed(errors.New("dial: refused"))
+				}
+			}
+			if got := s.state(); got != tt.want {
+				t.Errorf("state %q, want %q", got, tt.want)
+			}
+			if got := s.reconnects.Load(); got != tt.reconnects {
+				t.Errorf("reconnects %d, want %d", got, tt.reconnects)
+			}
+			if got := s.lastClose.Load(); got != tt.lastClose {
+				t.Errorf("last close code %d, want %d", got, tt.lastClose)
+			}
+			if got := s.since.Load() != 0; got != tt.since {
+				t.Errorf("connected since set: %v, want %v", got, tt.since)
+			}
+		})
+	}
+	var none *upstreamStats // counts nothing, and does not panic
+	none.up(false)
+	none.down()
+	none.failed(errors.New("x"))
+	none.lost(nil)
 }

@@ -20,12 +20,11 @@
 //       with it). It sets a random marker in window, which a reload would
 //       lose.
 //   {"cmd":"read"}   answers with what the page shows now
-//   {"cmd":"waitFor","show":{"upstream":{"state":"connected"}},"hide":{...},"minPolls":3,"timeoutMs":20000}
+//   {"cmd":"waitFor","show":{"upstream":{"state":"connected"}},"minPolls":3,"timeoutMs":20000}
 //       waits until what the page shows contains show (objects match on
-//       the keys given, other values by equality), does not contain hide
-//       (if given) and the page refreshed itself at least minPolls times;
-//       answers with what it shows (ok false on timeout, with what it
-//       showed last)
+//       the keys given, other values by equality) and the page refreshed
+//       itself at least minPolls times; answers with what it shows (ok
+//       false on timeout, with what it showed last)
 //   {"cmd":"quit"}   closes the browser, removes the profile and exits
 //
 // What the page shows ("page" in every answer): marker, loads (load events
@@ -199,16 +198,15 @@ function contains (got, want) {
   return Object.keys(want).every((k) => contains(got[k], want[k]))
 }
 
-// waitFor reads the page every 50 ms until it shows show, not hide, and
-// has refreshed itself minPolls times.
-async function waitFor ({ show, hide, minPolls, timeoutMs }) {
+// waitFor reads the page every 50 ms until it shows show and has
+// refreshed itself minPolls times.
+async function waitFor ({ show, minPolls, timeoutMs }) {
   const deadline = Date.now() + (timeoutMs ?? 20000)
   for (;;) {
     const shown = await read()
-    if (shown.page.polls >= (minPolls ?? 0) && contains(shown.page, show ?? {}) &&
-        !(hide && contains(shown.page, hide))) return shown
+    if (shown.page.polls >= (minPolls ?? 0) && contains(shown.page, show ?? {})) return shown
     if (Date.now() > deadline) {
-      const want = `show ${JSON.stringify(show ?? {})}, hide ${JSON.stringify(hide ?? null)}, ${minPolls ?? 0} refreshes`
+      const want = `show ${JSON.stringify(show ?? {})} after ${minPolls ?? 0} refreshes`
       return { ok: false, error: `the page did not get to ${want} within ${timeoutMs ?? 20000} ms`, ...shown }
     }
     await sleep(50)

@@ -3004,7 +3004,14 @@ func requireChromium(t *testing.T) {
 	if driverErr == nil && browserErr == nil {
 		return
 	}
-	msg := fmt.Sprintf("status page browser unavailable (%s: %v; playwright-core: %v): install Debian's chromium and run `npm ci` in interop/", chromiumPath(), browserErr, driverErr)
+	var missing []string
+	if browserErr != nil {
+		missing = append(missing, chromiumPath())
+	}
+	if driverErr != nil {
+		missing = append(missing, "interop/node_modules/playwright-core")
+	}
+	msg := "status page browser unavailable: no " + strings.Join(missing, " and no ") + " (install Debian's chromium; run `npm ci` in interop/)"
 	if os.Getenv("CI") != "" {
 		t.Fatal(msg)
 	}

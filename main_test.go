@@ -232,7 +232,7 @@ func TestParseArgs(t *testing.T) {
 			return c.host == "localhost" && c.port == 8000 && c.server.String() == "ws://example.org/" && c.magic == magicSeed && c.maxMessage == 32<<20
 		}, ""},
 		{"positional before flags", []string{"0.0.0.0", "9000", "--server", "ws://e/"}, nil, func(c *config) bool { return c.host == "0.0.0.0" && c.port == 9000 }, ""},
-		{"flags between positionals", []string{"h", "--server", "ws://e/", "9001", "-v"}, nil, func(c *config) bool { return c.host == "h" && c.port == 9001 && c.verbose }, ""},
+		{"flags between positionals", []string{"h", "--server", "ws://e/", "9001", "-v"}, nil, func(c *config) bool { return c.host == "h" && c.port == 9001 && c.level == slog.LevelDebug }, ""},
 		{"double dash", []string{"--server", "ws://e/", "--", "h", "1"}, nil, func(c *config) bool { return c.host == "h" && c.port == 1 }, ""},
 		{"environment", nil, map[string]string{"ELVA_SERVER": "wss://e/", "ELVA_USER": "u", "ELVA_PASSWORD": "p"}, func(c *config) bool {
 			return c.server.Scheme == "wss" && c.user == "u" && c.password == "p"

@@ -1108,7 +1108,7 @@ func (l *logFile) Close() error { return l.f.Load().Close() }
 
 // reopenOnHangup re-opens lf at each SIGHUP, which logrotate's postrotate
 // (or systemctl reload) sends, until the returned stop is called; stop
-// returns once the signal goroutine has.
+// returns once the signal goroutine has; it may be called again.
 func reopenOnHangup(lf *logFile, log *slog.Logger) (stop func()) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -1128,11 +1128,11 @@ func reopenOnHangup(lf *logFile, log *slog.Logger) (stop func()) {
 			}
 		}
 	}()
-	return func() {
+	return sync.OnceFunc(func() {
 		signal.Stop(hup)
 		close(done)
 		<-exited
-	}
+	})
 }
 
 // setLogging takes the log's level: -v (debug) or --quiet (warn) from
@@ -1560,7 +1560,7 @@ func (fc *fileConfig) read(path string, kinds map[string]settingKind) error {
 	} else if len(data) > maxConfigBytes {
 		return fmt.Errorf("configuration file %s: larger than %d bytes", path, maxConfigBytes)
 	}
-	entries, err := parseTOML(path, string(data))
+	entries, err := parseTOML(path, string(data), func(table string) bool { return slices.Contains(configTables, table) })
 	if err != nil {
 		return err
 	}
@@ -1866,21 +1866,28 @@ type tomlEntry struct {
 // literal strings, decimal integers, booleans and arrays of strings, which
 // may span lines. Anything else TOML has is an error naming the file and
 // line, "unsupported TOML", never a misread; what TOML forbids is
-// "invalid TOML".
+// "invalid TOML". In the tables it does not read (other ELVA apps') it
+// passes over any value.
 type tomlParser struct {
-	path string
-	src  string
-	pos  int // the next byte of src
-	line int // pos's line, 1-based
+	path  string
+	src   string
+	reads func(table string) bool // static
+	pos   int                     // the next byte of src
+	line  int                     // pos's line, 1-based
 }
 
-// parseTOML returns the entries of src, the file at path, in order.
-// Duplicate keys and tables are errors, as TOML has them.
-func parseTOML(path, src string) ([]tomlEntry, error) {
+// otherTable names a table the parser does not read: an array of tables
+// or one with a quoted name, which this relay's tables never are.
+const otherTable = "\x00other"
+
+// parseTOML returns the entries of src, the file at path, in order, of
+// the tables reads accepts (the top level is ""). Duplicate keys and
+// tables are errors, as TOML has them.
+func parseTOML(path, src string, reads func(table string) bool) ([]tomlEntry, error) {
 	if !utf8.ValidString(src) {
 		return nil, fmt.Errorf("%s: invalid TOML: not UTF-8", path)
 	}
-	p := &tomlParser{path: path, src: strings.TrimPrefix(src, "\ufeff"), line: 1}
+	p := &tomlParser{path: path, src: strings.TrimPrefix(src, "\ufeff"), reads: reads, line: 1}
 	var entries []tomlEntry
 	defined := make(map[string]bool) // tables and keys, by dotted name
 	table := ""
@@ -1890,10 +1897,16 @@ func parseTOML(path, src string) ([]tomlEntry, error) {
 			if err != nil {
 				return nil, err
 			}
-			if defined[name] {
+			if defined[name] && name != otherTable {
 				return nil, p.invalid("[%s] is defined twice", name)
 			}
 			defined[name], table = true, name
+			continue
+		}
+		if table == otherTable || !reads(table) {
+			if err := p.skipKeyValue(); err != nil {
+				return nil, err
+			}
 			continue
 		}
 		e, err := p.keyValue(table)
@@ -1963,29 +1976,142 @@ func (p *tomlParser) endOfLine() error {
 	return nil
 }
 
-// tableHeader reads [a.b.c] and returns its dotted name.
+// tableHeader reads [a.b.c] and returns its dotted name; otherTable for
+// an array of tables or a quoted name that it does not read.
 func (p *tomlParser) tableHeader() (string, error) {
 	p.pos++
-	if p.peek() == '[' {
-		return "", p.unsupported("arrays of tables [[…]]")
+	array := p.peek() == '['
+	if array {
+		p.pos++
 	}
 	end := strings.IndexAny(p.src[p.pos:], "]\n")
-	if end < 0 || p.src[p.pos+end] != ']' {
+	if end < 0 || p.src[p.pos+end] != ']' || array && !strings.HasPrefix(p.src[p.pos+end:], "]]") {
 		return "", p.invalid("a table name without its closing ]")
 	}
-	parts := strings.Split(p.src[p.pos:p.pos+end], ".")
+	inner := p.src[p.pos : p.pos+end]
 	p.pos += end + 1
-	for i, part := range parts {
-		part = strings.Trim(part, " \t")
-		if strings.HasPrefix(part, `"`) || strings.HasPrefix(part, "'") {
-			return "", p.unsupported("quoted table names")
-		}
-		if !isBareKey(part) {
-			return "", p.invalid("table name %q: want letters, digits, _ and - between dots", strings.Join(parts, "."))
-		}
-		parts[i] = part
+	if array {
+		p.pos++
 	}
-	return strings.Join(parts, "."), p.endOfLine()
+	parts := strings.Split(inner, ".")
+	for i, part := range parts {
+		parts[i] = strings.Trim(part, " \t")
+	}
+	name := strings.Join(parts, ".")
+	switch quoted := strings.ContainsAny(inner, `"'`); {
+	case (quoted || array) && !p.reads(name):
+		return otherTable, p.endOfLine()
+	case quoted:
+		return "", p.unsupported("quoted table names")
+	case array:
+		return "", p.unsupported("arrays of tables [[…]]")
+	}
+	for _, part := range parts {
+		if !isBareKey(part) {
+			return "", p.invalid("table name %q: want letters, digits, _ and - between dots", name)
+		}
+	}
+	return name, p.endOfLine()
+}
+
+// skipKeyValue passes over a key = value line of a table the parser does
+// not read: its key may be quoted or dotted, its value of any kind.
+func (p *tomlParser) skipKeyValue() error {
+	for {
+		p.skipSpaces()
+		var err error
+		switch c := p.peek(); {
+		case c == '"':
+			_, err = p.basicString()
+		case c == '\'':
+			_, err = p.literalString()
+		case isBareKey(string(c)):
+			for isBareKey(string(p.peek())) {
+				p.pos++
+			}
+		default:
+			return p.invalid("want a key or a [table], found %q", c)
+		}
+		if p.skipSpaces(); err != nil || p.peek() != '.' {
+			if err == nil && p.peek() != '=' {
+				err = p.invalid("want = after a key")
+			}
+			if err != nil {
+				return err
+			}
+			break
+		}
+		p.pos++
+	}
+	p.pos++
+	p.skipSpaces()
+	if err := p.skipValue(); err != nil {
+		return err
+	}
+	return p.endOfLine()
+}
+
+// skipValue passes over a value of any TOML kind: strings of the four
+// kinds, arrays and inline tables, nested, and bare values (numbers,
+// booleans, dates and times, which may hold a space).
+func (p *tomlParser) skipValue() error {
+	for depth := 0; ; {
+		rest, c := p.src[p.pos:], p.peek()
+		var err error
+		switch {
+		case c == 0 || depth == 0 && (c == '\n' || c == '\r' || c == '#'):
+			if depth > 0 {
+				return p.invalid("an array or inline table without its closing bracket")
+			}
+			return nil
+		case strings.HasPrefix(rest, `"""`) || strings.HasPrefix(rest, "'''"):
+			err = p.skipMultiline(rest[:3])
+		case c == '"':
+			_, err = p.basicString()
+		case c == '\'':
+			_, err = p.literalString()
+		case c == '#' || c == '\n':
+			p.skipBlank() // inside an array
+			continue
+		case c == '[' || c == '{':
+			depth++
+		case c == ']' || c == '}':
+			if depth--; depth < 0 {
+				return p.invalid("unexpected %q", c)
+			}
+		}
+		if err != nil {
+			return err
+		}
+		if !strings.ContainsRune(`"'`, rune(c)) {
+			p.pos++
+		}
+		if depth == 0 && strings.ContainsRune(`"']}`, rune(c)) {
+			return nil
+		}
+	}
+}
+
+// skipMultiline passes over a multi-line string from its opening delim
+// (""" or ”'). A basic one's backslash escapes the next byte.
+func (p *tomlParser) skipMultiline(delim string) error {
+	for p.pos += 3; p.pos < len(p.src); p.pos++ {
+		switch c := p.src[p.pos]; {
+		case c == '\n':
+			p.line++
+		case c == '\\' && delim == `"""` && p.pos+1 < len(p.src):
+			if p.pos++; p.src[p.pos] == '\n' {
+				p.line++
+			}
+		case strings.HasPrefix(p.src[p.pos:], delim):
+			p.pos += 3
+			for n := 0; n < 2 && p.peek() == delim[0]; n++ { // quotes just before the closing ones
+				p.pos++
+			}
+			return nil
+		}
+	}
+	return p.invalid("a multi-line string without its closing %s", delim)
 }
 
 // isBareKey reports whether s is a TOML bare key: A-Za-z0-9_-, not empty.

@@ -457,7 +457,11 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 		return nil, errVersion
 	}
 	l := layers{fs: fs, getenv: getenv, kinds: settingKinds(fs)}
-	if l.file, err = readConfigFiles(*v.configFile, getenv, l.kinds); err != nil {
+	dir, err := os.Getwd()
+	if err != nil {
+		dir = "" // no project file without a working directory
+	}
+	if l.file, err = readConfigFiles(*v.configFile, dir, getenv, l.kinds); err != nil {
 		return nil, err
 	}
 	cfg, err := buildConfig(l, v, positional)
@@ -1320,8 +1324,10 @@ func describeSettings(l layers, cfg *config, positional []string) []shownSetting
 		}
 		s := shownSetting{f.Name, tomlLiteral(f.Value.String(), kind), l.where(f.Name)}
 		switch f.Name {
+		case "user":
+			s.source = fromURI(cfg.user, s.source, l)
 		case "password":
-			s.value, s.source = redacted(cfg.password, cfg.passwordFrom), cfg.passwordFrom
+			s.value, s.source = redacted(cfg.password, cfg.passwordFrom), fromURI(cfg.password, cfg.passwordFrom, l)
 		case "token":
 			s.value, s.source = redacted(cfg.token, cfg.tokenFrom), cfg.tokenFrom
 		case "server":
@@ -1336,6 +1342,15 @@ func describeSettings(l layers, cfg *config, positional []string) []shownSetting
 		shown = append(shown, s)
 	})
 	return shown
+}
+
+// fromURI is where a credential came from: from, or the server URI's
+// userinfo if nothing else gave the value (setServer).
+func fromURI(value, from string, l layers) string {
+	if value != "" && from == "default" {
+		return "userinfo of the server URI, " + l.where("server")
+	}
+	return from
 }
 
 // redacted stands for a secret in --print-config: empty only if there is
@@ -1470,18 +1485,17 @@ type fileConfig struct {
 
 // readConfigFiles reads the configuration files (configFiles) into one
 // fileConfig, each file over those before it.
-func readConfigFiles(explicit string, getenv func(string) string, kinds map[string]settingKind) (*fileConfig, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		dir = "" // no project file without a working directory
-	}
+func readConfigFiles(explicit, dir string, getenv func(string) string, kinds map[string]settingKind) (*fileConfig, error) {
 	paths, err := configFiles(explicit, dir, getenv)
 	if err != nil {
 		return nil, err
 	}
 	fc := &fileConfig{settings: make(map[string]fileSetting)}
-	for _, path := range paths {
-		if err := fc.read(path, kinds); err != nil {
+	for i, path := range paths {
+		// The file found in the directory tree may be anyone's (a cloned
+		// repository's): not the user's own.
+		project := explicit == "" && i == len(paths)-1 && path != userConfigFile(getenv)
+		if err := fc.read(path, kinds, !project); err != nil {
 			return nil, err
 		}
 	}
@@ -1491,8 +1505,8 @@ func readConfigFiles(explicit string, getenv func(string) string, kinds map[stri
 // configFiles returns the configuration files to read, the later
 // winning: with --config, that file (or elva.toml in that directory)
 // alone; else the user's (userConfigFile), then the first elva.toml in dir
-// or one of its parents: the two that ELVA reads (src/elva/cli.py,
-// find_config_path and USER_HOME_CONFIG).
+// or one of its parents (the project's): the two that ELVA reads
+// (src/elva/cli.py, find_config_path and USER_HOME_CONFIG).
 func configFiles(explicit, dir string, getenv func(string) string) ([]string, error) {
 	if explicit != "" {
 		if info, err := os.Stat(explicit); err != nil {
@@ -1548,7 +1562,9 @@ func isRegularFile(path string) bool {
 const maxConfigBytes = 1 << 20
 
 // read adds the settings of the file at path over those read before.
-func (fc *fileConfig) read(path string, kinds map[string]settingKind) error {
+// Unless the file is the user's own (its, or --config), it may not run a
+// command nor name files to read secrets from or to write the log to.
+func (fc *fileConfig) read(path string, kinds map[string]settingKind, own bool) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("configuration file: %w", err)
@@ -1564,7 +1580,7 @@ func (fc *fileConfig) read(path string, kinds map[string]settingKind) error {
 	if err != nil {
 		return err
 	}
-	r := &fileReader{fc: fc, path: path, kinds: kinds, connect: make(map[string]tomlEntry)}
+	r := &fileReader{fc: fc, path: path, kinds: kinds, own: own, connect: make(map[string]tomlEntry)}
 	if err := r.take(entries); err != nil {
 		return err
 	}
@@ -1602,6 +1618,7 @@ type fileReader struct {
 	fc      *fileConfig
 	path    string
 	kinds   map[string]settingKind
+	own     bool                 // the user's file: it may run commands and name files
 	connect map[string]tomlEntry // [connect]'s keys, for the server URI
 	levelBy string               // the [service] key (verbose, quiet) that set the level
 	secret  bool                 // the file holds a password, secret or token
@@ -1643,6 +1660,9 @@ func (r *fileReader) takeEntry(e tomlEntry) error {
 		kind, form = kindCommand, formCommand
 	case e.key == "password-file" || e.key == "token-file":
 		name, form = strings.TrimSuffix(name, "-file"), formFile
+	}
+	if !r.own && (form != formValue || name == "log") {
+		return errors.New("not taken from a file found in the directory tree, which may be anyone's: put it in your own elva.toml ($XDG_CONFIG_HOME/elva/) or give --config")
 	}
 	values, err := settingValues(e.val, kind)
 	if err != nil {

@@ -341,19 +341,26 @@ func TestParseArgs(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			env = tt.env
 			cfg, err := parseArgs(tt.args, getenv)
-			if tt.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("got %v, want an error with %q", err, tt.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatalf("unexpected error: %v", err)
-			}
-			if !tt.want(cfg) {
-				t.Errorf("unexpected config %+v (server %v)", cfg, cfg.server)
-			}
+			checkConfig(t, cfg, err, tt.want, tt.wantErr)
 		})
+	}
+}
+
+// checkConfig fails t unless err has wantErr in it or, without wantErr,
+// there is no error and want accepts cfg.
+func checkConfig(t *testing.T, cfg *config, err error, want func(*config) bool, wantErr string) {
+	t.Helper()
+	if wantErr != "" {
+		if err == nil || !strings.Contains(err.Error(), wantErr) {
+			t.Fatalf("got %v, want an error with %q", err, wantErr)
+		}
+		return
+	}
+	if err != nil {
+		t.Fatalf("unexpected error: %v", err)
+	}
+	if !want(cfg) {
+		t.Errorf("unexpected config %+v (server %v)", cfg, cfg.server)
 	}
 }
 
@@ -1120,18 +1127,7 @@ port = 9200
 				}
 			}
 			cfg, err := parseArgs(args, func(k string) string { return tt.env[k] })
-			if tt.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("got %v, want an error with %q", err, tt.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatalf("unexpected error: %v", err)
-			}
-			if !tt.want(cfg) {
-				t.Errorf("unexpected config %+v (server %v)", cfg, cfg.server)
-			}
+			checkConfig(t, cfg, err, tt.want, tt.wantErr)
 		})
 	}
 }
@@ -1267,6 +1263,11 @@ max-connections = 7
 	if _, err := os.Stat(ran); err == nil {
 		t.Error("--print-config ran the [basic] command")
 	}
+	stdout.Reset()
+	if status := run(context.Background(), []string{"--print-config", "--config", writeConfig(t, dir, "empty.toml", "", 0o600)}, &stdout, &stderr, func(k string) string { return env[k] }); status != 0 ||
+		!strings.Contains(stdout.String(), `password = "[redacted]"`) || !strings.Contains(stdout.String(), "# userinfo of the server URI, env ELVA_SERVER") {
+		t.Errorf("status %d; the password from the URI is not shown as such:\n%s", status, stdout.String())
+	}
 	if _, err := parseTOML("print-config", out, readAll); err != nil {
 		t.Errorf("the output is not TOML this relay reads: %v", err)
 	}
@@ -1294,7 +1295,7 @@ func TestConfigFileModeWarning(t *testing.T) {
 			fc := &fileConfig{settings: make(map[string]fileSetting)}
 			fs := flag.NewFlagSet("test", flag.ContinueOnError)
 			defineFlags(fs, func(string) string { return "" })
-			if err := fc.read(path, settingKinds(fs)); err != nil {
+			if err := fc.read(path, settingKinds(fs), true); err != nil {
 				t.Fatal(err)
 			}
 			warned := len(fc.warnings) == 1 && strings.Contains(fc.warnings[0], "chmod 600")
@@ -1424,5 +1425,38 @@ func waitForFileLine(t *testing.T, path, substr string) []byte {
 			t.Fatalf("no line with %q in %s:\n%s", substr, path, data)
 		}
 		runtime.Gosched()
+	}
+}
+
+// TestProjectFileMayNotRunCommands checks that the elva.toml found in the
+// directory tree, which may have come with a cloned repository, can
+// neither run a command nor name files to read secrets from or to log
+// to; the user's own file can.
+func TestProjectFileMayNotRunCommands(t *testing.T) {
+	fs := flag.NewFlagSet("test", flag.ContinueOnError)
+	defineFlags(fs, func(string) string { return "" })
+	kinds := settingKinds(fs)
+	for _, content := range []string{
+		"[basic]\ncommand = ['sh', '-c', 'echo pwned']",
+		"[service]\npassword-file = '/home/ada/.netrc'",
+		"[service]\ntoken-file = '/home/ada/.netrc'",
+		"[log]\nfile = '/home/ada/.bashrc'",
+		"[app.service]\nlog = '/home/ada/.bashrc'",
+	} {
+		root := t.TempDir()
+		xdg := filepath.Join(root, "xdg")
+		getenv := func(k string) string { return map[string]string{"XDG_CONFIG_HOME": xdg}[k] }
+		project := writeConfig(t, root, "repo/elva.toml", content, 0o600)
+		_, err := readConfigFiles("", filepath.Dir(project), getenv, kinds)
+		if err == nil || !strings.Contains(err.Error(), project+":2") || !strings.Contains(err.Error(), "may be anyone's") {
+			t.Errorf("%q in a project file: got %v, want a refusal at %s:2", content, err, project)
+		}
+		writeConfig(t, xdg, "elva/elva.toml", content, 0o600)
+		if err := os.Remove(project); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := readConfigFiles("", filepath.Dir(project), getenv, kinds); err != nil {
+			t.Errorf("%q in the user's file: %v", content, err)
+		}
 	}
 }

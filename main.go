@@ -330,8 +330,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	if lf != nil {
 		defer lf.Close()
 		fmt.Fprintf(stderr, "elva-service: logging to %s\n", lf.path)
-		defer reopenOnHangup(lf, log)() // stops before the close
 	}
+	// Also without a log file: a SIGHUP from a habit (or systemctl
+	// reload) must not end the relay, as its default action would.
+	defer reopenOnHangup(lf, log)() // stops before the close
 	slog.SetDefault(log) // for the signal goroutine, started before log
 	s, err := listen(cfg, log)
 	if err != nil {
@@ -1114,7 +1116,8 @@ func (l *logFile) Close() error { return l.f.Load().Close() }
 
 // reopenOnHangup re-opens lf at each SIGHUP, which logrotate's postrotate
 // (or systemctl reload) sends, until the returned stop is called; stop
-// returns once the signal goroutine has; it may be called again.
+// returns once the signal goroutine has; it may be called again. With lf
+// nil (logs on stderr) a SIGHUP is logged and otherwise ignored.
 func reopenOnHangup(lf *logFile, log *slog.Logger) (stop func()) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -1124,6 +1127,10 @@ func reopenOnHangup(lf *logFile, log *slog.Logger) (stop func()) {
 		for {
 			select {
 			case <-hup:
+				if lf == nil {
+					log.Info("SIGHUP ignored: logs go to stderr, there is no --log file to reopen")
+					continue
+				}
 				if err := lf.reopen(); err != nil {
 					log.Error("cannot reopen the log file; logging on to the old one", "err", err)
 					continue
@@ -2848,8 +2855,14 @@ func (s *service) run(ctx context.Context) int {
 	case <-ctx.Done():
 		s.log.Info("stopping")
 	case err := <-upDone:
-		s.log.Error("upstream failed; stopping", "err", err)
 		upWait = nil // already returned
+		if err == nil {
+			// Every upstream returns nil only at the stop, and may see
+			// ctx end before this select does.
+			s.log.Info("stopping")
+			break
+		}
+		s.log.Error("upstream failed; stopping", "err", err)
 		status = 1
 	case err := <-srvDone:
 		s.log.Error("local server failed; stopping", "err", err)

@@ -26,14 +26,18 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -149,10 +153,26 @@ Flags:
                       half-open connections (default 30s, 0: never)
   --retry-max D       longest wait between upstream reconnect attempts
                       (default 30s; the waits start at 0.5s and double)
-  --log FILE          append logs to FILE instead of stderr
+  --config FILE       read the settings from FILE (TOML) only; without it,
+                      the first elva.toml in this directory or a parent, over
+                      $XDG_CONFIG_HOME/elva/elva.toml (~/.config/elva/elva.toml;
+                      on macOS ~/Library/Application Support/elva/elva.toml)
+  --print-config      print the effective settings, each with where it came
+                      from (flag, env, file:line, default), secrets redacted,
+                      and exit
+  --log FILE          append logs to FILE instead of stderr; SIGHUP reopens
+                      it (for logrotate)
+  --log-format F      text (default) or json (one JSON object per line)
   -v, --verbose       log every message (debug level)
+  --quiet             log warnings and errors only
   --version           print the version and exit
   -h, --help          print this help and exit
+
+Flags beat the ELVA_* environment variables, which beat the configuration
+file, which beats the defaults. The file may hold the seed's [app.default]
+and [app.service], ELVA's [connect], [basic], [tls] and [log], and this
+relay's [service] with every flag above by its long name, plus host and
+port to listen on; see "Configuration file" in the README.
 
 Examples:
   elva-service
@@ -187,7 +207,18 @@ type config struct {
 	// ID prefix included (--upstream-max-message).
 	upstreamMaxMessage int
 	logFile            string
-	verbose            bool
+	// level and logFormat are the log's (-v, --quiet, --log-format, a
+	// file's level); levelFrom says where the level came from.
+	level     slog.Level
+	levelFrom string
+	logFormat string
+	// printConfig asks run to print shown, the effective settings, and
+	// exit (--print-config); configFiles are the files read, the later
+	// winning; passwordFrom and tokenFrom say where the secrets came from.
+	printConfig             bool
+	shown                   []shownSetting
+	configFiles             []string
+	passwordFrom, tokenFrom string
 	// dataDir is where the store keeps documents (--data-dir); noStore
 	// turns it off; fsyncInterval is the longest an update waits before
 	// it is on disk (0: fsync after every one).
@@ -284,15 +315,25 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		fmt.Fprintf(stderr, "elva-service: %v (see --help)\n", err)
 		return 2
 	}
+	if cfg.printConfig {
+		printConfig(stdout, cfg)
+		return 0
+	}
 	if cfg.listDocs || cfg.removeDoc != "" {
 		return storeTool(cfg, stdout, stderr)
 	}
-	log, closeLog, err := newLogger(cfg, stderr)
+	log, lf, err := newLogger(cfg, stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "elva-service: %v\n", err)
 		return 1
 	}
-	defer closeLog()
+	if lf != nil {
+		defer lf.Close()
+		fmt.Fprintf(stderr, "elva-service: logging to %s\n", lf.path)
+	}
+	// Also without a log file: a SIGHUP from a habit (or systemctl
+	// reload) must not end the relay, as its default action would.
+	defer reopenOnHangup(lf, log)() // stops before the close
 	slog.SetDefault(log) // for the signal goroutine, started before log
 	s, err := listen(cfg, log)
 	if err != nil {
@@ -354,12 +395,13 @@ type flagValues struct {
 	magic, maxMessage, upstreamMax, protocol              *string
 	token, tokenFile                                      *string
 	dataDir, removeDoc                                    *string
+	configFile, logFormat                                 *string
 	fsyncInterval                                         *time.Duration
-	noStore, listDocs                                     bool
+	noStore, listDocs, printConfig                        bool
 	pingInterval, peerTimeout, retryMax, upstreamGrace    *time.Duration
 	maxConns, maxPerDoc                                   *int
 	origins                                               originList
-	verbose, showVersion, insecureAuth                    bool
+	verbose, quiet, showVersion, insecureAuth             bool
 }
 
 // defineFlags defines every flag on fs, with the ELVA_* environment
@@ -387,7 +429,11 @@ func defineFlags(fs *flag.FlagSet, getenv func(string) string) *flagValues {
 		dataDir:       fs.String("data-dir", getenv("ELVA_DATA_DIR"), ""),
 		removeDoc:     fs.String("remove-doc", "", ""),
 		fsyncInterval: durationFlag(fs, "fsync-interval", defaultFsyncInterval),
+		configFile:    fs.String("config", "", ""),
+		logFormat:     fs.String("log-format", "text", ""),
 	}
+	fs.BoolVar(&v.printConfig, "print-config", false, "")
+	fs.BoolVar(&v.quiet, "quiet", false, "")
 	fs.BoolVar(&v.noStore, "no-store", false, "")
 	fs.BoolVar(&v.listDocs, "list-docs", false, "")
 	fs.Var(&v.origins, "allow-origin", "")
@@ -398,8 +444,10 @@ func defineFlags(fs *flag.FlagSet, getenv func(string) string) *flagValues {
 	return v
 }
 
-// parseArgs reads flags, the positional HOST and PORT in any order, and the
-// ELVA_* environment variables, which flags override.
+// parseArgs reads flags, the positional HOST and PORT in any order, the
+// ELVA_* environment variables and the configuration files: flags beat
+// the environment, which beats the files, which beat the defaults. An
+// error over a value a file gave names the file and line.
 func parseArgs(args []string, getenv func(string) string) (*config, error) {
 	fs := flag.NewFlagSet("elva-service", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -412,30 +460,42 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 	if v.showVersion {
 		return nil, errVersion
 	}
-	cfg := &config{host: "localhost", port: 8000, logFile: *v.logFile, verbose: v.verbose, user: *v.user, password: *v.password}
+	l := layers{fs: fs, getenv: getenv, kinds: settingKinds(fs)}
+	dir, err := os.Getwd()
+	if err != nil {
+		dir = "" // no project file without a working directory
+	}
+	if l.file, err = readConfigFiles(*v.configFile, dir, getenv, l.kinds); err != nil {
+		return nil, err
+	}
+	cfg, err := buildConfig(l, v, positional)
+	return cfg, l.hint(err)
+}
+
+// buildConfig checks the settings of every layer and takes them into a
+// config.
+func buildConfig(l layers, v *flagValues, positional []string) (*config, error) {
+	if err := l.apply(); err != nil {
+		return nil, err
+	}
+	cfg := &config{host: "localhost", port: 8000, logFile: *v.logFile, user: *v.user,
+		printConfig: v.printConfig, configFiles: l.file.paths, warnings: l.file.warnings}
+	if err := cfg.setLogging(l, v); err != nil {
+		return nil, err
+	}
+	if err := cfg.setFileAddress(l.file); err != nil {
+		return nil, err
+	}
 	if err := cfg.setAddress(positional); err != nil {
 		return nil, err
 	}
-	if err := cfg.setTuning(fs, v); err != nil {
+	if err := cfg.setTuning(l.fs, v); err != nil {
 		return nil, err
 	}
-	if flagSet(fs, "password") {
-		cfg.warnings = append(cfg.warnings, "--password is visible to other users in the process list; use --password-file or ELVA_PASSWORD")
+	if err := cfg.setSecrets(l, v); err != nil {
+		return nil, err
 	}
-	if *v.passwordFile != "" && !flagSet(fs, "password") {
-		if cfg.password, err = readSecretFile("--password-file", *v.passwordFile); err != nil {
-			return nil, err
-		}
-	}
-	if cfg.token = *v.token; *v.tokenFile != "" && !flagSet(fs, "token") {
-		if cfg.token, err = readSecretFile("--token-file", *v.tokenFile); err != nil {
-			return nil, err
-		}
-	}
-	if flagSet(fs, "token") {
-		cfg.warnings = append(cfg.warnings, "--token is visible to other users in the process list; use --token-file or ELVA_TOKEN")
-	}
-	cfg.warnings = append(cfg.warnings, otherModesFlags(fs, cfg.protocol)...)
+	cfg.warnings = append(cfg.warnings, otherModesFlags(l.fs, cfg.protocol)...)
 	if err := cfg.setServer(*v.server); err != nil {
 		return nil, err
 	}
@@ -443,15 +503,41 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 		return nil, err
 	}
 	if *v.caFile != "" {
+		var err error
 		if cfg.tls, err = loadCAFile(*v.caFile); err != nil {
 			return nil, err
 		}
 	}
 	cfg.setGate(v.origins)
-	if err := cfg.setStore(v, getenv); err != nil {
+	if err := cfg.setStore(v, l.getenv); err != nil {
 		return nil, err
 	}
+	if cfg.printConfig {
+		cfg.shown = describeSettings(l, cfg, positional)
+	}
 	return cfg, nil
+}
+
+// setSecrets takes the password and the token, each from the first that
+// has it of: its flag (--password before --password-file), its
+// environment variable, the configuration files (a value, a file to read,
+// or [basic] command's output). The command does not run for
+// --print-config.
+func (c *config) setSecrets(l layers, v *flagValues) error {
+	var err error
+	if c.password, c.passwordFrom, err = l.secret("password", *v.password, *v.passwordFile, !c.printConfig); err != nil {
+		return err
+	}
+	if flagSet(l.fs, "password") {
+		c.warnings = append(c.warnings, "--password is visible to other users in the process list; use --password-file or ELVA_PASSWORD")
+	}
+	if c.token, c.tokenFrom, err = l.secret("token", *v.token, *v.tokenFile, !c.printConfig); err != nil {
+		return err
+	}
+	if flagSet(l.fs, "token") {
+		c.warnings = append(c.warnings, "--token is visible to other users in the process list; use --token-file or ELVA_TOKEN")
+	}
+	return nil
 }
 
 // setStore takes the store's flags: the data directory (--data-dir, or the
@@ -949,21 +1035,1307 @@ func parseSize(s string) (int, error) {
 	return n * unit, nil
 }
 
-// newLogger writes text logs to the --log file, or to stderr.
-func newLogger(cfg *config, stderr io.Writer) (*slog.Logger, func(), error) {
-	level := slog.LevelInfo
-	if cfg.verbose {
-		level = slog.LevelDebug
-	}
-	w, closeLog := stderr, func() {}
+// newLogger returns the logger cfg asks for: text or JSON lines
+// (--log-format) at cfg.level, to stderr or appended to the --log file,
+// which it returns too (nil without one) for SIGHUP and the close.
+func newLogger(cfg *config, stderr io.Writer) (*slog.Logger, *logFile, error) {
+	w, lf := stderr, (*logFile)(nil)
 	if cfg.logFile != "" {
-		f, err := os.OpenFile(cfg.logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-		if err != nil {
-			return nil, nil, fmt.Errorf("--log: %w", err)
+		var err error
+		if lf, err = openLogFile(cfg.logFile); err != nil {
+			return nil, nil, err
 		}
-		w, closeLog = f, func() { f.Close() }
+		w = lf
 	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level})), closeLog, nil
+	opts := &slog.HandlerOptions{Level: cfg.level}
+	if cfg.logFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts)), lf, nil
+	}
+	return slog.New(slog.NewTextHandler(w, opts)), lf, nil
+}
+
+// logFile is the --log file, appended to. reopen opens its path anew and
+// swaps the new file in, so that logrotate can move the old one away
+// (SIGHUP). Writers and reopen share only the atomic pointer.
+type logFile struct {
+	path string                  // absolute; static after construction
+	f    atomic.Pointer[os.File] // swapped by reopen
+}
+
+// openLogFile opens path for appending, created readable by its owner
+// only: the log names documents and remote addresses.
+func openLogFile(path string) (*logFile, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("--log: %w", err)
+	}
+	l := &logFile{path: abs}
+	f, err := l.open()
+	if err != nil {
+		return nil, err
+	}
+	l.f.Store(f)
+	return l, nil
+}
+
+// open opens l.path for appending.
+func (l *logFile) open() (*os.File, error) {
+	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("--log: %w", err)
+	}
+	return f, nil
+}
+
+// Write appends p to the current file. A write that finds its file just
+// closed by reopen is made again on the new one: no line is lost. An
+// *os.File writes all of p or, once closed, nothing.
+func (l *logFile) Write(p []byte) (int, error) {
+	for {
+		f := l.f.Load()
+		n, err := f.Write(p)
+		if errors.Is(err, os.ErrClosed) && l.f.Load() != f {
+			continue
+		}
+		return n, err
+	}
+}
+
+// reopen opens the path anew, swaps the new file in and closes the old
+// one. If the path cannot be opened, the old file stays in use.
+func (l *logFile) reopen() error {
+	f, err := l.open()
+	if err != nil {
+		return err
+	}
+	return l.f.Swap(f).Close()
+}
+
+// Close closes the current file.
+func (l *logFile) Close() error { return l.f.Load().Close() }
+
+// reopenOnHangup re-opens lf at each SIGHUP, which logrotate's postrotate
+// (or systemctl reload) sends, until the returned stop is called; stop
+// returns once the signal goroutine has; it may be called again. With lf
+// nil (logs on stderr) a SIGHUP is logged and otherwise ignored.
+func reopenOnHangup(lf *logFile, log *slog.Logger) (stop func()) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	done, exited := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(exited)
+		for {
+			select {
+			case <-hup:
+				if lf == nil {
+					log.Info("SIGHUP ignored: logs go to stderr, there is no --log file to reopen")
+					continue
+				}
+				if err := lf.reopen(); err != nil {
+					log.Error("cannot reopen the log file; logging on to the old one", "err", err)
+					continue
+				}
+				log.Info("log file reopened", "path", lf.path)
+			case <-done:
+				return
+			}
+		}
+	}()
+	return sync.OnceFunc(func() {
+		signal.Stop(hup)
+		close(done)
+		<-exited
+	})
+}
+
+// setLogging takes the log's level: -v (debug) or --quiet (warn) from
+// the command line, else a configuration file's level, else info; and
+// its format (--log-format).
+func (c *config) setLogging(l layers, v *flagValues) error {
+	verbose, quiet := flagSet(l.fs, "v") || flagSet(l.fs, "verbose"), flagSet(l.fs, "quiet")
+	c.level, c.levelFrom = slog.LevelInfo, "default"
+	fileLevel, inFile := l.file.settings["level"]
+	switch {
+	case verbose && quiet:
+		return errors.New("-v and --quiet contradict each other: give one of them")
+	case verbose:
+		c.level, c.levelFrom = slog.LevelDebug, "flag -v"
+	case quiet:
+		c.level, c.levelFrom = slog.LevelWarn, "flag --quiet"
+	case inFile:
+		if err := c.level.UnmarshalText([]byte(fileLevel.values[0])); err != nil {
+			return fmt.Errorf("%s: %w", fileLevel.source, err)
+		}
+		c.levelFrom = "file " + fileLevel.source
+	}
+	switch *v.logFormat {
+	case "text", "json":
+		c.logFormat = *v.logFormat
+	default:
+		return fmt.Errorf("--log-format %q: want text or json", *v.logFormat)
+	}
+	return nil
+}
+
+// setFileAddress takes HOST and PORT from the configuration files; the
+// positional arguments override them.
+func (c *config) setFileAddress(fc *fileConfig) error {
+	if s, ok := fc.settings["host"]; ok {
+		host, err := checkHost(s.values[0])
+		if err != nil {
+			return fmt.Errorf("%s: %w", s.source, err)
+		}
+		c.host = host
+	}
+	if s, ok := fc.settings["port"]; ok {
+		port, err := strconv.Atoi(s.values[0])
+		if err != nil || port < 0 || port > 65535 {
+			return fmt.Errorf("%s: port %s: want a number from 0 to 65535", s.source, s.values[0])
+		}
+		c.port = port
+	}
+	return nil
+}
+
+// envOf names the environment variable of each flag that has one (see
+// defineFlags): it beats a configuration file, and the flag beats it.
+var envOf = map[string]string{
+	"server": "ELVA_SERVER", "user": "ELVA_USER", "password": "ELVA_PASSWORD",
+	"protocol": "ELVA_PROTOCOL", "token": "ELVA_TOKEN", "data-dir": "ELVA_DATA_DIR",
+	"upstream-max-message": "ELVA_UPSTREAM_MAX_MESSAGE",
+}
+
+// layers is where settings come from, highest first: the command line
+// (fs), the environment (getenv), the configuration files (file); below
+// them, the built-in defaults.
+type layers struct {
+	fs     *flag.FlagSet
+	getenv func(string) string
+	file   *fileConfig
+	kinds  map[string]settingKind // the flags a file may set, by long name
+}
+
+// where tells where the setting name got its value: "flag --name", "env
+// NAME", "file PATH:LINE ([table] key)" or "default".
+func (l layers) where(name string) string {
+	switch env := envOf[name]; {
+	case flagSet(l.fs, name):
+		return "flag --" + name
+	case env != "" && l.getenv(env) != "":
+		return "env " + env
+	}
+	if s, ok := l.file.settings[name]; ok {
+		return "file " + s.source
+	}
+	return "default"
+}
+
+// apply gives each flag that a configuration file sets the file's value,
+// unless the command line or the flag's environment variable set it. The
+// password and the token are secret's; host, port and level have setters
+// of their own.
+func (l layers) apply() error {
+	for _, name := range slices.Sorted(maps.Keys(l.file.settings)) {
+		f := l.fs.Lookup(name)
+		if f == nil || name == "password" || name == "token" || !strings.HasPrefix(l.where(name), "file ") {
+			continue
+		}
+		s := l.file.settings[name]
+		for _, value := range s.values {
+			if err := f.Value.Set(value); err != nil {
+				return fmt.Errorf("%s: %q: %w", s.source, value, err)
+			}
+		}
+	}
+	return nil
+}
+
+// secret returns the password or the token (name) and where it came
+// from: --name, else --name-file, else its environment variable (value is
+// the flag's, whose default that is), else what the configuration files
+// give: a value, a file to read, or a command to run if mayRun.
+func (l layers) secret(name, value, path string, mayRun bool) (string, string, error) {
+	switch {
+	case flagSet(l.fs, name):
+		return value, "flag --" + name, nil
+	case flagSet(l.fs, name+"-file"):
+		s, err := readSecretFile("--"+name+"-file", path)
+		return s, "flag --" + name + "-file " + path, err
+	case value != "":
+		return value, "env " + envOf[name], nil
+	}
+	s, ok := l.file.settings[name]
+	switch {
+	case !ok:
+		return "", "default", nil
+	case s.form == formFile:
+		secret, err := readSecretFile(s.source, s.values[0])
+		return secret, "file " + s.source + " " + s.values[0], err
+	case s.form == formCommand && !mayRun:
+		return "", "file " + s.source + " " + strconv.Quote(strings.Join(s.values, " ")) + ", not run for --print-config", nil
+	case s.form == formCommand:
+		secret, err := runSecretCommand(s.values, s.source)
+		return secret, "file " + s.source, err
+	}
+	return s.values[0], "file " + s.source, nil
+}
+
+// hint adds to an error that names a flag whose value a configuration
+// file gave the file and line it came from.
+func (l layers) hint(err error) error {
+	if err == nil {
+		return nil
+	}
+	for _, name := range slices.Sorted(maps.Keys(l.file.settings)) {
+		if mentionsFlag(err.Error(), name) && strings.HasPrefix(l.where(name), "file ") {
+			return fmt.Errorf("%w (--%s is set in %s)", err, name, l.file.settings[name].source)
+		}
+	}
+	return err
+}
+
+// mentionsFlag reports whether msg names --name itself, not a longer flag
+// that begins with it (--log, --log-format).
+func mentionsFlag(msg, name string) bool {
+	for i := 0; ; {
+		j := strings.Index(msg[i:], "--"+name)
+		if j < 0 {
+			return false
+		}
+		end := i + j + 2 + len(name)
+		if end == len(msg) || !(msg[end] == '-' || 'a' <= msg[end] && msg[end] <= 'z') {
+			return true
+		}
+		i = end
+	}
+}
+
+// shownSetting is one line of --print-config: a setting as TOML, and
+// where its value came from.
+type shownSetting struct{ name, value, source string }
+
+// describeSettings lists the effective settings for --print-config: host
+// and port, then every flag a file may set, by its long name, with the
+// password and the token redacted.
+func describeSettings(l layers, cfg *config, positional []string) []shownSetting {
+	hostFrom, portFrom := l.where("host"), l.where("port")
+	if len(positional) > 0 {
+		hostFrom = "argument HOST"
+	}
+	if len(positional) > 1 {
+		portFrom = "argument PORT"
+	}
+	shown := []shownSetting{{"host", strconv.Quote(cfg.host), hostFrom}, {"port", strconv.Itoa(cfg.port), portFrom}}
+	l.fs.VisitAll(func(f *flag.Flag) {
+		kind, ok := l.kinds[f.Name]
+		if !ok {
+			return
+		}
+		s := shownSetting{f.Name, tomlLiteral(f.Value.String(), kind), l.where(f.Name)}
+		switch f.Name {
+		case "user":
+			s.source = fromURI(cfg.user, s.source, l)
+		case "password":
+			s.value, s.source = redacted(cfg.password, cfg.passwordFrom), fromURI(cfg.password, cfg.passwordFrom, l)
+		case "token":
+			s.value, s.source = redacted(cfg.token, cfg.tokenFrom), cfg.tokenFrom
+		case "server":
+			s.value = strconv.Quote(redactArg(f.Value.String()))
+		case "data-dir":
+			s.value = strconv.Quote(cfg.dataDir) // the platform's default, if not given
+		case "verbose":
+			s.value, s.source = strconv.FormatBool(cfg.level <= slog.LevelDebug), cfg.levelFrom
+		case "quiet":
+			s.value, s.source = strconv.FormatBool(cfg.level >= slog.LevelWarn), cfg.levelFrom
+		}
+		shown = append(shown, s)
+	})
+	return shown
+}
+
+// fromURI is where a credential came from: from, or the server URI's
+// userinfo if nothing else gave the value (setServer).
+func fromURI(value, from string, l layers) string {
+	if value != "" && from == "default" {
+		return "userinfo of the server URI, " + l.where("server")
+	}
+	return from
+}
+
+// redacted stands for a secret in --print-config: empty only if there is
+// none.
+func redacted(secret, from string) string {
+	if secret == "" && from == "default" {
+		return `""`
+	}
+	return `"[redacted]"`
+}
+
+// tomlLiteral writes a flag's value as TOML: bare for a boolean or a
+// whole number, an array for --allow-origin, else a quoted string.
+func tomlLiteral(value string, kind settingKind) string {
+	switch kind {
+	case kindBool, kindInt:
+		return value
+	case kindList:
+		var quoted []string
+		for _, v := range strings.Split(value, ",") {
+			if v != "" {
+				quoted = append(quoted, strconv.Quote(v))
+			}
+		}
+		return "[" + strings.Join(quoted, ", ") + "]"
+	}
+	return strconv.Quote(value)
+}
+
+// printConfig writes cfg's effective settings as a [service] table, each
+// line with where its value came from (--print-config).
+func printConfig(w io.Writer, cfg *config) {
+	fmt.Fprintln(w, "# elva-service: the effective settings, each with where it came from")
+	if len(cfg.configFiles) == 0 {
+		fmt.Fprintln(w, "# configuration files: none")
+	} else {
+		fmt.Fprintln(w, "# configuration files, the later winning:", strings.Join(cfg.configFiles, ", "))
+	}
+	fmt.Fprintln(w, "[service]")
+	for _, s := range cfg.shown {
+		fmt.Fprintf(w, "%-46s # %s\n", s.name+" = "+s.value, s.source)
+	}
+}
+
+// configName is the configuration file's name, ELVA's (src/elva/cli.py,
+// CONFIG_NAME).
+const configName = "elva.toml"
+
+// settingKind is the type of value a setting takes in a file.
+type settingKind int
+
+const (
+	kindString  settingKind = iota
+	kindBool                // true or false
+	kindInt                 // a whole number
+	kindSize                // a string such as "32MiB", or a number of bytes
+	kindList                // an array of strings, or one string
+	kindLevel               // a level name, or a Python logging level number
+	kindCommand             // an array of strings, or one string without shell syntax
+)
+
+// kindWants is the error for a value of the wrong type, by kind.
+var kindWants = map[settingKind]string{
+	kindString:  "want a string in quotes",
+	kindBool:    "want true or false",
+	kindInt:     "want a whole number",
+	kindSize:    `want a size such as "32MiB", or a number of bytes`,
+	kindList:    "want an array of strings, or one string",
+	kindLevel:   `want "DEBUG", "INFO", "WARNING", "ERROR" or "CRITICAL", or 10 to 50`,
+	kindCommand: `want the command's words as an array, e.g. ["pass", "show", "elva"]`,
+}
+
+// flagKinds are the kinds of the flags that take other than a string or a
+// boolean.
+var flagKinds = map[string]settingKind{
+	"max-connections": kindInt, "max-per-document": kindInt,
+	"max-message": kindSize, "upstream-max-message": kindSize,
+	"allow-origin": kindList,
+}
+
+// notSettings are the flags that ask for an action: they have no place in
+// a file.
+var notSettings = map[string]bool{"config": true, "print-config": true, "version": true, "list-docs": true, "remove-doc": true}
+
+// otherKinds are the settings a file may give besides the flags: where to
+// listen, the log level, and [connect]'s parts of the server URI.
+var otherKinds = map[string]settingKind{
+	"host": kindString, "port": kindInt, "level": kindLevel,
+	"connect.host": kindString, "connect.port": kindInt, "connect.path": kindString, "connect.secure": kindBool,
+}
+
+// settingKinds returns the kind of every flag a file may set, by its long
+// name.
+func settingKinds(fs *flag.FlagSet) map[string]settingKind {
+	kinds := make(map[string]settingKind)
+	fs.VisitAll(func(f *flag.Flag) {
+		if len(f.Name) < 2 || notSettings[f.Name] {
+			return
+		}
+		kind, ok := flagKinds[f.Name]
+		if b, isBool := f.Value.(interface{ IsBoolFlag() bool }); !ok && isBool && b.IsBoolFlag() {
+			kind = kindBool
+		}
+		kinds[f.Name] = kind
+	})
+	return kinds
+}
+
+// secretForm is how a file gives the password or the token.
+type secretForm int
+
+const (
+	formValue   secretForm = iota // the value itself (and any other setting)
+	formFile                      // a file whose first line it is (password-file, token-file)
+	formCommand                   // a command whose output's first line it is ([basic] command)
+)
+
+// fileSetting is one setting a configuration file gives, in the form its
+// flag takes.
+type fileSetting struct {
+	values []string   // one; one per origin for allow-origin; argv for a command
+	source string     // PATH:LINE ([table] key)
+	form   secretForm // for the password and the token
+}
+
+// fileConfig is what the configuration files give. Static once read.
+type fileConfig struct {
+	paths    []string               // the files read, the later winning
+	settings map[string]fileSetting // by flag long name, or otherKinds' names
+	warnings []string               // logged once the logger exists
+}
+
+// readConfigFiles reads the configuration files (configFiles) into one
+// fileConfig, each file over those before it.
+func readConfigFiles(explicit, dir string, getenv func(string) string, kinds map[string]settingKind) (*fileConfig, error) {
+	paths, err := configFiles(explicit, dir, getenv)
+	if err != nil {
+		return nil, err
+	}
+	fc := &fileConfig{settings: make(map[string]fileSetting)}
+	for i, path := range paths {
+		// The file found in the directory tree may be anyone's (a cloned
+		// repository's): not the user's own.
+		project := explicit == "" && i == len(paths)-1 && path != userConfigFile(getenv)
+		if err := fc.read(path, kinds, !project); err != nil {
+			return nil, err
+		}
+	}
+	return fc, nil
+}
+
+// configFiles returns the configuration files to read, the later
+// winning: with --config, that file (or elva.toml in that directory)
+// alone; else the user's (userConfigFile), then the first elva.toml in dir
+// or one of its parents (the project's): the two that ELVA reads
+// (src/elva/cli.py, find_config_path and USER_HOME_CONFIG).
+func configFiles(explicit, dir string, getenv func(string) string) ([]string, error) {
+	if explicit != "" {
+		if info, err := os.Stat(explicit); err != nil {
+			return nil, fmt.Errorf("--config: %w", err)
+		} else if info.IsDir() {
+			explicit = filepath.Join(explicit, configName)
+		}
+		return []string{explicit}, nil
+	}
+	var paths []string
+	if user := userConfigFile(getenv); user != "" && isRegularFile(user) {
+		paths = append(paths, user)
+	}
+	for d := dir; d != ""; d = filepath.Dir(d) {
+		if p := filepath.Join(d, configName); isRegularFile(p) {
+			if len(paths) == 0 || paths[0] != p {
+				paths = append(paths, p)
+			}
+			break
+		}
+		if filepath.Dir(d) == d {
+			break
+		}
+	}
+	return paths, nil
+}
+
+// userConfigFile is the user's ELVA configuration file, where ELVA's
+// platformdirs.user_config_dir puts it: $XDG_CONFIG_HOME/elva/elva.toml,
+// ~/.config/elva/elva.toml without it, on macOS ~/Library/Application
+// Support/elva/elva.toml; "" without a home.
+func userConfigFile(getenv func(string) string) string {
+	home := getenv("HOME")
+	if runtime.GOOS == "darwin" && home != "" {
+		return filepath.Join(home, "Library", "Application Support", "elva", configName)
+	}
+	if x := getenv("XDG_CONFIG_HOME"); x != "" && filepath.IsAbs(x) {
+		return filepath.Join(x, "elva", configName)
+	}
+	if home == "" {
+		return ""
+	}
+	return filepath.Join(home, ".config", "elva", configName)
+}
+
+// isRegularFile reports whether path is a file, not a directory.
+func isRegularFile(path string) bool {
+	info, err := os.Stat(path)
+	return err == nil && info.Mode().IsRegular()
+}
+
+// maxConfigBytes bounds a configuration file: ELVA's are a few lines.
+const maxConfigBytes = 1 << 20
+
+// read adds the settings of the file at path over those read before.
+// Unless the file is the user's own (its, or --config), it may not run a
+// command nor name files to read secrets from or to write the log to.
+func (fc *fileConfig) read(path string, kinds map[string]settingKind, own bool) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("configuration file: %w", err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxConfigBytes+1))
+	if err != nil {
+		return fmt.Errorf("configuration file %s: %w", path, err)
+	} else if len(data) > maxConfigBytes {
+		return fmt.Errorf("configuration file %s: larger than %d bytes", path, maxConfigBytes)
+	}
+	entries, err := parseTOML(path, string(data), func(table string) bool { return slices.Contains(configTables, table) })
+	if err != nil {
+		return err
+	}
+	r := &fileReader{fc: fc, path: path, kinds: kinds, own: own, connect: make(map[string]tomlEntry)}
+	if err := r.take(entries); err != nil {
+		return err
+	}
+	fc.paths = append(fc.paths, path)
+	if info, err := f.Stat(); err == nil && r.secret && info.Mode().Perm()&0o077 != 0 {
+		fc.warnings = append(fc.warnings, fmt.Sprintf("configuration file %s holds a password or token and others may read it (mode %#o): chmod 600 it", path, info.Mode().Perm()))
+	}
+	return nil
+}
+
+// configTables are the tables read, in the order they apply, a later
+// one's setting winning: the seed's [app.default] and [app.service] (its
+// src/elva/utils.py, gather_context_information), current ELVA's
+// [connect], [basic], [tls] and [log], then this relay's own [service].
+// Other tables belong to other ELVA apps: ignored.
+var configTables = []string{"app.default", "app.service", "connect", "basic", "tls", "log", "service"}
+
+// seedKeys map the keys of the seed's [app.*] tables that the relay uses
+// (its src/elva/apps/service.py) onto its settings.
+var seedKeys = map[string]string{"server": "server", "user": "user", "password": "password", "host": "host", "port": "port", "log": "log", "level": "level"}
+
+// elvaKeys map the keys of ELVA's tables onto the relay's settings; the
+// tables' other keys are other ELVA apps': ignored.
+var elvaKeys = map[string]map[string]string{
+	"app.default": seedKeys,
+	"app.service": seedKeys,
+	"connect":     {"host": "connect.host", "port": "connect.port", "path": "connect.path", "secure": "connect.secure"},
+	"basic":       {"user": "user", "secret": "password", "command": "password"},
+	"tls":         {"cafile": "ca-file", "ca-file": "ca-file"},
+	"log":         {"file": "log", "level": "level"},
+}
+
+// fileReader maps one file's entries onto its fileConfig.
+type fileReader struct {
+	fc      *fileConfig
+	path    string
+	kinds   map[string]settingKind
+	own     bool                 // the user's file: it may run commands and name files
+	connect map[string]tomlEntry // [connect]'s keys, for the server URI
+	levelBy string               // the [service] key (verbose, quiet) that set the level
+	secret  bool                 // the file holds a password, secret or token
+}
+
+// take maps the entries table by table, in configTables' order.
+func (r *fileReader) take(entries []tomlEntry) error {
+	for _, table := range configTables {
+		for _, e := range entries {
+			if e.table != table {
+				continue
+			}
+			if err := r.takeEntry(e); err != nil {
+				return fmt.Errorf("%s:%d: [%s] %s: %w", r.path, e.line, e.table, e.key, err)
+			}
+		}
+		if table == "connect" {
+			if err := r.connectServer(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// takeEntry maps one entry onto its setting.
+func (r *fileReader) takeEntry(e tomlEntry) error {
+	name, err := r.settingOf(e)
+	if name == "" || err != nil {
+		return err
+	}
+	kind, ok := r.kinds[name]
+	if !ok {
+		kind = otherKinds[name]
+	}
+	form := formValue
+	switch {
+	case e.table == "basic" && e.key == "command":
+		kind, form = kindCommand, formCommand
+	case e.key == "password-file" || e.key == "token-file":
+		name, form = strings.TrimSuffix(name, "-file"), formFile
+	}
+	if !r.own && (form != formValue || name == "log") {
+		return errors.New("not taken from a file found in the directory tree, which may be anyone's: put it in your own elva.toml ($XDG_CONFIG_HOME/elva/) or give --config")
+	}
+	values, err := settingValues(e.val, kind)
+	if err != nil {
+		return err
+	}
+	s := fileSetting{values: values, source: fmt.Sprintf("%s:%d ([%s] %s)", r.path, e.line, e.table, e.key), form: form}
+	switch {
+	case strings.HasPrefix(name, "connect."):
+		r.connect[strings.TrimPrefix(name, "connect.")] = e
+		return nil
+	case name == "verbose" || name == "quiet":
+		return r.takeLevelFlag(e.key, values[0] == "true", s)
+	}
+	r.secret = r.secret || (name == "password" || name == "token") && form == formValue
+	r.fc.settings[name] = s
+	return nil
+}
+
+// settingOf names the setting of an entry: a flag's long name, host or
+// port in [service], where any other key is an error; otherwise what
+// elvaKeys says, or "" for another ELVA app's key.
+func (r *fileReader) settingOf(e tomlEntry) (string, error) {
+	if e.table != "service" {
+		return elvaKeys[e.table][e.key], nil
+	}
+	switch alt := strings.ToLower(strings.ReplaceAll(e.key, "_", "-")); {
+	case flagOrAddress(r.kinds, e.key):
+		return e.key, nil
+	case notSettings[e.key]:
+		return "", fmt.Errorf("--%s is a command-line action, not a setting", e.key)
+	case flagOrAddress(r.kinds, alt):
+		return "", fmt.Errorf("no such setting; did you mean %s?", alt)
+	}
+	return "", errors.New("no such setting: [service] takes host, port and the flags by their long names, as --help lists them")
+}
+
+// flagOrAddress reports whether key names a setting of [service].
+func flagOrAddress(kinds map[string]settingKind, key string) bool {
+	_, ok := kinds[key]
+	return ok || key == "host" || key == "port"
+}
+
+// takeLevelFlag takes [service] verbose or quiet: true sets the level
+// (debug, warn), false leaves it; both true contradict each other.
+func (r *fileReader) takeLevelFlag(key string, on bool, s fileSetting) error {
+	if !on {
+		return nil
+	}
+	if r.levelBy != "" {
+		return fmt.Errorf("%s = true and %s = true contradict each other", r.levelBy, key)
+	}
+	r.levelBy = key
+	s.values = []string{"DEBUG"}
+	if key == "quiet" {
+		s.values = []string{"WARN"}
+	}
+	r.fc.settings["level"] = s
+	return nil
+}
+
+// connectServer builds the server URI from ELVA's [connect]: ws://, or
+// wss:// with secure = true, then host, port and path.
+func (r *fileReader) connectServer() error {
+	host, ok := r.connect["host"]
+	if !ok {
+		for _, key := range []string{"port", "path", "secure"} {
+			if e, ok := r.connect[key]; ok {
+				return fmt.Errorf("%s:%d: [connect] %s without host", r.path, e.line, key)
+			}
+		}
+		return nil
+	}
+	h := host.val.str
+	if h == "" || strings.ContainsAny(h, "/@[] ") {
+		return fmt.Errorf("%s:%d: [connect] host %q: want a host name or address only (a URI goes in [service] server)", r.path, host.line, h)
+	}
+	u := url.URL{Scheme: "ws", Host: h, Path: "/"}
+	if strings.Contains(h, ":") {
+		u.Host = "[" + h + "]"
+	}
+	if e, ok := r.connect["secure"]; ok && e.val.flag {
+		u.Scheme = "wss"
+	}
+	if e, ok := r.connect["port"]; ok {
+		u.Host = net.JoinHostPort(h, strconv.FormatInt(e.val.num, 10))
+	}
+	if e, ok := r.connect["path"]; ok {
+		u.Path = "/" + strings.TrimPrefix(e.val.str, "/")
+	}
+	r.fc.settings["server"] = fileSetting{values: []string{u.String()}, source: fmt.Sprintf("%s:%d ([connect] host)", r.path, host.line)}
+	return nil
+}
+
+// settingValues checks a value against its setting's kind and returns it
+// in the form the flag takes: one string, or several for a list or a
+// command.
+func settingValues(v tomlValue, kind settingKind) ([]string, error) {
+	switch {
+	case kind == kindLevel:
+		return levelName(v)
+	case kind == kindCommand && v.kind == tomlString:
+		return splitCommand(v.str)
+	case v.kind == tomlString && (kind == kindString || kind == kindSize || kind == kindList):
+		return []string{v.str}, nil
+	case v.kind == tomlInt && (kind == kindInt || kind == kindSize):
+		return []string{strconv.FormatInt(v.num, 10)}, nil
+	case v.kind == tomlBool && kind == kindBool:
+		return []string{strconv.FormatBool(v.flag)}, nil
+	case v.kind == tomlStrings && kind == kindList:
+		return v.list, nil
+	case v.kind == tomlStrings && kind == kindCommand && len(v.list) > 0 && v.list[0] != "":
+		return v.list, nil
+	}
+	return nil, errors.New(kindWants[kind])
+}
+
+// levelName gives the slog name of a file's log level: a name as
+// Python's logging has them (DEBUG, INFO, WARNING, ERROR, CRITICAL; WARN)
+// or a Python logging level number, which the seed's level is (10 debug,
+// 20 info, 30 warning, 40 error, 50 critical). CRITICAL is slog's ERROR.
+func levelName(v tomlValue) ([]string, error) {
+	n := v.num
+	switch {
+	case v.kind == tomlString:
+		n = map[string]int64{"DEBUG": 10, "INFO": 20, "WARNING": 30, "WARN": 30, "ERROR": 40, "CRITICAL": 50}[strings.ToUpper(v.str)]
+	case v.kind != tomlInt:
+		n = 0
+	}
+	switch {
+	case n < 1 || n > 50:
+		return nil, errors.New(kindWants[kindLevel])
+	case n <= 10:
+		return []string{"DEBUG"}, nil
+	case n <= 20:
+		return []string{"INFO"}, nil
+	case n <= 30:
+		return []string{"WARN"}, nil
+	}
+	return []string{"ERROR"}, nil
+}
+
+// splitCommand splits a [basic] command given as one string at its
+// spaces. It runs without a shell, to which quotes, pipes, variables and
+// the like would mean something: such a string is refused, with the
+// array form as the way out.
+func splitCommand(s string) ([]string, error) {
+	if strings.ContainsAny(s, "\"'\\|&;<>()$`*?[]{}~#\n") {
+		return nil, errors.New(`the command needs a shell as written; give its words as an array, e.g. ["sh", "-c", "pass show elva | head -n 1"]`)
+	}
+	words := strings.Fields(s)
+	if len(words) == 0 {
+		return nil, errors.New("the command is empty")
+	}
+	return words, nil
+}
+
+// secretCommandTimeout bounds a [basic] command: a password manager that
+// asks for its own passphrase gets this long. A variable for one test.
+var secretCommandTimeout = 10 * time.Second
+
+// runSecretCommand runs argv, the [basic] command given at source,
+// without a shell and without input, and returns the first line of its
+// output: the password. A failure, a timeout or an empty first line is an
+// error that names the command and shows its stderr's first line, never
+// its output.
+func runSecretCommand(argv []string, source string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), secretCommandTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	cmd.WaitDelay = time.Second // a child of it may hold the pipes open
+	out, err := cmd.Output()
+	what := fmt.Sprintf("%s: command %q", source, strings.Join(argv, " "))
+	switch {
+	case ctx.Err() != nil:
+		return "", fmt.Errorf("%s: no answer within %v", what, secretCommandTimeout)
+	case err != nil:
+		line, _, _ := strings.Cut(strings.TrimSpace(stderr.String()), "\n")
+		if len(line) > 200 {
+			line = line[:200] + "…"
+		}
+		return "", fmt.Errorf("%s: %w: %s", what, err, cmp.Or(line, "no message"))
+	}
+	line, _, _ := strings.Cut(string(out), "\n")
+	if line = strings.TrimRight(line, "\r"); line == "" {
+		return "", fmt.Errorf("%s printed nothing on its first line", what)
+	}
+	return line, nil
+}
+
+// tomlKind is the type of a TOML value this relay reads.
+type tomlKind int
+
+const (
+	tomlString  tomlKind = iota + 1 // basic "…" or literal '…', on one line
+	tomlInt                         // decimal, 64-bit
+	tomlBool                        // true, false
+	tomlStrings                     // an array of strings
+)
+
+// tomlValue is one value of the TOML subset configuration files use.
+type tomlValue struct {
+	kind tomlKind
+	str  string
+	num  int64
+	flag bool
+	list []string
+}
+
+// tomlEntry is one key = value line and the table it is in.
+type tomlEntry struct {
+	table string // the dotted table name; "" before the first table
+	key   string
+	val   tomlValue
+	line  int // 1-based
+}
+
+// tomlParser reads the TOML subset ELVA's configuration files use (TOML
+// 1.0, toml.io): comments, tables with dotted names, bare keys, basic and
+// literal strings, decimal integers, booleans and arrays of strings, which
+// may span lines. Anything else TOML has is an error naming the file and
+// line, "unsupported TOML", never a misread; what TOML forbids is
+// "invalid TOML". In the tables it does not read (other ELVA apps') it
+// passes over any value.
+type tomlParser struct {
+	path  string
+	src   string
+	reads func(table string) bool // static
+	pos   int                     // the next byte of src
+	line  int                     // pos's line, 1-based
+}
+
+// otherTable names a table the parser does not read: an array of tables
+// or one with a quoted name, which this relay's tables never are.
+const otherTable = "\x00other"
+
+// parseTOML returns the entries of src, the file at path, in order, of
+// the tables reads accepts (the top level is ""). Duplicate keys and
+// tables are errors, as TOML has them.
+func parseTOML(path, src string, reads func(table string) bool) ([]tomlEntry, error) {
+	if !utf8.ValidString(src) {
+		return nil, fmt.Errorf("%s: invalid TOML: not UTF-8", path)
+	}
+	p := &tomlParser{path: path, src: strings.TrimPrefix(src, "\ufeff"), reads: reads, line: 1}
+	var entries []tomlEntry
+	defined := make(map[string]bool) // tables and keys, by dotted name
+	table := ""
+	for p.skipBlank(); p.pos < len(p.src); p.skipBlank() {
+		if p.src[p.pos] == '[' {
+			name, err := p.tableHeader()
+			if err != nil {
+				return nil, err
+			}
+			if defined[name] && name != otherTable {
+				return nil, p.invalid("[%s] is defined twice", name)
+			}
+			defined[name], table = true, name
+			continue
+		}
+		if table == otherTable || !reads(table) {
+			if err := p.skipKeyValue(); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		e, err := p.keyValue(table)
+		if err != nil {
+			return nil, err
+		}
+		if full := strings.TrimPrefix(table+"."+e.key, "."); defined[full] {
+			return nil, fmt.Errorf("%s:%d: invalid TOML: %s is defined twice", path, e.line, full)
+		} else {
+			defined[full] = true
+		}
+		entries = append(entries, e)
+	}
+	return entries, nil
+}
+
+// unsupported is the error for a TOML construct this reader does not take.
+func (p *tomlParser) unsupported(what string) error {
+	return fmt.Errorf("%s:%d: unsupported TOML: %s", p.path, p.line, what)
+}
+
+// invalid is the error for what TOML does not allow.
+func (p *tomlParser) invalid(format string, args ...any) error {
+	return fmt.Errorf("%s:%d: invalid TOML: %s", p.path, p.line, fmt.Sprintf(format, args...))
+}
+
+// peek is the next byte, or 0 at the end.
+func (p *tomlParser) peek() byte {
+	if p.pos < len(p.src) {
+		return p.src[p.pos]
+	}
+	return 0
+}
+
+// skipSpaces skips spaces and tabs.
+func (p *tomlParser) skipSpaces() {
+	for p.peek() == ' ' || p.peek() == '\t' {
+		p.pos++
+	}
+}
+
+// skipBlank skips whitespace, line ends and comments.
+func (p *tomlParser) skipBlank() {
+	for p.pos < len(p.src) {
+		switch p.src[p.pos] {
+		case '\n':
+			p.line++
+		case ' ', '\t', '\r':
+		case '#':
+			for p.pos < len(p.src) && p.src[p.pos] != '\n' {
+				p.pos++
+			}
+			continue
+		default:
+			return
+		}
+		p.pos++
+	}
+}
+
+// endOfLine checks that nothing but a comment follows on the line.
+func (p *tomlParser) endOfLine() error {
+	p.skipSpaces()
+	if c := p.peek(); c != 0 && c != '\n' && c != '#' && !strings.HasPrefix(p.src[p.pos:], "\r\n") {
+		return p.invalid("unexpected %q after the value", c)
+	}
+	return nil
+}
+
+// tableHeader reads [a.b.c] and returns its dotted name; otherTable for
+// an array of tables or a quoted name that it does not read.
+func (p *tomlParser) tableHeader() (string, error) {
+	p.pos++
+	array := p.peek() == '['
+	if array {
+		p.pos++
+	}
+	end := strings.IndexAny(p.src[p.pos:], "]\n")
+	if end < 0 || p.src[p.pos+end] != ']' || array && !strings.HasPrefix(p.src[p.pos+end:], "]]") {
+		return "", p.invalid("a table name without its closing ]")
+	}
+	inner := p.src[p.pos : p.pos+end]
+	p.pos += end + 1
+	if array {
+		p.pos++
+	}
+	parts := strings.Split(inner, ".")
+	for i, part := range parts {
+		parts[i] = strings.Trim(part, " \t")
+	}
+	name := strings.Join(parts, ".")
+	switch quoted := strings.ContainsAny(inner, `"'`); {
+	case (quoted || array) && !p.reads(name):
+		return otherTable, p.endOfLine()
+	case quoted:
+		return "", p.unsupported("quoted table names")
+	case array:
+		return "", p.unsupported("arrays of tables [[…]]")
+	}
+	for _, part := range parts {
+		if !isBareKey(part) {
+			return "", p.invalid("table name %q: want letters, digits, _ and - between dots", name)
+		}
+	}
+	return name, p.endOfLine()
+}
+
+// skipKeyValue passes over a key = value line of a table the parser does
+// not read: its key may be quoted or dotted, its value of any kind.
+func (p *tomlParser) skipKeyValue() error {
+	for {
+		p.skipSpaces()
+		var err error
+		switch c := p.peek(); {
+		case c == '"':
+			_, err = p.basicString()
+		case c == '\'':
+			_, err = p.literalString()
+		case isBareKey(string(c)):
+			for isBareKey(string(p.peek())) {
+				p.pos++
+			}
+		default:
+			return p.invalid("want a key or a [table], found %q", c)
+		}
+		if p.skipSpaces(); err != nil || p.peek() != '.' {
+			if err == nil && p.peek() != '=' {
+				err = p.invalid("want = after a key")
+			}
+			if err != nil {
+				return err
+			}
+			break
+		}
+		p.pos++
+	}
+	p.pos++
+	p.skipSpaces()
+	if err := p.skipValue(); err != nil {
+		return err
+	}
+	return p.endOfLine()
+}
+
+// skipValue passes over a value of any TOML kind: strings of the four
+// kinds, arrays and inline tables, nested, and bare values (numbers,
+// booleans, dates and times, which may hold a space).
+func (p *tomlParser) skipValue() error {
+	for depth := 0; ; {
+		rest, c := p.src[p.pos:], p.peek()
+		var err error
+		switch {
+		case c == 0 || depth == 0 && (c == '\n' || c == '\r' || c == '#'):
+			if depth > 0 {
+				return p.invalid("an array or inline table without its closing bracket")
+			}
+			return nil
+		case strings.HasPrefix(rest, `"""`) || strings.HasPrefix(rest, "'''"):
+			err = p.skipMultiline(rest[:3])
+		case c == '"':
+			_, err = p.basicString()
+		case c == '\'':
+			_, err = p.literalString()
+		case c == '#' || c == '\n':
+			p.skipBlank() // inside an array
+			continue
+		case c == '[' || c == '{':
+			depth++
+		case c == ']' || c == '}':
+			if depth--; depth < 0 {
+				return p.invalid("unexpected %q", c)
+			}
+		}
+		if err != nil {
+			return err
+		}
+		if !strings.ContainsRune(`"'`, rune(c)) {
+			p.pos++
+		}
+		if depth == 0 && strings.ContainsRune(`"']}`, rune(c)) {
+			return nil
+		}
+	}
+}
+
+// skipMultiline passes over a multi-line string from its opening delim
+// (""" or ”'). A basic one's backslash escapes the next byte.
+func (p *tomlParser) skipMultiline(delim string) error {
+	for p.pos += 3; p.pos < len(p.src); p.pos++ {
+		switch c := p.src[p.pos]; {
+		case c == '\n':
+			p.line++
+		case c == '\\' && delim == `"""` && p.pos+1 < len(p.src):
+			if p.pos++; p.src[p.pos] == '\n' {
+				p.line++
+			}
+		case strings.HasPrefix(p.src[p.pos:], delim):
+			p.pos += 3
+			for n := 0; n < 2 && p.peek() == delim[0]; n++ { // quotes just before the closing ones
+				p.pos++
+			}
+			return nil
+		}
+	}
+	return p.invalid("a multi-line string without its closing %s", delim)
+}
+
+// isBareKey reports whether s is a TOML bare key: A-Za-z0-9_-, not empty.
+func isBareKey(s string) bool {
+	return s != "" && strings.Trim(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-") == ""
+}
+
+// keyValue reads key = value.
+func (p *tomlParser) keyValue(table string) (tomlEntry, error) {
+	e := tomlEntry{table: table, line: p.line}
+	if c := p.peek(); c == '"' || c == '\'' {
+		return e, p.unsupported("quoted keys")
+	}
+	start := p.pos
+	for p.pos < len(p.src) && isBareKey(p.src[p.pos:p.pos+1]) {
+		p.pos++
+	}
+	e.key = p.src[start:p.pos]
+	p.skipSpaces()
+	switch {
+	case e.key == "":
+		return e, p.invalid("want a key or a [table], found %q", p.peek())
+	case p.peek() == '.':
+		return e, p.unsupported("dotted keys (" + e.key + ".…): write a [table] and the key in it")
+	case p.peek() != '=':
+		return e, p.invalid("want = after %s", e.key)
+	}
+	p.pos++
+	p.skipSpaces()
+	var err error
+	if e.val, err = p.value(); err != nil {
+		return e, err
+	}
+	return e, p.endOfLine()
+}
+
+// value reads one value.
+func (p *tomlParser) value() (tomlValue, error) {
+	switch {
+	case strings.HasPrefix(p.src[p.pos:], `"""`) || strings.HasPrefix(p.src[p.pos:], "'''"):
+		return tomlValue{}, p.unsupported("multi-line strings")
+	case p.peek() == '"':
+		s, err := p.basicString()
+		return tomlValue{kind: tomlString, str: s}, err
+	case p.peek() == '\'':
+		s, err := p.literalString()
+		return tomlValue{kind: tomlString, str: s}, err
+	case p.peek() == '[':
+		list, err := p.array()
+		return tomlValue{kind: tomlStrings, list: list}, err
+	case p.peek() == '{':
+		return tomlValue{}, p.unsupported("inline tables {…}")
+	}
+	return p.bareValue()
+}
+
+// basicString reads "…" with its escapes.
+func (p *tomlParser) basicString() (string, error) {
+	var b strings.Builder
+	for p.pos++; ; {
+		c := p.peek()
+		switch {
+		case c == '"':
+			p.pos++
+			return b.String(), nil
+		case c == 0 || c == '\n':
+			return "", p.invalid("a string without its closing quote")
+		case c == '\\':
+			r, err := p.escape()
+			if err != nil {
+				return "", err
+			}
+			b.WriteRune(r)
+			continue
+		case c < 0x20 && c != '\t' || c == 0x7f:
+			return "", p.invalid("a control character in a string")
+		}
+		b.WriteByte(c)
+		p.pos++
+	}
+}
+
+// escape reads one escape of a basic string, from its backslash.
+func (p *tomlParser) escape() (rune, error) {
+	p.pos++
+	c := p.peek()
+	if r, ok := map[byte]rune{'b': '\b', 't': '\t', 'n': '\n', 'f': '\f', 'r': '\r', '"': '"', '\\': '\\'}[c]; ok {
+		p.pos++
+		return r, nil
+	}
+	digits := map[byte]int{'u': 4, 'U': 8}[c]
+	if digits == 0 || p.pos+1+digits > len(p.src) {
+		return 0, p.unsupported(fmt.Sprintf("the escape \\%c (TOML 1.0 has \\b \\t \\n \\f \\r \\\" \\\\ \\uXXXX \\UXXXXXXXX)", c))
+	}
+	n, err := strconv.ParseUint(p.src[p.pos+1:p.pos+1+digits], 16, 32)
+	if err != nil || !utf8.ValidRune(rune(n)) {
+		return 0, p.invalid("\\%c%s is not a Unicode scalar value", c, p.src[p.pos+1:p.pos+1+digits])
+	}
+	p.pos += 1 + digits
+	return rune(n), nil
+}
+
+// literalString reads '…', which has no escapes.
+func (p *tomlParser) literalString() (string, error) {
+	p.pos++
+	start := p.pos
+	for c := p.peek(); c != '\''; c = p.peek() {
+		switch {
+		case c == 0 || c == '\n':
+			return "", p.invalid("a string without its closing quote")
+		case c < 0x20 && c != '\t' || c == 0x7f:
+			return "", p.invalid("a control character in a string")
+		}
+		p.pos++
+	}
+	p.pos++
+	return p.src[start : p.pos-1], nil
+}
+
+// array reads [ "a", 'b', ] over any number of lines, with comments.
+func (p *tomlParser) array() ([]string, error) {
+	list := []string{}
+	for p.pos++; ; {
+		p.skipBlank()
+		switch c := p.peek(); {
+		case c == 0:
+			return nil, p.invalid("an array without its closing ]")
+		case c == ']':
+			p.pos++
+			return list, nil
+		case c == '[':
+			return nil, p.unsupported("arrays of arrays")
+		case c != '"' && c != '\'':
+			return nil, p.unsupported("arrays of other than strings")
+		}
+		v, err := p.value()
+		if err != nil {
+			return nil, err
+		}
+		list = append(list, v.str)
+		p.skipBlank()
+		switch p.peek() {
+		case ',':
+			p.pos++
+		case ']':
+		default:
+			return nil, p.invalid("want , or ] after an array's element")
+		}
+	}
+}
+
+// bareValue reads a boolean or a decimal integer. Floats, dates and
+// integers in other bases are refused; the token is never quoted in the
+// error, as it may be a password written without quotes.
+func (p *tomlParser) bareValue() (tomlValue, error) {
+	start := p.pos
+	for c := p.peek(); c != 0 && !strings.ContainsRune(" \t\r\n#,]", rune(c)); c = p.peek() {
+		p.pos++
+	}
+	tok := p.src[start:p.pos]
+	unsigned := strings.TrimLeft(tok, "+-")
+	switch {
+	case tok == "true" || tok == "false":
+		return tomlValue{kind: tomlBool, flag: tok == "true"}, nil
+	case tok == "":
+		return tomlValue{}, p.invalid("a key without a value")
+	case len(tok) >= 5 && isDigits(tok[:4]) && tok[4] == '-', len(tok) >= 3 && isDigits(tok[:2]) && tok[2] == ':':
+		return tomlValue{}, p.unsupported("dates and times")
+	case len(unsigned) > 1 && unsigned[0] == '0' && strings.ContainsRune("xob", rune(unsigned[1])):
+		return tomlValue{}, p.unsupported("integers in hexadecimal, octal or binary")
+	case unsigned == "inf" || unsigned == "nan" || unsigned != "" && isDigits(unsigned[:1]) && strings.ContainsAny(unsigned, ".eE"):
+		return tomlValue{}, p.unsupported("floats")
+	}
+	n, err := parseTOMLInt(tok)
+	if err != nil {
+		return tomlValue{}, p.invalid("%v", err)
+	}
+	return tomlValue{kind: tomlInt, num: n}, nil
+}
+
+// parseTOMLInt reads a TOML decimal integer: an optional sign, no leading
+// zero, an underscore only between two digits.
+func parseTOMLInt(tok string) (int64, error) {
+	digits := strings.TrimLeft(tok, "+-")
+	ok := len(tok)-len(digits) <= 1 && digits != "" && (digits == "0" || digits[0] != '0') &&
+		!strings.HasPrefix(digits, "_") && !strings.HasSuffix(digits, "_") && !strings.Contains(digits, "__") &&
+		isDigits(strings.ReplaceAll(digits, "_", ""))
+	if !ok {
+		return 0, errors.New("a value that is not a string in quotes, a whole number, true or false")
+	}
+	n, err := strconv.ParseInt(strings.ReplaceAll(tok, "_", ""), 10, 64)
+	if err != nil {
+		return 0, errors.New("a whole number out of the 64-bit range")
+	}
+	return n, nil
 }
 
 // buildVersion is the relay's version: -ldflags "-X main.version=…" if
@@ -1483,8 +2855,14 @@ func (s *service) run(ctx context.Context) int {
 	case <-ctx.Done():
 		s.log.Info("stopping")
 	case err := <-upDone:
-		s.log.Error("upstream failed; stopping", "err", err)
 		upWait = nil // already returned
+		if err == nil {
+			// Every upstream returns nil only at the stop, and may see
+			// ctx end before this select does.
+			s.log.Info("stopping")
+			break
+		}
+		s.log.Error("upstream failed; stopping", "err", err)
 		status = 1
 	case err := <-srvDone:
 		s.log.Error("local server failed; stopping", "err", err)

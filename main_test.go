@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"encoding/xml"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -16,6 +17,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -412,7 +414,7 @@ func TestParseArgs(t *testing.T) {
 			return c.host == "localhost" && c.port == 8000 && c.server.String() == "ws://example.org/" && c.magic == magicSeed && c.maxMessage == 32<<20
 		}, ""},
 		{"positional before flags", []string{"0.0.0.0", "9000", "--server", "ws://e/"}, nil, func(c *config) bool { return c.host == "0.0.0.0" && c.port == 9000 }, ""},
-		{"flags between positionals", []string{"h", "--server", "ws://e/", "9001", "-v"}, nil, func(c *config) bool { return c.host == "h" && c.port == 9001 && c.verbose }, ""},
+		{"flags between positionals", []string{"h", "--server", "ws://e/", "9001", "-v"}, nil, func(c *config) bool { return c.host == "h" && c.port == 9001 && c.level == slog.LevelDebug }, ""},
 		{"double dash", []string{"--server", "ws://e/", "--", "h", "1"}, nil, func(c *config) bool { return c.host == "h" && c.port == 1 }, ""},
 		{"environment", nil, map[string]string{"ELVA_SERVER": "wss://e/", "ELVA_USER": "u", "ELVA_PASSWORD": "p"}, func(c *config) bool {
 			return c.server.Scheme == "wss" && c.user == "u" && c.password == "p"
@@ -518,19 +520,26 @@ func TestParseArgs(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			env = tt.env
 			cfg, err := parseArgs(tt.args, getenv)
-			if tt.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("got %v, want an error with %q", err, tt.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatalf("unexpected error: %v", err)
-			}
-			if !tt.want(cfg) {
-				t.Errorf("unexpected config %+v (server %v)", cfg, cfg.server)
-			}
+			checkConfig(t, cfg, err, tt.want, tt.wantErr)
 		})
+	}
+}
+
+// checkConfig fails t unless err has wantErr in it or, without wantErr,
+// there is no error and want accepts cfg.
+func checkConfig(t *testing.T, cfg *config, err error, want func(*config) bool, wantErr string) {
+	t.Helper()
+	if wantErr != "" {
+		if err == nil || !strings.Contains(err.Error(), wantErr) {
+			t.Fatalf("got %v, want an error with %q", err, wantErr)
+		}
+		return
+	}
+	if err != nil {
+		t.Fatalf("unexpected error: %v", err)
+	}
+	if !want(cfg) {
+		t.Errorf("unexpected config %+v (server %v)", cfg, cfg.server)
 	}
 }
 
@@ -1050,5 +1059,593 @@ func TestServiceFiles(t *testing.T) {
 	out, err := exec.CommandContext(ctx, analyze, "verify", path).CombinedOutput()
 	if err != nil || bytes.Contains(out, []byte("elva-service.service")) {
 		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	}
+}
+
+// writeConfig writes content to name in dir with mode and returns its path.
+func writeConfig(t *testing.T, dir, name, content string, mode os.FileMode) string {
+	t.Helper()
+	path := filepath.Join(dir, name)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte(content), mode); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(path, mode); err != nil { // past the umask
+		t.Fatal(err)
+	}
+	return path
+}
+
+// TestParseTOML checks the TOML subset: what it reads, and that every
+// other construct is an error naming the file and its line.
+func TestParseTOML(t *testing.T) {
+	const good = "\ufeff# a comment\ntop = 'x' # after a value\n\n[app.default]\r\nserver = \"wss://e/\\u00e9\\t\"\n" +
+		"port = -8_000\nsecure = true\n[ service ]\nallow-origin = [\n  \"a\", # one\n  'b',\n]\nempty = []\n"
+	entries, err := parseTOML("good.toml", good, readAll)
+	if err != nil {
+		t.Fatalf("parseTOML: %v", err)
+	}
+	want := []tomlEntry{
+		{"", "top", tomlValue{kind: tomlString, str: "x"}, 2},
+		{"app.default", "server", tomlValue{kind: tomlString, str: "wss://e/é\t"}, 5},
+		{"app.default", "port", tomlValue{kind: tomlInt, num: -8000}, 6},
+		{"app.default", "secure", tomlValue{kind: tomlBool, flag: true}, 7},
+		{"service", "allow-origin", tomlValue{kind: tomlStrings, list: []string{"a", "b"}}, 9},
+		{"service", "empty", tomlValue{kind: tomlStrings, list: []string{}}, 13},
+	}
+	if fmt.Sprint(entries) != fmt.Sprint(want) {
+		t.Errorf("got %v\nwant %v", entries, want)
+	}
+	tests := []struct {
+		name, src, want string
+	}{
+		{"inline table", "[service]\nx = { a = 1 }", "f.toml:2: unsupported TOML: inline tables"},
+		{"array of tables", "\n\n[[servers]]", "f.toml:3: unsupported TOML: arrays of tables"},
+		{"multi-line basic string", "x = \"\"\"\nabc\"\"\"", "f.toml:1: unsupported TOML: multi-line strings"},
+		{"multi-line literal string", "x = '''abc'''", "f.toml:1: unsupported TOML: multi-line strings"},
+		{"float", "# c\nx = 1.5", "f.toml:2: unsupported TOML: floats"},
+		{"exponent", "x = 1e6", "f.toml:1: unsupported TOML: floats"},
+		{"infinity", "x = -inf", "f.toml:1: unsupported TOML: floats"},
+		{"date", "x = 1979-05-27", "f.toml:1: unsupported TOML: dates and times"},
+		{"time", "x = 07:32:00", "f.toml:1: unsupported TOML: dates and times"},
+		{"hexadecimal", "x = 0xff", "f.toml:1: unsupported TOML: integers in hexadecimal"},
+		{"dotted key", "[app]\ndefault.server = 'x'", "f.toml:2: unsupported TOML: dotted keys"},
+		{"quoted key", "\"x\" = 1", "f.toml:1: unsupported TOML: quoted keys"},
+		{"quoted table name", "[app.\"my app\"]", "f.toml:1: unsupported TOML: quoted table names"},
+		{"array of numbers", "x = [\n1, 2]", "f.toml:2: unsupported TOML: arrays of other than strings"},
+		{"array of arrays", "x = [['a']]", "f.toml:1: unsupported TOML: arrays of arrays"},
+		{"bad escape", "\nx = \"a\\qb\"", `f.toml:2: unsupported TOML: the escape \q`},
+		{"escape of a surrogate", `x = "\uD800"`, "f.toml:1: invalid TOML"},
+		{"duplicate key", "[s]\nx = 1\n\nx = 2", "f.toml:4: invalid TOML: s.x is defined twice"},
+		{"duplicate table", "[s]\n[t]\n[s]", "f.toml:3: invalid TOML: [s] is defined twice"},
+		{"key and table of one name", "[app]\ndefault = 1\n[app.default]", "f.toml:3: invalid TOML: [app.default] is defined twice"},
+		{"unquoted string", "password = hunter2", "f.toml:1: invalid TOML: a value that is not a string"},
+		{"leading zero", "x = 08", "f.toml:1: invalid TOML"},
+		{"unclosed string", "x = \"abc\ny = 1", "f.toml:1: invalid TOML: a string without its closing quote"},
+		{"unclosed array", "x = ['a',", "f.toml:1: invalid TOML: an array without its closing ]"},
+		{"two values", "x = 1 2", "f.toml:1: invalid TOML: unexpected '2' after the value"},
+		{"no value", "x =\ny = 1", "f.toml:1: invalid TOML: a key without a value"},
+		{"unclosed table", "[app\nx = 1", "f.toml:1: invalid TOML: a table name without its closing ]"},
+		{"not UTF-8", "x = \"\xff\"", "f.toml: invalid TOML: not UTF-8"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseTOML("f.toml", tt.src, readAll)
+			if err == nil || !strings.HasPrefix(err.Error(), tt.want) {
+				t.Errorf("got %v, want an error beginning %q", err, tt.want)
+			}
+			if err != nil && strings.Contains(err.Error(), "hunter2") {
+				t.Errorf("the error shows the unquoted value: %v", err)
+			}
+		})
+	}
+}
+
+// readAll has parseTOML read every table.
+func readAll(string) bool { return true }
+
+// TestParseTOMLPassesOverOtherTables checks that the tables the relay
+// does not read may hold any TOML: their values are passed over, and the
+// lines of what follows stay right.
+func TestParseTOMLPassesOverOtherTables(t *testing.T) {
+	const src = `[render]
+width = 80.5 # a float
+at = 1979-05-27 07:32:00Z
+"quoted key".dotted = { a = [1, { b = "]}" }], c = 'x' }
+text = """
+[service]
+port = 1 \"""
+"""
+lit = '''also ''''' # two quotes before the closing ones
+nested = [
+  [1, 2], # a comment ]
+  ["a", "b"],
+]
+[[app.editor.plugins]]
+name = "x"
+[app."my app"]
+x = 1
+[service]
+port = 9000
+`
+	entries, err := parseTOML("f.toml", src, func(table string) bool { return table == "service" })
+	want := []tomlEntry{{"service", "port", tomlValue{kind: tomlInt, num: 9000}, 19}}
+	if err != nil || fmt.Sprint(entries) != fmt.Sprint(want) {
+		t.Errorf("got %v, %v; want %v", entries, err, want)
+	}
+	for _, bad := range []string{"[render]\nx = [1, 2", "[render]\nx = \"\"\"abc", "[render]\nx = 1]", "[[service]]"} {
+		if _, err := parseTOML("f.toml", bad, func(table string) bool { return table == "service" }); err == nil {
+			t.Errorf("%q: no error", bad)
+		}
+	}
+}
+
+// TestConfigFile checks the three layouts, the precedence of flags over
+// the environment over the file, and the file's errors, which name the
+// file, the line and the key.
+func TestConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	seed := writeConfig(t, dir, "seed.toml", `
+[app.default]
+server = "wss://seed.example.org/"
+user = "ada"
+password = "s3cret"
+port = 9100
+level = 10
+[app.service]
+server = "wss://service.example.org/"
+host = "127.0.0.1"
+log = "/tmp/seed.log"
+[app.editor]
+ansi_color = "yes" # another app's: ignored
+`, 0o600)
+	elva := writeConfig(t, dir, "elva.toml", `
+[connect]
+host = "elva.example.org"
+port = 8443
+path = "sync"
+secure = true
+identifier = "another app's key: ignored"
+[basic]
+user = "grace"
+secret = "s3cret"
+[tls]
+cafile = "/nonexistent/ca.pem"
+[log]
+file = "/tmp/elva.log"
+level = "WARNING"
+[render]
+anything = { goes = "here" }
+`, 0o600)
+	service := writeConfig(t, dir, "service.toml", `
+[app.service]
+server = "wss://seed.example.org/"
+[service]
+server = "ws://127.0.0.1:9999/"
+protocol = "yjs"
+max-connections = 7
+max-message = "64KiB"
+upstream-max-message = 65536
+allow-origin = ["https://notes.example.org"]
+ping-interval = "5s"
+no-store = true
+quiet = true
+log-format = "json"
+host = "::1"
+port = 9200
+`, 0o600)
+	// BAD stands for the path of a file bad.toml that holds content,
+	// written when its case runs.
+	BAD := func(content string) string { return "\x00" + content }
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		want    func(*config) bool
+		wantErr string
+	}{
+		{"seed layout", []string{"--config", seed}, nil, func(c *config) bool {
+			return c.server.String() == "wss://service.example.org/" && c.user == "ada" && c.password == "s3cret" &&
+				c.host == "127.0.0.1" && c.port == 9100 && c.logFile == "/tmp/seed.log" && c.level == slog.LevelDebug
+		}, ""},
+		{"ELVA layout", []string{"--config", elva}, nil, nil, "/nonexistent/ca.pem"}, // [tls] cafile is read
+		{"ELVA layout without the CA", []string{"--config", elva, "--ca-file", ""}, nil, func(c *config) bool {
+			return c.server.String() == "wss://elva.example.org:8443/sync" && c.user == "grace" && c.password == "s3cret" &&
+				c.logFile == "/tmp/elva.log" && c.level == slog.LevelWarn
+		}, ""},
+		{"service layout", []string{"--config", service}, nil, func(c *config) bool {
+			return c.server.String() == "ws://127.0.0.1:9999/" && c.protocol == protocolYjs && c.limits.conns == 7 &&
+				c.maxMessage == 64<<10 && c.upstreamMaxMessage == 64<<10 && c.gate.origins["https://notes.example.org"] &&
+				c.keepalive.interval == 5*time.Second && c.noStore && c.level == slog.LevelWarn && c.logFormat == "json" &&
+				c.host == "::1" && c.port == 9200
+		}, ""},
+		{"environment beats the file", []string{"--config", seed}, map[string]string{"ELVA_SERVER": "wss://env.example.org/", "ELVA_USER": "env", "ELVA_PASSWORD": "envpw"}, func(c *config) bool {
+			return c.server.Host == "env.example.org" && c.user == "env" && c.password == "envpw" && c.passwordFrom == "env ELVA_PASSWORD"
+		}, ""},
+		{"flags beat the environment and the file", []string{"--config", seed, "--server", "wss://flag.example.org/", "--user", "flag", "--quiet", "10.0.0.1", "9300"},
+			map[string]string{"ELVA_SERVER": "wss://env.example.org/"}, func(c *config) bool {
+				return c.server.Host == "flag.example.org" && c.user == "flag" && c.level == slog.LevelWarn && c.host == "10.0.0.1" && c.port == 9300
+			}, ""},
+		{"flags replace the file's origins", []string{"--config", service, "--allow-origin", "https://other.example.org"}, nil, func(c *config) bool {
+			return len(c.gate.origins) == 1 && c.gate.origins["https://other.example.org"]
+		}, ""},
+		{"password file flag beats the file's secret", []string{"--config", seed, "--password-file", writeConfig(t, dir, "pw", "filepw\n", 0o600)}, nil, func(c *config) bool {
+			return c.password == "filepw"
+		}, ""},
+		{"the file's password file", []string{"--config", BAD("[service]\npassword-file = " + strconvQuote(writeConfig(t, dir, "pw2", "pw2\n", 0o600)))}, nil, func(c *config) bool {
+			return c.password == "pw2"
+		}, ""},
+		{"the file's token", []string{"--config", BAD("[service]\ntoken = 'tok'\nprotocol = 'hocuspocus'")}, nil, func(c *config) bool {
+			return c.token == "tok" && !strings.Contains(fmt.Sprint(c.warnings), "--token")
+		}, ""},
+		{"-v and --quiet", []string{"-v", "--quiet"}, nil, nil, "-v and --quiet contradict each other"},
+		{"file verbose and quiet", []string{"--config", BAD("[service]\nverbose = true\nquiet = true")}, nil, nil, "bad.toml:3: [service] quiet: verbose = true and quiet = true contradict"},
+		{"bad log format", []string{"--log-format", "xml"}, nil, nil, `--log-format "xml": want text or json`},
+		{"unknown key in [service]", []string{"--config", BAD("[service]\n\nmax_connections = 3")}, nil, nil, "bad.toml:3: [service] max_connections: no such setting; did you mean max-connections?"},
+		{"unknown key without a near one", []string{"--config", BAD("[service]\nfrobnicate = 3")}, nil, nil, "bad.toml:2: [service] frobnicate: no such setting: [service] takes host, port and the flags"},
+		{"an action in [service]", []string{"--config", BAD("[service]\nlist-docs = true")}, nil, nil, "--list-docs is a command-line action"},
+		{"wrong type", []string{"--config", BAD("[service]\nmax-connections = '3'")}, nil, nil, "bad.toml:2: [service] max-connections: want a whole number"},
+		{"bad duration", []string{"--config", BAD("[service]\nretry-max = '10'")}, nil, nil, `bad.toml:2 ([service] retry-max): "10": use a unit`},
+		{"bad value checked later", []string{"--config", BAD("[log]\nfile = '/x'\n[service]\nprotocol = 'nope'")}, nil, nil, "(--protocol is set in " + filepath.Join(dir, "bad.toml") + ":4 ([service] protocol))"},
+		{"bad level", []string{"--config", BAD("[log]\nlevel = 'LOUD'")}, nil, nil, "bad.toml:2: [log] level: want \"DEBUG\""},
+		{"bad host", []string{"--config", BAD("[app.service]\nhost = 'a b'")}, nil, nil, "bad.toml:2 ([app.service] host): host \"a b\" is not a host name"},
+		{"port out of range", []string{"--config", BAD("[service]\nport = 70000")}, nil, nil, "bad.toml:2 ([service] port): port 70000: want a number from 0 to 65535"},
+		{"[connect] without host", []string{"--config", BAD("[connect]\nsecure = true")}, nil, nil, "bad.toml:2: [connect] secure without host"},
+		{"[connect] host as a URI", []string{"--config", BAD("[connect]\nhost = 'wss://e/'")}, nil, nil, "want a host name or address only"},
+		{"command with shell syntax", []string{"--config", BAD("[basic]\ncommand = 'pass show elva | head -1'")}, nil, nil, "bad.toml:2: [basic] command: the command needs a shell"},
+		{"missing --config file", []string{"--config", filepath.Join(dir, "none.toml")}, nil, nil, "--config: stat"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := slices.Clone(tt.args)
+			for i, arg := range args {
+				if content, ok := strings.CutPrefix(arg, "\x00"); ok {
+					args[i] = writeConfig(t, dir, "bad.toml", content, 0o600)
+				}
+			}
+			cfg, err := parseArgs(args, func(k string) string { return tt.env[k] })
+			checkConfig(t, cfg, err, tt.want, tt.wantErr)
+		})
+	}
+}
+
+// strconvQuote quotes s as a TOML basic string (Go's quoting is the same
+// for the paths the tests write).
+func strconvQuote(s string) string { return fmt.Sprintf("%q", s) }
+
+// TestConfigFileDiscovery checks where the files are looked for without
+// --config: the first elva.toml in the directory or a parent, over the
+// user's.
+func TestConfigFileDiscovery(t *testing.T) {
+	root := t.TempDir()
+	project := writeConfig(t, root, "project/elva.toml", "", 0o600)
+	deeper := filepath.Join(root, "project", "a", "b")
+	if err := os.MkdirAll(deeper, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	xdg := filepath.Join(root, "xdg")
+	user := writeConfig(t, xdg, "elva/elva.toml", "", 0o600)
+	if runtime.GOOS == "darwin" {
+		t.Skip("the user's file is under ~/Library there")
+	}
+	tests := []struct {
+		name     string
+		explicit string
+		dir      string
+		env      map[string]string
+		want     []string
+	}{
+		{"in a parent", "", deeper, nil, []string{project}},
+		{"none", "", root, nil, nil},
+		{"the user's under the project's", "", deeper, map[string]string{"XDG_CONFIG_HOME": xdg}, []string{user, project}},
+		{"the user's alone", "", root, map[string]string{"XDG_CONFIG_HOME": xdg}, []string{user}},
+		{"home without XDG_CONFIG_HOME", "", root, map[string]string{"HOME": filepath.Dir(xdg), "XDG_CONFIG_HOME": ""}, nil},
+		{"--config alone", project, deeper, map[string]string{"XDG_CONFIG_HOME": xdg}, []string{project}},
+		{"--config names a directory", filepath.Dir(project), root, nil, []string{project}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := configFiles(tt.explicit, tt.dir, func(k string) string { return tt.env[k] })
+			if err != nil || fmt.Sprint(got) != fmt.Sprint(tt.want) {
+				t.Errorf("got %v, %v; want %v", got, err, tt.want)
+			}
+		})
+	}
+	if got := userConfigFile(func(k string) string { return map[string]string{"HOME": "/home/ada"}[k] }); got != "/home/ada/.config/elva/elva.toml" {
+		t.Errorf("user file %q, want /home/ada/.config/elva/elva.toml", got)
+	}
+}
+
+// TestConfigBasicCommand checks [basic] command: the first line of its
+// output is the password; a failure, a timeout or no output is an error
+// that names the command and never shows the secret.
+func TestConfigBasicCommand(t *testing.T) {
+	saved := secretCommandTimeout
+	secretCommandTimeout = time.Second // the bound of the timeout case
+	t.Cleanup(func() { secretCommandTimeout = saved })
+	dir := t.TempDir()
+	secretFile := writeConfig(t, dir, "secret", "s3cret\nsecond line\n", 0o600)
+	tests := []struct {
+		name    string
+		command string
+		want    string
+		wantErr string
+	}{
+		{"array", fmt.Sprintf("[%q, %q]", "cat", secretFile), "s3cret", ""},
+		{"string of words", fmt.Sprintf("%q", "cat "+secretFile), "s3cret", ""},
+		{"a later table wins", fmt.Sprintf("[%q, %q]\n[service]\npassword = 'plain'", "cat", secretFile), "plain", ""},
+		{"non-zero exit", `["sh", "-c", "cat >/dev/null; echo no such entry >&2; exit 3"]`, "", `command "sh -c cat >/dev/null; echo no such entry >&2; exit 3": exit status 3: no such entry`},
+		{"not found", `["/nonexistent/pass"]`, "", `command "/nonexistent/pass"`},
+		{"timeout", `["sleep", "30"]`, "", `command "sleep 30": no answer within 1s`},
+		{"empty first line", `["printf", "\\nmore"]`, "", "printed nothing on its first line"},
+		{"empty array", `[]`, "", "want the command's words as an array"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := writeConfig(t, dir, "elva.toml", "[basic]\nuser = 'ada'\ncommand = "+tt.command+"\n", 0o600)
+			cfg, err := parseArgs([]string{"--config", path, "--server", "wss://e/"}, func(string) string { return "" })
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.Contains(err.Error(), "elva.toml:3") {
+					t.Fatalf("got %v, want an error with %q at elva.toml:3", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || cfg.password != tt.want {
+				t.Fatalf("got %v, password %q; want %q", err, cfg.password, tt.want)
+			}
+		})
+	}
+}
+
+// TestPrintConfig checks --print-config: every setting with its source,
+// the secrets redacted, the [basic] command not run.
+func TestPrintConfig(t *testing.T) {
+	dir := t.TempDir()
+	ran := filepath.Join(dir, "ran")
+	path := writeConfig(t, dir, "elva.toml", fmt.Sprintf(`[basic]
+user = "ada"
+command = ["touch", %q]
+[service]
+token = "t0psecret"
+protocol = "hocuspocus"
+max-connections = 7
+`, ran), 0o600)
+	var stdout, stderr bytes.Buffer
+	env := map[string]string{"ELVA_SERVER": "wss://ada:pw-in-uri@e.example.org/", "HOME": dir}
+	status := run(context.Background(), []string{"--config", path, "--print-config", "-v", "127.0.0.1"}, &stdout, &stderr, func(k string) string { return env[k] })
+	out := stdout.String()
+	if status != 0 || stderr.Len() != 0 {
+		t.Fatalf("status %d, stderr %q", status, stderr.String())
+	}
+	for _, want := range []string{
+		"# configuration files, the later winning: " + path,
+		"[service]\n",
+		`host = "127.0.0.1"`, "# argument HOST",
+		"port = 8000", "# default",
+		`server = "wss://ada:xxxxx@e.example.org/"`, "# env ELVA_SERVER",
+		`user = "ada"`, "# file " + path + ":2 ([basic] user)",
+		`password = "[redacted]"`, "# file " + path + `:3 ([basic] command) "touch ` + ran + `", not run for --print-config`,
+		`token = "[redacted]"`, "# file " + path + ":5 ([service] token)",
+		"max-connections = 7", "verbose = true", "# flag -v",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("no %q in\n%s", want, out)
+		}
+	}
+	for _, secret := range []string{"t0psecret", "pw-in-uri"} {
+		if strings.Contains(out, secret) {
+			t.Errorf("the secret %q is shown:\n%s", secret, out)
+		}
+	}
+	if _, err := os.Stat(ran); err == nil {
+		t.Error("--print-config ran the [basic] command")
+	}
+	stdout.Reset()
+	if status := run(context.Background(), []string{"--print-config", "--config", writeConfig(t, dir, "empty.toml", "", 0o600)}, &stdout, &stderr, func(k string) string { return env[k] }); status != 0 ||
+		!strings.Contains(stdout.String(), `password = "[redacted]"`) || !strings.Contains(stdout.String(), "# userinfo of the server URI, env ELVA_SERVER") {
+		t.Errorf("status %d; the password from the URI is not shown as such:\n%s", status, stdout.String())
+	}
+	if _, err := parseTOML("print-config", out, readAll); err != nil {
+		t.Errorf("the output is not TOML this relay reads: %v", err)
+	}
+}
+
+// TestConfigFileModeWarning checks the warning for a password in a file
+// that others may read, and none for one only its owner may read.
+func TestConfigFileModeWarning(t *testing.T) {
+	dir := t.TempDir()
+	tests := []struct {
+		name    string
+		content string
+		mode    os.FileMode
+		warned  bool
+	}{
+		{"password readable by others", "[basic]\nsecret = 'x'", 0o644, true},
+		{"token readable by the group", "[service]\ntoken = 'x'", 0o640, true},
+		{"password for the owner only", "[basic]\nsecret = 'x'", 0o600, false},
+		{"no secret", "[basic]\nuser = 'ada'", 0o644, false},
+		{"a command is no secret", "[basic]\ncommand = ['true']", 0o644, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := writeConfig(t, dir, "elva.toml", tt.content, tt.mode)
+			fc := &fileConfig{settings: make(map[string]fileSetting)}
+			fs := flag.NewFlagSet("test", flag.ContinueOnError)
+			defineFlags(fs, func(string) string { return "" })
+			if err := fc.read(path, settingKinds(fs), true); err != nil {
+				t.Fatal(err)
+			}
+			warned := len(fc.warnings) == 1 && strings.Contains(fc.warnings[0], "chmod 600")
+			if warned != tt.warned {
+				t.Errorf("warnings %q, want a chmod warning: %v", fc.warnings, tt.warned)
+			}
+		})
+	}
+}
+
+// TestLogFileReopensOnSIGHUP checks that after the --log file was moved
+// away (as logrotate does), SIGHUP makes the relay log to a new file at
+// the path, and the lines before it stay in the moved one.
+func TestLogFileReopensOnSIGHUP(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "relay.log")
+	lf, err := openLogFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	seen := newLogBuffer()
+	log := slog.New(slog.NewTextHandler(io.MultiWriter(lf, seen), nil))
+	stop := reopenOnHangup(lf, log)
+	defer stop() // once more if the test ends early
+	log.Info("before the rotation")
+	if err := os.Rename(path, path+".1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	seen.waitFor(t, "log file reopened") // written to the new file
+	log.Info("after the rotation")
+	stop()
+	for _, tt := range []struct {
+		file      string
+		want, not string
+	}{
+		{path + ".1", "before the rotation", "after the rotation"},
+		{path, "after the rotation", "before the rotation"},
+	} {
+		data, err := os.ReadFile(tt.file)
+		if err != nil || !strings.Contains(string(data), tt.want) || strings.Contains(string(data), tt.not) {
+			t.Errorf("%s: %v, %q; want %q and not %q", tt.file, err, data, tt.want, tt.not)
+		}
+	}
+}
+
+// TestSIGHUPWithoutLogFile checks that a SIGHUP to a relay that logs to
+// stderr is logged and ignored: the process lives on (a SIGHUP with no
+// handler would end this very test binary).
+func TestSIGHUPWithoutLogFile(t *testing.T) {
+	seen := newLogBuffer()
+	stop := reopenOnHangup(nil, slog.New(slog.NewTextHandler(seen, nil)))
+	defer stop()
+	if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	seen.waitFor(t, "SIGHUP ignored")
+}
+
+// TestLogOptions runs the relay with the log options and checks what it
+// writes: JSON lines that parse, warnings only with --quiet, and with
+// --log one line on stderr that says where the log goes.
+func TestLogOptions(t *testing.T) {
+	dir := t.TempDir()
+	tests := []struct {
+		name  string
+		args  []string
+		check func(t *testing.T, stderr, logFile string)
+	}{
+		{"json", []string{"--log-format", "json"}, func(t *testing.T, stderr, _ string) {
+			for _, line := range strings.Split(strings.TrimSpace(stderr), "\n") {
+				var obj map[string]any
+				if err := json.Unmarshal([]byte(line), &obj); err != nil || obj["msg"] == nil || obj["level"] == nil {
+					t.Errorf("line %q: %v, want a JSON object with msg and level", line, err)
+				}
+			}
+		}},
+		{"quiet", []string{"--quiet"}, func(t *testing.T, stderr, _ string) {
+			if strings.Contains(stderr, "level=INFO") || !strings.Contains(stderr, "level=WARN") {
+				t.Errorf("want warnings only:\n%s", stderr)
+			}
+		}},
+		{"log file", []string{"--log", filepath.Join(dir, "relay.log")}, func(t *testing.T, stderr, logFile string) {
+			if want := "elva-service: logging to " + filepath.Join(dir, "relay.log") + "\n"; stderr != want {
+				t.Errorf("stderr %q, want %q", stderr, want)
+			}
+			if !strings.Contains(logFile, "msg=listening") {
+				t.Errorf("the log file has no listening line:\n%s", logFile)
+			}
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// --no-store without a server logs a warning at the start: the
+			// last start line, at every level.
+			args := append(tt.args, "--no-store", "127.0.0.1", "0")
+			ctx, cancel := context.WithCancel(context.Background())
+			stderr, status := newLogBuffer(), make(chan int, 1)
+			go func() { status <- run(ctx, args, io.Discard, stderr, func(string) string { return "" }) }()
+			var logFile []byte
+			if i := slices.Index(args, "--log"); i >= 0 {
+				stderr.waitFor(t, "logging to")
+				logFile = waitForFileLine(t, args[i+1], "no server and --no-store")
+			} else {
+				stderr.waitFor(t, "no server and --no-store")
+			}
+			cancel()
+			select {
+			case code := <-status:
+				if code != 0 {
+					t.Errorf("exit status %d:\n%s%s", code, stderr.String(), logFile)
+				}
+			case <-time.After(testTimeout):
+				t.Fatal("the relay did not stop")
+			}
+			tt.check(t, stderr.String(), string(logFile))
+		})
+	}
+}
+
+// waitForFileLine waits until the file at path has a line with substr,
+// written by another goroutine, and returns the file's content. The file
+// gives no event to wait on: it is read again each time the relay could
+// have written, up to testTimeout.
+func waitForFileLine(t *testing.T, path, substr string) []byte {
+	t.Helper()
+	deadline := time.Now().Add(testTimeout)
+	for {
+		data, _ := os.ReadFile(path)
+		if bytes.Contains(data, []byte(substr)) {
+			return data
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no line with %q in %s:\n%s", substr, path, data)
+		}
+		runtime.Gosched()
+	}
+}
+
+// TestProjectFileMayNotRunCommands checks that the elva.toml found in the
+// directory tree, which may have come with a cloned repository, can
+// neither run a command nor name files to read secrets from or to log
+// to; the user's own file can.
+func TestProjectFileMayNotRunCommands(t *testing.T) {
+	fs := flag.NewFlagSet("test", flag.ContinueOnError)
+	defineFlags(fs, func(string) string { return "" })
+	kinds := settingKinds(fs)
+	for _, content := range []string{
+		"[basic]\ncommand = ['sh', '-c', 'echo pwned']",
+		"[service]\npassword-file = '/home/ada/.netrc'",
+		"[service]\ntoken-file = '/home/ada/.netrc'",
+		"[log]\nfile = '/home/ada/.bashrc'",
+		"[app.service]\nlog = '/home/ada/.bashrc'",
+	} {
+		root := t.TempDir()
+		xdg := filepath.Join(root, "xdg")
+		getenv := func(k string) string { return map[string]string{"XDG_CONFIG_HOME": xdg}[k] }
+		project := writeConfig(t, root, "repo/elva.toml", content, 0o600)
+		_, err := readConfigFiles("", filepath.Dir(project), getenv, kinds)
+		if err == nil || !strings.Contains(err.Error(), project+":2") || !strings.Contains(err.Error(), "may be anyone's") {
+			t.Errorf("%q in a project file: got %v, want a refusal at %s:2", content, err, project)
+		}
+		writeConfig(t, xdg, "elva/elva.toml", content, 0o600)
+		if err := os.Remove(project); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := readConfigFiles("", filepath.Dir(project), getenv, kinds); err != nil {
+			t.Errorf("%q in the user's file: %v", content, err)
+		}
 	}
 }

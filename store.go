@@ -27,6 +27,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"cmp"
 	"crypto/sha256"
 	"encoding/binary"
@@ -70,6 +71,11 @@ const (
 	// pingPatience is how long the store waits for the server's answer
 	// to its ping before it lets go of a document no editor holds open.
 	pingPatience = 30 * time.Second
+	// confirmQuiet is how long after its last local edit a document with
+	// editors is pinged, so that the server confirms edits while editors
+	// stay (the status page's "owed"): once per pause in the typing, not
+	// once per keystroke, and the owed list is rewritten as seldom.
+	confirmQuiet = 2 * time.Second
 	// runningFile exists while a relay runs on the directory: found at
 	// start, it tells that the last run did not stop cleanly.
 	runningFile = "running"
@@ -182,6 +188,8 @@ type store struct {
 	retry     time.Duration // the wait after a write error: retryWrite, or a test's
 	wait      time.Duration // for the server's answer to a ping: pingPatience, or a test's
 	patience  <-chan time.Time
+	quiet     time.Duration    // confirmQuiet, or a test's
+	confirm   <-chan time.Time // fires when a document with editors may be pinged; nil: none is due
 	blocks    []block // checkUpdate's scratch
 }
 
@@ -222,6 +230,9 @@ type storedDoc struct {
 	// not let go. retryWait is the last wait, doubled at each let-go.
 	retryAt   time.Time
 	retryWait time.Duration
+	// confirmAt is when to ping d, which has editors, after its last
+	// local edit (confirmQuiet); zero: no ping is due.
+	confirmAt time.Time
 }
 
 // newStoreLink makes the queues between the hub and a store.
@@ -249,6 +260,7 @@ func openStore(dir string, interval time.Duration, link *storeLink, log *slog.Lo
 		owed:     make(map[string]bool),
 		retry:    retryWrite,
 		wait:     pingPatience,
+		quiet:    confirmQuiet,
 	}
 	if err := prepareDir(dir); err != nil {
 		s.writeFailed(err)
@@ -390,6 +402,9 @@ func (s *store) run() {
 		case <-s.patience:
 			s.patience = nil
 			s.letGoUnconfirmed()
+		case <-s.confirm:
+			s.confirm = nil
+			s.confirmQuietDocs()
 		}
 	}
 }
@@ -595,6 +610,10 @@ func (s *store) update(d *storedDoc, op storeOp) {
 		if op.local && s.upstream {
 			d.localGen++
 			s.markOwed(d.name, true)
+			if d.editors {
+				d.confirmAt = time.Now().Add(s.quiet)
+				s.armConfirm(s.quiet)
+			}
 		}
 	}
 	if len(d.tail) >= maxTail && d.tailBytes >= len(d.base) {
@@ -641,12 +660,52 @@ func (s *store) heardStep2(d *storedDoc) {
 	if d.pingGen == d.localGen {
 		d.waiting, d.retryWait = time.Time{}, 0
 		s.markOwed(d.name, false)
-		s.log.Info("store: server has every edit", "doc", d.name)
+		level := slog.LevelInfo
+		if d.editors {
+			level = slog.LevelDebug // once per pause in the typing
+		}
+		s.log.Log(context.Background(), level, "store: server has every edit", "doc", d.name)
 		s.reply(storeReply{doc: d.name, owedNews: true, owed: false})
 		return
 	}
-	if !d.editors {
-		s.ping(d) // edits came after the ping, and no editor's leaving will ping again
+	if !d.editors || d.confirmAt.IsZero() {
+		// Edits came after the ping, and nothing else will ping again: no
+		// editor's leaving, or a pause that came while this ping was out.
+		s.ping(d)
+	}
+}
+
+// armConfirm makes the confirm timer fire after wait, unless it fires
+// sooner already.
+func (s *store) armConfirm(wait time.Duration) {
+	if s.confirm == nil {
+		s.confirm = time.After(wait)
+	}
+}
+
+// confirmQuietDocs pings the documents with editors whose last local
+// edit is confirmQuiet old, and arms the timer for the next one due. A
+// document whose ping is still out is pinged again when the answer
+// comes (heardStep2).
+func (s *store) confirmQuietDocs() {
+	now := time.Now()
+	var next time.Duration
+	for _, d := range s.docs {
+		switch {
+		case d.confirmAt.IsZero():
+		case d.confirmAt.After(now):
+			if wait := d.confirmAt.Sub(now); next == 0 || wait < next {
+				next = wait
+			}
+		default:
+			d.confirmAt = time.Time{}
+			if d.editors {
+				s.ping(d)
+			}
+		}
+	}
+	if next > 0 {
+		s.armConfirm(next)
 	}
 }
 

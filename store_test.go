@@ -566,6 +566,7 @@ func startStore(t testing.TB, dir string, interval time.Duration, set func(*stor
 	r.st = openStore(dir, interval, r.link, log, r.drops)
 	r.st.quit = r.quit
 	r.st.retry = 20 * time.Millisecond // a failed write is tried again soon
+	r.st.quiet = time.Hour              // no ping while editors type, unless a test asks
 	if set != nil {
 		set(r.st)
 	}
@@ -1037,6 +1038,35 @@ func TestStoreLateEditAfterIdleIsConfirmed(t *testing.T) {
 	r.serverStep2(t, "doc")
 	if rep := r.next(t); !rep.owedNews || rep.owed {
 		t.Fatalf("got %+v, want news that doc owes nothing", rep)
+	}
+}
+
+// TestStoreConfirmsWhileEditorsStay: with editors connected, a pause in
+// their edits makes the store ping the server, so that a document stops
+// being owed without waiting for its editors to leave; an edit during an
+// outstanding ping is pinged for once that ping's answer comes.
+func TestStoreConfirmsWhileEditorsStay(t *testing.T) {
+	dir := t.TempDir()
+	r := startStore(t, dir, 0, func(s *store) { s.upstream, s.quiet = true, time.Millisecond })
+	r.editedAndPinged(t, "doc")
+	r.serverStep2(t, "doc")
+	if rep := r.next(t); !rep.owedNews || rep.owed {
+		t.Fatalf("got %+v, want news that doc owes nothing", rep)
+	}
+
+	r.update(t, "doc", yWorld, true) // the editor types on, then pauses
+	wantMsg(t, r.next(t), syncStep1, nil)
+	r.update(t, "doc", yMap, true) // typed while the ping is out
+	r.serverStep2(t, "doc")
+	wantMsg(t, r.next(t), syncStep1, nil) // the pause's ping, after the answer
+	r.serverStep2(t, "doc")
+	if rep := r.next(t); !rep.owedNews || rep.owed {
+		t.Fatalf("got %+v, want news that doc owes nothing", rep)
+	}
+	r.sync(t, "doc")
+	wantOwed(t, dir)
+	if strings.Contains(r.logs.String(), "level=INFO msg=\"store: server has every edit\"") {
+		t.Errorf("a confirmation while editors stay was logged at info; want debug:\n%s", r.logs.String())
 	}
 }
 

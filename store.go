@@ -27,8 +27,8 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"cmp"
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -190,7 +190,7 @@ type store struct {
 	patience  <-chan time.Time
 	quiet     time.Duration    // confirmQuiet, or a test's
 	confirm   <-chan time.Time // fires when a document with editors may be pinged; nil: none is due
-	blocks    []block // checkUpdate's scratch
+	blocks    []block          // checkUpdate's scratch
 }
 
 // storedDoc is one document the store holds in memory: its merged state

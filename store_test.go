@@ -566,7 +566,7 @@ func startStore(t testing.TB, dir string, interval time.Duration, set func(*stor
 	r.st = openStore(dir, interval, r.link, log, r.drops)
 	r.st.quit = r.quit
 	r.st.retry = 20 * time.Millisecond // a failed write is tried again soon
-	r.st.quiet = time.Hour              // no ping while editors type, unless a test asks
+	r.st.quiet = time.Hour             // no ping while editors type, unless a test asks
 	if set != nil {
 		set(r.st)
 	}

@@ -334,7 +334,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	// Also without a log file: a SIGHUP from a habit (or systemctl
 	// reload) must not end the relay, as its default action would.
 	defer reopenOnHangup(lf, log)() // stops before the close
-	slog.SetDefault(log)            // for the signal goroutine, started before log
+
+	slog.SetDefault(log) // for the signal goroutine, started before log
 	s, err := listen(cfg, log)
 	if err != nil {
 		log.Error("cannot listen", "err", err)

@@ -1915,7 +1915,16 @@ const otherTable = "\x00other"
 // tables are errors, as TOML has them.
 func parseTOML(path, src string, reads func(table string) bool) ([]tomlEntry, error) {
 	if !utf8.ValidString(src) {
-		return nil, fmt.Errorf("%s: invalid TOML: not UTF-8", path)
+		bad := len(src) // the first byte that is not UTF-8
+		for i, r := range src {
+			if r == utf8.RuneError {
+				if _, n := utf8.DecodeRuneInString(src[i:]); n == 1 {
+					bad = i
+					break
+				}
+			}
+		}
+		return nil, fmt.Errorf("%s:%d: invalid TOML: not UTF-8", path, 1+strings.Count(src[:bad], "\n"))
 	}
 	p := &tomlParser{path: path, src: strings.TrimPrefix(src, "\ufeff"), reads: reads, line: 1}
 	var entries []tomlEntry

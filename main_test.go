@@ -1128,7 +1128,7 @@ func TestParseTOML(t *testing.T) {
 		{"two values", "x = 1 2", "f.toml:1: invalid TOML: unexpected '2' after the value"},
 		{"no value", "x =\ny = 1", "f.toml:1: invalid TOML: a key without a value"},
 		{"unclosed table", "[app\nx = 1", "f.toml:1: invalid TOML: a table name without its closing ]"},
-		{"not UTF-8", "x = \"\xff\"", "f.toml: invalid TOML: not UTF-8"},
+		{"not UTF-8", "x = \"\xff\"", "f.toml:1: invalid TOML: not UTF-8"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1648,4 +1648,40 @@ func TestProjectFileMayNotRunCommands(t *testing.T) {
 			t.Errorf("%q in the user's file: %v", content, err)
 		}
 	}
+}
+
+// FuzzParseTOML feeds the configuration file's reader any bytes: it must
+// not panic, an error must name the file and a line (FILE:LINE: ...), and
+// every value read must carry a line of the input.
+func FuzzParseTOML(f *testing.F) {
+	for _, seed := range []string{
+		"[service]\nport = 8000\nallow-origin = [\"https://a.example\", 'b']\n",
+		"[app.default]\nserver = \"ws://h:8000/\" # comment\nlevel = 'DEBUG'\n",
+		"[connect]\nhost = \"h\"\nport = 443\nsecure = true\n[basic]\ncommand = [\"pass\", \"show\", \"elva\"]\n",
+		"a = \"\\u00e9\\t\\\"\"\n[x.y.z]\n",
+		"[[x]]\n", "a = {b = 1}\n", "a = 1.5\n", "a = \"\"\"\nx\"\"\"\n", "a.b = 1\n", "a = 1\na = 2\n",
+		"[service]\nmax-message = \"32MiB\"\r\n", "\xff = 1\n", "[\"quoted table\"]\nk = 'v'\n",
+	} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, src string) {
+		if len(src) > 1<<16 {
+			return
+		}
+		entries, err := parseTOML("f.toml", src, func(string) bool { return true })
+		if err != nil {
+			msg := err.Error()
+			rest, ok := strings.CutPrefix(msg, "f.toml:")
+			if !ok || rest == "" || rest[0] < '0' || rest[0] > '9' {
+				t.Fatalf("error %q does not start with f.toml:LINE", msg)
+			}
+			return
+		}
+		lines := strings.Count(src, "\n") + 1
+		for _, e := range entries {
+			if e.line < 1 || e.line > lines {
+				t.Fatalf("entry %+v: line outside the input's %d lines", e, lines)
+			}
+		}
+	})
 }

@@ -105,7 +105,8 @@ Usage:
 Local editors connect to ws://HOST:PORT/<document> with any Yjs client
 (y-websocket's WebsocketProvider, ELVA apps). HOST defaults to localhost,
 PORT to 8000 (0 picks a free port, which is logged). Flags and HOST PORT
-may come in any order.
+may come in any order. http://HOST:PORT/ in a browser is the status page
+(JSON for other clients); http://HOST:PORT/metrics the Prometheus metrics.
 
 Flags:
   --server URI        the remote server, ws:// or wss:// (env ELVA_SERVER);

@@ -73,9 +73,12 @@ const (
 	pingPatience = 30 * time.Second
 	// confirmQuiet is how long after its last local edit a document with
 	// editors is pinged, so that the server confirms edits while editors
-	// stay (the status page's "owed"): once per pause in the typing, not
-	// once per keystroke, and the owed list is rewritten as seldom.
+	// stay (the status page's "owed"): after a pause in the typing, not
+	// per keystroke. confirmEvery spaces those pings further: each costs
+	// the store a merge of the document for its state vector (O(document))
+	// and two rewrites of the owed list.
 	confirmQuiet = 2 * time.Second
+	confirmEvery = 30 * time.Second
 	// runningFile exists while a relay runs on the directory: found at
 	// start, it tells that the last run did not stop cleanly.
 	runningFile = "running"
@@ -189,7 +192,10 @@ type store struct {
 	wait      time.Duration // for the server's answer to a ping: pingPatience, or a test's
 	patience  <-chan time.Time
 	quiet     time.Duration    // confirmQuiet, or a test's
+	every     time.Duration    // confirmEvery, or a test's
 	confirm   <-chan time.Time // fires when a document with editors may be pinged; nil: none is due
+	confirmBy time.Time        // when confirm fires
+	confirmT  *time.Timer      // behind confirm; nil until first armed
 	blocks    []block          // checkUpdate's scratch
 }
 
@@ -231,8 +237,9 @@ type storedDoc struct {
 	retryAt   time.Time
 	retryWait time.Duration
 	// confirmAt is when to ping d, which has editors, after its last
-	// local edit (confirmQuiet); zero: no ping is due.
-	confirmAt time.Time
+	// local edit (confirmQuiet); zero: no ping is due. confirmedAt is when
+	// the last such ping went.
+	confirmAt, confirmedAt time.Time
 }
 
 // newStoreLink makes the queues between the hub and a store.
@@ -261,6 +268,7 @@ func openStore(dir string, interval time.Duration, link *storeLink, log *slog.Lo
 		retry:    retryWrite,
 		wait:     pingPatience,
 		quiet:    confirmQuiet,
+		every:    confirmEvery,
 	}
 	if err := prepareDir(dir); err != nil {
 		s.writeFailed(err)
@@ -611,8 +619,7 @@ func (s *store) update(d *storedDoc, op storeOp) {
 			d.localGen++
 			s.markOwed(d.name, true)
 			if d.editors {
-				d.confirmAt = time.Now().Add(s.quiet)
-				s.armConfirm(s.quiet)
+				s.confirmLater(d)
 			}
 		}
 	}
@@ -665,7 +672,13 @@ func (s *store) heardStep2(d *storedDoc) {
 			level = slog.LevelDebug // once per pause in the typing
 		}
 		s.log.Log(context.Background(), level, "store: server has every edit", "doc", d.name)
-		s.reply(storeReply{doc: d.name, owedNews: true, owed: false})
+		if !d.editors {
+			// With editors the hub has nothing to let go, and the news
+			// could reach it after their leaving (opIdle on its way),
+			// where it would let go of a document owed again; idle()
+			// tells it then.
+			s.reply(storeReply{doc: d.name, owedNews: true, owed: false})
+		}
 		return
 	}
 	if !d.editors || d.confirmAt.IsZero() {
@@ -675,12 +688,30 @@ func (s *store) heardStep2(d *storedDoc) {
 	}
 }
 
-// armConfirm makes the confirm timer fire after wait, unless it fires
-// sooner already.
-func (s *store) armConfirm(wait time.Duration) {
-	if s.confirm == nil {
-		s.confirm = time.After(wait)
+// confirmLater sets when to ping d, which has editors, after a local
+// edit: confirmQuiet from now, and confirmEvery after the last such ping.
+func (s *store) confirmLater(d *storedDoc) {
+	now := time.Now()
+	d.confirmAt = now.Add(s.quiet)
+	if next := d.confirmedAt.Add(s.every); next.After(d.confirmAt) {
+		d.confirmAt = next
 	}
+	s.armConfirm(d.confirmAt)
+}
+
+// armConfirm makes the confirm timer fire at at, unless it fires sooner
+// already.
+func (s *store) armConfirm(at time.Time) {
+	if s.confirm != nil && !at.Before(s.confirmBy) {
+		return
+	}
+	wait := time.Until(at)
+	if s.confirmT == nil {
+		s.confirmT = time.NewTimer(wait)
+	} else {
+		s.confirmT.Reset(wait) // Go 1.23+: no stale tick after a Reset
+	}
+	s.confirm, s.confirmBy = s.confirmT.C, at
 }
 
 // confirmQuietDocs pings the documents with editors whose last local
@@ -689,22 +720,23 @@ func (s *store) armConfirm(wait time.Duration) {
 // comes (heardStep2).
 func (s *store) confirmQuietDocs() {
 	now := time.Now()
-	var next time.Duration
+	var next time.Time
 	for _, d := range s.docs {
 		switch {
 		case d.confirmAt.IsZero():
 		case d.confirmAt.After(now):
-			if wait := d.confirmAt.Sub(now); next == 0 || wait < next {
-				next = wait
+			if next.IsZero() || d.confirmAt.Before(next) {
+				next = d.confirmAt
 			}
 		default:
 			d.confirmAt = time.Time{}
 			if d.editors {
+				d.confirmedAt = now
 				s.ping(d)
 			}
 		}
 	}
-	if next > 0 {
+	if !next.IsZero() {
 		s.armConfirm(next)
 	}
 }

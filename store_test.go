@@ -974,11 +974,9 @@ func TestStoreOwedUntilServerConfirms(t *testing.T) {
 	if want := map[uint64]uint64{1: 5}; err != nil || !maps.Equal(sv, want) {
 		t.Errorf("ping: state vector %v, %v; want %v", sv, err, want)
 	}
-	// The server's answer to the ping.
+	// The server's answer to the ping. The editor is still there: the
+	// hub hears of it when the editor leaves.
 	r.serverStep2(t, "doc")
-	if rep := r.next(t); !rep.owedNews || rep.owed || rep.doc != "doc" {
-		t.Fatalf("got %+v, want news that doc owes nothing", rep)
-	}
 	if got := r.sync(t, "doc"); len(got) != 0 {
 		t.Fatalf("got replies %+v, want none", got)
 	}
@@ -1044,15 +1042,18 @@ func TestStoreLateEditAfterIdleIsConfirmed(t *testing.T) {
 // TestStoreConfirmsWhileEditorsStay: with editors connected, a pause in
 // their edits makes the store ping the server, so that a document stops
 // being owed without waiting for its editors to leave; an edit during an
-// outstanding ping is pinged for once that ping's answer comes.
+// outstanding ping is pinged for once that ping's answer comes. While
+// editors stay the hub hears no news of it: the news could pass their
+// leaving on its way.
 func TestStoreConfirmsWhileEditorsStay(t *testing.T) {
 	dir := t.TempDir()
-	r := startStore(t, dir, 0, func(s *store) { s.upstream, s.quiet = true, time.Millisecond })
+	r := startStore(t, dir, 0, func(s *store) { s.upstream, s.quiet, s.every = true, time.Millisecond, time.Millisecond })
 	r.editedAndPinged(t, "doc")
 	r.serverStep2(t, "doc")
-	if rep := r.next(t); !rep.owedNews || rep.owed {
-		t.Fatalf("got %+v, want news that doc owes nothing", rep)
+	if got := r.sync(t, "doc"); len(got) != 0 {
+		t.Fatalf("got replies %+v, want none while editors stay", got)
 	}
+	wantOwed(t, dir)
 
 	r.update(t, "doc", yWorld, true) // the editor types on, then pauses
 	wantMsg(t, r.next(t), syncStep1, nil)
@@ -1060,13 +1061,48 @@ func TestStoreConfirmsWhileEditorsStay(t *testing.T) {
 	r.serverStep2(t, "doc")
 	wantMsg(t, r.next(t), syncStep1, nil) // the pause's ping, after the answer
 	r.serverStep2(t, "doc")
+	if got := r.sync(t, "doc"); len(got) != 0 {
+		t.Fatalf("got replies %+v, want none while editors stay", got)
+	}
+	wantOwed(t, dir)
+	// The editor leaves: the hub is told that nothing is owed.
+	r.op(t, storeOp{kind: opIdle, doc: "doc"})
 	if rep := r.next(t); !rep.owedNews || rep.owed {
 		t.Fatalf("got %+v, want news that doc owes nothing", rep)
 	}
-	r.sync(t, "doc")
-	wantOwed(t, dir)
 	if strings.Contains(r.logs.String(), "level=INFO msg=\"store: server has every edit\"") {
 		t.Errorf("a confirmation while editors stay was logged at info; want debug:\n%s", r.logs.String())
+	}
+}
+
+// TestStoreConfirmLater: the ping while editors stay comes confirmQuiet
+// after the last edit, and not sooner than confirmEvery after the last
+// such ping.
+func TestStoreConfirmLater(t *testing.T) {
+	now := time.Now()
+	tests := []struct {
+		name        string
+		confirmedAt time.Time
+		wantAfter   time.Duration // from now, at least
+		wantBefore  time.Duration // and at most
+	}{
+		{"never pinged", time.Time{}, 2 * time.Second, 3 * time.Second},
+		{"pinged long ago", now.Add(-time.Hour), 2 * time.Second, 3 * time.Second},
+		{"pinged 10 s ago", now.Add(-10 * time.Second), 19 * time.Second, 21 * time.Second},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := &store{quiet: 2 * time.Second, every: 30 * time.Second}
+			d := &storedDoc{confirmedAt: tt.confirmedAt}
+			s.confirmLater(d)
+			defer s.confirmT.Stop()
+			if wait := d.confirmAt.Sub(now); wait < tt.wantAfter || wait > tt.wantBefore {
+				t.Errorf("ping due in %v, want %v to %v", wait, tt.wantAfter, tt.wantBefore)
+			}
+			if !s.confirmBy.Equal(d.confirmAt) {
+				t.Errorf("timer fires at %v, want %v", s.confirmBy, d.confirmAt)
+			}
+		})
 	}
 }
 

@@ -326,7 +326,6 @@ type hubStatus struct {
 	docs          []docStatus
 	editorTraffic traffic // from and to local editors
 	serverTraffic traffic // from and to the server
-	linked        bool    // the upstream link is up (elva, hocuspocus: the one socket)
 }
 
 // docStatus is one open document: its local editors, whether it is held
@@ -359,7 +358,6 @@ func (h *hub) snapshot() hubStatus {
 		docs:          make([]docStatus, 0, len(h.docs)+len(h.held)),
 		editorTraffic: h.editorTraffic,
 		serverTraffic: h.serverTraffic,
-		linked:        h.up != nil,
 	}
 	for name, d := range h.docs {
 		st.editors += len(d.conns)

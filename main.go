@@ -17,9 +17,11 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	_ "embed"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -3169,19 +3171,19 @@ func (s *service) serveInfo(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, status, kind, detail)
 		return
 	}
+	if crossSiteSubrequest(r) {
+		s.refuse(w, r, http.StatusForbidden, refusedOrigin, "a request from another site's page (Sec-Fetch-Site: cross-site)")
+		return
+	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		http.Error(w, "elva-service: "+r.Method+" not allowed here; GET the status or the metrics", http.StatusMethodNotAllowed)
 		return
 	}
-	h := w.Header()
-	h.Set("Cache-Control", "no-store")
-	h.Set("X-Content-Type-Options", "nosniff")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
 	if r.URL.Path == "/" && wantsHTML(r) {
-		// The page needs nothing but itself and the JSON from this origin.
-		h.Set("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'")
-		h.Set("Content-Type", "text/html; charset=utf-8")
-		w.Write(statusPage)
+		servePage(w)
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), statusTimeout)
@@ -3193,17 +3195,65 @@ func (s *service) serveInfo(w http.ResponseWriter, r *http.Request) {
 	}
 	rep := s.statusReport(hs, time.Now())
 	if r.URL.Path == metricsPath {
-		h.Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 		w.Write(rep.metrics(s.hub.drops))
 		return
 	}
-	h.Set("Content-Type", "application/json")
+	serveJSON(w, rep)
+}
+
+// crossSiteSubrequest reports whether r comes from another site's page
+// without being a navigation: an <img> or a no-cors fetch, which a browser
+// sends without Origin. It could not read the answer, but it would make
+// the relay work; a link followed to the page is a navigation and fine.
+func crossSiteSubrequest(r *http.Request) bool {
+	return r.Header.Get("Sec-Fetch-Site") == "cross-site" && r.Header.Get("Sec-Fetch-Mode") != "navigate"
+}
+
+// servePage writes the status page with its Content-Security-Policy.
+func servePage(w http.ResponseWriter) {
+	w.Header().Set("Content-Security-Policy", pageCSP)
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Write(statusPage)
+}
+
+// serveJSON writes rep as indented JSON.
+func serveJSON(w http.ResponseWriter, rep *statusReport) {
 	body, err := json.MarshalIndent(rep, "", "  ")
 	if err != nil { // only plain values: cannot happen
 		http.Error(w, "elva-service: "+err.Error(), http.StatusInternalServerError)
 		return
 	}
+	w.Header().Set("Content-Type", "application/json")
 	w.Write(append(body, '\n'))
+}
+
+// pageCSP lets the status page run its own inline script and style,
+// named by their SHA-256 hashes, and fetch the JSON from its own origin;
+// nothing else (CSP Level 3, "hash-source").
+var pageCSP = contentSecurityPolicy(statusPage)
+
+// contentSecurityPolicy is the policy for page: the hashes of its first
+// <script> and <style> elements' text. A page without one gets none
+// allowed.
+func contentSecurityPolicy(page []byte) string {
+	return "default-src 'none'; script-src " + inlineHash(page, "script") + "; style-src " + inlineHash(page, "style") +
+		"; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+}
+
+// inlineHash is the CSP hash source of the text of page's first <tag>
+// element, or 'none'.
+func inlineHash(page []byte, tag string) string {
+	_, rest, ok := bytes.Cut(page, []byte("<"+tag+">"))
+	if !ok {
+		return "'none'"
+	}
+	text, _, ok := bytes.Cut(rest, []byte("</"+tag+">"))
+	if !ok {
+		return "'none'"
+	}
+	sum := sha256.Sum256(text)
+	return "'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"
 }
 
 // wantsHTML reports whether r's Accept header names text/html before (or

@@ -1685,3 +1685,45 @@ func FuzzParseTOML(f *testing.F) {
 		}
 	})
 }
+
+// TestStatusPagePolicy: the page's policy names the hashes of its own
+// inline script and style, and nothing that would let anything else run;
+// a cross-site subrequest (an <img> on another site) is refused, a link
+// followed from there is not.
+func TestStatusPagePolicy(t *testing.T) {
+	csp := contentSecurityPolicy(statusPage)
+	for _, want := range []string{"default-src 'none'", "script-src 'sha256-", "style-src 'sha256-", "connect-src 'self'", "frame-ancestors 'none'"} {
+		if !strings.Contains(csp, want) {
+			t.Errorf("policy %q lacks %q", csp, want)
+		}
+	}
+	if strings.Contains(csp, "unsafe") {
+		t.Errorf("policy %q allows unsafe sources", csp)
+	}
+	if got := contentSecurityPolicy([]byte("<p>no script</p>")); !strings.Contains(got, "script-src 'none'") {
+		t.Errorf("policy for a page without a script: %q", got)
+	}
+	r := startRelay(t)
+	for _, tt := range []struct {
+		name       string
+		site, mode string
+		want       int
+	}{
+		{"the page's own fetch", "same-origin", "cors", http.StatusOK},
+		{"typed into the address bar", "none", "navigate", http.StatusOK},
+		{"a link from another site", "cross-site", "navigate", http.StatusOK},
+		{"an image on another site", "cross-site", "no-cors", http.StatusForbidden},
+	} {
+		req, _ := http.NewRequest("GET", "http://"+r.addr+"/metrics", nil)
+		req.Header.Set("Sec-Fetch-Site", tt.site)
+		req.Header.Set("Sec-Fetch-Mode", tt.mode)
+		resp, err := (&http.Client{Timeout: testTimeout}).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tt.want {
+			t.Errorf("%s: %d, want %d", tt.name, resp.StatusCode, tt.want)
+		}
+	}
+}

@@ -185,7 +185,6 @@ type upstreamStats struct {
 	connects   atomic.Int64 // connections made, in all
 	reconnects atomic.Int64 // connections made after one was lost
 	failures   atomic.Int64 // attempts that failed
-	losses     atomic.Int64 // connections lost (not closed by the relay)
 	lastError  atomic.Pointer[string]
 	lastClose  atomic.Int64 // close code of the last lost connection; 1006: without a close frame
 	// troubled: the last news was a failed attempt or a lost
@@ -248,13 +247,14 @@ func (s *upstreamStats) failed(err error) {
 	s.lastError.Store(&msg)
 }
 
-// lost notes a connection that ended with err, and the close code: the
-// server's (RFC 6455 §7.1.5), or 1006 when none came.
+// lost notes a connection that ended with err while the relay runs (the
+// server closed it, it broke, or the relay closed it to start again after
+// a full queue), and the close code: the server's (RFC 6455 §7.1.5), or
+// 1006 when none came.
 func (s *upstreamStats) lost(err error) {
 	if s == nil {
 		return
 	}
-	s.losses.Add(1)
 	s.troubled.Store(true)
 	code := int64(closeAbnormal)
 	var pc *peerCloseError

@@ -2132,8 +2132,10 @@ func (p *tomlParser) skipValue() error {
 	}
 }
 
-// skipMultiline passes over a multi-line string from its opening delim
-// (""" or ”'). A basic one's backslash escapes the next byte.
+// skipMultiline passes over a multi-line string from its opening delim,
+// three double quotes (basic) or three single quotes (literal), written
+// here in words because gofmt turns two single quotes into a closing
+// typographic one. A basic one's backslash escapes the next byte.
 func (p *tomlParser) skipMultiline(delim string) error {
 	for p.pos += 3; p.pos < len(p.src); p.pos++ {
 		switch c := p.src[p.pos]; {

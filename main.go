@@ -449,8 +449,26 @@ func defineFlags(fs *flag.FlagSet, getenv func(string) string) *flagValues {
 // parseArgs reads flags, the positional HOST and PORT in any order, the
 // ELVA_* environment variables and the configuration files: flags beat
 // the environment, which beats the files, which beat the defaults. An
-// error over a value a file gave names the file and line.
+// error over a value a file gave names the file and line. The search for
+// a project file starts in the working directory (workDir).
 func parseArgs(args []string, getenv func(string) string) (*config, error) {
+	return parseArgsIn(args, getenv, workDir())
+}
+
+// workDir is where the search for a project file starts: the working
+// directory, "" (no search) without one. A variable for the tests, which
+// must not read an elva.toml that happens to lie above the checkout.
+var workDir = func() string {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "" // no project file without a working directory
+	}
+	return dir
+}
+
+// parseArgsIn is parseArgs with the search for a project file starting in
+// dir, and in none if dir is "".
+func parseArgsIn(args []string, getenv func(string) string, dir string) (*config, error) {
 	fs := flag.NewFlagSet("elva-service", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
@@ -463,10 +481,6 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 		return nil, errVersion
 	}
 	l := layers{fs: fs, getenv: getenv, kinds: settingKinds(fs)}
-	dir, err := os.Getwd()
-	if err != nil {
-		dir = "" // no project file without a working directory
-	}
 	if l.file, err = readConfigFiles(*v.configFile, dir, getenv, l.kinds); err != nil {
 		return nil, err
 	}

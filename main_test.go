@@ -395,6 +395,11 @@ func TestUpstreamDownLocalKeepsServing(t *testing.T) {
 	receiveSkipping(t, b, func(m []byte) bool { return bytes.Equal(m, update) })
 }
 
+// init keeps every test from reading an elva.toml that lies above the
+// checkout: parseArgs (and run) search no directory in the tests; those of
+// the search give parseArgsIn a directory of their own.
+func init() { workDir = func() string { return "" } }
+
 func TestParseArgs(t *testing.T) {
 	env := map[string]string{}
 	getenv := func(k string) string {
@@ -1356,6 +1361,17 @@ func TestConfigFileDiscovery(t *testing.T) {
 	if got := userConfigFile(func(k string) string { return map[string]string{"HOME": "/home/ada"}[k] }); got != "/home/ada/.config/elva/elva.toml" {
 		t.Errorf("user file %q, want /home/ada/.config/elva/elva.toml", got)
 	}
+	// parseArgsIn searches from the directory it is given, as parseArgs
+	// does from the working directory.
+	writeConfig(t, root, "project/elva.toml", "[service]\nport = 9123\n", 0o600)
+	noEnv := func(string) string { return "" }
+	cfg, err := parseArgsIn(nil, noEnv, deeper)
+	if err != nil || cfg.port != 9123 || fmt.Sprint(cfg.configFiles) != fmt.Sprint([]string{project}) {
+		t.Errorf("parseArgsIn from %s: %v, %+v; want port 9123 from %s", deeper, err, cfg, project)
+	}
+	if cfg, err := parseArgsIn(nil, noEnv, ""); err != nil || len(cfg.configFiles) != 0 {
+		t.Errorf("parseArgsIn without a directory: %v, files %v; want none", err, cfg.configFiles)
+	}
 }
 
 // TestConfigBasicCommand checks [basic] command: the first line of its
@@ -1598,22 +1614,28 @@ func TestLogOptions(t *testing.T) {
 	}
 }
 
+// filePollInterval is how often waitForFileLine reads its file again.
+const filePollInterval = 10 * time.Millisecond
+
 // waitForFileLine waits until the file at path has a line with substr,
 // written by another goroutine, and returns the file's content. The file
-// gives no event to wait on: it is read again each time the relay could
-// have written, up to testTimeout.
+// gives no event to wait on: it is read every filePollInterval, up to
+// testTimeout.
 func waitForFileLine(t *testing.T, path, substr string) []byte {
 	t.Helper()
-	deadline := time.Now().Add(testTimeout)
+	deadline := time.After(testTimeout)
+	tick := time.NewTicker(filePollInterval)
+	defer tick.Stop()
 	for {
 		data, _ := os.ReadFile(path)
 		if bytes.Contains(data, []byte(substr)) {
 			return data
 		}
-		if time.Now().After(deadline) {
+		select {
+		case <-tick.C:
+		case <-deadline:
 			t.Fatalf("no line with %q in %s:\n%s", substr, path, data)
 		}
-		runtime.Gosched()
 	}
 }
 

@@ -1166,9 +1166,10 @@ func reopenOnHangup(lf *logFile, log *slog.Logger) (stop func()) {
 
 // setLogging takes the log's level: -v (debug) or --quiet (warn) from
 // the command line, else a configuration file's level, else info; and
-// its format (--log-format).
+// its format (--log-format). The flags count by their value: -v=false is
+// as if -v were not given.
 func (c *config) setLogging(l layers, v *flagValues) error {
-	verbose, quiet := flagSet(l.fs, "v") || flagSet(l.fs, "verbose"), flagSet(l.fs, "quiet")
+	verbose, quiet := v.verbose, v.quiet
 	c.level, c.levelFrom = slog.LevelInfo, "default"
 	fileLevel, inFile := l.file.settings["level"]
 	switch {

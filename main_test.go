@@ -1286,6 +1286,11 @@ port = 9200
 			return c.token == "tok" && !strings.Contains(fmt.Sprint(c.warnings), "--token")
 		}, ""},
 		{"-v and --quiet", []string{"-v", "--quiet"}, nil, nil, "-v and --quiet contradict each other"},
+		{"--verbose=false", []string{"--verbose=false"}, nil, func(c *config) bool { return c.level == slog.LevelInfo && c.levelFrom == "default" }, ""},
+		{"-v=false", []string{"-v=false"}, nil, func(c *config) bool { return c.level == slog.LevelInfo }, ""},
+		{"--quiet=false", []string{"--quiet=false"}, nil, func(c *config) bool { return c.level == slog.LevelInfo }, ""},
+		{"-v=false leaves the file's level", []string{"-v=false", "--config", BAD("[log]\nlevel = 'ERROR'")}, nil, func(c *config) bool { return c.level == slog.LevelError }, ""},
+		{"-v=false and --quiet", []string{"-v=false", "--quiet"}, nil, func(c *config) bool { return c.level == slog.LevelWarn }, ""},
 		{"file verbose and quiet", []string{"--config", BAD("[service]\nverbose = true\nquiet = true")}, nil, nil, "bad.toml:3: [service] quiet: verbose = true and quiet = true contradict"},
 		{"bad log format", []string{"--log-format", "xml"}, nil, nil, `--log-format "xml": want text or json`},
 		{"unknown key in [service]", []string{"--config", BAD("[service]\n\nmax_connections = 3")}, nil, nil, "bad.toml:3: [service] max_connections: no such setting; did you mean max-connections?"},

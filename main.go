@@ -1606,7 +1606,11 @@ func (fc *fileConfig) read(path string, kinds map[string]settingKind, own bool) 
 	if err != nil {
 		return err
 	}
-	r := &fileReader{fc: fc, path: path, kinds: kinds, own: own, connect: make(map[string]tomlEntry)}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return fmt.Errorf("configuration file %s: %w", path, err)
+	}
+	r := &fileReader{fc: fc, path: path, dir: filepath.Dir(abs), kinds: kinds, own: own, connect: make(map[string]tomlEntry)}
 	if err := r.take(entries); err != nil {
 		return err
 	}
@@ -1643,6 +1647,7 @@ var elvaKeys = map[string]map[string]string{
 type fileReader struct {
 	fc      *fileConfig
 	path    string
+	dir     string // the file's directory, absolute: relative paths in it start there
 	kinds   map[string]settingKind
 	own     bool                 // the user's file: it may run commands and name files
 	connect map[string]tomlEntry // [connect]'s keys, for the server URI
@@ -1694,6 +1699,9 @@ func (r *fileReader) takeEntry(e tomlEntry) error {
 	if err != nil {
 		return err
 	}
+	if form == formFile || pathSettings[name] {
+		values[0] = r.resolve(values[0])
+	}
 	s := fileSetting{values: values, source: fmt.Sprintf("%s:%d ([%s] %s)", r.path, e.line, e.table, e.key), form: form}
 	switch {
 	case strings.HasPrefix(name, "connect."):
@@ -1705,6 +1713,20 @@ func (r *fileReader) takeEntry(e tomlEntry) error {
 	r.secret = r.secret || (name == "password" || name == "token") && form == formValue
 	r.fc.settings[name] = s
 	return nil
+}
+
+// pathSettings are the settings besides password-file and token-file
+// whose value is a path.
+var pathSettings = map[string]bool{"ca-file": true, "log": true, "data-dir": true}
+
+// resolve gives a path a file names as it means it: a relative one starts
+// in the file's directory, as in the files of git and ssh, not in whatever
+// directory the relay runs in. "" stays "" (no file).
+func (r *fileReader) resolve(path string) string {
+	if path == "" || filepath.IsAbs(path) {
+		return path
+	}
+	return filepath.Join(r.dir, path)
 }
 
 // settingOf names the setting of an entry: a flag's long name, host or

@@ -1379,6 +1379,54 @@ func TestConfigFileDiscovery(t *testing.T) {
 	}
 }
 
+// TestConfigRelativePaths checks that a relative path in a configuration
+// file starts in the file's directory, not in the working directory.
+func TestConfigRelativePaths(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "conf")
+	path := writeConfig(t, dir, "elva.toml", `[basic]
+user = "ada"
+[service]
+password-file = "pw"
+token-file = "sub/token"
+data-dir = "../docs"
+ca-file = "/etc/ssl/abs.pem"
+[log]
+file = "relay.log"
+`, 0o600)
+	fs := flag.NewFlagSet("test", flag.ContinueOnError)
+	defineFlags(fs, func(string) string { return "" })
+	fc := &fileConfig{settings: make(map[string]fileSetting)}
+	if err := fc.read(path, settingKinds(fs), true); err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]string{
+		"password": filepath.Join(dir, "pw"),
+		"token":    filepath.Join(dir, "sub", "token"),
+		"data-dir": filepath.Join(filepath.Dir(dir), "docs"),
+		"ca-file":  "/etc/ssl/abs.pem",
+		"log":      filepath.Join(dir, "relay.log"),
+	} {
+		if got := fc.settings[name].values; len(got) != 1 || got[0] != want {
+			t.Errorf("%s: got %q, want %q", name, got, want)
+		}
+	}
+	tlsConf := writeConfig(t, dir, "tls.toml", "[tls]\ncafile = 'ca.pem'\n", 0o600)
+	writeConfig(t, dir, "ca.pem", "not a certificate\n", 0o600)
+	if _, err := parseArgs([]string{"--config", tlsConf, "--server", "wss://e/"}, func(string) string { return "" }); err == nil ||
+		!strings.Contains(err.Error(), "--ca-file "+filepath.Join(dir, "ca.pem")+": no PEM certificate") {
+		t.Errorf("[tls] cafile = 'ca.pem': got %v, want %s read", err, filepath.Join(dir, "ca.pem"))
+	}
+	writeConfig(t, dir, "pw", "s3cret\n", 0o600)
+	writeConfig(t, dir, "sub/token", "t0ken\n", 0o600)
+	cfg, err := parseArgs([]string{"--config", path, "--server", "wss://e/", "--ca-file", ""}, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.password != "s3cret" || cfg.token != "t0ken" || cfg.dataDir != filepath.Join(filepath.Dir(dir), "docs") {
+		t.Errorf("got password %q, token %q, data dir %q; want those of %s", cfg.password, cfg.token, cfg.dataDir, dir)
+	}
+}
+
 // TestConfigBasicCommand checks [basic] command: the first line of its
 // output is the password; a failure, a timeout or no output is an error
 // that names the command and never shows the secret.

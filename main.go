@@ -1497,9 +1497,10 @@ const (
 // fileSetting is one setting a configuration file gives, in the form its
 // flag takes.
 type fileSetting struct {
-	values []string   // one; one per origin for allow-origin; argv for a command
-	source string     // PATH:LINE ([table] key)
-	form   secretForm // for the password and the token
+	values  []string   // one; one per origin for allow-origin; argv for a command
+	source  string     // PATH:LINE ([table] key)
+	form    secretForm // for the password and the token
+	project bool       // given by a project file
 }
 
 // fileConfig is what the configuration files give. Static once read.
@@ -1521,7 +1522,7 @@ func readConfigFiles(explicit, dir string, getenv func(string) string, kinds map
 		// The file found in the directory tree may be anyone's (a cloned
 		// repository's): not the user's own.
 		project := explicit == "" && i == len(paths)-1 && path != userConfigFile(getenv)
-		if err := fc.read(path, kinds, !project); err != nil {
+		if err := fc.read(path, kinds, project); err != nil {
 			return nil, err
 		}
 	}
@@ -1587,10 +1588,10 @@ func isRegularFile(path string) bool {
 // maxConfigBytes bounds a configuration file: ELVA's are a few lines.
 const maxConfigBytes = 1 << 20
 
-// read adds the settings of the file at path over those read before.
-// Unless the file is the user's own (its, or --config), it may not run a
-// command nor name files to read secrets from or to write the log to.
-func (fc *fileConfig) read(path string, kinds map[string]settingKind, own bool) error {
+// read adds the settings of the file at path over those read before. A
+// project file, the one found in the directory tree, may give only some
+// settings (projectRefusal).
+func (fc *fileConfig) read(path string, kinds map[string]settingKind, project bool) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("configuration file: %w", err)
@@ -1610,7 +1611,7 @@ func (fc *fileConfig) read(path string, kinds map[string]settingKind, own bool) 
 	if err != nil {
 		return fmt.Errorf("configuration file %s: %w", path, err)
 	}
-	r := &fileReader{fc: fc, path: path, dir: filepath.Dir(abs), kinds: kinds, own: own, connect: make(map[string]tomlEntry)}
+	r := &fileReader{fc: fc, path: path, dir: filepath.Dir(abs), kinds: kinds, project: project, connect: make(map[string]tomlEntry)}
 	if err := r.take(entries); err != nil {
 		return err
 	}
@@ -1649,7 +1650,7 @@ type fileReader struct {
 	path    string
 	dir     string // the file's directory, absolute: relative paths in it start there
 	kinds   map[string]settingKind
-	own     bool                 // the user's file: it may run commands and name files
+	project bool                 // a project file: it may give projectSettings only
 	connect map[string]tomlEntry // [connect]'s keys, for the server URI
 	levelBy string               // the [service] key (verbose, quiet) that set the level
 	secret  bool                 // the file holds a password, secret or token
@@ -1692,17 +1693,20 @@ func (r *fileReader) takeEntry(e tomlEntry) error {
 	case e.key == "password-file" || e.key == "token-file":
 		name, form = strings.TrimSuffix(name, "-file"), formFile
 	}
-	if !r.own && (form != formValue || name == "log") {
-		return errors.New("not taken from a file found in the directory tree, which may be anyone's: put it in your own elva.toml ($XDG_CONFIG_HOME/elva/) or give --config")
-	}
 	values, err := settingValues(e.val, kind)
 	if err != nil {
 		return err
 	}
+	if r.project {
+		if why := projectRefusal(name, form, values); why != "" {
+			return fmt.Errorf("refused from a project file (one found in the directory tree, which may be anyone's: a cloned repository's, or another user's in /tmp): %s; "+
+				"put it in your own elva.toml (%s), in a file given with --config, or on the command line", why, userConfigHint())
+		}
+	}
 	if form == formFile || pathSettings[name] {
 		values[0] = r.resolve(values[0])
 	}
-	s := fileSetting{values: values, source: fmt.Sprintf("%s:%d ([%s] %s)", r.path, e.line, e.table, e.key), form: form}
+	s := fileSetting{values: values, source: fmt.Sprintf("%s:%d ([%s] %s)", r.path, e.line, e.table, e.key), form: form, project: r.project}
 	switch {
 	case strings.HasPrefix(name, "connect."):
 		r.connect[strings.TrimPrefix(name, "connect.")] = e
@@ -1713,6 +1717,72 @@ func (r *fileReader) takeEntry(e tomlEntry) error {
 	r.secret = r.secret || (name == "password" || name == "token") && form == formValue
 	r.fc.settings[name] = s
 	return nil
+}
+
+// projectSettings are the settings a project file may give: the server
+// and how to talk to it, the user name, the limits and timeouts, the log's
+// level and format, the port. The others choose what the relay exposes,
+// whom it trusts, where it writes, or are secrets: a file that came with
+// a repository, or that another user put in /tmp, must not choose them.
+var projectSettings = map[string]bool{
+	"server": true, "connect.host": true, "connect.port": true, "connect.path": true, "connect.secure": true,
+	"protocol": true, "id-magic": true, "user": true,
+	"max-message": true, "upstream-max-message": true, "max-connections": true, "max-per-document": true,
+	"ping-interval": true, "peer-timeout": true, "retry-max": true, "upstream-grace": true, "fsync-interval": true,
+	"level": true, "verbose": true, "quiet": true, "log-format": true, "port": true,
+}
+
+// projectRisks says, for the settings a project file may not give, what
+// it could do with them.
+var projectRisks = map[string]string{
+	"host":                "it would choose the address the relay listens on, and one other than loopback lets the network read and change your documents",
+	"allow-origin":        "it would let web pages read and change your documents",
+	"allow-insecure-auth": "it would have your credentials sent in clear text",
+	"ca-file":             "it would choose whom the relay trusts to be the server",
+	"data-dir":            "it would choose where your documents are kept",
+	"no-store":            "it would keep your documents off the disk",
+	"log":                 "it would choose a file for the relay to write to",
+	"password":            "it is a secret, which belongs in your own file",
+	"token":               "it is a secret, which belongs in your own file",
+}
+
+// userConfigHint names the user's file, as userConfigFile finds it, for
+// an error message.
+func userConfigHint() string {
+	if runtime.GOOS == "darwin" {
+		return "~/Library/Application Support/elva/elva.toml"
+	}
+	return "$XDG_CONFIG_HOME/elva/elva.toml, by default ~/.config/elva/elva.toml"
+}
+
+// projectRefusal says why a project file may not give the setting name in
+// form with values, or "" if it may.
+func projectRefusal(name string, form secretForm, values []string) string {
+	switch {
+	case form == formCommand:
+		return "it would run a command"
+	case form == formFile:
+		return "it would have the relay read a secret from a file it names"
+	case name == "server" && hasPassword(values[0]):
+		return "a password in the server URI is a secret, which belongs in your own file"
+	case projectSettings[name]:
+		return ""
+	}
+	if why, ok := projectRisks[name]; ok {
+		return why
+	}
+	return "a project file may give only server ([connect]), protocol, id-magic, user, the limits and timeouts, fsync-interval, the log's level and format, and port"
+}
+
+// hasPassword reports whether the URI raw holds a password in its
+// userinfo.
+func hasPassword(raw string) bool {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return strings.Contains(raw, "@") // unparsable: it may hold one
+	}
+	_, ok := u.User.Password()
+	return ok
 }
 
 // pathSettings are the settings besides password-file and token-file
@@ -1800,7 +1870,7 @@ func (r *fileReader) connectServer() error {
 	if e, ok := r.connect["path"]; ok {
 		u.Path = "/" + strings.TrimPrefix(e.val.str, "/")
 	}
-	r.fc.settings["server"] = fileSetting{values: []string{u.String()}, source: fmt.Sprintf("%s:%d ([connect] host)", r.path, host.line)}
+	r.fc.settings["server"] = fileSetting{values: []string{u.String()}, source: fmt.Sprintf("%s:%d ([connect] host)", r.path, host.line), project: r.project}
 	return nil
 }
 

@@ -1396,7 +1396,7 @@ file = "relay.log"
 	fs := flag.NewFlagSet("test", flag.ContinueOnError)
 	defineFlags(fs, func(string) string { return "" })
 	fc := &fileConfig{settings: make(map[string]fileSetting)}
-	if err := fc.read(path, settingKinds(fs), true); err != nil {
+	if err := fc.read(path, settingKinds(fs), false); err != nil {
 		t.Fatal(err)
 	}
 	for name, want := range map[string]string{
@@ -1543,7 +1543,7 @@ func TestConfigFileModeWarning(t *testing.T) {
 			fc := &fileConfig{settings: make(map[string]fileSetting)}
 			fs := flag.NewFlagSet("test", flag.ContinueOnError)
 			defineFlags(fs, func(string) string { return "" })
-			if err := fc.read(path, settingKinds(fs), true); err != nil {
+			if err := fc.read(path, settingKinds(fs), false); err != nil {
 				t.Fatal(err)
 			}
 			warned := len(fc.warnings) == 1 && strings.Contains(fc.warnings[0], "chmod 600")
@@ -1692,36 +1692,111 @@ func waitForFileLine(t *testing.T, path, substr string) []byte {
 	}
 }
 
-// TestProjectFileMayNotRunCommands checks that the elva.toml found in the
-// directory tree, which may have come with a cloned repository, can
-// neither run a command nor name files to read secrets from or to log
-// to; the user's own file can.
-func TestProjectFileMayNotRunCommands(t *testing.T) {
+// TestProjectFileSettings checks that the elva.toml found in the
+// directory tree, which may have come with a cloned repository or been
+// put in /tmp by another user, gives only the settings on its list: the
+// others are refused with the file, the line, the key and the reason; the
+// user's own file gives them all.
+func TestProjectFileSettings(t *testing.T) {
 	fs := flag.NewFlagSet("test", flag.ContinueOnError)
 	defineFlags(fs, func(string) string { return "" })
 	kinds := settingKinds(fs)
-	for _, content := range []string{
-		"[basic]\ncommand = ['sh', '-c', 'echo pwned']",
-		"[service]\npassword-file = '/home/ada/.netrc'",
-		"[service]\ntoken-file = '/home/ada/.netrc'",
-		"[log]\nfile = '/home/ada/.bashrc'",
-		"[app.service]\nlog = '/home/ada/.bashrc'",
-	} {
-		root := t.TempDir()
-		xdg := filepath.Join(root, "xdg")
-		getenv := func(k string) string { return map[string]string{"XDG_CONFIG_HOME": xdg}[k] }
-		project := writeConfig(t, root, "repo/elva.toml", content, 0o600)
-		_, err := readConfigFiles("", filepath.Dir(project), getenv, kinds)
-		if err == nil || !strings.Contains(err.Error(), project+":2") || !strings.Contains(err.Error(), "may be anyone's") {
-			t.Errorf("%q in a project file: got %v, want a refusal at %s:2", content, err, project)
-		}
-		writeConfig(t, xdg, "elva/elva.toml", content, 0o600)
-		if err := os.Remove(project); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := readConfigFiles("", filepath.Dir(project), getenv, kinds); err != nil {
-			t.Errorf("%q in the user's file: %v", content, err)
-		}
+	tests := []struct {
+		content string
+		key     string // the setting taken; "" if refused
+		why     string // in the refusal
+	}{
+		{"[basic]\ncommand = ['sh', '-c', 'echo pwned']", "", "run a command"},
+		{"[service]\npassword-file = '/home/ada/.netrc'", "", "read a secret from a file"},
+		{"[service]\ntoken-file = '/home/ada/.netrc'", "", "read a secret from a file"},
+		{"[log]\nfile = '/home/ada/.bashrc'", "", "a file for the relay to write to"},
+		{"[app.service]\nlog = '/home/ada/.bashrc'", "", "a file for the relay to write to"},
+		{"[service]\nlog = 'relay.log'", "", "a file for the relay to write to"},
+		{"[service]\nhost = '0.0.0.0'", "", "the address the relay listens on"},
+		{"[app.default]\nhost = '0.0.0.0'", "", "the address the relay listens on"},
+		{"[service]\nallow-origin = ['https://evil.example']", "", "web pages"},
+		{"[service]\nallow-insecure-auth = true", "", "clear text"},
+		{"[tls]\ncafile = 'evil.pem'", "", "whom the relay trusts"},
+		{"[service]\nca-file = 'evil.pem'", "", "whom the relay trusts"},
+		{"[service]\ndata-dir = '/tmp/docs'", "", "where your documents are kept"},
+		{"[service]\nno-store = true", "", "off the disk"},
+		{"[basic]\nsecret = 'x'", "", "a secret"},
+		{"[app.default]\npassword = 'x'", "", "a secret"},
+		{"[service]\ntoken = 'x'", "", "a secret"},
+		{"[service]\nserver = 'wss://bob:pw@evil.example/'", "", "a password in the server URI"},
+		{"[service]\nserver = 'wss://evil.example/'", "server", ""},
+		{"[service]\nserver = 'wss://bob@evil.example/'", "server", ""},
+		{"[connect]\nhost = 'evil.example'", "server", ""},
+		{"[basic]\nuser = 'ada'", "user", ""},
+		{"[service]\nprotocol = 'yjs'", "protocol", ""},
+		{"[service]\nid-magic = '4944'", "id-magic", ""},
+		{"[service]\nmax-connections = 5", "max-connections", ""},
+		{"[service]\nupstream-max-message = '64KiB'", "upstream-max-message", ""},
+		{"[service]\nping-interval = '5s'", "ping-interval", ""},
+		{"[service]\nupstream-grace = '5s'", "upstream-grace", ""},
+		{"[service]\nfsync-interval = '1s'", "fsync-interval", ""},
+		{"[log]\nlevel = 'DEBUG'", "level", ""},
+		{"[service]\nquiet = true", "level", ""},
+		{"[service]\nlog-format = 'json'", "log-format", ""},
+		{"[service]\nport = 9000", "port", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.content, func(t *testing.T) {
+			root := t.TempDir()
+			xdg := filepath.Join(root, "xdg")
+			getenv := func(k string) string { return map[string]string{"XDG_CONFIG_HOME": xdg}[k] }
+			project := writeConfig(t, root, "repo/elva.toml", tt.content, 0o600)
+			fc, err := readConfigFiles("", filepath.Join(root, "repo"), getenv, kinds)
+			switch {
+			case tt.key != "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tt.key != "":
+				if s, ok := fc.settings[tt.key]; !ok || !s.project {
+					t.Errorf("%s not taken as the project file's: %+v", tt.key, fc.settings)
+				}
+				return
+			case err == nil:
+				t.Fatalf("taken from a project file: %+v", fc.settings)
+			}
+			for _, want := range []string{project + ":2: [", "refused from a project file", "may be anyone's", tt.why, "--config"} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("got %v, want %q in it", err, want)
+				}
+			}
+			writeConfig(t, xdg, "elva/elva.toml", tt.content, 0o600)
+			if err := os.Remove(project); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := readConfigFiles("", filepath.Join(root, "repo"), getenv, kinds); err != nil {
+				t.Errorf("in the user's file: %v", err)
+			}
+		})
+	}
+}
+
+// TestProjectFileCannotRedirectCredentials is the attack a project file
+// could make: the user's file holds the credentials; the project file,
+// read after it, names a server of its own and opens the relay up. The
+// settings that open it up are refused; the server alone is taken, and
+// the start warns that the credentials go to it.
+func TestProjectFileCannotRedirectCredentials(t *testing.T) {
+	root := t.TempDir()
+	xdg := filepath.Join(root, "xdg")
+	writeConfig(t, xdg, "elva/elva.toml", "[basic]\nuser = 'ada'\nsecret = 's3cret'\n", 0o600)
+	getenv := func(k string) string { return map[string]string{"XDG_CONFIG_HOME": xdg, "HOME": root}[k] }
+	sub := filepath.Join(root, "repo", "sub")
+	if err := os.MkdirAll(sub, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	project := writeConfig(t, root, "repo/elva.toml", `[service]
+server = "wss://attacker.example:9/"
+allow-insecure-auth = true
+allow-origin = ["https://evil.example"]
+host = "0.0.0.0"
+`, 0o600)
+	_, err := parseArgsIn([]string{"--print-config"}, getenv, sub)
+	if err == nil || !strings.Contains(err.Error(), project+":3: [service] allow-insecure-auth: refused from a project file") {
+		t.Fatalf("got %v, want allow-insecure-auth refused at %s:3", err, project)
 	}
 }
 

@@ -35,6 +35,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -1407,13 +1408,17 @@ func tomlLiteral(value string, kind settingKind) string {
 }
 
 // printConfig writes cfg's effective settings as a [service] table, each
-// line with where its value came from (--print-config).
+// line with where its value came from, after the files read and the
+// warnings the start would log (--print-config).
 func printConfig(w io.Writer, cfg *config) {
 	fmt.Fprintln(w, "# elva-service: the effective settings, each with where it came from")
 	if len(cfg.configFiles) == 0 {
 		fmt.Fprintln(w, "# configuration files: none")
 	} else {
 		fmt.Fprintln(w, "# configuration files, the later winning:", strings.Join(cfg.configFiles, ", "))
+	}
+	for _, warning := range cfg.warnings {
+		fmt.Fprintln(w, "# warning:", warning)
 	}
 	fmt.Fprintln(w, "[service]")
 	for _, s := range cfg.shown {
@@ -1522,7 +1527,12 @@ func readConfigFiles(explicit, dir string, getenv func(string) string, kinds map
 		// The file found in the directory tree may be anyone's (a cloned
 		// repository's): not the user's own.
 		project := explicit == "" && i == len(paths)-1 && path != userConfigFile(getenv)
-		if err := fc.read(path, kinds, project); err != nil {
+		err := fc.read(path, kinds, project)
+		if errors.Is(err, errUnsafeProject) {
+			fc.warnings = append(fc.warnings, err.Error())
+			continue
+		}
+		if err != nil {
 			return nil, err
 		}
 	}
@@ -1597,6 +1607,11 @@ func (fc *fileConfig) read(path string, kinds map[string]settingKind, project bo
 		return fmt.Errorf("configuration file: %w", err)
 	}
 	defer f.Close()
+	if project {
+		if err := checkProjectFile(f, os.Getuid()); err != nil {
+			return fmt.Errorf("project file %s skipped: %w", path, err)
+		}
+	}
 	data, err := io.ReadAll(io.LimitReader(f, maxConfigBytes+1))
 	if err != nil {
 		return fmt.Errorf("configuration file %s: %w", path, err)
@@ -1620,6 +1635,50 @@ func (fc *fileConfig) read(path string, kinds map[string]settingKind, project bo
 		fc.warnings = append(fc.warnings, fmt.Sprintf("configuration file %s holds a password or token and others may read it (mode %#o): chmod 600 it", path, info.Mode().Perm()))
 	}
 	return nil
+}
+
+// errUnsafeProject is why a project file is skipped: someone else than
+// the user could have written it, as git refuses a repository another
+// user owns (safe.directory).
+var errUnsafeProject = errors.New("a project file is read only if no one but you could have written it")
+
+// checkProjectFile returns errUnsafeProject, with what is wrong, unless
+// the user uid owns the open file f and no one else may write to it. On
+// Windows it checks nothing: its files have neither the owner nor the
+// mode bits this checks.
+func checkProjectFile(f *os.File, uid int) error {
+	if runtime.GOOS == "windows" {
+		return nil
+	}
+	info, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("%w: %v", errUnsafeProject, err)
+	}
+	if owner, ok := fileOwner(info); ok && owner != uid {
+		return fmt.Errorf("it belongs to user %d, not to you (user %d); %w", owner, uid, errUnsafeProject)
+	}
+	if perm := info.Mode().Perm(); perm&0o022 != 0 {
+		return fmt.Errorf("others may change it (mode %#o; chmod go-w it if it is yours); %w", perm, errUnsafeProject)
+	}
+	return nil
+}
+
+// fileOwner is the user id of info's owner: the Uid field of what Sys
+// gives (syscall.Stat_t on Unix). Read by reflection, because Windows has
+// no syscall.Stat_t and this package keeps no file per system; ok is
+// false where there is no such field.
+func fileOwner(info os.FileInfo) (uid int, ok bool) {
+	v := reflect.ValueOf(info.Sys())
+	if v.Kind() == reflect.Pointer {
+		v = v.Elem()
+	}
+	if v.Kind() != reflect.Struct {
+		return 0, false
+	}
+	if f := v.FieldByName("Uid"); f.IsValid() && f.CanUint() {
+		return int(f.Uint()), true
+	}
+	return 0, false
 }
 
 // configTables are the tables read, in the order they apply, a later

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"encoding/xml"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -1771,6 +1772,80 @@ func TestProjectFileSettings(t *testing.T) {
 				t.Errorf("in the user's file: %v", err)
 			}
 		})
+	}
+}
+
+// TestProjectFileOwnerAndMode checks that a project file that someone
+// else could have written, by owning it or by its mode, is skipped with a
+// warning (as git skips another user's repository), and that the user's
+// own file is not held to this.
+func TestProjectFileOwnerAndMode(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("Windows files have no owner id and mode bits to check")
+	}
+	tests := []struct {
+		name    string
+		mode    os.FileMode
+		owner   int // -1: the test's user
+		skipped string
+	}{
+		{"the user's, for the user only", 0o600, -1, ""},
+		{"the user's, readable by all", 0o644, -1, ""},
+		{"writable by the group", 0o664, -1, "others may change it (mode 0664"},
+		{"writable by all", 0o646, -1, "others may change it (mode 0646"},
+		{"another user's", 0o644, 65534, "it belongs to user 65534, not to you"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			root := t.TempDir()
+			project := writeConfig(t, root, "repo/elva.toml", "[service]\nport = 9123\n", tt.mode)
+			if tt.owner >= 0 {
+				if os.Getuid() != 0 {
+					t.Skip("only root can give a file to another user")
+				}
+				if err := os.Chown(project, tt.owner, -1); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var stdout, stderr bytes.Buffer
+			getenv := func(string) string { return "" }
+			cfg, err := parseArgsIn([]string{"--print-config", "--no-store"}, getenv, filepath.Join(root, "repo"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			printConfig(&stdout, cfg)
+			warnings := strings.Join(cfg.warnings, "\n")
+			if tt.skipped == "" {
+				if cfg.port != 9123 || warnings != "" {
+					t.Errorf("port %d, warnings %q; want the file's port 9123 and no warning", cfg.port, warnings)
+				}
+				return
+			}
+			if cfg.port != 8000 || len(cfg.configFiles) != 0 {
+				t.Errorf("port %d from %v; want the default 8000, no file read", cfg.port, cfg.configFiles)
+			}
+			want := "project file " + project + " skipped: " + tt.skipped
+			if !strings.Contains(warnings, want) || !strings.Contains(stdout.String(), "# warning: "+want) || stderr.Len() != 0 {
+				t.Errorf("warnings %q, --print-config:\n%s\nwant %q in both", warnings, stdout.String(), want)
+			}
+			// The same file as the user's own is read.
+			if err := os.Rename(filepath.Join(root, "repo"), filepath.Join(root, "elva")); err != nil {
+				t.Fatal(err)
+			}
+			cfg, err = parseArgsIn(nil, func(k string) string { return map[string]string{"XDG_CONFIG_HOME": root}[k] }, "")
+			if err != nil || cfg.port != 9123 {
+				t.Errorf("as the user's file: %v, port %d; want 9123", err, cfg.port)
+			}
+		})
+	}
+	// Another owner, for any test user: the check itself.
+	f, err := os.Open(writeConfig(t, t.TempDir(), "elva.toml", "", 0o600))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := checkProjectFile(f, os.Getuid()+1); !errors.Is(err, errUnsafeProject) || !strings.Contains(err.Error(), "not to you") {
+		t.Errorf("a file of user %d checked for user %d: %v, want errUnsafeProject", os.Getuid(), os.Getuid()+1, err)
 	}
 }
 

@@ -216,11 +216,12 @@ type config struct {
 	logFormat string
 	// printConfig asks run to print shown, the effective settings, and
 	// exit (--print-config); configFiles are the files read, the later
-	// winning; passwordFrom and tokenFrom say where the secrets came from.
-	printConfig             bool
-	shown                   []shownSetting
-	configFiles             []string
-	passwordFrom, tokenFrom string
+	// winning; userFrom, passwordFrom and tokenFrom say where the
+	// credentials came from.
+	printConfig                       bool
+	shown                             []shownSetting
+	configFiles                       []string
+	userFrom, passwordFrom, tokenFrom string
 	// dataDir is where the store keeps documents (--data-dir); noStore
 	// turns it off; fsyncInterval is the longest an update waits before
 	// it is on disk (0: fsync after every one).
@@ -509,18 +510,18 @@ func buildConfig(l layers, v *flagValues, positional []string) (*config, error) 
 	if err := cfg.setTuning(l.fs, v); err != nil {
 		return nil, err
 	}
-	if err := cfg.setSecrets(l, v); err != nil {
+	userinfo, err := cfg.setServer(*v.server)
+	if err != nil {
+		return nil, err
+	}
+	if err := cfg.setSecrets(l, v, userinfo); err != nil {
 		return nil, err
 	}
 	cfg.warnings = append(cfg.warnings, otherModesFlags(l.fs, cfg.protocol)...)
-	if err := cfg.setServer(*v.server); err != nil {
-		return nil, err
-	}
 	if err := cfg.checkAuthTransport(v.insecureAuth); err != nil {
 		return nil, err
 	}
 	if *v.caFile != "" {
-		var err error
 		if cfg.tls, err = loadCAFile(*v.caFile); err != nil {
 			return nil, err
 		}
@@ -535,22 +536,45 @@ func buildConfig(l layers, v *flagValues, positional []string) (*config, error) 
 	return cfg, nil
 }
 
-// setSecrets takes the password and the token, each from the first that
-// has it of: its flag (--password before --password-file), its
-// environment variable, the configuration files (a value, a file to read,
-// or [basic] command's output). The command does not run for
-// --print-config.
-func (c *config) setSecrets(l layers, v *flagValues) error {
-	var err error
-	if c.password, c.passwordFrom, err = l.secret("password", *v.password, *v.passwordFile, !c.printConfig); err != nil {
+// setSecrets takes the user name, the password and the token, each from
+// the highest layer that gives it: the command line, the environment, the
+// configuration files. The server URI's userinfo (setServer) belongs to
+// the layer that gave the server, where --user and --password (or a
+// file's user and password) beat it: ELVA_SERVER's userinfo never beats
+// --user, nor a file's [basic] secret --server's. A secret comes from its
+// flag (--password before --password-file), its environment variable, or
+// the files (a value, a file to read, or [basic] command's output, which
+// runs only if nothing above gives the password, and not for
+// --print-config).
+func (c *config) setSecrets(l layers, v *flagValues, userinfo *url.Userinfo) error {
+	serverLayer, uriFrom := l.layer("server"), "userinfo of the server URI, "+l.where("server")
+	c.user, c.userFrom = *v.user, l.where("user")
+	if name := userinfo.Username(); name != "" && (c.user == "" || serverLayer < l.layer("user")) {
+		c.user, c.userFrom = name, uriFrom
+	}
+	password, err := l.secret("password", *v.password, *v.passwordFile)
+	if err != nil {
 		return err
+	}
+	if pw, ok := userinfo.Password(); ok && pw != "" && (password.empty() || serverLayer < password.layer) {
+		password = secretValue{value: pw, from: uriFrom, layer: serverLayer}
+	}
+	c.password, c.passwordFrom = password.value, password.from
+	if password.command != nil && c.printConfig {
+		c.passwordFrom += " " + strconv.Quote(strings.Join(password.command, " ")) + ", not run for --print-config"
+	} else if password.command != nil {
+		if c.password, err = runSecretCommand(password.command, password.commandAt); err != nil {
+			return err
+		}
 	}
 	if flagSet(l.fs, "password") {
 		c.warnings = append(c.warnings, "--password is visible to other users in the process list; use --password-file or ELVA_PASSWORD")
 	}
-	if c.token, c.tokenFrom, err = l.secret("token", *v.token, *v.tokenFile, !c.printConfig); err != nil {
+	token, err := l.secret("token", *v.token, *v.tokenFile)
+	if err != nil {
 		return err
 	}
+	c.token, c.tokenFrom = token.value, token.from
 	if flagSet(l.fs, "token") {
 		c.warnings = append(c.warnings, "--token is visible to other users in the process list; use --token-file or ELVA_TOKEN")
 	}
@@ -955,47 +979,41 @@ func (c *config) setKeepalive(interval, timeout time.Duration) error {
 }
 
 // setServer checks the upstream URI; without one (raw empty) the relay is
-// standalone and c.server stays nil. Credentials in its userinfo are moved
-// out of it so that the URI can be logged; --user and --password win.
-func (c *config) setServer(raw string) error {
+// standalone and c.server stays nil. It returns the URI's userinfo, nil
+// without one, moved out of c.server so that the URI can be logged; the
+// credentials in it are setSecrets's.
+func (c *config) setServer(raw string) (*url.Userinfo, error) {
 	if raw == "" {
-		return nil // standalone: a local Yjs server over the store
+		return nil, nil // standalone: a local Yjs server over the store
 	}
 	if !strings.Contains(raw, "://") {
-		return fmt.Errorf("--server %s: want ws://HOST:PORT/ or wss://HOST/", redactArg(raw))
+		return nil, fmt.Errorf("--server %s: want ws://HOST:PORT/ or wss://HOST/", redactArg(raw))
 	}
 	u, err := url.Parse(raw)
 	if err != nil {
-		return fmt.Errorf("--server: %w", redactURLError(err))
+		return nil, fmt.Errorf("--server: %w", redactURLError(err))
 	}
 	if u.Scheme != "ws" && u.Scheme != "wss" {
-		return fmt.Errorf("--server %s: scheme must be ws or wss", u.Redacted())
+		return nil, fmt.Errorf("--server %s: scheme must be ws or wss", u.Redacted())
 	}
 	if u.Hostname() == "" {
-		return fmt.Errorf("--server %s: no host", u.Redacted())
+		return nil, fmt.Errorf("--server %s: no host", u.Redacted())
 	}
 	if p := u.Port(); p != "" {
 		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
-			return fmt.Errorf("--server %s: bad port %q", u.Redacted(), p)
+			return nil, fmt.Errorf("--server %s: bad port %q", u.Redacted(), p)
 		}
 	}
-	if u.User != nil {
-		if c.user == "" {
-			c.user = u.User.Username()
-		}
-		if pw, ok := u.User.Password(); ok && c.password == "" {
-			c.password = pw
-		}
-		u.User = nil
-	}
+	userinfo := u.User
+	u.User = nil
 	if u.Path == "" {
 		u.Path = "/"
 	}
 	if sameAddress(u, c.host, c.port) {
-		return fmt.Errorf("remote server address %s is identical to the service address ws://%s", u, net.JoinHostPort(c.host, strconv.Itoa(c.port)))
+		return nil, fmt.Errorf("remote server address %s is identical to the service address ws://%s", u, net.JoinHostPort(c.host, strconv.Itoa(c.port)))
 	}
 	c.server = u
-	return nil
+	return userinfo, nil
 }
 
 // redactURLError drops the URI from a url.Parse error: it may hold a password.
@@ -1233,17 +1251,40 @@ type layers struct {
 	kinds  map[string]settingKind // the flags a file may set, by long name
 }
 
+// layer is where a setting got its value; the lower wins.
+type layer int
+
+const (
+	layerFlag    layer = iota // the command line
+	layerEnv                  // an ELVA_* environment variable
+	layerFile                 // a configuration file
+	layerDefault              // none of them: the built-in default
+)
+
+// layer tells which layer gave the setting name its value.
+func (l layers) layer(name string) layer {
+	switch env := envOf[name]; {
+	case flagSet(l.fs, name):
+		return layerFlag
+	case env != "" && l.getenv(env) != "":
+		return layerEnv
+	}
+	if _, ok := l.file.settings[name]; ok {
+		return layerFile
+	}
+	return layerDefault
+}
+
 // where tells where the setting name got its value: "flag --name", "env
 // NAME", "file PATH:LINE ([table] key)" or "default".
 func (l layers) where(name string) string {
-	switch env := envOf[name]; {
-	case flagSet(l.fs, name):
+	switch l.layer(name) {
+	case layerFlag:
 		return "flag --" + name
-	case env != "" && l.getenv(env) != "":
-		return "env " + env
-	}
-	if s, ok := l.file.settings[name]; ok {
-		return "file " + s.source
+	case layerEnv:
+		return "env " + envOf[name]
+	case layerFile:
+		return "file " + l.file.settings[name].source
 	}
 	return "default"
 }
@@ -1268,34 +1309,47 @@ func (l layers) apply() error {
 	return nil
 }
 
-// secret returns the password or the token (name) and where it came
-// from: --name, else --name-file, else its environment variable (value is
-// the flag's, whose default that is), else what the configuration files
-// give: a value, a file to read, or a command to run if mayRun.
-func (l layers) secret(name, value, path string, mayRun bool) (string, string, error) {
+// secretValue is the password or the token, where it came from, and the
+// layer that gave it.
+type secretValue struct {
+	value string
+	from  string // "flag --password", "file PATH:LINE ([basic] secret)", …
+	layer layer
+	// command is a file's [basic] command, whose output's first line is
+	// the password, and commandAt where the file gave it; value is ""
+	// until it has run.
+	command   []string
+	commandAt string
+}
+
+// empty reports whether s gives no secret: neither a value nor a command.
+func (s secretValue) empty() bool { return s.value == "" && s.command == nil }
+
+// secret returns the password or the token (name): --name, else
+// --name-file, else its environment variable (value is the flag's, whose
+// default that is), else what the configuration files give: a value, a
+// file to read, or a command, which it does not run.
+func (l layers) secret(name, value, path string) (secretValue, error) {
 	switch {
 	case flagSet(l.fs, name):
-		return value, "flag --" + name, nil
+		return secretValue{value: value, from: "flag --" + name, layer: layerFlag}, nil
 	case flagSet(l.fs, name+"-file"):
 		s, err := readSecretFile("--"+name+"-file", path)
-		return s, "flag --" + name + "-file " + path, err
+		return secretValue{value: s, from: "flag --" + name + "-file " + path, layer: layerFlag}, err
 	case value != "":
-		return value, "env " + envOf[name], nil
+		return secretValue{value: value, from: "env " + envOf[name], layer: layerEnv}, nil
 	}
 	s, ok := l.file.settings[name]
 	switch {
 	case !ok:
-		return "", "default", nil
+		return secretValue{from: "default", layer: layerDefault}, nil
 	case s.form == formFile:
 		secret, err := readSecretFile(s.source, s.values[0])
-		return secret, "file " + s.source + " " + s.values[0], err
-	case s.form == formCommand && !mayRun:
-		return "", "file " + s.source + " " + strconv.Quote(strings.Join(s.values, " ")) + ", not run for --print-config", nil
+		return secretValue{value: secret, from: "file " + s.source + " " + s.values[0], layer: layerFile}, err
 	case s.form == formCommand:
-		secret, err := runSecretCommand(s.values, s.source)
-		return secret, "file " + s.source, err
+		return secretValue{from: "file " + s.source, layer: layerFile, command: s.values, commandAt: s.source}, nil
 	}
-	return s.values[0], "file " + s.source, nil
+	return secretValue{value: s.values[0], from: "file " + s.source, layer: layerFile}, nil
 }
 
 // hint adds to an error that names a flag whose value a configuration
@@ -1352,9 +1406,9 @@ func describeSettings(l layers, cfg *config, positional []string) []shownSetting
 		s := shownSetting{f.Name, tomlLiteral(f.Value.String(), kind), l.where(f.Name)}
 		switch f.Name {
 		case "user":
-			s.source = fromURI(cfg.user, s.source, l)
+			s.value, s.source = strconv.Quote(cfg.user), cfg.userFrom
 		case "password":
-			s.value, s.source = redacted(cfg.password, cfg.passwordFrom), fromURI(cfg.password, cfg.passwordFrom, l)
+			s.value, s.source = redacted(cfg.password, cfg.passwordFrom), cfg.passwordFrom
 		case "token":
 			s.value, s.source = redacted(cfg.token, cfg.tokenFrom), cfg.tokenFrom
 		case "server":
@@ -1369,15 +1423,6 @@ func describeSettings(l layers, cfg *config, positional []string) []shownSetting
 		shown = append(shown, s)
 	})
 	return shown
-}
-
-// fromURI is where a credential came from: from, or the server URI's
-// userinfo if nothing else gave the value (setServer).
-func fromURI(value, from string, l layers) string {
-	if value != "" && from == "default" {
-		return "userinfo of the server URI, " + l.where("server")
-	}
-	return from
 }
 
 // redacted stands for a secret in --print-config: empty only if there is

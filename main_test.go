@@ -1380,6 +1380,57 @@ func TestConfigFileDiscovery(t *testing.T) {
 	}
 }
 
+// TestCredentialLayers checks that the user name and the password come
+// from the highest layer that gives them (flags, the environment, the
+// files), and that the server URI's userinfo belongs to the layer that
+// gave the server, below an explicit user or password of that layer.
+func TestCredentialLayers(t *testing.T) {
+	dir := t.TempDir()
+	ran := filepath.Join(dir, "ran")
+	basic := writeConfig(t, dir, "basic.toml", "[basic]\nuser = 'ada'\nsecret = 'file-pw'\n", 0o600)
+	command := writeConfig(t, dir, "command.toml", fmt.Sprintf("[basic]\nuser = 'ada'\ncommand = ['sh', '-c', 'touch %s; echo cmd-pw']\n", ran), 0o600)
+	serverAndBasic := writeConfig(t, dir, "both.toml", "[service]\nserver = 'wss://bob:uri-pw@e/'\n[basic]\nuser = 'ada'\nsecret = 'file-pw'\n", 0o600)
+	serverOnly := writeConfig(t, dir, "server.toml", "[service]\nserver = 'wss://bob:uri-pw@e/'\n", 0o600)
+	pwFile := writeConfig(t, dir, "pw", "pwfile-pw\n", 0o600)
+	const flagURI, envURI = "userinfo of the server URI, flag --server", "userinfo of the server URI, env ELVA_SERVER"
+	tests := []struct {
+		name               string
+		args               []string
+		env                map[string]string
+		user, password     string
+		userFrom, passFrom string
+	}{
+		{"--server's userinfo beats the file", []string{"--config", basic, "--server", "wss://bob:uri-pw@e/"}, nil, "bob", "uri-pw", flagURI, flagURI},
+		{"ELVA_SERVER's userinfo beats the file", []string{"--config", basic}, map[string]string{"ELVA_SERVER": "wss://bob:uri-pw@e/"}, "bob", "uri-pw", envURI, envURI},
+		{"--user beats --server's userinfo", []string{"--config", basic, "--server", "wss://bob:uri-pw@e/", "--user", "carl"}, nil, "carl", "uri-pw", "flag --user", flagURI},
+		{"--server's userinfo beats the environment", []string{"--server", "wss://bob:uri-pw@e/"}, map[string]string{"ELVA_USER": "carl", "ELVA_PASSWORD": "env-pw"}, "bob", "uri-pw", flagURI, flagURI},
+		{"flags beat ELVA_SERVER's userinfo", []string{"--user", "carl", "--password-file", pwFile}, map[string]string{"ELVA_SERVER": "wss://bob:uri-pw@e/"}, "carl", "pwfile-pw", "flag --user", "flag --password-file " + pwFile},
+		{"ELVA_USER beats ELVA_SERVER's userinfo", nil, map[string]string{"ELVA_SERVER": "wss://bob:uri-pw@e/", "ELVA_USER": "carl"}, "carl", "uri-pw", "env ELVA_USER", envURI},
+		{"a file's [basic] beats its server's userinfo", []string{"--config", serverAndBasic}, nil, "ada", "file-pw", "file " + serverAndBasic + ":4 ([basic] user)", "file " + serverAndBasic + ":5 ([basic] secret)"},
+		{"a file's server's userinfo under the environment's user", []string{"--config", serverOnly}, map[string]string{"ELVA_USER": "carl"}, "carl", "uri-pw", "env ELVA_USER", "userinfo of the server URI, file " + serverOnly + ":2 ([service] server)"},
+		{"a user name alone in the URI", []string{"--config", basic, "--server", "wss://bob@e/"}, nil, "bob", "file-pw", flagURI, "file " + basic + ":3 ([basic] secret)"},
+		{"no command for a password from above", []string{"--config", command, "--server", "wss://bob:uri-pw@e/"}, nil, "bob", "uri-pw", flagURI, flagURI},
+		{"no command under ELVA_PASSWORD", []string{"--config", command, "--server", "wss://e/"}, map[string]string{"ELVA_PASSWORD": "env-pw"}, "ada", "env-pw", "file " + command + ":2 ([basic] user)", "env ELVA_PASSWORD"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := parseArgs(tt.args, func(k string) string { return tt.env[k] })
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.user != tt.user || cfg.password != tt.password || cfg.userFrom != tt.userFrom || cfg.passwordFrom != tt.passFrom {
+				t.Errorf("got %q from %q, %q from %q;\nwant %q from %q, %q from %q", cfg.user, cfg.userFrom, cfg.password, cfg.passwordFrom, tt.user, tt.userFrom, tt.password, tt.passFrom)
+			}
+			if cfg.server.User != nil {
+				t.Errorf("the server URI keeps its userinfo: %v", cfg.server.Redacted())
+			}
+			if _, err := os.Stat(ran); err == nil {
+				t.Error("the [basic] command ran")
+			}
+		})
+	}
+}
+
 // TestConfigRelativePaths checks that a relative path in a configuration
 // file starts in the file's directory, not in the working directory.
 func TestConfigRelativePaths(t *testing.T) {
@@ -1483,8 +1534,9 @@ protocol = "hocuspocus"
 max-connections = 7
 `, ran), 0o600)
 	var stdout, stderr bytes.Buffer
-	env := map[string]string{"ELVA_SERVER": "wss://ada:pw-in-uri@e.example.org/", "HOME": dir}
-	status := run(context.Background(), []string{"--config", path, "--print-config", "-v", "127.0.0.1"}, &stdout, &stderr, func(k string) string { return env[k] })
+	env := map[string]string{"ELVA_SERVER": "wss://e.example.org/", "HOME": dir}
+	getenv := func(k string) string { return env[k] }
+	status := run(context.Background(), []string{"--config", path, "--print-config", "-v", "127.0.0.1"}, &stdout, &stderr, getenv)
 	out := stdout.String()
 	if status != 0 || stderr.Len() != 0 {
 		t.Fatalf("status %d, stderr %q", status, stderr.String())
@@ -1494,7 +1546,7 @@ max-connections = 7
 		"[service]\n",
 		`host = "127.0.0.1"`, "# argument HOST",
 		"port = 8000", "# default",
-		`server = "wss://ada:xxxxx@e.example.org/"`, "# env ELVA_SERVER",
+		`server = "wss://e.example.org/"`, "# env ELVA_SERVER",
 		`user = "ada"`, "# file " + path + ":2 ([basic] user)",
 		`password = "[redacted]"`, "# file " + path + `:3 ([basic] command) "touch ` + ran + `", not run for --print-config`,
 		`token = "[redacted]"`, "# file " + path + ":5 ([service] token)",
@@ -1504,21 +1556,32 @@ max-connections = 7
 			t.Errorf("no %q in\n%s", want, out)
 		}
 	}
-	for _, secret := range []string{"t0psecret", "pw-in-uri"} {
-		if strings.Contains(out, secret) {
-			t.Errorf("the secret %q is shown:\n%s", secret, out)
-		}
-	}
-	if _, err := os.Stat(ran); err == nil {
-		t.Error("--print-config ran the [basic] command")
-	}
-	stdout.Reset()
-	if status := run(context.Background(), []string{"--print-config", "--config", writeConfig(t, dir, "empty.toml", "", 0o600)}, &stdout, &stderr, func(k string) string { return env[k] }); status != 0 ||
-		!strings.Contains(stdout.String(), `password = "[redacted]"`) || !strings.Contains(stdout.String(), "# userinfo of the server URI, env ELVA_SERVER") {
-		t.Errorf("status %d; the password from the URI is not shown as such:\n%s", status, stdout.String())
+	if strings.Contains(out, "t0psecret") {
+		t.Errorf("the token is shown:\n%s", out)
 	}
 	if _, err := parseTOML("print-config", out, readAll); err != nil {
 		t.Errorf("the output is not TOML this relay reads: %v", err)
+	}
+	// The environment's server URI brings its credentials, which beat
+	// the file's.
+	env["ELVA_SERVER"] = "wss://bob:pw-in-uri@e.example.org/"
+	stdout.Reset()
+	status = run(context.Background(), []string{"--config", path, "--print-config"}, &stdout, &stderr, getenv)
+	out = stdout.String()
+	for _, want := range []string{
+		`server = "wss://bob:xxxxx@e.example.org/"`,
+		`password = "[redacted]"                        # userinfo of the server URI, env ELVA_SERVER`,
+		`user = "bob"                                   # userinfo of the server URI, env ELVA_SERVER`,
+	} {
+		if status != 0 || !strings.Contains(out, want) {
+			t.Errorf("status %d; no %q in\n%s", status, want, out)
+		}
+	}
+	if strings.Contains(out, "pw-in-uri") {
+		t.Errorf("the password in the URI is shown:\n%s", out)
+	}
+	if _, err := os.Stat(ran); err == nil {
+		t.Error("--print-config ran the [basic] command")
 	}
 }
 

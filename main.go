@@ -222,6 +222,11 @@ type config struct {
 	shown                             []shownSetting
 	configFiles                       []string
 	userFrom, passwordFrom, tokenFrom string
+	// passwordCommand is a file's [basic] command whose output's first
+	// line is the password, given at passwordCommandAt; nil unless the
+	// password is to come from it. runPasswordCommand runs it.
+	passwordCommand   []string
+	passwordCommandAt string
 	// dataDir is where the store keeps documents (--data-dir); noStore
 	// turns it off; fsyncInterval is the longest an update waits before
 	// it is on disk (0: fsync after every one).
@@ -333,6 +338,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	if lf != nil {
 		defer lf.Close()
 		fmt.Fprintf(stderr, "elva-service: logging to %s\n", lf.path)
+	}
+	if err := cfg.runPasswordCommand(); err != nil {
+		log.Error("cannot get the password", "err", err)
+		return 1
 	}
 	// Also without a log file: a SIGHUP from a habit (or systemctl
 	// reload) must not end the relay, as its default action would.
@@ -544,8 +553,8 @@ func buildConfig(l layers, v *flagValues, positional []string) (*config, error) 
 // --user, nor a file's [basic] secret --server's. A secret comes from its
 // flag (--password before --password-file), its environment variable, or
 // the files (a value, a file to read, or [basic] command's output, which
-// runs only if nothing above gives the password, and not for
-// --print-config).
+// runPasswordCommand gets later, only if nothing above gives the
+// password).
 func (c *config) setSecrets(l layers, v *flagValues, userinfo *url.Userinfo) error {
 	serverLayer, uriFrom := l.layer("server"), "userinfo of the server URI, "+l.where("server")
 	c.user, c.userFrom = *v.user, l.where("user")
@@ -560,12 +569,9 @@ func (c *config) setSecrets(l layers, v *flagValues, userinfo *url.Userinfo) err
 		password = secretValue{value: pw, from: uriFrom, layer: serverLayer}
 	}
 	c.password, c.passwordFrom = password.value, password.from
-	if password.command != nil && c.printConfig {
-		c.passwordFrom += " " + strconv.Quote(strings.Join(password.command, " ")) + ", not run for --print-config"
-	} else if password.command != nil {
-		if c.password, err = runSecretCommand(password.command, password.commandAt); err != nil {
-			return err
-		}
+	c.passwordCommand, c.passwordCommandAt = password.command, password.commandAt
+	if c.passwordCommand != nil && c.printConfig {
+		c.passwordFrom += " " + strconv.Quote(strings.Join(c.passwordCommand, " ")) + ", not run for --print-config"
 	}
 	if flagSet(l.fs, "password") {
 		c.warnings = append(c.warnings, "--password is visible to other users in the process list; use --password-file or ELVA_PASSWORD")
@@ -2041,22 +2047,46 @@ func splitCommand(s string) ([]string, error) {
 	return words, nil
 }
 
+// runPasswordCommand runs the file's [basic] command for the password if
+// the password is to come from it and there is a server to send it to;
+// run calls it once the relay is to start, so that --print-config, the
+// store's tools and a relay without a server never run it. An error (the
+// command failed, or did not answer in time) is a failure at run time.
+func (c *config) runPasswordCommand() error {
+	if c.passwordCommand == nil || c.server == nil {
+		return nil
+	}
+	password, err := runSecretCommand(c.passwordCommand, c.passwordCommandAt)
+	if err != nil {
+		return err
+	}
+	c.password = password
+	return nil
+}
+
 // secretCommandTimeout bounds a [basic] command: a password manager that
 // asks for its own passphrase gets this long. A variable for one test.
 var secretCommandTimeout = 10 * time.Second
+
+// secretCommandWaitDelay is how long a [basic] command's pipes may stay
+// open after it was killed at its timeout, or after it exited: a process
+// it started in the background may hold them, and is not waited for.
+const secretCommandWaitDelay = time.Second
 
 // runSecretCommand runs argv, the [basic] command given at source,
 // without a shell and without input, and returns the first line of its
 // output: the password. A failure, a timeout or an empty first line is an
 // error that names the command and shows its stderr's first line, never
-// its output.
+// its output. At the timeout the command itself is killed; processes it
+// started are not (that would take a process group, which Windows lacks),
+// and their hold on its pipes ends after secretCommandWaitDelay.
 func runSecretCommand(argv []string, source string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), secretCommandTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
-	cmd.WaitDelay = time.Second // a child of it may hold the pipes open
+	cmd.WaitDelay = secretCommandWaitDelay
 	out, err := cmd.Output()
 	what := fmt.Sprintf("%s: command %q", source, strings.Join(argv, " "))
 	switch {

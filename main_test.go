@@ -1500,6 +1500,9 @@ func TestConfigBasicCommand(t *testing.T) {
 		{"non-zero exit", `["sh", "-c", "cat >/dev/null; echo no such entry >&2; exit 3"]`, "", `command "sh -c cat >/dev/null; echo no such entry >&2; exit 3": exit status 3: no such entry`},
 		{"not found", `["/nonexistent/pass"]`, "", `command "/nonexistent/pass"`},
 		{"timeout", `["sleep", "30"]`, "", `command "sleep 30": no answer within 1s`},
+		// The background sleep holds the output pipe past the kill of sh;
+		// the test kills it by the pid it wrote.
+		{"timeout, a child holds the pipe", fmt.Sprintf(`["sh", "-c", "sleep 60 & echo $! > %s; wait"]`, filepath.Join(dir, "pid")), "", "no answer within 1s"},
 		{"empty first line", `["printf", "\\nmore"]`, "", "printed nothing on its first line"},
 		{"empty array", `[]`, "", "want the command's words as an array"},
 	}
@@ -1507,6 +1510,10 @@ func TestConfigBasicCommand(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			path := writeConfig(t, dir, "elva.toml", "[basic]\nuser = 'ada'\ncommand = "+tt.command+"\n", 0o600)
 			cfg, err := parseArgs([]string{"--config", path, "--server", "wss://e/"}, func(string) string { return "" })
+			if err == nil {
+				err = cfg.runPasswordCommand()
+				killBackground(t, filepath.Join(dir, "pid"))
+			}
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.Contains(err.Error(), "elva.toml:3") {
 					t.Fatalf("got %v, want an error with %q at elva.toml:3", err, tt.wantErr)
@@ -1515,6 +1522,79 @@ func TestConfigBasicCommand(t *testing.T) {
 			}
 			if err != nil || cfg.password != tt.want {
 				t.Fatalf("got %v, password %q; want %q", err, cfg.password, tt.want)
+			}
+		})
+	}
+}
+
+// killBackground kills the process whose pid is in the file at path, if
+// there is one, and removes the file: a test must leave no process.
+func killBackground(t *testing.T, path string) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return
+	}
+	os.Remove(path)
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil {
+		t.Fatalf("pid file %s: %v", path, err)
+	}
+	if p, err := os.FindProcess(pid); err == nil {
+		p.Kill()
+		p.Release()
+	}
+}
+
+// TestPasswordCommandWhenNeeded checks that run runs the [basic] command
+// only when the relay starts with a server and the password is to come
+// from the command, and that its failure is a failure at run time (exit
+// status 1), not a usage error.
+func TestPasswordCommandWhenNeeded(t *testing.T) {
+	dir := t.TempDir()
+	ran := filepath.Join(dir, "ran")
+	command := writeConfig(t, dir, "elva.toml", fmt.Sprintf("[basic]\nuser = 'ada'\ncommand = ['sh', '-c', 'echo >> %s; echo pw']\n", ran), 0o600)
+	failing := writeConfig(t, dir, "failing.toml", "[basic]\nuser = 'ada'\ncommand = ['sh', '-c', 'echo locked >&2; exit 1']\n", 0o600)
+	server := "ws://127.0.0.1:1/" // nothing listens; the relay stops before it tries
+	tests := []struct {
+		name   string
+		args   []string
+		env    map[string]string
+		runs   bool
+		status int
+		stderr string
+	}{
+		{"with a server", []string{"--config", command, "--server", server}, nil, true, 0, ""},
+		{"without a server", []string{"--config", command}, nil, false, 0, ""},
+		{"--list-docs", []string{"--config", command, "--server", server, "--list-docs"}, nil, false, 0, ""},
+		{"--remove-doc", []string{"--config", command, "--server", server, "--remove-doc", "none"}, nil, false, 1, "none"},
+		{"--print-config", []string{"--config", command, "--server", server, "--print-config"}, nil, false, 0, ""},
+		{"--password-file above", []string{"--config", command, "--server", server, "--password-file", writeConfig(t, dir, "pw", "pw\n", 0o600)}, nil, false, 0, ""},
+		{"ELVA_PASSWORD above", []string{"--config", command, "--server", server}, map[string]string{"ELVA_PASSWORD": "pw"}, false, 0, ""},
+		{"the server URI's password above", []string{"--config", command, "--server", "ws://bob:pw@127.0.0.1:1/"}, nil, false, 0, ""},
+		{"failure", []string{"--config", failing, "--server", server}, nil, false, 1, "failing.toml:3 ([basic] command): command"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			os.Remove(ran)
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel() // the relay stops as soon as it has started
+			env := map[string]string{"ELVA_DATA_DIR": filepath.Join(dir, "data")}
+			for k, v := range tt.env {
+				env[k] = v
+			}
+			stderr := newLogBuffer()
+			args := append(slices.Clone(tt.args), "--no-store", "127.0.0.1", "0")
+			if slices.Contains(args, "--list-docs") || slices.Contains(args, "--remove-doc") {
+				args = slices.DeleteFunc(args, func(a string) bool { return a == "--no-store" })
+			}
+			status := run(ctx, args, io.Discard, stderr, func(k string) string { return env[k] })
+			_, err := os.Stat(ran)
+			if runs := err == nil; runs != tt.runs || status != tt.status || !strings.Contains(stderr.String(), tt.stderr) {
+				t.Errorf("command ran: %v, status %d, stderr:\n%s\nwant ran: %v, status %d, %q", runs, status, stderr.String(), tt.runs, tt.status, tt.stderr)
+			}
+			if strings.Contains(stderr.String(), "see --help") {
+				t.Errorf("a usage error:\n%s", stderr.String())
 			}
 		})
 	}

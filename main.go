@@ -216,11 +216,13 @@ type config struct {
 	logFormat string
 	// printConfig asks run to print shown, the effective settings, and
 	// exit (--print-config); configFiles are the files read, the later
-	// winning; userFrom, passwordFrom and tokenFrom say where the
+	// winning, projectFile the one among them found in the directory tree
+	// ("" if none); userFrom, passwordFrom and tokenFrom say where the
 	// credentials came from.
 	printConfig                       bool
 	shown                             []shownSetting
 	configFiles                       []string
+	projectFile                       string
 	userFrom, passwordFrom, tokenFrom string
 	// passwordCommand is a file's [basic] command whose output's first
 	// line is the password, given at passwordCommandAt; nil unless the
@@ -339,6 +341,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		defer lf.Close()
 		fmt.Fprintf(stderr, "elva-service: logging to %s\n", lf.path)
 	}
+	logConfigFiles(log, cfg)
 	if err := cfg.runPasswordCommand(); err != nil {
 		log.Error("cannot get the password", "err", err)
 		return 1
@@ -506,7 +509,7 @@ func buildConfig(l layers, v *flagValues, positional []string) (*config, error) 
 		return nil, err
 	}
 	cfg := &config{host: "localhost", port: 8000, logFile: *v.logFile, user: *v.user,
-		printConfig: v.printConfig, configFiles: l.file.paths, warnings: l.file.warnings}
+		printConfig: v.printConfig, configFiles: l.file.paths, projectFile: l.file.project, warnings: l.file.warnings}
 	if err := cfg.setLogging(l, v); err != nil {
 		return nil, err
 	}
@@ -527,6 +530,7 @@ func buildConfig(l layers, v *flagValues, positional []string) (*config, error) 
 		return nil, err
 	}
 	cfg.warnings = append(cfg.warnings, otherModesFlags(l.fs, cfg.protocol)...)
+	cfg.warnProjectServer(l)
 	if err := cfg.checkAuthTransport(v.insecureAuth); err != nil {
 		return nil, err
 	}
@@ -585,6 +589,31 @@ func (c *config) setSecrets(l layers, v *flagValues, userinfo *url.Userinfo) err
 		c.warnings = append(c.warnings, "--token is visible to other users in the process list; use --token-file or ELVA_TOKEN")
 	}
 	return nil
+}
+
+// warnProjectServer warns when the server comes from a project file and
+// credentials that file did not give would go to it: a repository may
+// bring an elva.toml that sends the user's own password elsewhere.
+func (c *config) warnProjectServer(l layers) {
+	s, ok := l.file.settings["server"]
+	if c.server == nil || !ok || !s.project || l.layer("server") != layerFile {
+		return
+	}
+	fromProject := func(from string) bool { return strings.Contains(from, "file "+c.projectFile+":") }
+	var sent []string
+	if c.user != "" && !fromProject(c.userFrom) {
+		sent = append(sent, "the user name ("+c.userFrom+")")
+	}
+	if c.password != "" || c.passwordCommand != nil {
+		sent = append(sent, "the password ("+c.passwordFrom+")")
+	}
+	if c.token != "" && c.protocol == protocolHocuspocus {
+		sent = append(sent, "the token ("+c.tokenFrom+")")
+	}
+	if len(sent) > 0 {
+		c.warnings = append(c.warnings, fmt.Sprintf("the server %s comes from the project file %s, and credentials it did not give go to it: %s; "+
+			"if that server is not yours, remove the file, or give --server or --config", c.server, s.source, strings.Join(sent, ", ")))
+	}
 }
 
 // setStore takes the store's flags: the data directory (--data-dir, or the
@@ -1477,6 +1506,14 @@ func printConfig(w io.Writer, cfg *config) {
 	}
 }
 
+// logConfigFiles logs which configuration files the relay read, at the
+// start: a file found in the directory tree may change it unnoticed.
+func logConfigFiles(log *slog.Logger, cfg *config) {
+	for _, path := range cfg.configFiles {
+		log.Info("configuration file read", "path", path, "project", path == cfg.projectFile)
+	}
+}
+
 // configName is the configuration file's name, ELVA's (src/elva/cli.py,
 // CONFIG_NAME).
 const configName = "elva.toml"
@@ -1562,6 +1599,7 @@ type fileSetting struct {
 // fileConfig is what the configuration files give. Static once read.
 type fileConfig struct {
 	paths    []string               // the files read, the later winning
+	project  string                 // the project file among them; "" if none
 	settings map[string]fileSetting // by flag long name, or otherKinds' names
 	warnings []string               // logged once the logger exists
 }
@@ -1682,6 +1720,9 @@ func (fc *fileConfig) read(path string, kinds map[string]settingKind, project bo
 		return err
 	}
 	fc.paths = append(fc.paths, path)
+	if project {
+		fc.project = path
+	}
 	if info, err := f.Stat(); err == nil && r.secret && info.Mode().Perm()&0o077 != 0 {
 		fc.warnings = append(fc.warnings, fmt.Sprintf("configuration file %s holds a password or token and others may read it (mode %#o): chmod 600 it", path, info.Mode().Perm()))
 	}

@@ -2016,6 +2016,56 @@ host = "0.0.0.0"
 	if err == nil || !strings.Contains(err.Error(), project+":3: [service] allow-insecure-auth: refused from a project file") {
 		t.Fatalf("got %v, want allow-insecure-auth refused at %s:3", err, project)
 	}
+	user := filepath.Join(xdg, "elva", "elva.toml")
+	warning := "the server wss://attacker.example:9/ comes from the project file " + project + ":2 ([service] server), and credentials it did not give go to it: " +
+		"the user name (file " + user + ":2 ([basic] user)), the password (file " + user + ":3 ([basic] secret))"
+	tests := []struct {
+		name    string
+		project string
+		args    []string
+		warned  string
+	}{
+		{"the user's credentials", "[service]\nserver = \"wss://attacker.example:9/\"\n", nil, warning},
+		{"the project's user name", "[service]\nserver = \"wss://attacker.example:9/\"\nuser = 'eve'\n", nil, "go to it: the password (file " + user + ":3 ([basic] secret));"},
+		{"the server given by flag", "[service]\nserver = \"wss://attacker.example:9/\"\n", []string{"--server", "wss://mine.example/"}, ""},
+		{"no server in the project file", "[service]\nport = 9001\n", nil, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			writeConfig(t, root, "repo/elva.toml", tt.project, 0o600)
+			cfg, err := parseArgsIn(append([]string{"--print-config"}, tt.args...), getenv, sub)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out bytes.Buffer
+			printConfig(&out, cfg)
+			warnings := strings.Join(cfg.warnings, "\n")
+			if tt.warned == "" {
+				if strings.Contains(warnings, "comes from the project file") {
+					t.Errorf("warned: %s", warnings)
+				}
+				return
+			}
+			if !strings.Contains(warnings, tt.warned) || !strings.Contains(out.String(), "# warning: the server wss://attacker.example:9/") {
+				t.Errorf("warnings %q; --print-config:\n%s\nwant %q in both", warnings, out.String(), tt.warned)
+			}
+		})
+	}
+}
+
+// TestConfigFilesLogged checks that the start logs which configuration
+// files the relay read.
+func TestConfigFilesLogged(t *testing.T) {
+	path := writeConfig(t, t.TempDir(), "elva.toml", "[service]\nno-store = true\n", 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // the relay stops as soon as it has started
+	stderr := newLogBuffer()
+	if status := run(ctx, []string{"--config", path, "127.0.0.1", "0"}, io.Discard, stderr, func(string) string { return "" }); status != 0 {
+		t.Fatalf("status %d:\n%s", status, stderr.String())
+	}
+	if want := `level=INFO msg="configuration file read" path=` + path + " project=false"; !strings.Contains(stderr.String(), want) {
+		t.Errorf("no %q in\n%s", want, stderr.String())
+	}
 }
 
 // FuzzParseTOML feeds the configuration file's reader any bytes: it must

@@ -37,6 +37,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -217,11 +218,19 @@ type config struct {
 	logFormat string
 	// printConfig asks run to print shown, the effective settings, and
 	// exit (--print-config); configFiles are the files read, the later
-	// winning; passwordFrom and tokenFrom say where the secrets came from.
-	printConfig             bool
-	shown                   []shownSetting
-	configFiles             []string
-	passwordFrom, tokenFrom string
+	// winning, projectFile the one among them found in the directory tree
+	// ("" if none); userFrom, passwordFrom and tokenFrom say where the
+	// credentials came from.
+	printConfig                       bool
+	shown                             []shownSetting
+	configFiles                       []string
+	projectFile                       string
+	userFrom, passwordFrom, tokenFrom string
+	// passwordCommand is a file's [basic] command whose output's first
+	// line is the password, given at passwordCommandAt; nil unless the
+	// password is to come from it. runPasswordCommand runs it.
+	passwordCommand   []string
+	passwordCommandAt string
 	// dataDir is where the store keeps documents (--data-dir); noStore
 	// turns it off; fsyncInterval is the longest an update waits before
 	// it is on disk (0: fsync after every one).
@@ -333,6 +342,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	if lf != nil {
 		defer lf.Close()
 		fmt.Fprintf(stderr, "elva-service: logging to %s\n", lf.path)
+	}
+	logConfigFiles(log, cfg)
+	if err := cfg.runPasswordCommand(); err != nil {
+		log.Error("cannot get the password", "err", err)
+		return 1
 	}
 	// Also without a log file: a SIGHUP from a habit (or systemctl
 	// reload) must not end the relay, as its default action would.
@@ -451,8 +465,26 @@ func defineFlags(fs *flag.FlagSet, getenv func(string) string) *flagValues {
 // parseArgs reads flags, the positional HOST and PORT in any order, the
 // ELVA_* environment variables and the configuration files: flags beat
 // the environment, which beats the files, which beat the defaults. An
-// error over a value a file gave names the file and line.
+// error over a value a file gave names the file and line. The search for
+// a project file starts in the working directory (workDir).
 func parseArgs(args []string, getenv func(string) string) (*config, error) {
+	return parseArgsIn(args, getenv, workDir())
+}
+
+// workDir is where the search for a project file starts: the working
+// directory, "" (no search) without one. A variable for the tests, which
+// must not read an elva.toml that happens to lie above the checkout.
+var workDir = func() string {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "" // no project file without a working directory
+	}
+	return dir
+}
+
+// parseArgsIn is parseArgs with the search for a project file starting in
+// dir, and in none if dir is "".
+func parseArgsIn(args []string, getenv func(string) string, dir string) (*config, error) {
 	fs := flag.NewFlagSet("elva-service", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
@@ -465,10 +497,6 @@ func parseArgs(args []string, getenv func(string) string) (*config, error) {
 		return nil, errVersion
 	}
 	l := layers{fs: fs, getenv: getenv, kinds: settingKinds(fs)}
-	dir, err := os.Getwd()
-	if err != nil {
-		dir = "" // no project file without a working directory
-	}
 	if l.file, err = readConfigFiles(*v.configFile, dir, getenv, l.kinds); err != nil {
 		return nil, err
 	}
@@ -483,7 +511,7 @@ func buildConfig(l layers, v *flagValues, positional []string) (*config, error) 
 		return nil, err
 	}
 	cfg := &config{host: "localhost", port: 8000, logFile: *v.logFile, user: *v.user,
-		printConfig: v.printConfig, configFiles: l.file.paths, warnings: l.file.warnings}
+		printConfig: v.printConfig, configFiles: l.file.paths, projectFile: l.file.project, warnings: l.file.warnings}
 	if err := cfg.setLogging(l, v); err != nil {
 		return nil, err
 	}
@@ -496,18 +524,19 @@ func buildConfig(l layers, v *flagValues, positional []string) (*config, error) 
 	if err := cfg.setTuning(l.fs, v); err != nil {
 		return nil, err
 	}
-	if err := cfg.setSecrets(l, v); err != nil {
+	userinfo, err := cfg.setServer(*v.server)
+	if err != nil {
+		return nil, err
+	}
+	if err := cfg.setSecrets(l, v, userinfo); err != nil {
 		return nil, err
 	}
 	cfg.warnings = append(cfg.warnings, otherModesFlags(l.fs, cfg.protocol)...)
-	if err := cfg.setServer(*v.server); err != nil {
-		return nil, err
-	}
+	cfg.warnProjectServer(l)
 	if err := cfg.checkAuthTransport(v.insecureAuth); err != nil {
 		return nil, err
 	}
 	if *v.caFile != "" {
-		var err error
 		if cfg.tls, err = loadCAFile(*v.caFile); err != nil {
 			return nil, err
 		}
@@ -522,26 +551,71 @@ func buildConfig(l layers, v *flagValues, positional []string) (*config, error) 
 	return cfg, nil
 }
 
-// setSecrets takes the password and the token, each from the first that
-// has it of: its flag (--password before --password-file), its
-// environment variable, the configuration files (a value, a file to read,
-// or [basic] command's output). The command does not run for
-// --print-config.
-func (c *config) setSecrets(l layers, v *flagValues) error {
-	var err error
-	if c.password, c.passwordFrom, err = l.secret("password", *v.password, *v.passwordFile, !c.printConfig); err != nil {
+// setSecrets takes the user name, the password and the token, each from
+// the highest layer that gives it: the command line, the environment, the
+// configuration files. The server URI's userinfo (setServer) belongs to
+// the layer that gave the server, where --user and --password (or a
+// file's user and password) beat it: ELVA_SERVER's userinfo never beats
+// --user, nor a file's [basic] secret --server's. A secret comes from its
+// flag (--password before --password-file), its environment variable, or
+// the files (a value, a file to read, or [basic] command's output, which
+// runPasswordCommand gets later, only if nothing above gives the
+// password).
+func (c *config) setSecrets(l layers, v *flagValues, userinfo *url.Userinfo) error {
+	serverLayer, uriFrom := l.layer("server"), "userinfo of the server URI, "+l.where("server")
+	c.user, c.userFrom = *v.user, l.where("user")
+	if name := userinfo.Username(); name != "" && (c.user == "" || serverLayer < l.layer("user")) {
+		c.user, c.userFrom = name, uriFrom
+	}
+	password, err := l.secret("password", *v.password, *v.passwordFile)
+	if err != nil {
 		return err
+	}
+	if pw, ok := userinfo.Password(); ok && pw != "" && (password.empty() || serverLayer < password.layer) {
+		password = secretValue{value: pw, from: uriFrom, layer: serverLayer}
+	}
+	c.password, c.passwordFrom = password.value, password.from
+	c.passwordCommand, c.passwordCommandAt = password.command, password.commandAt
+	if c.passwordCommand != nil && c.printConfig {
+		c.passwordFrom += " " + strconv.Quote(strings.Join(c.passwordCommand, " ")) + ", not run for --print-config"
 	}
 	if flagSet(l.fs, "password") {
 		c.warnings = append(c.warnings, "--password is visible to other users in the process list; use --password-file or ELVA_PASSWORD")
 	}
-	if c.token, c.tokenFrom, err = l.secret("token", *v.token, *v.tokenFile, !c.printConfig); err != nil {
+	token, err := l.secret("token", *v.token, *v.tokenFile)
+	if err != nil {
 		return err
 	}
+	c.token, c.tokenFrom = token.value, token.from
 	if flagSet(l.fs, "token") {
 		c.warnings = append(c.warnings, "--token is visible to other users in the process list; use --token-file or ELVA_TOKEN")
 	}
 	return nil
+}
+
+// warnProjectServer warns when the server comes from a project file and
+// credentials that file did not give would go to it: a repository may
+// bring an elva.toml that sends the user's own password elsewhere.
+func (c *config) warnProjectServer(l layers) {
+	s, ok := l.file.settings["server"]
+	if c.server == nil || !ok || !s.project || l.layer("server") != layerFile {
+		return
+	}
+	fromProject := func(from string) bool { return strings.Contains(from, "file "+c.projectFile+":") }
+	var sent []string
+	if c.user != "" && !fromProject(c.userFrom) {
+		sent = append(sent, "the user name ("+c.userFrom+")")
+	}
+	if c.password != "" || c.passwordCommand != nil {
+		sent = append(sent, "the password ("+c.passwordFrom+")")
+	}
+	if c.token != "" && c.protocol == protocolHocuspocus {
+		sent = append(sent, "the token ("+c.tokenFrom+")")
+	}
+	if len(sent) > 0 {
+		c.warnings = append(c.warnings, fmt.Sprintf("the server %s comes from the project file %s, and credentials it did not give go to it: %s; "+
+			"if that server is not yours, remove the file, or give --server or --config", c.server, s.source, strings.Join(sent, ", ")))
+	}
 }
 
 // setStore takes the store's flags: the data directory (--data-dir, or the
@@ -942,47 +1016,41 @@ func (c *config) setKeepalive(interval, timeout time.Duration) error {
 }
 
 // setServer checks the upstream URI; without one (raw empty) the relay is
-// standalone and c.server stays nil. Credentials in its userinfo are moved
-// out of it so that the URI can be logged; --user and --password win.
-func (c *config) setServer(raw string) error {
+// standalone and c.server stays nil. It returns the URI's userinfo, nil
+// without one, moved out of c.server so that the URI can be logged; the
+// credentials in it are setSecrets's.
+func (c *config) setServer(raw string) (*url.Userinfo, error) {
 	if raw == "" {
-		return nil // standalone: a local Yjs server over the store
+		return nil, nil // standalone: a local Yjs server over the store
 	}
 	if !strings.Contains(raw, "://") {
-		return fmt.Errorf("--server %s: want ws://HOST:PORT/ or wss://HOST/", redactArg(raw))
+		return nil, fmt.Errorf("--server %s: want ws://HOST:PORT/ or wss://HOST/", redactArg(raw))
 	}
 	u, err := url.Parse(raw)
 	if err != nil {
-		return fmt.Errorf("--server: %w", redactURLError(err))
+		return nil, fmt.Errorf("--server: %w", redactURLError(err))
 	}
 	if u.Scheme != "ws" && u.Scheme != "wss" {
-		return fmt.Errorf("--server %s: scheme must be ws or wss", u.Redacted())
+		return nil, fmt.Errorf("--server %s: scheme must be ws or wss", u.Redacted())
 	}
 	if u.Hostname() == "" {
-		return fmt.Errorf("--server %s: no host", u.Redacted())
+		return nil, fmt.Errorf("--server %s: no host", u.Redacted())
 	}
 	if p := u.Port(); p != "" {
 		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
-			return fmt.Errorf("--server %s: bad port %q", u.Redacted(), p)
+			return nil, fmt.Errorf("--server %s: bad port %q", u.Redacted(), p)
 		}
 	}
-	if u.User != nil {
-		if c.user == "" {
-			c.user = u.User.Username()
-		}
-		if pw, ok := u.User.Password(); ok && c.password == "" {
-			c.password = pw
-		}
-		u.User = nil
-	}
+	userinfo := u.User
+	u.User = nil
 	if u.Path == "" {
 		u.Path = "/"
 	}
 	if sameAddress(u, c.host, c.port) {
-		return fmt.Errorf("remote server address %s is identical to the service address ws://%s", u, net.JoinHostPort(c.host, strconv.Itoa(c.port)))
+		return nil, fmt.Errorf("remote server address %s is identical to the service address ws://%s", u, net.JoinHostPort(c.host, strconv.Itoa(c.port)))
 	}
 	c.server = u
-	return nil
+	return userinfo, nil
 }
 
 // redactURLError drops the URI from a url.Parse error: it may hold a password.
@@ -1154,9 +1222,10 @@ func reopenOnHangup(lf *logFile, log *slog.Logger) (stop func()) {
 
 // setLogging takes the log's level: -v (debug) or --quiet (warn) from
 // the command line, else a configuration file's level, else info; and
-// its format (--log-format).
+// its format (--log-format). The flags count by their value: -v=false is
+// as if -v were not given.
 func (c *config) setLogging(l layers, v *flagValues) error {
-	verbose, quiet := flagSet(l.fs, "v") || flagSet(l.fs, "verbose"), flagSet(l.fs, "quiet")
+	verbose, quiet := v.verbose, v.quiet
 	c.level, c.levelFrom = slog.LevelInfo, "default"
 	fileLevel, inFile := l.file.settings["level"]
 	switch {
@@ -1219,17 +1288,40 @@ type layers struct {
 	kinds  map[string]settingKind // the flags a file may set, by long name
 }
 
+// layer is where a setting got its value; the lower wins.
+type layer int
+
+const (
+	layerFlag    layer = iota // the command line
+	layerEnv                  // an ELVA_* environment variable
+	layerFile                 // a configuration file
+	layerDefault              // none of them: the built-in default
+)
+
+// layer tells which layer gave the setting name its value.
+func (l layers) layer(name string) layer {
+	switch env := envOf[name]; {
+	case flagSet(l.fs, name):
+		return layerFlag
+	case env != "" && l.getenv(env) != "":
+		return layerEnv
+	}
+	if _, ok := l.file.settings[name]; ok {
+		return layerFile
+	}
+	return layerDefault
+}
+
 // where tells where the setting name got its value: "flag --name", "env
 // NAME", "file PATH:LINE ([table] key)" or "default".
 func (l layers) where(name string) string {
-	switch env := envOf[name]; {
-	case flagSet(l.fs, name):
+	switch l.layer(name) {
+	case layerFlag:
 		return "flag --" + name
-	case env != "" && l.getenv(env) != "":
-		return "env " + env
-	}
-	if s, ok := l.file.settings[name]; ok {
-		return "file " + s.source
+	case layerEnv:
+		return "env " + envOf[name]
+	case layerFile:
+		return "file " + l.file.settings[name].source
 	}
 	return "default"
 }
@@ -1254,34 +1346,47 @@ func (l layers) apply() error {
 	return nil
 }
 
-// secret returns the password or the token (name) and where it came
-// from: --name, else --name-file, else its environment variable (value is
-// the flag's, whose default that is), else what the configuration files
-// give: a value, a file to read, or a command to run if mayRun.
-func (l layers) secret(name, value, path string, mayRun bool) (string, string, error) {
+// secretValue is the password or the token, where it came from, and the
+// layer that gave it.
+type secretValue struct {
+	value string
+	from  string // "flag --password", "file PATH:LINE ([basic] secret)", …
+	layer layer
+	// command is a file's [basic] command, whose output's first line is
+	// the password, and commandAt where the file gave it; value is ""
+	// until it has run.
+	command   []string
+	commandAt string
+}
+
+// empty reports whether s gives no secret: neither a value nor a command.
+func (s secretValue) empty() bool { return s.value == "" && s.command == nil }
+
+// secret returns the password or the token (name): --name, else
+// --name-file, else its environment variable (value is the flag's, whose
+// default that is), else what the configuration files give: a value, a
+// file to read, or a command, which it does not run.
+func (l layers) secret(name, value, path string) (secretValue, error) {
 	switch {
 	case flagSet(l.fs, name):
-		return value, "flag --" + name, nil
+		return secretValue{value: value, from: "flag --" + name, layer: layerFlag}, nil
 	case flagSet(l.fs, name+"-file"):
 		s, err := readSecretFile("--"+name+"-file", path)
-		return s, "flag --" + name + "-file " + path, err
+		return secretValue{value: s, from: "flag --" + name + "-file " + path, layer: layerFlag}, err
 	case value != "":
-		return value, "env " + envOf[name], nil
+		return secretValue{value: value, from: "env " + envOf[name], layer: layerEnv}, nil
 	}
 	s, ok := l.file.settings[name]
 	switch {
 	case !ok:
-		return "", "default", nil
+		return secretValue{from: "default", layer: layerDefault}, nil
 	case s.form == formFile:
 		secret, err := readSecretFile(s.source, s.values[0])
-		return secret, "file " + s.source + " " + s.values[0], err
-	case s.form == formCommand && !mayRun:
-		return "", "file " + s.source + " " + strconv.Quote(strings.Join(s.values, " ")) + ", not run for --print-config", nil
+		return secretValue{value: secret, from: "file " + s.source + " " + s.values[0], layer: layerFile}, err
 	case s.form == formCommand:
-		secret, err := runSecretCommand(s.values, s.source)
-		return secret, "file " + s.source, err
+		return secretValue{from: "file " + s.source, layer: layerFile, command: s.values, commandAt: s.source}, nil
 	}
-	return s.values[0], "file " + s.source, nil
+	return secretValue{value: s.values[0], from: "file " + s.source, layer: layerFile}, nil
 }
 
 // hint adds to an error that names a flag whose value a configuration
@@ -1338,9 +1443,9 @@ func describeSettings(l layers, cfg *config, positional []string) []shownSetting
 		s := shownSetting{f.Name, tomlLiteral(f.Value.String(), kind), l.where(f.Name)}
 		switch f.Name {
 		case "user":
-			s.source = fromURI(cfg.user, s.source, l)
+			s.value, s.source = strconv.Quote(cfg.user), cfg.userFrom
 		case "password":
-			s.value, s.source = redacted(cfg.password, cfg.passwordFrom), fromURI(cfg.password, cfg.passwordFrom, l)
+			s.value, s.source = redacted(cfg.password, cfg.passwordFrom), cfg.passwordFrom
 		case "token":
 			s.value, s.source = redacted(cfg.token, cfg.tokenFrom), cfg.tokenFrom
 		case "server":
@@ -1355,15 +1460,6 @@ func describeSettings(l layers, cfg *config, positional []string) []shownSetting
 		shown = append(shown, s)
 	})
 	return shown
-}
-
-// fromURI is where a credential came from: from, or the server URI's
-// userinfo if nothing else gave the value (setServer).
-func fromURI(value, from string, l layers) string {
-	if value != "" && from == "default" {
-		return "userinfo of the server URI, " + l.where("server")
-	}
-	return from
 }
 
 // redacted stands for a secret in --print-config: empty only if there is
@@ -1394,7 +1490,8 @@ func tomlLiteral(value string, kind settingKind) string {
 }
 
 // printConfig writes cfg's effective settings as a [service] table, each
-// line with where its value came from (--print-config).
+// line with where its value came from, after the files read and the
+// warnings the start would log (--print-config).
 func printConfig(w io.Writer, cfg *config) {
 	fmt.Fprintln(w, "# elva-service: the effective settings, each with where it came from")
 	if len(cfg.configFiles) == 0 {
@@ -1402,9 +1499,20 @@ func printConfig(w io.Writer, cfg *config) {
 	} else {
 		fmt.Fprintln(w, "# configuration files, the later winning:", strings.Join(cfg.configFiles, ", "))
 	}
+	for _, warning := range cfg.warnings {
+		fmt.Fprintln(w, "# warning:", warning)
+	}
 	fmt.Fprintln(w, "[service]")
 	for _, s := range cfg.shown {
 		fmt.Fprintf(w, "%-46s # %s\n", s.name+" = "+s.value, s.source)
+	}
+}
+
+// logConfigFiles logs which configuration files the relay read, at the
+// start: a file found in the directory tree may change it unnoticed.
+func logConfigFiles(log *slog.Logger, cfg *config) {
+	for _, path := range cfg.configFiles {
+		log.Info("configuration file read", "path", path, "project", path == cfg.projectFile)
 	}
 }
 
@@ -1484,14 +1592,16 @@ const (
 // fileSetting is one setting a configuration file gives, in the form its
 // flag takes.
 type fileSetting struct {
-	values []string   // one; one per origin for allow-origin; argv for a command
-	source string     // PATH:LINE ([table] key)
-	form   secretForm // for the password and the token
+	values  []string   // one; one per origin for allow-origin; argv for a command
+	source  string     // PATH:LINE ([table] key)
+	form    secretForm // for the password and the token
+	project bool       // given by a project file
 }
 
 // fileConfig is what the configuration files give. Static once read.
 type fileConfig struct {
 	paths    []string               // the files read, the later winning
+	project  string                 // the project file among them; "" if none
 	settings map[string]fileSetting // by flag long name, or otherKinds' names
 	warnings []string               // logged once the logger exists
 }
@@ -1508,7 +1618,12 @@ func readConfigFiles(explicit, dir string, getenv func(string) string, kinds map
 		// The file found in the directory tree may be anyone's (a cloned
 		// repository's): not the user's own.
 		project := explicit == "" && i == len(paths)-1 && path != userConfigFile(getenv)
-		if err := fc.read(path, kinds, !project); err != nil {
+		err := fc.read(path, kinds, project)
+		if errors.Is(err, errUnsafeProject) {
+			fc.warnings = append(fc.warnings, err.Error())
+			continue
+		}
+		if err != nil {
 			return nil, err
 		}
 	}
@@ -1574,15 +1689,20 @@ func isRegularFile(path string) bool {
 // maxConfigBytes bounds a configuration file: ELVA's are a few lines.
 const maxConfigBytes = 1 << 20
 
-// read adds the settings of the file at path over those read before.
-// Unless the file is the user's own (its, or --config), it may not run a
-// command nor name files to read secrets from or to write the log to.
-func (fc *fileConfig) read(path string, kinds map[string]settingKind, own bool) error {
+// read adds the settings of the file at path over those read before. A
+// project file, the one found in the directory tree, may give only some
+// settings (projectRefusal).
+func (fc *fileConfig) read(path string, kinds map[string]settingKind, project bool) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("configuration file: %w", err)
 	}
 	defer f.Close()
+	if project {
+		if err := checkProjectFile(f, os.Getuid()); err != nil {
+			return fmt.Errorf("project file %s skipped: %w", path, err)
+		}
+	}
 	data, err := io.ReadAll(io.LimitReader(f, maxConfigBytes+1))
 	if err != nil {
 		return fmt.Errorf("configuration file %s: %w", path, err)
@@ -1593,15 +1713,66 @@ func (fc *fileConfig) read(path string, kinds map[string]settingKind, own bool) 
 	if err != nil {
 		return err
 	}
-	r := &fileReader{fc: fc, path: path, kinds: kinds, own: own, connect: make(map[string]tomlEntry)}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return fmt.Errorf("configuration file %s: %w", path, err)
+	}
+	r := &fileReader{fc: fc, path: path, dir: filepath.Dir(abs), kinds: kinds, project: project, connect: make(map[string]tomlEntry)}
 	if err := r.take(entries); err != nil {
 		return err
 	}
 	fc.paths = append(fc.paths, path)
+	if project {
+		fc.project = path
+	}
 	if info, err := f.Stat(); err == nil && r.secret && info.Mode().Perm()&0o077 != 0 {
 		fc.warnings = append(fc.warnings, fmt.Sprintf("configuration file %s holds a password or token and others may read it (mode %#o): chmod 600 it", path, info.Mode().Perm()))
 	}
 	return nil
+}
+
+// errUnsafeProject is why a project file is skipped: someone else than
+// the user could have written it, as git refuses a repository another
+// user owns (safe.directory).
+var errUnsafeProject = errors.New("a project file is read only if no one but you could have written it")
+
+// checkProjectFile returns errUnsafeProject, with what is wrong, unless
+// the user uid owns the open file f and no one else may write to it. On
+// Windows it checks nothing: its files have neither the owner nor the
+// mode bits this checks.
+func checkProjectFile(f *os.File, uid int) error {
+	if runtime.GOOS == "windows" {
+		return nil
+	}
+	info, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("%w: %v", errUnsafeProject, err)
+	}
+	if owner, ok := fileOwner(info); ok && owner != uid {
+		return fmt.Errorf("it belongs to user %d, not to you (user %d); %w", owner, uid, errUnsafeProject)
+	}
+	if perm := info.Mode().Perm(); perm&0o022 != 0 {
+		return fmt.Errorf("others may change it (mode %#o; chmod go-w it if it is yours); %w", perm, errUnsafeProject)
+	}
+	return nil
+}
+
+// fileOwner is the user id of info's owner: the Uid field of what Sys
+// gives (syscall.Stat_t on Unix). Read by reflection, because Windows has
+// no syscall.Stat_t and this package keeps no file per system; ok is
+// false where there is no such field.
+func fileOwner(info os.FileInfo) (uid int, ok bool) {
+	v := reflect.ValueOf(info.Sys())
+	if v.Kind() == reflect.Pointer {
+		v = v.Elem()
+	}
+	if v.Kind() != reflect.Struct {
+		return 0, false
+	}
+	if f := v.FieldByName("Uid"); f.IsValid() && f.CanUint() {
+		return int(f.Uint()), true
+	}
+	return 0, false
 }
 
 // configTables are the tables read, in the order they apply, a later
@@ -1630,8 +1801,9 @@ var elvaKeys = map[string]map[string]string{
 type fileReader struct {
 	fc      *fileConfig
 	path    string
+	dir     string // the file's directory, absolute: relative paths in it start there
 	kinds   map[string]settingKind
-	own     bool                 // the user's file: it may run commands and name files
+	project bool                 // a project file: it may give projectSettings only
 	connect map[string]tomlEntry // [connect]'s keys, for the server URI
 	levelBy string               // the [service] key (verbose, quiet) that set the level
 	secret  bool                 // the file holds a password, secret or token
@@ -1674,14 +1846,20 @@ func (r *fileReader) takeEntry(e tomlEntry) error {
 	case e.key == "password-file" || e.key == "token-file":
 		name, form = strings.TrimSuffix(name, "-file"), formFile
 	}
-	if !r.own && (form != formValue || name == "log") {
-		return errors.New("not taken from a file found in the directory tree, which may be anyone's: put it in your own elva.toml ($XDG_CONFIG_HOME/elva/) or give --config")
-	}
 	values, err := settingValues(e.val, kind)
 	if err != nil {
 		return err
 	}
-	s := fileSetting{values: values, source: fmt.Sprintf("%s:%d ([%s] %s)", r.path, e.line, e.table, e.key), form: form}
+	if r.project {
+		if why := projectRefusal(name, form, values); why != "" {
+			return fmt.Errorf("refused from a project file (one found in the directory tree, which may be anyone's: a cloned repository's, or another user's in /tmp): %s; "+
+				"put it in your own elva.toml (%s), in a file given with --config, or on the command line", why, userConfigHint())
+		}
+	}
+	if form == formFile || pathSettings[name] {
+		values[0] = r.resolve(values[0])
+	}
+	s := fileSetting{values: values, source: fmt.Sprintf("%s:%d ([%s] %s)", r.path, e.line, e.table, e.key), form: form, project: r.project}
 	switch {
 	case strings.HasPrefix(name, "connect."):
 		r.connect[strings.TrimPrefix(name, "connect.")] = e
@@ -1692,6 +1870,86 @@ func (r *fileReader) takeEntry(e tomlEntry) error {
 	r.secret = r.secret || (name == "password" || name == "token") && form == formValue
 	r.fc.settings[name] = s
 	return nil
+}
+
+// projectSettings are the settings a project file may give: the server
+// and how to talk to it, the user name, the limits and timeouts, the log's
+// level and format, the port. The others choose what the relay exposes,
+// whom it trusts, where it writes, or are secrets: a file that came with
+// a repository, or that another user put in /tmp, must not choose them.
+var projectSettings = map[string]bool{
+	"server": true, "connect.host": true, "connect.port": true, "connect.path": true, "connect.secure": true,
+	"protocol": true, "id-magic": true, "user": true,
+	"max-message": true, "upstream-max-message": true, "max-connections": true, "max-per-document": true,
+	"ping-interval": true, "peer-timeout": true, "retry-max": true, "upstream-grace": true, "fsync-interval": true,
+	"level": true, "verbose": true, "quiet": true, "log-format": true, "port": true,
+}
+
+// projectRisks says, for the settings a project file may not give, what
+// it could do with them.
+var projectRisks = map[string]string{
+	"host":                "it would choose the address the relay listens on, and one other than loopback lets the network read and change your documents",
+	"allow-origin":        "it would let web pages read and change your documents",
+	"allow-insecure-auth": "it would have your credentials sent in clear text",
+	"ca-file":             "it would choose whom the relay trusts to be the server",
+	"data-dir":            "it would choose where your documents are kept",
+	"no-store":            "it would keep your documents off the disk",
+	"log":                 "it would choose a file for the relay to write to",
+	"password":            "it is a secret, which belongs in your own file",
+	"token":               "it is a secret, which belongs in your own file",
+}
+
+// userConfigHint names the user's file, as userConfigFile finds it, for
+// an error message.
+func userConfigHint() string {
+	if runtime.GOOS == "darwin" {
+		return "~/Library/Application Support/elva/elva.toml"
+	}
+	return "$XDG_CONFIG_HOME/elva/elva.toml, by default ~/.config/elva/elva.toml"
+}
+
+// projectRefusal says why a project file may not give the setting name in
+// form with values, or "" if it may.
+func projectRefusal(name string, form secretForm, values []string) string {
+	switch {
+	case form == formCommand:
+		return "it would run a command"
+	case form == formFile:
+		return "it would have the relay read a secret from a file it names"
+	case name == "server" && hasPassword(values[0]):
+		return "a password in the server URI is a secret, which belongs in your own file"
+	case projectSettings[name]:
+		return ""
+	}
+	if why, ok := projectRisks[name]; ok {
+		return why
+	}
+	return "a project file may give only server ([connect]), protocol, id-magic, user, the limits and timeouts, fsync-interval, the log's level and format, and port"
+}
+
+// hasPassword reports whether the URI raw holds a password in its
+// userinfo.
+func hasPassword(raw string) bool {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return strings.Contains(raw, "@") // unparsable: it may hold one
+	}
+	_, ok := u.User.Password()
+	return ok
+}
+
+// pathSettings are the settings besides password-file and token-file
+// whose value is a path.
+var pathSettings = map[string]bool{"ca-file": true, "log": true, "data-dir": true}
+
+// resolve gives a path a file names as it means it: a relative one starts
+// in the file's directory, as in the files of git and ssh, not in whatever
+// directory the relay runs in. "" stays "" (no file).
+func (r *fileReader) resolve(path string) string {
+	if path == "" || filepath.IsAbs(path) {
+		return path
+	}
+	return filepath.Join(r.dir, path)
 }
 
 // settingOf names the setting of an entry: a flag's long name, host or
@@ -1765,7 +2023,7 @@ func (r *fileReader) connectServer() error {
 	if e, ok := r.connect["path"]; ok {
 		u.Path = "/" + strings.TrimPrefix(e.val.str, "/")
 	}
-	r.fc.settings["server"] = fileSetting{values: []string{u.String()}, source: fmt.Sprintf("%s:%d ([connect] host)", r.path, host.line)}
+	r.fc.settings["server"] = fileSetting{values: []string{u.String()}, source: fmt.Sprintf("%s:%d ([connect] host)", r.path, host.line), project: r.project}
 	return nil
 }
 
@@ -1832,22 +2090,46 @@ func splitCommand(s string) ([]string, error) {
 	return words, nil
 }
 
+// runPasswordCommand runs the file's [basic] command for the password if
+// the password is to come from it and there is a server to send it to;
+// run calls it once the relay is to start, so that --print-config, the
+// store's tools and a relay without a server never run it. An error (the
+// command failed, or did not answer in time) is a failure at run time.
+func (c *config) runPasswordCommand() error {
+	if c.passwordCommand == nil || c.server == nil {
+		return nil
+	}
+	password, err := runSecretCommand(c.passwordCommand, c.passwordCommandAt)
+	if err != nil {
+		return err
+	}
+	c.password = password
+	return nil
+}
+
 // secretCommandTimeout bounds a [basic] command: a password manager that
 // asks for its own passphrase gets this long. A variable for one test.
 var secretCommandTimeout = 10 * time.Second
+
+// secretCommandWaitDelay is how long a [basic] command's pipes may stay
+// open after it was killed at its timeout, or after it exited: a process
+// it started in the background may hold them, and is not waited for.
+const secretCommandWaitDelay = time.Second
 
 // runSecretCommand runs argv, the [basic] command given at source,
 // without a shell and without input, and returns the first line of its
 // output: the password. A failure, a timeout or an empty first line is an
 // error that names the command and shows its stderr's first line, never
-// its output.
+// its output. At the timeout the command itself is killed; processes it
+// started are not (that would take a process group, which Windows lacks),
+// and their hold on its pipes ends after secretCommandWaitDelay.
 func runSecretCommand(argv []string, source string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), secretCommandTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
-	cmd.WaitDelay = time.Second // a child of it may hold the pipes open
+	cmd.WaitDelay = secretCommandWaitDelay
 	out, err := cmd.Output()
 	what := fmt.Sprintf("%s: command %q", source, strings.Join(argv, " "))
 	switch {
@@ -2134,8 +2416,10 @@ func (p *tomlParser) skipValue() error {
 	}
 }
 
-// skipMultiline passes over a multi-line string from its opening delim
-// (""" or ”'). A basic one's backslash escapes the next byte.
+// skipMultiline passes over a multi-line string from its opening delim,
+// three double quotes (basic) or three single quotes (literal), written
+// here in words because gofmt turns two single quotes into a closing
+// typographic one. A basic one's backslash escapes the next byte.
 func (p *tomlParser) skipMultiline(delim string) error {
 	for p.pos += 3; p.pos < len(p.src); p.pos++ {
 		switch c := p.src[p.pos]; {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"encoding/xml"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -394,6 +395,11 @@ func TestUpstreamDownLocalKeepsServing(t *testing.T) {
 	send(t, a, update)
 	receiveSkipping(t, b, func(m []byte) bool { return bytes.Equal(m, update) })
 }
+
+// init keeps every test from reading an elva.toml that lies above the
+// checkout: parseArgs (and run) search no directory in the tests; those of
+// the search give parseArgsIn a directory of their own.
+func init() { workDir = func() string { return "" } }
 
 func TestParseArgs(t *testing.T) {
 	env := map[string]string{}
@@ -1281,6 +1287,11 @@ port = 9200
 			return c.token == "tok" && !strings.Contains(fmt.Sprint(c.warnings), "--token")
 		}, ""},
 		{"-v and --quiet", []string{"-v", "--quiet"}, nil, nil, "-v and --quiet contradict each other"},
+		{"--verbose=false", []string{"--verbose=false"}, nil, func(c *config) bool { return c.level == slog.LevelInfo && c.levelFrom == "default" }, ""},
+		{"-v=false", []string{"-v=false"}, nil, func(c *config) bool { return c.level == slog.LevelInfo }, ""},
+		{"--quiet=false", []string{"--quiet=false"}, nil, func(c *config) bool { return c.level == slog.LevelInfo }, ""},
+		{"-v=false leaves the file's level", []string{"-v=false", "--config", BAD("[log]\nlevel = 'ERROR'")}, nil, func(c *config) bool { return c.level == slog.LevelError }, ""},
+		{"-v=false and --quiet", []string{"-v=false", "--quiet"}, nil, func(c *config) bool { return c.level == slog.LevelWarn }, ""},
 		{"file verbose and quiet", []string{"--config", BAD("[service]\nverbose = true\nquiet = true")}, nil, nil, "bad.toml:3: [service] quiet: verbose = true and quiet = true contradict"},
 		{"bad log format", []string{"--log-format", "xml"}, nil, nil, `--log-format "xml": want text or json`},
 		{"unknown key in [service]", []string{"--config", BAD("[service]\n\nmax_connections = 3")}, nil, nil, "bad.toml:3: [service] max_connections: no such setting; did you mean max-connections?"},
@@ -1356,6 +1367,116 @@ func TestConfigFileDiscovery(t *testing.T) {
 	if got := userConfigFile(func(k string) string { return map[string]string{"HOME": "/home/ada"}[k] }); got != "/home/ada/.config/elva/elva.toml" {
 		t.Errorf("user file %q, want /home/ada/.config/elva/elva.toml", got)
 	}
+	// parseArgsIn searches from the directory it is given, as parseArgs
+	// does from the working directory.
+	writeConfig(t, root, "project/elva.toml", "[service]\nport = 9123\n", 0o600)
+	noEnv := func(string) string { return "" }
+	cfg, err := parseArgsIn(nil, noEnv, deeper)
+	if err != nil || cfg.port != 9123 || fmt.Sprint(cfg.configFiles) != fmt.Sprint([]string{project}) {
+		t.Errorf("parseArgsIn from %s: %v, %+v; want port 9123 from %s", deeper, err, cfg, project)
+	}
+	if cfg, err := parseArgsIn(nil, noEnv, ""); err != nil || len(cfg.configFiles) != 0 {
+		t.Errorf("parseArgsIn without a directory: %v, files %v; want none", err, cfg.configFiles)
+	}
+}
+
+// TestCredentialLayers checks that the user name and the password come
+// from the highest layer that gives them (flags, the environment, the
+// files), and that the server URI's userinfo belongs to the layer that
+// gave the server, below an explicit user or password of that layer.
+func TestCredentialLayers(t *testing.T) {
+	dir := t.TempDir()
+	ran := filepath.Join(dir, "ran")
+	basic := writeConfig(t, dir, "basic.toml", "[basic]\nuser = 'ada'\nsecret = 'file-pw'\n", 0o600)
+	command := writeConfig(t, dir, "command.toml", fmt.Sprintf("[basic]\nuser = 'ada'\ncommand = ['sh', '-c', 'touch %s; echo cmd-pw']\n", ran), 0o600)
+	serverAndBasic := writeConfig(t, dir, "both.toml", "[service]\nserver = 'wss://bob:uri-pw@e/'\n[basic]\nuser = 'ada'\nsecret = 'file-pw'\n", 0o600)
+	serverOnly := writeConfig(t, dir, "server.toml", "[service]\nserver = 'wss://bob:uri-pw@e/'\n", 0o600)
+	pwFile := writeConfig(t, dir, "pw", "pwfile-pw\n", 0o600)
+	const flagURI, envURI = "userinfo of the server URI, flag --server", "userinfo of the server URI, env ELVA_SERVER"
+	tests := []struct {
+		name               string
+		args               []string
+		env                map[string]string
+		user, password     string
+		userFrom, passFrom string
+	}{
+		{"--server's userinfo beats the file", []string{"--config", basic, "--server", "wss://bob:uri-pw@e/"}, nil, "bob", "uri-pw", flagURI, flagURI},
+		{"ELVA_SERVER's userinfo beats the file", []string{"--config", basic}, map[string]string{"ELVA_SERVER": "wss://bob:uri-pw@e/"}, "bob", "uri-pw", envURI, envURI},
+		{"--user beats --server's userinfo", []string{"--config", basic, "--server", "wss://bob:uri-pw@e/", "--user", "carl"}, nil, "carl", "uri-pw", "flag --user", flagURI},
+		{"--server's userinfo beats the environment", []string{"--server", "wss://bob:uri-pw@e/"}, map[string]string{"ELVA_USER": "carl", "ELVA_PASSWORD": "env-pw"}, "bob", "uri-pw", flagURI, flagURI},
+		{"flags beat ELVA_SERVER's userinfo", []string{"--user", "carl", "--password-file", pwFile}, map[string]string{"ELVA_SERVER": "wss://bob:uri-pw@e/"}, "carl", "pwfile-pw", "flag --user", "flag --password-file " + pwFile},
+		{"ELVA_USER beats ELVA_SERVER's userinfo", nil, map[string]string{"ELVA_SERVER": "wss://bob:uri-pw@e/", "ELVA_USER": "carl"}, "carl", "uri-pw", "env ELVA_USER", envURI},
+		{"a file's [basic] beats its server's userinfo", []string{"--config", serverAndBasic}, nil, "ada", "file-pw", "file " + serverAndBasic + ":4 ([basic] user)", "file " + serverAndBasic + ":5 ([basic] secret)"},
+		{"a file's server's userinfo under the environment's user", []string{"--config", serverOnly}, map[string]string{"ELVA_USER": "carl"}, "carl", "uri-pw", "env ELVA_USER", "userinfo of the server URI, file " + serverOnly + ":2 ([service] server)"},
+		{"a user name alone in the URI", []string{"--config", basic, "--server", "wss://bob@e/"}, nil, "bob", "file-pw", flagURI, "file " + basic + ":3 ([basic] secret)"},
+		{"no command for a password from above", []string{"--config", command, "--server", "wss://bob:uri-pw@e/"}, nil, "bob", "uri-pw", flagURI, flagURI},
+		{"no command under ELVA_PASSWORD", []string{"--config", command, "--server", "wss://e/"}, map[string]string{"ELVA_PASSWORD": "env-pw"}, "ada", "env-pw", "file " + command + ":2 ([basic] user)", "env ELVA_PASSWORD"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := parseArgs(tt.args, func(k string) string { return tt.env[k] })
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.user != tt.user || cfg.password != tt.password || cfg.userFrom != tt.userFrom || cfg.passwordFrom != tt.passFrom {
+				t.Errorf("got %q from %q, %q from %q;\nwant %q from %q, %q from %q", cfg.user, cfg.userFrom, cfg.password, cfg.passwordFrom, tt.user, tt.userFrom, tt.password, tt.passFrom)
+			}
+			if cfg.server.User != nil {
+				t.Errorf("the server URI keeps its userinfo: %v", cfg.server.Redacted())
+			}
+			if _, err := os.Stat(ran); err == nil {
+				t.Error("the [basic] command ran")
+			}
+		})
+	}
+}
+
+// TestConfigRelativePaths checks that a relative path in a configuration
+// file starts in the file's directory, not in the working directory.
+func TestConfigRelativePaths(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "conf")
+	path := writeConfig(t, dir, "elva.toml", `[basic]
+user = "ada"
+[service]
+password-file = "pw"
+token-file = "sub/token"
+data-dir = "../docs"
+ca-file = "/etc/ssl/abs.pem"
+[log]
+file = "relay.log"
+`, 0o600)
+	fs := flag.NewFlagSet("test", flag.ContinueOnError)
+	defineFlags(fs, func(string) string { return "" })
+	fc := &fileConfig{settings: make(map[string]fileSetting)}
+	if err := fc.read(path, settingKinds(fs), false); err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]string{
+		"password": filepath.Join(dir, "pw"),
+		"token":    filepath.Join(dir, "sub", "token"),
+		"data-dir": filepath.Join(filepath.Dir(dir), "docs"),
+		"ca-file":  "/etc/ssl/abs.pem",
+		"log":      filepath.Join(dir, "relay.log"),
+	} {
+		if got := fc.settings[name].values; len(got) != 1 || got[0] != want {
+			t.Errorf("%s: got %q, want %q", name, got, want)
+		}
+	}
+	tlsConf := writeConfig(t, dir, "tls.toml", "[tls]\ncafile = 'ca.pem'\n", 0o600)
+	writeConfig(t, dir, "ca.pem", "not a certificate\n", 0o600)
+	if _, err := parseArgs([]string{"--config", tlsConf, "--server", "wss://e/"}, func(string) string { return "" }); err == nil ||
+		!strings.Contains(err.Error(), "--ca-file "+filepath.Join(dir, "ca.pem")+": no PEM certificate") {
+		t.Errorf("[tls] cafile = 'ca.pem': got %v, want %s read", err, filepath.Join(dir, "ca.pem"))
+	}
+	writeConfig(t, dir, "pw", "s3cret\n", 0o600)
+	writeConfig(t, dir, "sub/token", "t0ken\n", 0o600)
+	cfg, err := parseArgs([]string{"--config", path, "--server", "wss://e/", "--ca-file", ""}, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.password != "s3cret" || cfg.token != "t0ken" || cfg.dataDir != filepath.Join(filepath.Dir(dir), "docs") {
+		t.Errorf("got password %q, token %q, data dir %q; want those of %s", cfg.password, cfg.token, cfg.dataDir, dir)
+	}
 }
 
 // TestConfigBasicCommand checks [basic] command: the first line of its
@@ -1379,6 +1500,9 @@ func TestConfigBasicCommand(t *testing.T) {
 		{"non-zero exit", `["sh", "-c", "cat >/dev/null; echo no such entry >&2; exit 3"]`, "", `command "sh -c cat >/dev/null; echo no such entry >&2; exit 3": exit status 3: no such entry`},
 		{"not found", `["/nonexistent/pass"]`, "", `command "/nonexistent/pass"`},
 		{"timeout", `["sleep", "30"]`, "", `command "sleep 30": no answer within 1s`},
+		// The background sleep holds the output pipe past the kill of sh;
+		// the test kills it by the pid it wrote.
+		{"timeout, a child holds the pipe", fmt.Sprintf(`["sh", "-c", "sleep 60 & echo $! > %s; wait"]`, filepath.Join(dir, "pid")), "", "no answer within 1s"},
 		{"empty first line", `["printf", "\\nmore"]`, "", "printed nothing on its first line"},
 		{"empty array", `[]`, "", "want the command's words as an array"},
 	}
@@ -1386,6 +1510,10 @@ func TestConfigBasicCommand(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			path := writeConfig(t, dir, "elva.toml", "[basic]\nuser = 'ada'\ncommand = "+tt.command+"\n", 0o600)
 			cfg, err := parseArgs([]string{"--config", path, "--server", "wss://e/"}, func(string) string { return "" })
+			if err == nil {
+				err = cfg.runPasswordCommand()
+				killBackground(t, filepath.Join(dir, "pid"))
+			}
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.Contains(err.Error(), "elva.toml:3") {
 					t.Fatalf("got %v, want an error with %q at elva.toml:3", err, tt.wantErr)
@@ -1394,6 +1522,79 @@ func TestConfigBasicCommand(t *testing.T) {
 			}
 			if err != nil || cfg.password != tt.want {
 				t.Fatalf("got %v, password %q; want %q", err, cfg.password, tt.want)
+			}
+		})
+	}
+}
+
+// killBackground kills the process whose pid is in the file at path, if
+// there is one, and removes the file: a test must leave no process.
+func killBackground(t *testing.T, path string) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return
+	}
+	os.Remove(path)
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil {
+		t.Fatalf("pid file %s: %v", path, err)
+	}
+	if p, err := os.FindProcess(pid); err == nil {
+		p.Kill()
+		p.Release()
+	}
+}
+
+// TestPasswordCommandWhenNeeded checks that run runs the [basic] command
+// only when the relay starts with a server and the password is to come
+// from the command, and that its failure is a failure at run time (exit
+// status 1), not a usage error.
+func TestPasswordCommandWhenNeeded(t *testing.T) {
+	dir := t.TempDir()
+	ran := filepath.Join(dir, "ran")
+	command := writeConfig(t, dir, "elva.toml", fmt.Sprintf("[basic]\nuser = 'ada'\ncommand = ['sh', '-c', 'echo >> %s; echo pw']\n", ran), 0o600)
+	failing := writeConfig(t, dir, "failing.toml", "[basic]\nuser = 'ada'\ncommand = ['sh', '-c', 'echo locked >&2; exit 1']\n", 0o600)
+	server := "ws://127.0.0.1:1/" // nothing listens; the relay stops before it tries
+	tests := []struct {
+		name   string
+		args   []string
+		env    map[string]string
+		runs   bool
+		status int
+		stderr string
+	}{
+		{"with a server", []string{"--config", command, "--server", server}, nil, true, 0, ""},
+		{"without a server", []string{"--config", command}, nil, false, 0, ""},
+		{"--list-docs", []string{"--config", command, "--server", server, "--list-docs"}, nil, false, 0, ""},
+		{"--remove-doc", []string{"--config", command, "--server", server, "--remove-doc", "none"}, nil, false, 1, "none"},
+		{"--print-config", []string{"--config", command, "--server", server, "--print-config"}, nil, false, 0, ""},
+		{"--password-file above", []string{"--config", command, "--server", server, "--password-file", writeConfig(t, dir, "pw", "pw\n", 0o600)}, nil, false, 0, ""},
+		{"ELVA_PASSWORD above", []string{"--config", command, "--server", server}, map[string]string{"ELVA_PASSWORD": "pw"}, false, 0, ""},
+		{"the server URI's password above", []string{"--config", command, "--server", "ws://bob:pw@127.0.0.1:1/"}, nil, false, 0, ""},
+		{"failure", []string{"--config", failing, "--server", server}, nil, false, 1, "failing.toml:3 ([basic] command): command"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			os.Remove(ran)
+			ctx, cancel := context.WithCancel(context.Background())
+			cancel() // the relay stops as soon as it has started
+			env := map[string]string{"ELVA_DATA_DIR": filepath.Join(dir, "data")}
+			for k, v := range tt.env {
+				env[k] = v
+			}
+			stderr := newLogBuffer()
+			args := append(slices.Clone(tt.args), "--no-store", "127.0.0.1", "0")
+			if slices.Contains(args, "--list-docs") || slices.Contains(args, "--remove-doc") {
+				args = slices.DeleteFunc(args, func(a string) bool { return a == "--no-store" })
+			}
+			status := run(ctx, args, io.Discard, stderr, func(k string) string { return env[k] })
+			_, err := os.Stat(ran)
+			if runs := err == nil; runs != tt.runs || status != tt.status || !strings.Contains(stderr.String(), tt.stderr) {
+				t.Errorf("command ran: %v, status %d, stderr:\n%s\nwant ran: %v, status %d, %q", runs, status, stderr.String(), tt.runs, tt.status, tt.stderr)
+			}
+			if strings.Contains(stderr.String(), "see --help") {
+				t.Errorf("a usage error:\n%s", stderr.String())
 			}
 		})
 	}
@@ -1413,8 +1614,9 @@ protocol = "hocuspocus"
 max-connections = 7
 `, ran), 0o600)
 	var stdout, stderr bytes.Buffer
-	env := map[string]string{"ELVA_SERVER": "wss://ada:pw-in-uri@e.example.org/", "HOME": dir}
-	status := run(context.Background(), []string{"--config", path, "--print-config", "-v", "127.0.0.1"}, &stdout, &stderr, func(k string) string { return env[k] })
+	env := map[string]string{"ELVA_SERVER": "wss://e.example.org/", "HOME": dir}
+	getenv := func(k string) string { return env[k] }
+	status := run(context.Background(), []string{"--config", path, "--print-config", "-v", "127.0.0.1"}, &stdout, &stderr, getenv)
 	out := stdout.String()
 	if status != 0 || stderr.Len() != 0 {
 		t.Fatalf("status %d, stderr %q", status, stderr.String())
@@ -1424,7 +1626,7 @@ max-connections = 7
 		"[service]\n",
 		`host = "127.0.0.1"`, "# argument HOST",
 		"port = 8000", "# default",
-		`server = "wss://ada:xxxxx@e.example.org/"`, "# env ELVA_SERVER",
+		`server = "wss://e.example.org/"`, "# env ELVA_SERVER",
 		`user = "ada"`, "# file " + path + ":2 ([basic] user)",
 		`password = "[redacted]"`, "# file " + path + `:3 ([basic] command) "touch ` + ran + `", not run for --print-config`,
 		`token = "[redacted]"`, "# file " + path + ":5 ([service] token)",
@@ -1434,21 +1636,32 @@ max-connections = 7
 			t.Errorf("no %q in\n%s", want, out)
 		}
 	}
-	for _, secret := range []string{"t0psecret", "pw-in-uri"} {
-		if strings.Contains(out, secret) {
-			t.Errorf("the secret %q is shown:\n%s", secret, out)
-		}
-	}
-	if _, err := os.Stat(ran); err == nil {
-		t.Error("--print-config ran the [basic] command")
-	}
-	stdout.Reset()
-	if status := run(context.Background(), []string{"--print-config", "--config", writeConfig(t, dir, "empty.toml", "", 0o600)}, &stdout, &stderr, func(k string) string { return env[k] }); status != 0 ||
-		!strings.Contains(stdout.String(), `password = "[redacted]"`) || !strings.Contains(stdout.String(), "# userinfo of the server URI, env ELVA_SERVER") {
-		t.Errorf("status %d; the password from the URI is not shown as such:\n%s", status, stdout.String())
+	if strings.Contains(out, "t0psecret") {
+		t.Errorf("the token is shown:\n%s", out)
 	}
 	if _, err := parseTOML("print-config", out, readAll); err != nil {
 		t.Errorf("the output is not TOML this relay reads: %v", err)
+	}
+	// The environment's server URI brings its credentials, which beat
+	// the file's.
+	env["ELVA_SERVER"] = "wss://bob:pw-in-uri@e.example.org/"
+	stdout.Reset()
+	status = run(context.Background(), []string{"--config", path, "--print-config"}, &stdout, &stderr, getenv)
+	out = stdout.String()
+	for _, want := range []string{
+		`server = "wss://bob:xxxxx@e.example.org/"`,
+		`password = "[redacted]"                        # userinfo of the server URI, env ELVA_SERVER`,
+		`user = "bob"                                   # userinfo of the server URI, env ELVA_SERVER`,
+	} {
+		if status != 0 || !strings.Contains(out, want) {
+			t.Errorf("status %d; no %q in\n%s", status, want, out)
+		}
+	}
+	if strings.Contains(out, "pw-in-uri") {
+		t.Errorf("the password in the URI is shown:\n%s", out)
+	}
+	if _, err := os.Stat(ran); err == nil {
+		t.Error("--print-config ran the [basic] command")
 	}
 }
 
@@ -1474,7 +1687,7 @@ func TestConfigFileModeWarning(t *testing.T) {
 			fc := &fileConfig{settings: make(map[string]fileSetting)}
 			fs := flag.NewFlagSet("test", flag.ContinueOnError)
 			defineFlags(fs, func(string) string { return "" })
-			if err := fc.read(path, settingKinds(fs), true); err != nil {
+			if err := fc.read(path, settingKinds(fs), false); err != nil {
 				t.Fatal(err)
 			}
 			warned := len(fc.warnings) == 1 && strings.Contains(fc.warnings[0], "chmod 600")
@@ -1598,55 +1811,260 @@ func TestLogOptions(t *testing.T) {
 	}
 }
 
+// filePollInterval is how often waitForFileLine reads its file again.
+const filePollInterval = 10 * time.Millisecond
+
 // waitForFileLine waits until the file at path has a line with substr,
 // written by another goroutine, and returns the file's content. The file
-// gives no event to wait on: it is read again each time the relay could
-// have written, up to testTimeout.
+// gives no event to wait on: it is read every filePollInterval, up to
+// testTimeout.
 func waitForFileLine(t *testing.T, path, substr string) []byte {
 	t.Helper()
-	deadline := time.Now().Add(testTimeout)
+	deadline := time.After(testTimeout)
+	tick := time.NewTicker(filePollInterval)
+	defer tick.Stop()
 	for {
 		data, _ := os.ReadFile(path)
 		if bytes.Contains(data, []byte(substr)) {
 			return data
 		}
-		if time.Now().After(deadline) {
+		select {
+		case <-tick.C:
+		case <-deadline:
 			t.Fatalf("no line with %q in %s:\n%s", substr, path, data)
 		}
-		runtime.Gosched()
 	}
 }
 
-// TestProjectFileMayNotRunCommands checks that the elva.toml found in the
-// directory tree, which may have come with a cloned repository, can
-// neither run a command nor name files to read secrets from or to log
-// to; the user's own file can.
-func TestProjectFileMayNotRunCommands(t *testing.T) {
+// TestProjectFileSettings checks that the elva.toml found in the
+// directory tree, which may have come with a cloned repository or been
+// put in /tmp by another user, gives only the settings on its list: the
+// others are refused with the file, the line, the key and the reason; the
+// user's own file gives them all.
+func TestProjectFileSettings(t *testing.T) {
 	fs := flag.NewFlagSet("test", flag.ContinueOnError)
 	defineFlags(fs, func(string) string { return "" })
 	kinds := settingKinds(fs)
-	for _, content := range []string{
-		"[basic]\ncommand = ['sh', '-c', 'echo pwned']",
-		"[service]\npassword-file = '/home/ada/.netrc'",
-		"[service]\ntoken-file = '/home/ada/.netrc'",
-		"[log]\nfile = '/home/ada/.bashrc'",
-		"[app.service]\nlog = '/home/ada/.bashrc'",
-	} {
-		root := t.TempDir()
-		xdg := filepath.Join(root, "xdg")
-		getenv := func(k string) string { return map[string]string{"XDG_CONFIG_HOME": xdg}[k] }
-		project := writeConfig(t, root, "repo/elva.toml", content, 0o600)
-		_, err := readConfigFiles("", filepath.Dir(project), getenv, kinds)
-		if err == nil || !strings.Contains(err.Error(), project+":2") || !strings.Contains(err.Error(), "may be anyone's") {
-			t.Errorf("%q in a project file: got %v, want a refusal at %s:2", content, err, project)
-		}
-		writeConfig(t, xdg, "elva/elva.toml", content, 0o600)
-		if err := os.Remove(project); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := readConfigFiles("", filepath.Dir(project), getenv, kinds); err != nil {
-			t.Errorf("%q in the user's file: %v", content, err)
-		}
+	tests := []struct {
+		content string
+		key     string // the setting taken; "" if refused
+		why     string // in the refusal
+	}{
+		{"[basic]\ncommand = ['sh', '-c', 'echo pwned']", "", "run a command"},
+		{"[service]\npassword-file = '/home/ada/.netrc'", "", "read a secret from a file"},
+		{"[service]\ntoken-file = '/home/ada/.netrc'", "", "read a secret from a file"},
+		{"[log]\nfile = '/home/ada/.bashrc'", "", "a file for the relay to write to"},
+		{"[app.service]\nlog = '/home/ada/.bashrc'", "", "a file for the relay to write to"},
+		{"[service]\nlog = 'relay.log'", "", "a file for the relay to write to"},
+		{"[service]\nhost = '0.0.0.0'", "", "the address the relay listens on"},
+		{"[app.default]\nhost = '0.0.0.0'", "", "the address the relay listens on"},
+		{"[service]\nallow-origin = ['https://evil.example']", "", "web pages"},
+		{"[service]\nallow-insecure-auth = true", "", "clear text"},
+		{"[tls]\ncafile = 'evil.pem'", "", "whom the relay trusts"},
+		{"[service]\nca-file = 'evil.pem'", "", "whom the relay trusts"},
+		{"[service]\ndata-dir = '/tmp/docs'", "", "where your documents are kept"},
+		{"[service]\nno-store = true", "", "off the disk"},
+		{"[basic]\nsecret = 'x'", "", "a secret"},
+		{"[app.default]\npassword = 'x'", "", "a secret"},
+		{"[service]\ntoken = 'x'", "", "a secret"},
+		{"[service]\nserver = 'wss://bob:pw@evil.example/'", "", "a password in the server URI"},
+		{"[service]\nserver = 'wss://evil.example/'", "server", ""},
+		{"[service]\nserver = 'wss://bob@evil.example/'", "server", ""},
+		{"[connect]\nhost = 'evil.example'", "server", ""},
+		{"[basic]\nuser = 'ada'", "user", ""},
+		{"[service]\nprotocol = 'yjs'", "protocol", ""},
+		{"[service]\nid-magic = '4944'", "id-magic", ""},
+		{"[service]\nmax-connections = 5", "max-connections", ""},
+		{"[service]\nupstream-max-message = '64KiB'", "upstream-max-message", ""},
+		{"[service]\nping-interval = '5s'", "ping-interval", ""},
+		{"[service]\nupstream-grace = '5s'", "upstream-grace", ""},
+		{"[service]\nfsync-interval = '1s'", "fsync-interval", ""},
+		{"[log]\nlevel = 'DEBUG'", "level", ""},
+		{"[service]\nquiet = true", "level", ""},
+		{"[service]\nlog-format = 'json'", "log-format", ""},
+		{"[service]\nport = 9000", "port", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.content, func(t *testing.T) {
+			root := t.TempDir()
+			xdg := filepath.Join(root, "xdg")
+			getenv := func(k string) string { return map[string]string{"XDG_CONFIG_HOME": xdg}[k] }
+			project := writeConfig(t, root, "repo/elva.toml", tt.content, 0o600)
+			fc, err := readConfigFiles("", filepath.Join(root, "repo"), getenv, kinds)
+			switch {
+			case tt.key != "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tt.key != "":
+				if s, ok := fc.settings[tt.key]; !ok || !s.project {
+					t.Errorf("%s not taken as the project file's: %+v", tt.key, fc.settings)
+				}
+				return
+			case err == nil:
+				t.Fatalf("taken from a project file: %+v", fc.settings)
+			}
+			for _, want := range []string{project + ":2: [", "refused from a project file", "may be anyone's", tt.why, "--config"} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("got %v, want %q in it", err, want)
+				}
+			}
+			writeConfig(t, xdg, "elva/elva.toml", tt.content, 0o600)
+			if err := os.Remove(project); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := readConfigFiles("", filepath.Join(root, "repo"), getenv, kinds); err != nil {
+				t.Errorf("in the user's file: %v", err)
+			}
+		})
+	}
+}
+
+// TestProjectFileOwnerAndMode checks that a project file that someone
+// else could have written, by owning it or by its mode, is skipped with a
+// warning (as git skips another user's repository), and that the user's
+// own file is not held to this.
+func TestProjectFileOwnerAndMode(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("Windows files have no owner id and mode bits to check")
+	}
+	tests := []struct {
+		name    string
+		mode    os.FileMode
+		owner   int // -1: the test's user
+		skipped string
+	}{
+		{"the user's, for the user only", 0o600, -1, ""},
+		{"the user's, readable by all", 0o644, -1, ""},
+		{"writable by the group", 0o664, -1, "others may change it (mode 0664"},
+		{"writable by all", 0o646, -1, "others may change it (mode 0646"},
+		{"another user's", 0o644, 65534, "it belongs to user 65534, not to you"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			root := t.TempDir()
+			project := writeConfig(t, root, "repo/elva.toml", "[service]\nport = 9123\n", tt.mode)
+			if tt.owner >= 0 {
+				if os.Getuid() != 0 {
+					t.Skip("only root can give a file to another user")
+				}
+				if err := os.Chown(project, tt.owner, -1); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var stdout, stderr bytes.Buffer
+			getenv := func(string) string { return "" }
+			cfg, err := parseArgsIn([]string{"--print-config", "--no-store"}, getenv, filepath.Join(root, "repo"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			printConfig(&stdout, cfg)
+			warnings := strings.Join(cfg.warnings, "\n")
+			if tt.skipped == "" {
+				if cfg.port != 9123 || warnings != "" {
+					t.Errorf("port %d, warnings %q; want the file's port 9123 and no warning", cfg.port, warnings)
+				}
+				return
+			}
+			if cfg.port != 8000 || len(cfg.configFiles) != 0 {
+				t.Errorf("port %d from %v; want the default 8000, no file read", cfg.port, cfg.configFiles)
+			}
+			want := "project file " + project + " skipped: " + tt.skipped
+			if !strings.Contains(warnings, want) || !strings.Contains(stdout.String(), "# warning: "+want) || stderr.Len() != 0 {
+				t.Errorf("warnings %q, --print-config:\n%s\nwant %q in both", warnings, stdout.String(), want)
+			}
+			// The same file as the user's own is read.
+			if err := os.Rename(filepath.Join(root, "repo"), filepath.Join(root, "elva")); err != nil {
+				t.Fatal(err)
+			}
+			cfg, err = parseArgsIn(nil, func(k string) string { return map[string]string{"XDG_CONFIG_HOME": root}[k] }, "")
+			if err != nil || cfg.port != 9123 {
+				t.Errorf("as the user's file: %v, port %d; want 9123", err, cfg.port)
+			}
+		})
+	}
+	// Another owner, for any test user: the check itself.
+	f, err := os.Open(writeConfig(t, t.TempDir(), "elva.toml", "", 0o600))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := checkProjectFile(f, os.Getuid()+1); !errors.Is(err, errUnsafeProject) || !strings.Contains(err.Error(), "not to you") {
+		t.Errorf("a file of user %d checked for user %d: %v, want errUnsafeProject", os.Getuid(), os.Getuid()+1, err)
+	}
+}
+
+// TestProjectFileCannotRedirectCredentials is the attack a project file
+// could make: the user's file holds the credentials; the project file,
+// read after it, names a server of its own and opens the relay up. The
+// settings that open it up are refused; the server alone is taken, and
+// the start warns that the credentials go to it.
+func TestProjectFileCannotRedirectCredentials(t *testing.T) {
+	root := t.TempDir()
+	xdg := filepath.Join(root, "xdg")
+	writeConfig(t, xdg, "elva/elva.toml", "[basic]\nuser = 'ada'\nsecret = 's3cret'\n", 0o600)
+	getenv := func(k string) string { return map[string]string{"XDG_CONFIG_HOME": xdg, "HOME": root}[k] }
+	sub := filepath.Join(root, "repo", "sub")
+	if err := os.MkdirAll(sub, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	project := writeConfig(t, root, "repo/elva.toml", `[service]
+server = "wss://attacker.example:9/"
+allow-insecure-auth = true
+allow-origin = ["https://evil.example"]
+host = "0.0.0.0"
+`, 0o600)
+	_, err := parseArgsIn([]string{"--print-config"}, getenv, sub)
+	if err == nil || !strings.Contains(err.Error(), project+":3: [service] allow-insecure-auth: refused from a project file") {
+		t.Fatalf("got %v, want allow-insecure-auth refused at %s:3", err, project)
+	}
+	user := filepath.Join(xdg, "elva", "elva.toml")
+	warning := "the server wss://attacker.example:9/ comes from the project file " + project + ":2 ([service] server), and credentials it did not give go to it: " +
+		"the user name (file " + user + ":2 ([basic] user)), the password (file " + user + ":3 ([basic] secret))"
+	tests := []struct {
+		name    string
+		project string
+		args    []string
+		warned  string
+	}{
+		{"the user's credentials", "[service]\nserver = \"wss://attacker.example:9/\"\n", nil, warning},
+		{"the project's user name", "[service]\nserver = \"wss://attacker.example:9/\"\nuser = 'eve'\n", nil, "go to it: the password (file " + user + ":3 ([basic] secret));"},
+		{"the server given by flag", "[service]\nserver = \"wss://attacker.example:9/\"\n", []string{"--server", "wss://mine.example/"}, ""},
+		{"no server in the project file", "[service]\nport = 9001\n", nil, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			writeConfig(t, root, "repo/elva.toml", tt.project, 0o600)
+			cfg, err := parseArgsIn(append([]string{"--print-config"}, tt.args...), getenv, sub)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out bytes.Buffer
+			printConfig(&out, cfg)
+			warnings := strings.Join(cfg.warnings, "\n")
+			if tt.warned == "" {
+				if strings.Contains(warnings, "comes from the project file") {
+					t.Errorf("warned: %s", warnings)
+				}
+				return
+			}
+			if !strings.Contains(warnings, tt.warned) || !strings.Contains(out.String(), "# warning: the server wss://attacker.example:9/") {
+				t.Errorf("warnings %q; --print-config:\n%s\nwant %q in both", warnings, out.String(), tt.warned)
+			}
+		})
+	}
+}
+
+// TestConfigFilesLogged checks that the start logs which configuration
+// files the relay read.
+func TestConfigFilesLogged(t *testing.T) {
+	path := writeConfig(t, t.TempDir(), "elva.toml", "[service]\nno-store = true\n", 0o600)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // the relay stops as soon as it has started
+	stderr := newLogBuffer()
+	if status := run(ctx, []string{"--config", path, "127.0.0.1", "0"}, io.Discard, stderr, func(string) string { return "" }); status != 0 {
+		t.Fatalf("status %d:\n%s", status, stderr.String())
+	}
+	if want := `level=INFO msg="configuration file read" path=` + path + " project=false"; !strings.Contains(stderr.String(), want) {
+		t.Errorf("no %q in\n%s", want, stderr.String())
 	}
 }
 

@@ -176,7 +176,11 @@ Flags beat the ELVA_* environment variables, which beat the configuration
 file, which beats the defaults. The file may hold the seed's [app.default]
 and [app.service], ELVA's [connect], [basic], [tls] and [log], and this
 relay's [service] with every flag above by its long name, plus host and
-port to listen on; see "Configuration file" in the README.
+port to listen on; see "Configuration file" in the README. An elva.toml
+found in this directory or a parent may come with a cloned repository: it
+may name the server and tuning, not secrets, origins, the listening host,
+the CA or the data directory, and it is skipped unless it is yours and
+only you may write it.
 
 Examples:
   elva-service
@@ -185,8 +189,8 @@ Examples:
   elva-service 127.0.0.1 9000 --server ws://127.0.0.1:8765/ --id-magic 4944 -v
 
 Exit status: 0 after a stop by signal, 1 on a runtime failure (listening,
-the log file, upstream credentials refused), 2 on bad flags or arguments,
-128+n after a second signal n.
+the log file, upstream credentials refused, [basic] command failing), 2 on
+bad flags, arguments or configuration, 128+n after a second signal n.
 `
 
 // config is the parsed command line and environment.

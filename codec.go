@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"slices"
 	"unicode/utf8"
@@ -1828,14 +1829,97 @@ func updateCovers(have, other []byte) (bool, error) {
 // a 7-bit length, or 126 and a 16-bit one, or 127 and a 64-bit one, big
 // endian; no mask).
 func appendServerFrame(b []byte, opcode byte, payload []byte) []byte {
+	return append(appendServerHeader(b, opcode, len(payload)), payload...)
+}
+
+// appendServerHeader appends the header of a final, unmasked frame of
+// opcode with a payload of n bytes (see appendServerFrame).
+func appendServerHeader(b []byte, opcode byte, n int) []byte {
 	b = append(b, 0x80|opcode)
-	switch n := len(payload); {
+	switch {
 	case n < 126:
-		b = append(b, byte(n))
+		return append(b, byte(n))
 	case n <= 0xffff:
-		b = binary.BigEndian.AppendUint16(append(b, 126), uint16(n))
+		return binary.BigEndian.AppendUint16(append(b, 126), uint16(n))
 	default:
-		b = binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
+		return binary.BigEndian.AppendUint64(append(b, 127), uint64(n))
 	}
-	return append(b, payload...)
+}
+
+// maxFrameHeader is the longest frame header, in bytes: 2, an 8-byte
+// length and a 4-byte masking key (RFC 6455 §5.2).
+const maxFrameHeader = 14
+
+// frameHeaderLen is the length in bytes of a frame header whose second
+// byte is second: 2, plus 2 or 8 for an extended payload length, plus 4
+// for a masking key (RFC 6455 §5.2).
+func frameHeaderLen(second byte) int {
+	n := 2
+	switch second & 0x7f {
+	case 126:
+		n += 2
+	case 127:
+		n += 8
+	}
+	if second&0x80 != 0 {
+		n += 4
+	}
+	return n
+}
+
+// frameHeader is one decoded frame header (RFC 6455 §5.2).
+type frameHeader struct {
+	fin    bool
+	opcode byte
+	masked bool
+	size   int     // payload length in bytes; -1: more than an int holds
+	mask   [4]byte // the masking key, when masked
+}
+
+// parseFrameHeader decodes hdr, a whole frame header: frameHeaderLen(hdr[1])
+// bytes. Errors: errProtocol when hdr is shorter than that.
+func parseFrameHeader(hdr []byte) (frameHeader, error) {
+	if len(hdr) < 2 || len(hdr) < frameHeaderLen(hdr[1]) {
+		return frameHeader{}, fmt.Errorf("%w: short frame header", errProtocol)
+	}
+	h := frameHeader{fin: hdr[0]&0x80 != 0, opcode: hdr[0] & 0x0f, masked: hdr[1]&0x80 != 0}
+	rest := hdr[2:]
+	switch n := hdr[1] & 0x7f; n {
+	case 126:
+		h.size, rest = int(binary.BigEndian.Uint16(rest)), rest[2:]
+	case 127:
+		size := binary.BigEndian.Uint64(rest)
+		rest = rest[8:]
+		h.size = -1
+		if size <= math.MaxInt {
+			h.size = int(size)
+		}
+	default:
+		h.size = int(n)
+	}
+	if h.masked {
+		copy(h.mask[:], rest)
+	}
+	return h, nil
+}
+
+// maskBytes applies a masking key to b, whose first byte is byte pos of
+// the payload, in place; applied twice it gives the bytes back (RFC 6455
+// §5.3: byte i is XORed with key[i mod 4]). Eight bytes at a time: the
+// key's pattern repeats every 4.
+func maskBytes(key [4]byte, pos int, b []byte) {
+	i := 0
+	if len(b) >= 8 {
+		var k [8]byte
+		for j := range k {
+			k[j] = key[(pos+j)&3]
+		}
+		word := binary.LittleEndian.Uint64(k[:])
+		for ; i+8 <= len(b); i += 8 {
+			binary.LittleEndian.PutUint64(b[i:], binary.LittleEndian.Uint64(b[i:])^word)
+		}
+	}
+	for ; i < len(b); i++ {
+		b[i] ^= key[(pos+i)&3]
+	}
 }

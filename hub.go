@@ -5,12 +5,12 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"maps"
 	"math"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -70,26 +70,57 @@ type frame struct {
 	aware []awarenessEntry // decoded by the reader for awareness messages
 }
 
-// conn is one local editor's WebSocket. readLoop and the write pump own
-// the two directions of its peer; the hub owns membership and alone closes
-// send.
+// conn is one local editor's WebSocket. Its reader goroutine (serve,
+// readLoop) reads it; a writer goroutine exists only while something waits
+// to be written (wakeWriter); the hub owns membership and alone ends the
+// send queue. An idle editor thus holds one goroutine, a small queue and
+// no buffer.
 type conn struct {
 	peer // the socket; log carries doc and remote
 
 	// Static after construction.
 	doc     string
 	remote  string
-	send    chan []byte // closed by the hub only
-	backlog backlog     // bytes in send: added by the hub, done by the writer
+	limit   int          // frames the send queue may hold (connQueue)
+	backlog backlog      // bytes in the send queue: added by the hub, done by the writer
+	queued  atomic.Int32 // frames in the send queue: added by the hub, taken by the writer
 
-	// Owned by the hub: sync step 1s queued to this editor and step 2s it
-	// sent. A Yjs client answers every step 1 with one step 2, in order, so
-	// the counts tell when it has answered a given step 1.
+	// Owned by the hub.
+	tail *segment // the send queue's segment that the hub fills
+	// Sync step 1s queued to this editor and step 2s it sent. A Yjs client
+	// answers every step 1 with one step 2, in order, so the counts tell
+	// when it has answered a given step 1.
 	step1s, step2s int
 	// traffic is its document's counters (set by addEditor), owned by the
 	// hub.
 	traffic *traffic
+
+	// writer is idle, running or asked to look again (wakeWriter).
+	writer atomic.Int32
+	// Owned by the writer goroutine; one runs at a time (see wakeWriter).
+	head *segment  // the send queue's segment the writer takes from; nil after its end
+	w    pumpState // what the writer knows of the socket
+
+	// Owned by the reader goroutine.
+	in wireReader
 }
+
+// segment is one piece of an editor's send queue: a buffered channel that
+// the hub fills and the writer drains. The queue is a chain of them
+// rather than one channel of connQueue slots (6 KiB each, allocated up
+// front): it starts with minSegment slots, a full segment is followed by
+// one twice its size, and once the writer has emptied an oversized one the
+// hub goes back to minSegment (push). Closing ch hands the writer on to
+// next; closing it with next nil ends the queue.
+type segment struct {
+	ch   chan []byte
+	next *segment // written by the hub before it closes ch
+}
+
+// minSegment is the size of an editor's first send segment, in frames:
+// enough for what an editor gets at once when it joins (a step 1,
+// queries as others join) without growing.
+const minSegment = 8
 
 // keepalive says how the relay finds dead peers: the writer pings every
 // interval, and the reader closes a peer that sent no frame at all (data,
@@ -543,8 +574,7 @@ func (h *hub) removeEditor(c *conn, code int) {
 		return
 	}
 	delete(d.conns, c)
-	c.closeCode = code
-	close(c.send)
+	c.end(code)
 	if d.request.awaits(c) {
 		d.request.c = nil
 		if h.up != nil && !h.stopping {
@@ -827,8 +857,7 @@ func (h *hub) welcomeBack(c *conn, e awarenessEntry) {
 // a conn that stays open.
 func (h *hub) queue(c *conn, data []byte) bool {
 	if c.backlog.add(len(data), h.connBytes) {
-		select {
-		case c.send <- data:
+		if c.push(data) {
 			if isStep1(data) {
 				c.step1s++
 			}
@@ -837,11 +866,10 @@ func (h *hub) queue(c *conn, data []byte) bool {
 				c.traffic.out(len(data))
 			}
 			return true
-		default:
-			c.backlog.done(len(data))
 		}
+		c.backlog.done(len(data))
 	}
-	h.drops.note(c.log, dropSlowEditor, "frames", len(c.send), "bytes", c.backlog.bytes.Load())
+	h.drops.note(c.log, dropSlowEditor, "frames", c.queued.Load(), "bytes", c.backlog.bytes.Load())
 	h.removeEditor(c, closeTryAgain)
 	return false
 }
@@ -1465,29 +1493,42 @@ func (g *goneTable) welcomeBack(doc string, e awarenessEntry) []byte {
 // len is the number of clients remembered.
 func (g *goneTable) len() int { return len(g.entries) }
 
-// serve runs one upgraded local WebSocket until either side ends it. The
-// websocket library closes the TCP connection when serve returns.
-func (h *hub) serve(ws *websocket.Conn, doc string) {
-	ws.PayloadType = websocket.BinaryFrame
-	remote := ws.Request().RemoteAddr
-	c := &conn{
-		peer:   newPeer(ws, h.log.With("doc", doc, "remote", remote), h.keepalive),
-		doc:    doc,
-		remote: remote,
-		send:   make(chan []byte, h.connQueue),
+// serve runs one upgraded editor connection, nc, until either side ends
+// it; then it closes nc and gives back the admission that ServeHTTP got.
+// pending holds the bytes the HTTP server had read past the handshake. It
+// is the editor's reader goroutine, started afresh so that the HTTP
+// server's goroutine, whose stack grew while it parsed the request, could
+// return. An idle editor's reader waits here, so its frames are kept small
+// (the work is in enter, readLoop's handle and leave): its stack then
+// stays at 4 KiB.
+func (h *hub) serve(nc net.Conn, pending []byte, doc, remote string) {
+	defer h.release(doc)
+	defer nc.Close()
+	c := h.newConn(nc, pending, doc, remote)
+	defer c.in.release()
+	if h.enter(c) {
+		code, err := c.readLoop(h)
+		h.exit(c, code, err)
 	}
-	if ws.Request().TLS == nil { // under TLS the accepted conn is below the encryption
-		c.out, _ = ws.Request().Context().Value(acceptedConnKey{}).(net.Conn)
-	}
+}
+
+// enter hands c to the hub and reports whether it took it; at the stop it
+// closes c with "going away" instead.
+func (h *hub) enter(c *conn) bool {
 	select {
 	case h.join <- c:
+		h.drops.note(c.log, editorJoined)
+		return true
 	case <-h.quit:
-		c.sendClose(closeGoingAway)
-		return
+		c.sendClose(closeGoingAway) // no writer runs: the hub never had c
+		return false
 	}
-	h.drops.note(c.log, editorJoined)
-	go pump(&c.peer, c.send, sendAsIs, func(msg []byte) { c.backlog.done(len(msg)) })
-	code, err := c.readLoop(h)
+}
+
+// exit tells the hub that c's reader has ended with code and err, waits
+// for c's writer to reach the end of its queue, and for the peer's answer
+// to a close that the relay started.
+func (h *hub) exit(c *conn, code int, err error) {
 	select {
 	case h.leave <- leaving{c, code}:
 	case <-h.quit:
@@ -1497,6 +1538,23 @@ func (h *hub) serve(ws *websocket.Conn, doc string) {
 		c.awaitPeerClose(h.maxMessage)
 	}
 	h.drops.note(c.log, closeReason(c.closeCode, err), closeAttrs(c.closeCode, err)...)
+}
+
+// newConn makes the conn of an editor whose socket is nc, with pending,
+// the bytes read past the handshake, still to be read.
+func (h *hub) newConn(nc net.Conn, pending []byte, doc, remote string) *conn {
+	ka := h.keepalive
+	first := &segment{ch: make(chan []byte, min(minSegment, h.connQueue))}
+	c := &conn{doc: doc, remote: remote, limit: h.connQueue, tail: first, head: first}
+	c.peer = makePeer(h.log.With("doc", doc, "remote", remote), ka)
+	c.nc, c.raw = nc, nc
+	// Pings follow the read deadline rather than a ticker of the writer's,
+	// which would keep a goroutine and a timer per editor.
+	c.live = newLiveness(nc, ka.timeout, ka.interval)
+	c.wake = c.wakeWriter
+	c.w = pumpState{p: &c.peer}
+	c.in = wireReader{buf: pending, w: len(pending), full: len(pending) > 0}
+	return c
 }
 
 // closeReason sorts the end of an editor's connection, from the code the
@@ -1518,9 +1576,6 @@ func closeReason(code int, err error) dropReason {
 	return closedBroken
 }
 
-// sendAsIs is the encoding of an editor's queue: messages go out unchanged.
-func sendAsIs(msg []byte) []byte { return msg }
-
 // closeAttrs gives the log attributes of a connection's end: the code the
 // relay closed with, and the peer's own code and reason when the peer
 // closed, or the error that ended the reader.
@@ -1537,10 +1592,11 @@ func closeAttrs(code int, err error) []any {
 
 // awaitPeerClose reads and drops frames until the peer answers the close
 // frame that the relay sent (after a protocol error or a timeout), or the
-// grace that sendClose set runs out. Closing the socket with the peer's bytes unread would
-// make the kernel reset it, and the peer might never see the close code.
+// grace that sendClose set runs out. Closing the socket with the peer's
+// bytes unread would make the kernel reset it, and the peer might never
+// see the close code.
 func (c *conn) awaitPeerClose(max int) {
-	r := frameReader{p: &c.peer, max: max}
+	r := frameReader{p: &c.peer, in: &c.in, max: max}
 	for {
 		if _, err := r.next(); err != nil {
 			return
@@ -1556,28 +1612,37 @@ func (c *conn) awaitPeerClose(max int) {
 // closing a socket with unread bytes makes the kernel reset it, and the
 // peer could lose what the relay sent last.
 func (c *conn) readLoop(h *hub) (int, error) {
-	debug := c.log.Enabled(context.Background(), slog.LevelDebug)
-	r := frameReader{p: &c.peer, max: h.maxMessage}
+	r := frameReader{p: &c.peer, in: &c.in, max: h.maxMessage}
 	delivering := true // false once a frame could not be handed on
 	for {
 		data, err := r.next()
 		if err != nil {
 			return closeCodeFor(err), err
 		}
-		f, err := checkLocal(c, data)
-		if err != nil {
-			h.drops.note(c.log, dropMalformed, "bytes", len(data), "err", err)
-			continue
-		}
-		if !delivering {
-			continue // after a gap nothing later of this editor goes
-		}
-		if delivering = c.deliver(h, f); !delivering {
-			h.drops.note(c.log, dropNotFlushed, "kind", f.kind)
-		} else if debug {
-			c.log.Debug("message from editor", "kind", f.kind, "bytes", len(data))
-		}
+		delivering = c.handle(h, data, delivering)
 	}
+}
+
+// handle checks one message from the editor and, while delivering, hands
+// it to the hub; it reports whether to go on delivering: after a gap
+// nothing later of this editor goes.
+func (c *conn) handle(h *hub, data []byte, delivering bool) bool {
+	f, err := checkLocal(c, data)
+	if err != nil {
+		h.drops.note(c.log, dropMalformed, "bytes", len(data), "err", err)
+		return delivering
+	}
+	if !delivering {
+		return false
+	}
+	if !c.deliver(h, f) {
+		h.drops.note(c.log, dropNotFlushed, "kind", f.kind)
+		return false
+	}
+	if c.log.Enabled(context.Background(), slog.LevelDebug) {
+		c.log.Debug("message from editor", "kind", f.kind, "bytes", len(data))
+	}
+	return true
 }
 
 // deliver gives f to the hub and reports whether it did. A frame read from
@@ -1618,40 +1683,41 @@ func checkLocal(c *conn, data []byte) (frame, error) {
 	return f, err
 }
 
-// peer is one WebSocket, an editor's or the upstream's, and what its two
-// goroutines share: the reader (a frameReader) and the writer (pump).
+// peer is one WebSocket, an editor's or the upstream's, and what its
+// reader (a frameReader) and its writer share. An editor's frames are read
+// and written here on its socket, nc, by the conn's reader and on-demand
+// writer; the upstream's go through x/net/websocket's ws, written by pump.
 type peer struct {
 	// Static after construction.
-	ws  *websocket.Conn
-	raw io.Closer // closes the socket (the upstream's TCP or TLS conn; an editor's ws)
-	// out is an editor's connection as the HTTP server accepted it, for
-	// writing data frames in batches (writeBatch); nil: every frame goes
-	// through ws (the upstream, whose frames must be masked).
-	out     net.Conn
-	log     *slog.Logger
-	ka      keepalive
-	grace   time.Duration // how long to wait for the answer to a close frame
+	ws  *websocket.Conn // the upstream's socket, framed by x/net/websocket; nil for an editor
+	nc  net.Conn        // an editor's socket, framed here; nil for the upstream
+	raw io.Closer       // closes the socket (the upstream's TCP or TLS conn; an editor's nc)
+	log *slog.Logger
+	ka  keepalive
+	// grace is how long to wait for the answer to a close frame.
+	grace   time.Duration
 	live    *liveness     // the read deadline, pushed out by both goroutines
 	pongs   chan []byte   // ping payloads to answer, reader → writer; room for one
 	echo    chan int      // the peer's close code to answer, reader → writer; room for one
 	closing chan struct{} // closed by the writer once its close frame is out
-	done    chan struct{} // closed when the writer returns
+	done    chan struct{} // closed once the writer has reached the end of its queue
+	// wake tells an on-demand writer that pongs, echo or live.pingWanted
+	// hold something (an editor's wakeWriter); nil: the writer runs all
+	// along (pump).
+	wake func()
 
-	// closeCode is written by the hub just before it closes the send queue
-	// and read by the writer after that, so the channel close orders the
+	// closeCode is written by the hub just before it ends the send queue
+	// and read by the writer after that, so the queue's end orders the
 	// two. 0: closeNormal.
 	closeCode int
 }
 
-// newPeer wraps ws, whose pings and dead-peer checks follow ka.
-func newPeer(ws *websocket.Conn, log *slog.Logger, ka keepalive) peer {
+// makePeer returns the parts of a peer that do not depend on its socket.
+func makePeer(log *slog.Logger, ka keepalive) peer {
 	return peer{
-		ws:      ws,
-		raw:     ws,
 		log:     log,
 		ka:      ka,
 		grace:   closeGrace,
-		live:    newLiveness(ws, ka.timeout),
 		pongs:   make(chan []byte, 1),
 		echo:    make(chan int, 1),
 		closing: make(chan struct{}),
@@ -1659,11 +1725,32 @@ func newPeer(ws *websocket.Conn, log *slog.Logger, ka keepalive) peer {
 	}
 }
 
+// newPeer wraps the upstream's ws, whose dead-peer checks follow ka; its
+// writer, pump, pings every ka.interval.
+func newPeer(ws *websocket.Conn, log *slog.Logger, ka keepalive) peer {
+	p := makePeer(log, ka)
+	p.ws, p.raw = ws, ws
+	p.live = newLiveness(ws, ka.timeout, 0)
+	return p
+}
+
+// wakeWriter tells an on-demand writer to look at pongs, echo and
+// live.pingWanted; the upstream's pump watches the first two itself.
+func (p *peer) wakeWriter() {
+	if p.wake != nil {
+		p.wake()
+	}
+}
+
 // sendClose sends a close frame with code and gives the peer p.grace to
-// answer before the reader gives up. Writer goroutine only.
+// answer before the reader gives up. Writer only (or before any runs).
 func (p *peer) sendClose(code int) {
-	writeClose(p.ws, code)
-	endReader(p.ws, p.closing, p.grace)
+	if p.ws != nil {
+		writeClose(p.ws, code)
+	} else {
+		writeRaw(p.nc, closeFrame(code), nil)
+	}
+	p.endReader()
 }
 
 // closed reports whether the relay's close frame is out.
@@ -1676,43 +1763,68 @@ func (p *peer) closed() bool {
 	}
 }
 
-// pump is a peer's writer goroutine, the only code that writes to p.ws: the
-// messages from send (encoded by encode; written is called for each, sent
-// or not, to free its bytes), pings every p.ka.interval, pongs and the
-// answer to the peer's close. After a failed write it drains send until
-// the hub closes it, so the hub never sees a dead peer as slow. When send
-// is closed it has written everything queued; it sends its close frame
-// (p.closeCode) and returns.
-func pump[T any](p *peer, send <-chan T, encode func(T) []byte, written func(T)) {
-	defer close(p.done)
-	w := pumpState{p: p}
-	var tick <-chan time.Time // nil: no pings
-	if p.ka.interval > 0 {
-		t := time.NewTicker(p.ka.interval)
-		defer t.Stop()
-		tick = t.C
+// endReader tells the reader that the close frame is out: it may read for
+// p.grace more, for the peer's answer. closing is closed before the
+// deadline is set, and the reader sets its idle deadline before it looks
+// at closing, so whichever runs last, the reader cannot wait past grace.
+func (p *peer) endReader() {
+	close(p.closing)
+	p.live.conn.SetReadDeadline(time.Now().Add(p.grace))
+}
+
+// Writer states (conn.writer): none runs; one runs; one runs and must
+// look again before it ends, because something new waits.
+const (
+	writerIdle = iota
+	writerRunning
+	writerAgain
+)
+
+// wakeWriter makes sure that c's writer sees what the caller has just put
+// where writers look (the send queue, pongs, echo, live.pingWanted): it starts
+// a writer goroutine when none runs, or else tells the one running to look
+// again before it ends. Only the caller that finds the state idle starts
+// one, and only a writer that has looked since the last wake sets it back
+// to idle, so one writer runs at a time and nothing is left waiting.
+func (c *conn) wakeWriter() {
+	if c.writer.Swap(writerAgain) == writerIdle {
+		go c.write()
 	}
+}
+
+// write is c's writer goroutine, started by wakeWriter, and while it runs
+// the only code that writes to the socket: it writes what waits and
+// returns once it has looked and found nothing more. An idle editor thus
+// has no writer goroutine and holds no write buffer.
+func (c *conn) write() {
+	for {
+		// A swap, not a store: it reads the state, and so sees everything
+		// that the wakes before it made visible.
+		c.writer.Swap(writerRunning)
+		c.writeWaiting()
+		if c.writer.CompareAndSwap(writerRunning, writerIdle) {
+			return
+		}
+	}
+}
+
+// writeWaiting writes what waits, control frames before data (RFC 6455
+// §5.4 lets them go between messages): the answer to the peer's close, a
+// pong, a ping, then the send queue in batches. It returns when it finds
+// nothing. Writer only.
+func (c *conn) writeWaiting() {
 	for {
 		select {
-		case m, ok := <-send:
-			if ok && p.out != nil {
-				ok = writeBatch(&w, m, send, encode, written)
-			} else if ok {
-				if msg := encode(m); msg != nil && w.open() {
-					w.data(msg)
-				}
-				written(m)
-			}
-			if !ok {
-				w.close(cmp.Or(p.closeCode, closeNormal))
+		case code := <-c.echo:
+			c.w.close(code) // RFC 6455 §5.5.1: answer, then send no more data
+		case payload := <-c.pongs:
+			c.w.control(opPong, payload)
+		default:
+			if c.live.pingWanted.Swap(false) {
+				c.w.control(opPing, c.live.pingPayload())
+			} else if !c.writeBatch() {
 				return
 			}
-		case <-tick:
-			w.control(websocket.PingFrame, p.live.pingPayload())
-		case payload := <-p.pongs:
-			w.control(websocket.PongFrame, payload)
-		case code := <-p.echo:
-			w.close(code) // RFC 6455 §5.5.1: answer, then send no more data
 		}
 	}
 }
@@ -1725,75 +1837,158 @@ const maxBatch = 32 << 10
 // editor holds none.
 var batchBuffers = sync.Pool{New: func() any { return new([]byte) }}
 
-// writeBatch writes first and whatever else send holds already, until it
-// has taken maxBatch bytes or more (under 2*maxBatch), as binary frames in
-// one write: x/net/websocket flushes after every frame, and under load one
-// write(2) per delivery was most of the relay's CPU. It returns false once
-// send is closed. Bytes are marked written (the hub's backlog) once they
-// are in the batch, so a writer may hold one batch beyond its queue's
-// budget. Writer goroutine only. p.out is written directly, which is safe
-// because the writer goroutine is the only one that writes, x/net flushes
-// its own buffer after each of its writes, nothing is written raw after a
-// failed write or the close frame, and p.out is the very connection x/net
-// writes to (plain HTTP: serve leaves p.out nil under TLS).
-func writeBatch[T any](w *pumpState, first T, send <-chan T, encode func(T) []byte, written func(T)) (open bool) {
-	buf := batchBuffers.Get().(*[]byte)
-	b, payload, taken := (*buf)[:0], 0, 0
-	m, open := first, true
-	for {
-		if msg := encode(m); msg != nil && w.open() {
-			taken += len(msg)
-			if len(msg) > maxBatch {
-				b, payload = w.flushBatch(b, payload), 0
-				if w.open() { // the flush may have failed
-					w.data(msg) // large: on its own, framed by x/net
-				}
-			} else {
-				b, payload = appendServerFrame(b, websocket.BinaryFrame, msg), payload+len(msg)
-			}
+// writeBatch takes the frames waiting in the send queue until it has taken
+// maxBatch bytes or more (under 2*maxBatch) and writes them as binary
+// frames in one write: one write(2) per delivery was most of the relay's
+// CPU. It reports whether it found anything. At the queue's end it sends
+// the close frame (c.closeCode) and closes c.done; after a failed write it
+// takes frames without writing them, so that the hub never sees a dead
+// peer as slow. Bytes are marked written (the hub's backlog) once they are
+// in the batch, so a writer may hold one batch beyond its queue's budget.
+// Writer only.
+func (c *conn) writeBatch() (found bool) {
+	var buf *[]byte
+	var b []byte
+	payload, taken := 0, 0
+	for taken < maxBatch { // past it, pings, pongs and the answer to a close get their turn
+		msg, got := c.take()
+		if got == queueEmpty {
+			break
 		}
-		written(m)
-		if taken >= maxBatch {
-			break // pings, pongs and the answer to a close get their turn
+		found = true
+		if got == queueEnded {
+			b = c.w.flushBatch(b, payload)
+			c.w.close(cmp.Or(c.closeCode, closeNormal))
+			close(c.done)
+			break
 		}
-		select {
-		case m, open = <-send:
-			if open {
-				continue
-			}
+		taken += len(msg)
+		switch {
+		case !c.w.open():
+		case len(msg) > maxBatch:
+			b, payload = c.w.flushBatch(b, payload), 0
+			c.w.data(msg) // on its own, not copied
 		default:
+			if buf == nil {
+				buf = batchBuffers.Get().(*[]byte)
+				b = (*buf)[:0]
+			}
+			b, payload = appendServerFrame(b, opBinary, msg), payload+len(msg)
 		}
-		break
+		c.backlog.done(len(msg))
 	}
-	b = w.flushBatch(b, payload)
-	if cap(b) <= 2*maxBatch {
+	b = c.w.flushBatch(b, payload)
+	if buf != nil && cap(b) <= 2*maxBatch {
 		*buf = b
 		batchBuffers.Put(buf)
 	}
-	return open
+	return found
 }
 
-// flushBatch writes the frames in b, which carry payload bytes of data,
-// within the time their size allows, and returns b emptied.
-func (w *pumpState) flushBatch(b []byte, payload int) []byte {
-	if len(b) == 0 || !w.open() {
-		return b[:0]
+// What take finds in the send queue.
+const (
+	queueEmpty = iota // nothing waits
+	queueFrame        // a frame
+	queueEnded        // the queue's end: the hub has closed the conn
+)
+
+// take returns the send queue's next frame without waiting, and moves on
+// from segment to segment; after the queue's end it finds nothing. Writer
+// only.
+func (c *conn) take() ([]byte, int) {
+	for c.head != nil {
+		select {
+		case msg, ok := <-c.head.ch:
+			if ok {
+				c.queued.Add(-1)
+				return msg, queueFrame
+			}
+			if c.head = c.head.next; c.head == nil {
+				return nil, queueEnded
+			}
+		default:
+			return nil, queueEmpty
+		}
 	}
-	out := w.p.out
-	err := out.SetWriteDeadline(time.Now().Add(transferTime(writeWait, len(b))))
-	if err == nil {
-		_, err = out.Write(b)
-		out.SetWriteDeadline(time.Time{})
-	}
-	if err != nil {
-		w.fail(err)
-	} else {
-		w.p.live.sent(payload)
-	}
-	return b[:0]
+	return nil, queueEmpty
 }
 
-// pumpState is what the writer knows of its socket. Writer goroutine only.
+// push puts msg on c's send queue and wakes the writer, without blocking.
+// It reports false when the queue holds c.limit frames already. A full
+// segment is followed by one twice its size (up to c.limit), and an
+// oversized one that the writer has emptied by one of minSegment, so that
+// a burst's room goes once the burst has. Hub only.
+func (c *conn) push(msg []byte) bool {
+	if int(c.queued.Load()) >= c.limit {
+		return false
+	}
+	switch n := cap(c.tail.ch); {
+	case len(c.tail.ch) == n:
+		c.grow(min(2*n, c.limit))
+	case n > minSegment && len(c.tail.ch) == 0:
+		c.grow(minSegment)
+	}
+	c.queued.Add(1)
+	c.tail.ch <- msg // never blocks: the segment has room, and the hub alone sends
+	c.wakeWriter()
+	return true
+}
+
+// grow continues the send queue in a new segment of n frames. Hub only.
+func (c *conn) grow(n int) {
+	s := &segment{ch: make(chan []byte, n)}
+	c.tail.next = s
+	close(c.tail.ch) // hands the writer on to s once it has drained this one
+	c.tail = s
+}
+
+// end ends c's send queue: the writer writes what is queued, then a close
+// frame with code. Hub only.
+func (c *conn) end(code int) {
+	c.closeCode = code
+	close(c.tail.ch)
+	c.wakeWriter()
+}
+
+// pump is the upstream's writer goroutine, the only code that writes to
+// p.ws: the messages from send (encoded by encode; written is called for
+// each, sent or not, to free its bytes), pings every p.ka.interval, pongs
+// and the answer to the peer's close. After a failed write it drains send
+// until the hub closes it. When send is closed it has written everything
+// queued; it sends its close frame (p.closeCode) and returns. (An editor's
+// writer runs only on demand: see conn.write.)
+func pump[T any](p *peer, send <-chan T, encode func(T) []byte, written func(T)) {
+	defer close(p.done)
+	w := pumpState{p: p}
+	var tick <-chan time.Time // nil: no pings
+	if p.ka.interval > 0 {
+		t := time.NewTicker(p.ka.interval)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		select {
+		case m, ok := <-send:
+			if !ok {
+				w.close(cmp.Or(p.closeCode, closeNormal))
+				return
+			}
+			if msg := encode(m); msg != nil && w.open() {
+				w.data(msg)
+			}
+			written(m)
+		case <-tick:
+			w.control(opPing, p.live.pingPayload())
+		case payload := <-p.pongs:
+			w.control(opPong, payload)
+		case code := <-p.echo:
+			w.close(code) // RFC 6455 §5.5.1: answer, then send no more data
+		}
+	}
+}
+
+// pumpState is what the writer knows of its socket. Writer only; an
+// editor's lives on in its conn from one writer goroutine to the next.
 type pumpState struct {
 	p      *peer
 	failed bool // a write failed: the socket is closed
@@ -1806,19 +2001,46 @@ func (w *pumpState) open() bool { return !w.failed && !w.closed }
 // data writes one binary message and credits the peer with the time its
 // bytes take to arrive (see liveness).
 func (w *pumpState) data(msg []byte) {
-	if err := writeMessage(w.p.ws, msg); err != nil {
+	var err error
+	if w.p.ws != nil {
+		err = writeMessage(w.p.ws, msg)
+	} else {
+		err = writeRaw(w.p.nc, appendServerHeader(nil, opBinary, len(msg)), msg)
+	}
+	if err != nil {
 		w.fail(err)
 		return
 	}
 	w.p.live.sent(len(msg))
 }
 
+// flushBatch writes the frames in b, which carry payload bytes of data,
+// to an editor's socket, and returns b emptied.
+func (w *pumpState) flushBatch(b []byte, payload int) []byte {
+	if len(b) == 0 || !w.open() {
+		return b[:0]
+	}
+	if err := writeRaw(w.p.nc, b, nil); err != nil {
+		w.fail(err)
+	} else {
+		w.p.live.sent(payload)
+	}
+	return b[:0]
+}
+
 // control writes a ping or pong frame, if frames may still be written.
 func (w *pumpState) control(opcode byte, payload []byte) {
-	if w.open() {
-		if err := writeFrame(w.p.ws, opcode, payload); err != nil {
-			w.fail(err)
-		}
+	if !w.open() {
+		return
+	}
+	var err error
+	if w.p.ws != nil {
+		err = writeFrame(w.p.ws, opcode, payload)
+	} else {
+		err = writeRaw(w.p.nc, appendServerFrame(make([]byte, 0, 2+len(payload)), opcode, payload), nil)
+	}
+	if err != nil {
+		w.fail(err)
 	}
 }
 
@@ -1835,19 +2057,7 @@ func (w *pumpState) close(code int) {
 func (w *pumpState) fail(err error) {
 	w.p.log.Debug("write failed", "err", err)
 	w.failed = true
-	// An editor's raw is its websocket.Conn, whose Close writes a close
-	// frame first: the expired deadline keeps that from blocking.
-	w.p.ws.SetWriteDeadline(time.Now())
 	w.p.raw.Close()
-}
-
-// endReader tells a frameReader that the close frame is out: it may read
-// for grace more, for the peer's answer. closing is closed before the
-// deadline is set, and the reader sets its idle deadline before it looks
-// at closing, so whichever runs last, the reader cannot wait past grace.
-func endReader(ws *websocket.Conn, closing chan struct{}, grace time.Duration) {
-	close(closing)
-	ws.SetReadDeadline(time.Now().Add(grace))
 }
 
 // liveness is a peer's read deadline: the time of the last frame heard from
@@ -1858,15 +2068,29 @@ func endReader(ws *websocket.Conn, closing chan struct{}, grace time.Duration) {
 // them all. A peer behind a slow link that is still taking a large write is
 // thus alive although its pongs wait behind that write; a peer that takes
 // nothing is found dead once those bytes could have arrived; and a peer
-// that has taken everything gets no more time than the timeout.
+// that has taken everything gets no more time than the timeout. For an
+// editor the deadline also comes at the next ping (pingAt): the reader,
+// woken by it, asks the writer for the ping (see frameReader.keepWaiting),
+// so that pings cost no timer and no goroutine of their own.
 type liveness struct {
-	ws       *websocket.Conn
+	conn     readDeadliner
 	timeout  time.Duration // 0: no deadline
+	interval time.Duration // between the pings that the deadline brings; 0: none
 	heard    atomic.Int64  // when the last frame came, in monoNow's nanoseconds
 	incoming atomic.Int64  // bytes of the frame being read
 	written  atomic.Int64  // data bytes written to the peer
 	acked    atomic.Int64  // of those, the ones a pong proved delivered
 	applied  atomic.Int64  // the deadline last set, in monoNow's nanoseconds
+	pingAt   atomic.Int64  // when the next ping is due, in monoNow's nanoseconds; 0: never
+	// pingWanted asks an editor's writer for a ping: set by the reader
+	// when one is due, taken by the writer.
+	pingWanted atomic.Bool
+}
+
+// readDeadliner is a socket whose read deadline liveness sets: an editor's
+// net.Conn or the upstream's websocket.Conn.
+type readDeadliner interface {
+	SetReadDeadline(t time.Time) error
 }
 
 // maxOwed caps the bytes a peer is given time for: a peer whose pongs
@@ -1887,10 +2111,15 @@ func monoNow() int64 { return int64(time.Since(monoBase)) }
 // per message would cost every write.
 const deadlineSlack = 100 * time.Millisecond
 
-// newLiveness starts the clock of a peer heard from just now.
-func newLiveness(ws *websocket.Conn, timeout time.Duration) *liveness {
-	l := &liveness{ws: ws, timeout: timeout}
-	l.heard.Store(monoNow())
+// newLiveness starts the clock of a peer heard from just now, with a ping
+// due every interval (0: none).
+func newLiveness(conn readDeadliner, timeout, interval time.Duration) *liveness {
+	l := &liveness{conn: conn, timeout: timeout, interval: interval}
+	now := monoNow()
+	l.heard.Store(now)
+	if interval > 0 {
+		l.pingAt.Store(now + int64(interval))
+	}
 	return l
 }
 
@@ -1936,10 +2165,23 @@ func (l *liveness) pong(payload []byte) {
 	}
 }
 
-// deadline computes the read deadline from the counters.
-func (l *liveness) deadline() int64 {
+// timeUp is when the peer's time runs out, from the counters (timeout set).
+func (l *liveness) timeUp() int64 {
 	owed := min(max(0, l.written.Load()-l.acked.Load()), maxOwed) + l.incoming.Load()
 	return l.heard.Load() + int64(l.timeout+transferTime(0, int(owed)))
+}
+
+// deadline computes the read deadline from the counters: the peer's time
+// or the next ping, whichever comes first.
+func (l *liveness) deadline() int64 {
+	ping := l.pingAt.Load()
+	if l.timeout <= 0 {
+		return ping
+	}
+	if up := l.timeUp(); ping == 0 || up < ping {
+		return up
+	}
+	return ping
 }
 
 // apply sets the socket's read deadline. The reader and the writer both
@@ -1947,12 +2189,12 @@ func (l *liveness) deadline() int64 {
 // deadline it set is the one the counters give, which leaves the latest
 // in place.
 func (l *liveness) apply() error {
-	if l.timeout <= 0 {
+	if l.timeout <= 0 && l.interval <= 0 {
 		return nil
 	}
 	for {
 		at := l.deadline()
-		if err := l.ws.SetReadDeadline(monoBase.Add(time.Duration(at))); err != nil {
+		if err := l.conn.SetReadDeadline(monoBase.Add(time.Duration(at))); err != nil {
 			return err
 		}
 		l.applied.Store(at)
@@ -1960,6 +2202,24 @@ func (l *liveness) apply() error {
 			return nil
 		}
 	}
+}
+
+// expired is called by the reader when its read deadline has passed, and
+// reports whether the peer's time is up. If not, the deadline was the next
+// ping (it asks p's writer for one and sets the one after) or one that
+// frames or writes have moved since; either way the new deadline is set
+// and the reader reads on. Reader only.
+func (l *liveness) expired(p *peer) bool {
+	now := monoNow()
+	if l.timeout > 0 && now >= l.timeUp() {
+		return true
+	}
+	if at := l.pingAt.Load(); at != 0 && now >= at {
+		l.pingAt.Store(now + int64(l.interval))
+		l.pingWanted.Store(true)
+		p.wakeWriter()
+	}
+	return l.apply() != nil
 }
 
 // writeMessage writes msg as one binary frame within writeWait.
@@ -1982,6 +2242,28 @@ func writeFrame(ws *websocket.Conn, opcode byte, msg []byte) error {
 	return err
 }
 
+// writeRaw writes b and then more (which may be nil), whole frames, to an
+// editor's socket within writeWait plus the time their size takes. The
+// deadline is cleared afterwards: left armed, its timer would fire
+// writeWait after every write, waking an idle relay for nothing.
+func writeRaw(nc net.Conn, b, more []byte) error {
+	if err := nc.SetWriteDeadline(time.Now().Add(transferTime(writeWait, len(b)+len(more)))); err != nil {
+		return err
+	}
+	defer nc.SetWriteDeadline(time.Time{})
+	if _, err := nc.Write(b); err != nil || len(more) == 0 {
+		return err
+	}
+	_, err := nc.Write(more)
+	return err
+}
+
+// closeFrame is a server's close frame with code and no reason (RFC 6455
+// §5.5.1), as x/net's WriteClose sends it.
+func closeFrame(code int) []byte {
+	return appendServerFrame(nil, opClose, binary.BigEndian.AppendUint16(nil, uint16(code)))
+}
+
 // minTransferRate is the slowest a peer may take a large message, or send
 // one: deadlines grant time in proportion to the bytes, so that a big
 // document's step 2 over a slow link is not cut off (and then resent in
@@ -2002,18 +2284,23 @@ func writeClose(ws *websocket.Conn, code int) error {
 	return ws.WriteClose(code)
 }
 
-// frameReader reads the frames of one WebSocket for its reader goroutine.
-// It reads them itself rather than through websocket.Message: the library
-// hands on each fragment of a fragmented message as a message of its own
-// and hides the FIN bit, which would cut a Yjs message in pieces, and its
-// HandleFrame writes pongs and close frames from the reader goroutine, with
-// no write deadline of ours. Here the first frame that is not a whole
-// binary message ends the conn before any of it is passed on, and pings are
-// answered by the writer goroutine.
+// frameReader reads the frames of one WebSocket for its reader goroutine:
+// an editor's from its socket, with its wireReader; the upstream's through
+// x/net/websocket's frame reader. Either way it checks each frame itself
+// rather than taking websocket.Message: the library hands on each fragment
+// of a fragmented message as a message of its own and hides the FIN bit,
+// which would cut a Yjs message in pieces, and its HandleFrame writes pongs
+// and close frames from the reader goroutine, with no write deadline of
+// ours. Here the first frame that is not a whole binary message ends the
+// conn before any of it is passed on, and pings are answered by the writer
+// goroutine.
 type frameReader struct {
 	p      *peer
-	max    int  // largest message accepted, in bytes
-	closed bool // p.closing has been seen: wait p.grace at most, for the answer
+	in     *wireReader // an editor's read-ahead; nil: frames come through p.ws
+	max    int         // largest message accepted, in bytes
+	closed bool        // p.closing has been seen: wait p.grace at most, for the answer
+	// payload reads the current frame's payload from in.
+	payload payloadReader
 }
 
 // next returns the payload of the next binary message. Every frame, control
@@ -2023,50 +2310,86 @@ func (r *frameReader) next() ([]byte, error) {
 		if err := r.setDeadline(); err != nil {
 			return nil, err
 		}
-		fr, err := r.p.ws.NewFrameReader()
+		if r.in != nil && r.in.r == r.in.w {
+			// An idle editor's reader waits here, not deeper down: its
+			// stack stays small (see serve).
+			if err := r.fill(); err != nil {
+				return nil, err
+			}
+		}
+		h, payload, err := r.nextFrame()
 		if err != nil {
 			return nil, err
 		}
-		var hdr [14]byte // the longest header: 2 + 8 length + 4 mask bytes
-		n := 0
-		if h := fr.HeaderReader(); h != nil {
-			n, _ = io.ReadFull(h, hdr[:])
-		}
-		if n < 2 {
-			return nil, fmt.Errorf("%w: short frame header", errProtocol)
-		}
-		if err := checkFrameHeader(hdr[:n], r.p.ws.IsServerConn()); err != nil {
-			return nil, err
-		}
-		fin, opcode := hdr[0]&0x80 != 0, hdr[0]&0x0f
-		size := fr.Len() - n // fr reads the payload, unmasked
-		control, err := classifyFrame(fin, opcode, size, r.max)
+		control, err := classifyFrame(h.fin, h.opcode, h.size, r.max)
 		switch {
 		case errors.Is(err, errTextFrame):
 			// Skip the payload so that a caller may go on reading.
-			if _, err := io.Copy(io.Discard, fr); err != nil {
+			if _, err := io.Copy(io.Discard, payload); err != nil {
 				return nil, err
 			}
 			return nil, errTextFrame
 		case err != nil:
 			return nil, err
 		case control:
-			if err := r.control(fr, opcode, size); err != nil {
+			if err := r.control(payload, h.opcode, h.size); err != nil {
 				return nil, err
 			}
 			continue
 		}
-		if !r.closed && size > exactRead {
+		if !r.closed && h.size > exactRead {
 			// A large payload may take longer than the timeout to arrive.
-			if err := r.p.live.expect(size); err != nil {
+			if err := r.p.live.expect(h.size); err != nil {
 				return nil, err
 			}
 			if err := r.checkClosing(); err != nil {
 				return nil, err
 			}
 		}
-		return readPayload(fr, size)
+		return readPayload(payload, h.size)
 	}
+}
+
+// nextFrame reads the next frame's header, checked against the side it
+// comes from (checkFrameHeader), and returns it with a reader of its
+// payload, unmasked.
+func (r *frameReader) nextFrame() (frameHeader, io.Reader, error) {
+	if r.in != nil {
+		return r.wireFrame()
+	}
+	fr, err := r.p.ws.NewFrameReader()
+	if err != nil {
+		return frameHeader{}, nil, err
+	}
+	var hdr [maxFrameHeader]byte
+	n := 0
+	if h := fr.HeaderReader(); h != nil {
+		n, _ = io.ReadFull(h, hdr[:])
+	}
+	h, err := parseFrameHeader(hdr[:n])
+	if err == nil {
+		err = checkFrameHeader(hdr[:n], r.p.ws.IsServerConn())
+	}
+	return h, fr, err // fr has unmasked the payload already
+}
+
+// wireFrame reads an editor's next frame header from its socket.
+func (r *frameReader) wireFrame() (frameHeader, io.Reader, error) {
+	if err := r.need(2); err != nil {
+		return frameHeader{}, nil, err
+	}
+	in := r.in
+	if err := r.need(frameHeaderLen(in.buf[in.r+1])); err != nil {
+		return frameHeader{}, nil, err
+	}
+	hdr := in.buf[in.r : in.r+frameHeaderLen(in.buf[in.r+1])]
+	in.r += len(hdr)
+	h, err := parseFrameHeader(hdr)
+	if err == nil {
+		err = checkFrameHeader(hdr, true)
+	}
+	r.payload = payloadReader{r: r, left: h.size, mask: h.mask}
+	return h, &r.payload, err
 }
 
 // setDeadline restarts the idle deadline, or, once closing is closed, sets
@@ -2087,10 +2410,27 @@ func (r *frameReader) checkClosing() error {
 	select {
 	case <-r.p.closing:
 		r.closed = true
-		return r.p.ws.SetReadDeadline(time.Now().Add(r.p.grace))
+		return r.p.live.conn.SetReadDeadline(time.Now().Add(r.p.grace))
 	default:
 		return nil
 	}
+}
+
+// keepWaiting reports whether an editor's read that failed with err may
+// go on: its deadline passed, but only the next ping was due or the
+// deadline had moved since (liveness.expired), or the close frame has
+// gone out meanwhile and the grace for the answer starts now.
+func (r *frameReader) keepWaiting(err error) bool {
+	switch {
+	case !errors.Is(err, os.ErrDeadlineExceeded), r.closed:
+		return false
+	case r.p.closed():
+		return r.checkClosing() == nil
+	}
+	if r.in.r == r.in.w {
+		r.in.full = false // a quiet socket: wait with the small buffer
+	}
+	return !r.p.live.expired(r.p)
 }
 
 // control handles a control frame: a close is handed to the writer to
@@ -2102,7 +2442,7 @@ func (r *frameReader) control(fr io.Reader, opcode byte, size int) error {
 		return err
 	}
 	switch opcode {
-	case websocket.CloseFrame:
+	case opClose:
 		pc, err := parseClose(payload)
 		if err != nil {
 			return err
@@ -2110,12 +2450,14 @@ func (r *frameReader) control(fr io.Reader, opcode byte, size int) error {
 		pc.answer = r.closed || r.p.closed()
 		select {
 		case r.p.echo <- echoCode(pc.code):
+			r.p.wakeWriter()
 		default: // answered already
 		}
 		return pc
-	case websocket.PingFrame:
+	case opPing:
 		answerLatest(r.p.pongs, payload)
-	case websocket.PongFrame:
+		r.p.wakeWriter()
+	case opPong:
 		r.p.live.pong(payload)
 	}
 	return nil
@@ -2131,6 +2473,165 @@ func answerLatest(pongs chan []byte, payload []byte) {
 	default:
 	}
 	pongs <- payload
+}
+
+// Sizes of an editor's read-ahead buffer, in bytes: readBuffer while frames
+// arrive, idleRead while it waits for the next. idleRead holds a whole
+// frame header (maxFrameHeader) and a pong.
+const (
+	readBuffer = 4 << 10
+	idleRead   = 16
+)
+
+// readBuffers holds the read-ahead buffers of editors whose frames are
+// arriving now.
+var readBuffers = sync.Pool{New: func() any { b := make([]byte, readBuffer); return &b }}
+
+// wireReader is an editor's read-ahead, owned by its reader goroutine. The
+// relay reads an editor's frames from the socket itself, so that no buffer
+// of net/http's or x/net's stays with the connection. While bytes keep
+// coming (the last read filled its buffer) it reads into a pooled buffer
+// of readBuffer bytes; once it has used up what it read and the socket
+// gave less than it could take, it gives the buffer back and waits for the
+// next bytes with a read into idle. The rest of a payload too large for
+// the buffer is read straight into the message.
+type wireReader struct {
+	buf    []byte  // unread bytes are buf[r:w]
+	r, w   int     // read and write offsets in buf
+	pooled *[]byte // the pooled buffer that buf is; nil: none
+	full   bool    // the last read filled what it was given: more bytes may wait
+	idle   [idleRead]byte
+}
+
+// room returns where the next read goes, with space for at least one
+// byte: an empty buffer is chosen anew (pooled while bytes keep coming,
+// else idle), and unread bytes move to the front, or to a pooled buffer,
+// when there is no space behind them.
+func (in *wireReader) room() []byte {
+	switch {
+	case in.r == in.w:
+		in.r, in.w = 0, 0
+		if in.full {
+			in.usePooled()
+		} else {
+			in.useIdle()
+		}
+	case in.w < len(in.buf):
+	case in.r > 0:
+		in.w = copy(in.buf, in.buf[in.r:in.w])
+		in.r = 0
+	default: // the small buffer is full of a header's first bytes
+		in.usePooled()
+	}
+	return in.buf[in.w:]
+}
+
+// usePooled moves the unread bytes to a pooled buffer, unless buf is one.
+func (in *wireReader) usePooled() {
+	if in.pooled != nil {
+		return
+	}
+	p := readBuffers.Get().(*[]byte)
+	n := copy(*p, in.buf[in.r:in.w])
+	in.buf, in.pooled, in.r, in.w = *p, p, 0, n
+}
+
+// useIdle makes the small buffer the one to read into; buf must be empty.
+func (in *wireReader) useIdle() {
+	in.release()
+	in.buf = in.idle[:]
+}
+
+// release gives the pooled buffer back, if buf is one; the reader calls
+// it once more when the connection ends.
+func (in *wireReader) release() {
+	if in.pooled != nil {
+		readBuffers.Put(in.pooled)
+		in.pooled, in.buf, in.r, in.w = nil, nil, 0, 0
+	}
+}
+
+// need reads until the read-ahead holds n unread bytes, n at most
+// maxFrameHeader.
+func (r *frameReader) need(n int) error {
+	for r.in.w-r.in.r < n {
+		if err := r.fill(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// fill reads at least one more byte into the read-ahead. A read whose
+// deadline passed only for a ping goes on (keepWaiting), in a buffer
+// chosen anew.
+func (r *frameReader) fill() error {
+	for {
+		room := r.in.room()
+		n, err := r.p.nc.Read(room)
+		r.in.w += n
+		r.in.full = n == len(room)
+		if n > 0 {
+			return nil
+		}
+		if err != nil && !r.keepWaiting(err) {
+			return err
+		}
+	}
+}
+
+// payloadReader reads the payload of the frame whose header an editor's
+// frameReader has just read, and unmasks it (RFC 6455 §5.3).
+type payloadReader struct {
+	r    *frameReader
+	left int // payload bytes not read yet
+	pos  int // payload bytes read so far
+	mask [4]byte
+}
+
+// Read reads payload bytes into p: what the read-ahead holds; else, for a
+// p as large as the pooled buffer or larger, straight from the socket;
+// else through the read-ahead.
+func (pr *payloadReader) Read(p []byte) (int, error) {
+	if pr.left <= 0 {
+		return 0, io.EOF
+	}
+	p = p[:min(len(p), pr.left)]
+	r, in := pr.r, pr.r.in
+	var n int
+	if in.r == in.w && len(p) >= readBuffer {
+		var err error
+		if n, err = r.readSocket(p); err != nil {
+			return 0, err
+		}
+	} else {
+		if in.r == in.w {
+			if err := r.fill(); err != nil {
+				return 0, err
+			}
+		}
+		n = copy(p, in.buf[in.r:in.w])
+		in.r += n
+	}
+	maskBytes(pr.mask, pr.pos, p[:n])
+	pr.pos += n
+	pr.left -= n
+	return n, nil
+}
+
+// readSocket reads into p straight from an editor's socket, at least one
+// byte, going on after a deadline that passed only for a ping.
+func (r *frameReader) readSocket(p []byte) (int, error) {
+	for {
+		n, err := r.p.nc.Read(p)
+		if n > 0 {
+			r.in.full = n == len(p)
+			return n, nil
+		}
+		if err != nil && !r.keepWaiting(err) {
+			return 0, err
+		}
+	}
 }
 
 // exactRead is the payload size up to which readPayload allocates at once.

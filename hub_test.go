@@ -75,11 +75,51 @@ func (h *hubHarness) join(doc string, queue int) *conn {
 	if err := h.hub.admit(doc); err != nil {
 		h.t.Fatalf("admit: %v", err)
 	}
-	c := &conn{peer: peer{log: discard}, doc: doc, remote: "mem", send: make(chan []byte, queue)}
+	c := testConn(doc, queue)
 	h.hub.join <- c
 	h.t.Cleanup(func() { h.leave(c) })
 	h.expect(c, emptyStep1)
 	return c
+}
+
+// testConn makes an editor's conn without a socket, whose send queue
+// takes up to queue frames. The test plays its writer (next, queued): the
+// conn's state says a writer runs, so the hub never starts one.
+func testConn(doc string, queue int) *conn {
+	first := &segment{ch: make(chan []byte, min(minSegment, queue))}
+	c := &conn{peer: peer{log: discard}, doc: doc, remote: "mem", limit: queue, tail: first, head: first}
+	c.writer.Store(writerRunning)
+	return c
+}
+
+// takeQueued waits for the next frame queued for c, or until timeout (nil:
+// no wait at all), and follows the queue from segment to segment as c's
+// writer does; ended is true at the queue's end. The caller plays c's
+// writer.
+func takeQueued(c *conn, timeout <-chan time.Time) (msg []byte, ended, timedOut bool) {
+	for {
+		msg, got := c.take()
+		switch {
+		case got == queueFrame:
+			return msg, false, false
+		case got == queueEnded || c.head == nil:
+			return nil, true, false
+		case timeout == nil:
+			return nil, false, true
+		}
+		select { // wait for the segment to hold something, or to close
+		case msg, ok := <-c.head.ch:
+			if ok {
+				c.queued.Add(-1)
+				return msg, false, false
+			}
+			if c.head = c.head.next; c.head == nil {
+				return nil, true, false
+			}
+		case <-timeout:
+			return nil, false, true
+		}
+	}
 }
 
 // twoEditors joins two editors to doc and consumes the query-awareness
@@ -97,7 +137,7 @@ func (h *hubHarness) twoEditors(doc string) (a, b *conn) {
 func (h *hubHarness) stuffed(doc string) *conn {
 	h.t.Helper()
 	c := h.join(doc, 1)
-	c.send <- []byte{0xff} // a backlog the test never reads
+	c.queued.Add(1) // a frame queued that the writer has not taken
 	return c
 }
 
@@ -210,7 +250,7 @@ func (h *hubHarness) sendBudget() int64 { return h.hub.connBytes }
 // nothing, so that it may run on a goroutine of its own.
 func (h *hubHarness) drain(c *conn, n int) {
 	for range n {
-		<-c.send
+		takeQueued(c, make(chan time.Time)) // waits for ever
 	}
 }
 
@@ -224,16 +264,14 @@ func (h *hubHarness) drainUp(l *upstreamLink, n int) {
 // next returns the next message queued for c.
 func (h *hubHarness) next(c *conn) []byte {
 	h.t.Helper()
-	select {
-	case msg, ok := <-c.send:
-		if !ok {
-			h.t.Fatalf("conn on %s was closed (code %d)", c.doc, c.closeCode)
-		}
-		return msg
-	case <-time.After(testTimeout):
+	msg, ended, timedOut := takeQueued(c, time.After(testTimeout))
+	switch {
+	case ended:
+		h.t.Fatalf("conn on %s was closed (code %d)", c.doc, c.closeCode)
+	case timedOut:
 		h.t.Fatalf("nothing queued for conn on %s", c.doc)
-		return nil
 	}
+	return msg
 }
 
 // expect fails unless c's next message is want.
@@ -248,15 +286,11 @@ func (h *hubHarness) expect(c *conn, want []byte) {
 func (h *hubHarness) queued(c *conn) [][]byte {
 	var msgs [][]byte
 	for {
-		select {
-		case msg, ok := <-c.send:
-			if !ok {
-				return msgs
-			}
-			msgs = append(msgs, msg)
-		default:
+		msg, ended, timedOut := takeQueued(c, nil)
+		if ended || timedOut {
 			return msgs
 		}
+		msgs = append(msgs, msg)
 	}
 }
 
@@ -272,19 +306,18 @@ func (h *hubHarness) expectEmpty(c *conn) {
 // code.
 func (h *hubHarness) expectClosed(c *conn, code int) {
 	h.t.Helper()
+	timeout := time.After(testTimeout)
 	for {
-		select {
-		case _, ok := <-c.send:
-			if ok {
-				continue
-			}
-			if c.closeCode != code {
-				h.t.Fatalf("closed with %d, want %d", c.closeCode, code)
-			}
-			return
-		case <-time.After(testTimeout):
+		_, ended, timedOut := takeQueued(c, timeout)
+		switch {
+		case timedOut:
 			h.t.Fatal("conn was not closed")
+		case !ended:
+			continue
+		case c.closeCode != code:
+			h.t.Fatalf("closed with %d, want %d", c.closeCode, code)
 		}
+		return
 	}
 }
 
@@ -1491,7 +1524,7 @@ func (h *hubHarness) joinStored(link *storeLink, doc string) *conn {
 	if err := h.hub.admit(doc); err != nil {
 		h.t.Fatalf("admit: %v", err)
 	}
-	c := &conn{peer: peer{log: discard}, doc: doc, remote: "mem", send: make(chan []byte, connQueue)}
+	c := testConn(doc, connQueue)
 	h.hub.join <- c
 	h.t.Cleanup(func() { h.leave(c) })
 	if op := h.expectOp(link, opOpen, doc); op.to != c {

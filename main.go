@@ -2884,10 +2884,6 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 	return s, nil
 }
 
-// acceptedConnKey is the request context key of the connection the HTTP
-// server accepted the request on.
-type acceptedConnKey struct{}
-
 // noUpstream is the upstreamMode of a standalone relay: no server.
 type noUpstream struct{}
 
@@ -3197,12 +3193,7 @@ func (s *service) logStart() {
 // httpServer is the local HTTP server, with s as its handler.
 func (s *service) httpServer() *http.Server {
 	srv := &http.Server{
-		Handler: s,
-		// The accepted connection, for an editor's writer to write its
-		// frames in batches (writeBatch).
-		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
-			return context.WithValue(ctx, acceptedConnKey{}, c)
-		},
+		Handler:           s,
 		ReadHeaderTimeout: handshakeTimeout,
 		// Bounds the answers to plain requests for a client that does not
 		// read them; a hijacked WebSocket has its deadlines cleared.
@@ -3289,15 +3280,76 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, http.StatusServiceUnavailable, admitRefusal(err), err.Error())
 		return
 	}
-	defer s.hub.release(doc)
-	ws := websocket.Server{
+	nc, pending, err := upgrade(w, r)
+	if err != nil {
+		s.hub.release(doc)
+		s.log.Debug("websocket handshake failed", "doc", doc, "remote", r.RemoteAddr, "err", err)
+		return
+	}
+	// The editor's reader, a goroutine of its own, takes the connection
+	// over (and releases the admission at its end); this one returns, and
+	// with it goes what net/http kept for the request.
+	go s.hub.serve(nc, pending, doc, r.RemoteAddr)
+}
+
+// errHandshake is a WebSocket handshake that x/net/websocket refused (and
+// answered with 400 or 403).
+var errHandshake = errors.New("websocket handshake refused")
+
+// upgrade answers r's WebSocket handshake and returns the connection, which
+// the relay then reads and writes itself (hub.serve), with pending, the
+// bytes net/http had read past the request: a client may send frames
+// before it sees the answer. x/net/websocket checks the request and writes
+// the answer (RFC 6455 §4.2.2); its Conn, and with it net/http's 4 KiB
+// read and write buffers, is let go at once, so that an idle editor holds
+// none of them. Errors: errHandshake.
+func upgrade(w http.ResponseWriter, r *http.Request) (nc net.Conn, pending []byte, err error) {
+	tap := &hijackTap{ResponseWriter: w}
+	upgraded := false
+	websocket.Server{
 		// The gate has decided about Origin already; websocket.Handler
 		// would refuse the native clients that send none.
 		Handshake: func(*websocket.Config, *http.Request) error { return nil },
-		Handler:   func(ws *websocket.Conn) { s.hub.serve(ws, doc) },
+		Handler:   func(*websocket.Conn) { upgraded = true },
+	}.ServeHTTP(tap, r)
+	if !upgraded {
+		if tap.conn != nil {
+			tap.conn.Close()
+		}
+		return nil, nil, errHandshake
 	}
-	ws.ServeHTTP(w, r)
+	if n := tap.rw.Reader.Buffered(); n > 0 {
+		b, _ := tap.rw.Reader.Peek(n)
+		pending = bytes.Clone(b) // not a slice of the 4 KiB buffer, which can go
+	}
+	return tap.conn, pending, nil
 }
+
+// hijackTap is the ResponseWriter that upgrade hands x/net/websocket: it
+// keeps the hijacked connection and net/http's reader for upgrade, and
+// gives the library the connection with a Close that does nothing, since
+// the relay goes on with the connection after the library is done.
+type hijackTap struct {
+	http.ResponseWriter
+	conn net.Conn
+	rw   *bufio.ReadWriter
+}
+
+// Hijack takes the connection over from net/http.
+func (t *hijackTap) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, rw, err := http.NewResponseController(t.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	t.conn, t.rw = conn, rw
+	return keptConn{conn}, rw, nil
+}
+
+// keptConn is a connection that its user may not close.
+type keptConn struct{ net.Conn }
+
+// Close does nothing: the connection is closed by whoever kept it.
+func (keptConn) Close() error { return nil }
 
 // admitRefusal names the reason of an error from hub.admit.
 func admitRefusal(err error) dropReason {

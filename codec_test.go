@@ -1431,3 +1431,81 @@ func TestAppendServerFrame(t *testing.T) {
 		}
 	}
 }
+
+func TestParseFrameHeader(t *testing.T) {
+	tests := []struct {
+		name   string
+		header string
+		want   frameHeader
+		err    error
+	}{
+		{"masked small binary", "82 85 01 02 03 04", frameHeader{fin: true, opcode: opBinary, masked: true, size: 5, mask: [4]byte{1, 2, 3, 4}}, nil},
+		{"unmasked ping, no payload", "89 00", frameHeader{fin: true, opcode: opPing}, nil},
+		{"continuation without FIN", "00 03", frameHeader{opcode: opContinuation, size: 3}, nil},
+		{"16-bit length", "82 fe 01 00 0a 0b 0c 0d", frameHeader{fin: true, opcode: opBinary, masked: true, size: 256, mask: [4]byte{0xa, 0xb, 0xc, 0xd}}, nil},
+		{"64-bit length", "82 7f 00 00 00 00 00 01 00 00", frameHeader{fin: true, opcode: opBinary, size: 65536}, nil},
+		{"64-bit length past an int", "82 7f 80 00 00 00 00 00 00 00", frameHeader{fin: true, opcode: opBinary, size: -1}, nil},
+		{"RSV bits kept for the check", "c2 00", frameHeader{fin: true, opcode: opBinary}, nil},
+		{"one byte", "82", frameHeader{}, errProtocol},
+		{"mask missing", "82 85 01 02", frameHeader{}, errProtocol},
+		{"16-bit length cut", "82 7e 01", frameHeader{}, errProtocol},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			hdr := unhex(t, tt.header)
+			got, err := parseFrameHeader(hdr)
+			if got != tt.want || !errors.Is(err, tt.err) {
+				t.Errorf("got %+v, %v; want %+v, %v", got, err, tt.want, tt.err)
+			}
+			if tt.err == nil && frameHeaderLen(hdr[1]) != len(hdr) {
+				t.Errorf("frameHeaderLen %d, want %d", frameHeaderLen(hdr[1]), len(hdr))
+			}
+		})
+	}
+}
+
+// TestMaskBytes checks the word-wise masking against RFC 6455 §5.3's
+// byte-wise rule, from every start position in the key and for lengths
+// around the word size, and that masking twice gives the bytes back.
+func TestMaskBytes(t *testing.T) {
+	key := [4]byte{0x37, 0xfa, 0x21, 0x3d}
+	for _, size := range []int{0, 1, 7, 8, 9, 15, 16, 17, 100} {
+		for pos := range 4 {
+			plain := make([]byte, size)
+			for i := range plain {
+				plain[i] = byte(i * 7)
+			}
+			got := slices.Clone(plain)
+			maskBytes(key, pos, got)
+			for i := range got {
+				if want := plain[i] ^ key[(pos+i)%4]; got[i] != want {
+					t.Fatalf("size %d from %d: byte %d is %#x, want %#x", size, pos, i, got[i], want)
+				}
+			}
+			maskBytes(key, pos, got)
+			if !bytes.Equal(got, plain) {
+				t.Fatalf("size %d from %d: masking twice gave % x, want % x", size, pos, got, plain)
+			}
+		}
+	}
+}
+
+// FuzzParseFrameHeader checks that any bytes give a header or an error,
+// never a panic, and that an unmasked final frame's header, encoded again
+// by appendServerHeader, reads back the same.
+func FuzzParseFrameHeader(f *testing.F) {
+	for _, seed := range []string{"82 85 01 02 03 04", "89 00", "82 7e 01 00", "82 7f 00 00 00 00 00 01 00 00", "82", ""} {
+		b, _ := hex.DecodeString(strings.ReplaceAll(seed, " ", ""))
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, hdr []byte) {
+		h, err := parseFrameHeader(hdr)
+		if err != nil || !h.fin || h.masked || h.size < 0 {
+			return
+		}
+		again, err := parseFrameHeader(appendServerHeader(nil, h.opcode, h.size))
+		if err != nil || again != h {
+			t.Errorf("% x read as %+v, re-encoded as %+v, %v", hdr, h, again, err)
+		}
+	})
+}

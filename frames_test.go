@@ -2,8 +2,12 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net"
+	"os"
+	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -328,5 +332,200 @@ func (p *slowLink) pace(dst, src net.Conn) {
 		}
 		sent += n
 		time.Sleep(time.Until(start.Add(time.Duration(sent) * time.Second / time.Duration(p.rate))))
+	}
+}
+
+// chunkConn is an editor's socket for frameReader tests: its reads return
+// data at most chunk bytes at a time, then one deadline error, as when a
+// ping falls due on a quiet socket, then EOF. rooms records how many
+// bytes each read was given room for.
+type chunkConn struct {
+	net.Conn // nil: only Read and SetReadDeadline are called
+	data     []byte
+	chunk    int
+	pinged   bool // the deadline error has been returned
+	rooms    []int
+}
+
+// Read returns the next chunk of data.
+func (c *chunkConn) Read(p []byte) (int, error) {
+	c.rooms = append(c.rooms, len(p))
+	if len(c.data) == 0 {
+		if !c.pinged {
+			c.pinged = true
+			return 0, os.ErrDeadlineExceeded
+		}
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), c.chunk)], c.data)
+	c.data = c.data[n:]
+	return n, nil
+}
+
+// SetReadDeadline does nothing: chunkConn's deadline error comes when its
+// data ends.
+func (c *chunkConn) SetReadDeadline(time.Time) error { return nil }
+
+// TestEditorFramesAcrossReads reads an editor's frames of every length
+// encoding, masked with different keys, as the socket hands them over in
+// pieces of every size, with some already read during the handshake. Each
+// message comes out whole and unmasked, a ping between them goes to the
+// writer, and once the socket is quiet the reader waits with its small
+// buffer, the pooled one given back.
+func TestEditorFramesAcrossReads(t *testing.T) {
+	var wire []byte
+	var want [][]byte
+	for i, size := range []int{0, 1, 13, 125, 126, 4000, 4096, 5000, 70000} {
+		msg := make([]byte, size)
+		for j := range msg {
+			msg[j] = byte(i + j)
+		}
+		wire = append(wire, clientFrame(opBinary, msg, [4]byte{byte(i), 0x5a, 0xa5, byte(size)})...)
+		want = append(want, msg)
+		if i == 3 {
+			wire = append(wire, clientFrame(opPing, []byte("hi"), [4]byte{1, 2, 3, 4})...)
+		}
+	}
+	for _, chunk := range []int{1, 3, 14, 16, 100, readBuffer, 1 << 20} {
+		for _, early := range []int{0, 1, 7, 300} {
+			t.Run(fmt.Sprintf("reads of %d, %d early", chunk, early), func(t *testing.T) {
+				nc := &chunkConn{data: wire[early:], chunk: chunk}
+				p := makePeer(discard, keepalive{interval: time.Hour})
+				p.nc, p.raw = nc, nc
+				p.live = newLiveness(nc, 0, time.Hour)
+				p.live.pingAt.Store(1) // due, for the deadline error at the end
+				in := wireReader{buf: slices.Clone(wire[:early]), w: early, full: early > 0}
+				r := frameReader{p: &p, in: &in, max: 1 << 20}
+				for i, w := range want {
+					if got, err := r.next(); err != nil || !bytes.Equal(got, w) {
+						t.Fatalf("message %d: got %d bytes, %v; want %d bytes", i, len(got), err, len(w))
+					}
+				}
+				if _, err := r.next(); err != io.EOF {
+					t.Fatalf("after the last message: %v, want EOF", err)
+				}
+				select {
+				case got := <-p.pongs:
+					if string(got) != "hi" {
+						t.Errorf("pong for %q, want %q", got, "hi")
+					}
+				default:
+					t.Error("the ping was not handed to the writer")
+				}
+				if !p.live.pingWanted.Load() {
+					t.Error("the deadline passed without a ping asked of the writer")
+				}
+				if last := nc.rooms[len(nc.rooms)-1]; last > idleRead || in.pooled != nil {
+					t.Errorf("waited on a quiet socket with room for %d bytes (pooled buffer held: %v), want at most %d", last, in.pooled != nil, idleRead)
+				}
+			})
+		}
+	}
+}
+
+// TestFramesSentWithTheHandshake sends an awareness message in the same
+// write as the upgrade request: the bytes that net/http read with the
+// request reach the editor's reader, and the message comes back as its
+// echo.
+func TestFramesSentWithTheHandshake(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/")
+	hello := awarenessMsg(31, 1, "{}")
+	_, br := rawJoinSending(t, r.addr, "doc", clientFrame(opBinary, hello, [4]byte{9, 8, 7, 6}))
+	for {
+		op, payload := readFrame(t, br)
+		if op == opBinary && bytes.Equal(payload, hello) {
+			return
+		}
+		if op != opBinary || !bytes.Equal(payload, emptyStep1) {
+			t.Fatalf("got opcode %d % x, want the step 1 and the awareness echo", op, payload)
+		}
+	}
+}
+
+// TestQuietEditorAnsweringPingsStaysOpen keeps an editor silent for many
+// peer timeouts but for its pongs: the pings that the read deadline brings
+// keep it alive, and it still gets messages afterwards.
+func TestQuietEditorAnsweringPingsStaysOpen(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--ping-interval", "50ms", "--peer-timeout", "200ms")
+	conn, br := rawJoin(t, r.addr, "doc")
+	for pings := 0; pings < 12; { // 600 ms: three peer timeouts
+		switch op, payload := readFrame(t, br); op {
+		case opPing:
+			pings++
+			conn.Write(clientFrame(opPong, payload, [4]byte{1, 2, 3, 4}))
+		case opClose:
+			t.Fatalf("closed after %d pings: % x", pings, payload)
+		}
+	}
+	hello := awarenessMsg(5, 1, "{}")
+	conn.Write(clientFrame(opBinary, hello, [4]byte{4, 3, 2, 1}))
+	for {
+		op, payload := readFrame(t, br)
+		if op == opBinary && bytes.Equal(payload, hello) {
+			return
+		}
+		if op != opPing {
+			t.Fatalf("got opcode %d % x, want the awareness echo", op, payload)
+		}
+		conn.Write(clientFrame(opPong, payload, [4]byte{1, 2, 3, 4}))
+	}
+}
+
+// TestRefusedHandshakeGivesBackItsRoom sends upgrades that x/net/websocket
+// refuses: each is answered with 400 and closed, and the admission it took
+// is given back, so that a good editor still gets the one place the
+// document has.
+func TestRefusedHandshakeGivesBackItsRoom(t *testing.T) {
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--max-per-document", "1")
+	tests := []struct {
+		name, headers string
+	}{
+		{"old protocol version", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n"},
+		{"no key", "Sec-WebSocket-Version: 13\r\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			conn, err := net.DialTimeout("tcp", r.addr, testTimeout)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(testTimeout))
+			fmt.Fprintf(conn, "GET /doc HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n%s\r\n", r.addr, tt.headers)
+			answer, err := io.ReadAll(conn) // to the close
+			if err != nil || !bytes.HasPrefix(answer, []byte("HTTP/1.1 400 ")) {
+				t.Fatalf("got %q, %v; want a 400 and the close", answer, err)
+			}
+		})
+	}
+	join(t, r.addr, "doc")
+}
+
+// TestIdleEditorsHoldLittle opens idle editors and checks what the design
+// promises them: one goroutine each (the reader; no writer once their
+// joins' messages are out), and at most the 12 KiB of issue 12 of heap
+// and stacks in this process each, the test's own client sockets
+// included. It was 36 KiB with a writer goroutine, a send channel of 256
+// slots and net/http's buffers per editor.
+func TestIdleEditorsHoldLittle(t *testing.T) {
+	const editors = 1000
+	r := startRelay(t, "--server", "ws://127.0.0.1:1/", "--max-per-document", "1000")
+	r.logs.waitFor(t, "upstream unavailable") // the relay's own goroutines have started
+	baseline := runtime.NumGoroutine()
+	before := memInUse()
+	for i := range editors {
+		conn, br := rawJoin(t, r.addr, fmt.Sprintf("doc-%d", i%10))
+		conn.SetDeadline(time.Time{})
+		if op, payload := readFrame(t, br); op != opBinary || !bytes.Equal(payload, emptyStep1) {
+			t.Fatalf("editor %d got opcode %d % x first, want the step 1", i, op, payload)
+		}
+	}
+	waitForGoroutines(t, baseline+editors)
+	if raceEnabled {
+		return // the race detector's shadow memory and larger stacks
+	}
+	per := (int64(memInUse()) - int64(before)) / editors
+	if per > 12<<10 {
+		t.Errorf("%d bytes of heap and stacks per idle editor, want at most %d", per, 12<<10)
 	}
 }

@@ -270,14 +270,26 @@ func heapInUse() uint64 {
 // write frames that x/net/websocket would never send.
 func rawJoin(t *testing.T, addr, doc string) (net.Conn, *bufio.Reader) {
 	t.Helper()
+	return rawJoinSending(t, addr, doc, nil)
+}
+
+// rawJoinSending is rawJoin whose client sends early, in the same write
+// as its request, before it has the answer: frames a client may send
+// without waiting. The reader it returns has read the answer and may
+// hold more.
+func rawJoinSending(t *testing.T, addr, doc string, early []byte) (net.Conn, *bufio.Reader) {
+	t.Helper()
 	conn, err := net.DialTimeout("tcp", addr, testTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
 	conn.SetDeadline(time.Now().Add(testTimeout))
-	fmt.Fprintf(conn, "GET /%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+	req := fmt.Sprintf("GET /%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
 		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", doc, addr)
+	if _, err := conn.Write(append([]byte(req), early...)); err != nil {
+		t.Fatal(err)
+	}
 	br := bufio.NewReader(conn)
 	resp, err := http.ReadResponse(br, nil)
 	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
@@ -358,4 +370,27 @@ func setWriteWait(t *testing.T, d time.Duration) {
 // updateMsg wraps update in a sync update message (00 02 bytes).
 func updateMsg(update []byte) []byte {
 	return append(appendVaruint([]byte{msgSync, syncUpdate}, uint64(len(update))), update...)
+}
+
+// clientFrame builds a final client frame of opcode with payload, masked
+// with key (RFC 6455 §5.3), in any length encoding.
+func clientFrame(opcode byte, payload []byte, key [4]byte) []byte {
+	f := appendServerHeader(nil, opcode, len(payload))
+	f[1] |= 0x80
+	f = append(f, key[:]...)
+	start := len(f)
+	f = append(f, payload...)
+	maskBytes(key, 0, f[start:])
+	return f
+}
+
+// memInUse returns the heap and the goroutine stacks in use, in bytes,
+// after two collections: the second frees what sync.Pools kept through
+// the first.
+func memInUse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse + m.StackInuse
 }

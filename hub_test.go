@@ -1,12 +1,16 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"cmp"
 	"context"
+	"encoding/binary"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
+	"net"
 	"os"
 	"slices"
 	"strings"
@@ -1643,4 +1647,178 @@ func TestHubRepairsWhatTheStoreMissed(t *testing.T) {
 		t.Errorf("got op %d to %p, want a repair asking the editor", op.kind, op.to)
 	}
 	h.expectOp(link, opUpdate, "d")
+}
+
+// TestSendQueueSegments checks an editor's send queue: it starts small,
+// grows by doubling segments in a burst, goes back to a small segment once
+// the writer has emptied a large one, counts its limit in frames across
+// segments, and hands every frame on in order, the end after the last.
+func TestSendQueueSegments(t *testing.T) {
+	tests := []struct {
+		name                 string
+		limit                int
+		burst, taken, more   int
+		wantTail, wantRefuse int
+	}{
+		{"an idle editor's stays small", connQueue, 3, 3, 1, minSegment, 0},
+		{"a burst doubles it", connQueue, 30, 0, 0, 4 * minSegment, 0},
+		{"emptied, it is small again", connQueue, 30, 30, 1, minSegment, 0},
+		{"not emptied, it stays", connQueue, 30, 29, 1, 4 * minSegment, 0},
+		{"past the limit, frames are refused", 20, 25, 0, 0, 2 * minSegment, 5},
+		{"frames taken make room", 20, 20, 5, 5, 20, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := testConn("d", tt.limit)
+			next, refused := 0, 0
+			push := func(n int) {
+				for range n {
+					if c.push([]byte{byte(next)}) {
+						next++
+					} else {
+						refused++
+					}
+				}
+			}
+			want := 0
+			take := func(n int) {
+				for range n {
+					msg, got := c.take()
+					if got != queueFrame || msg[0] != byte(want) {
+						t.Fatalf("took % x (%d), want frame %d", msg, got, want)
+					}
+					want++
+				}
+			}
+			push(tt.burst)
+			take(tt.taken)
+			push(tt.more)
+			if got := cap(c.tail.ch); got != tt.wantTail || refused != tt.wantRefuse {
+				t.Errorf("last segment of %d, %d refused; want %d, %d", got, refused, tt.wantTail, tt.wantRefuse)
+			}
+			c.end(closeTryAgain)
+			take(next - want)
+			if _, got := c.take(); got != queueEnded || c.closeCode != closeTryAgain {
+				t.Errorf("after the frames: %d, code %d; want the end, code %d", got, c.closeCode, closeTryAgain)
+			}
+		})
+	}
+}
+
+// TestWriterWritesEverythingWoken runs an editor's on-demand writer
+// against a socket pair while the test plays the hub (queueing frames in
+// bursts) and the reader (asking for pongs and pings) at once: every frame
+// arrives, in order, pongs and pings among them, the close frame after
+// the last; no wake is lost between a writer's last look and its end.
+func TestWriterWritesEverythingWoken(t *testing.T) {
+	server, client := net.Pipe()
+	t.Cleanup(func() { server.Close(); client.Close() })
+	c := testConn("d", connQueue)
+	c.writer.Store(writerIdle) // a real writer this time
+	c.peer = makePeer(discard, keepalive{})
+	c.nc, c.raw = server, server
+	c.live = newLiveness(server, 0, 0)
+	c.wake = c.wakeWriter
+	c.w = pumpState{p: &c.peer}
+
+	const frames = 2000
+	arrived := make(chan int, frames) // each data frame's number, as it arrives
+	summary := make(chan string, 1)   // what went wrong on the client's side; "" for nothing
+	go func() { summary <- readWriterOutput(bufio.NewReader(client), arrived, frames) }()
+	readerDone := make(chan struct{})
+	go func() { // the reader's part, while the hub queues
+		defer close(readerDone)
+		for i := range 200 {
+			answerLatest(c.pongs, []byte{byte(i)})
+			c.wakeWriter()
+			if i%10 == 0 {
+				c.live.pingWanted.Store(true)
+				c.wakeWriter()
+			}
+		}
+	}()
+	timeout := time.After(testTimeout)
+	seen := 0
+	wait := func(upTo int) { // until frames up to upTo have arrived
+		for ; seen < upTo; seen++ {
+			select {
+			case <-arrived:
+			case <-timeout:
+				t.Fatalf("%d frames arrived, want %d: a wake was lost", seen, upTo)
+			}
+		}
+	}
+	// Bursts of 1 to 40 frames, each as soon as the last one's final frame
+	// has arrived, that is when the writer is about to look for more and
+	// end: a burst whose wake that writer missed would never arrive.
+	for sent := 0; sent < frames; {
+		for range min(1+sent%40, frames-sent) {
+			if !c.push(binary.BigEndian.AppendUint32(nil, uint32(sent))) {
+				t.Fatalf("frame %d refused", sent)
+			}
+			sent++
+		}
+		wait(sent)
+	}
+	<-readerDone
+	c.end(closeNormal)
+	select {
+	case problem := <-summary:
+		if problem != "" {
+			t.Error(problem)
+		}
+	case <-timeout:
+		t.Fatal("no close frame")
+	}
+	<-c.done
+}
+
+// readWriterOutput reads server frames from br until the close frame and
+// says what is wrong with them: the data frames must number 0 to frames-1
+// in order (each number also goes to arrived), and pongs and pings must
+// be among them.
+func readWriterOutput(br *bufio.Reader, arrived chan<- int, frames int) string {
+	want, pongs, pings := 0, 0, 0
+	for {
+		h, payload, err := readServerFrame(br)
+		if err != nil {
+			return fmt.Sprintf("after %d frames: %v", want, err)
+		}
+		switch h.opcode {
+		case opBinary:
+			if n := int(binary.BigEndian.Uint32(payload)); n != want {
+				return fmt.Sprintf("frame %d arrived as number %d", n, want)
+			}
+			arrived <- want
+			want++
+		case opPong:
+			pongs++
+		case opPing:
+			pings++
+		case opClose:
+			if want != frames || pongs == 0 || pings == 0 {
+				return fmt.Sprintf("closed after %d frames, %d pongs, %d pings; want %d frames and some of each", want, pongs, pings, frames)
+			}
+			return ""
+		}
+	}
+}
+
+// readServerFrame reads one unmasked frame.
+func readServerFrame(br *bufio.Reader) (frameHeader, []byte, error) {
+	first, err := br.Peek(2)
+	if err != nil {
+		return frameHeader{}, nil, err
+	}
+	hdr := make([]byte, frameHeaderLen(first[1]))
+	if _, err := io.ReadFull(br, hdr); err != nil {
+		return frameHeader{}, nil, err
+	}
+	h, err := parseFrameHeader(hdr)
+	if err != nil {
+		return h, nil, err
+	}
+	payload := make([]byte, h.size)
+	_, err = io.ReadFull(br, payload)
+	return h, payload, err
 }

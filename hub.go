@@ -122,9 +122,10 @@ type segment struct {
 // queries as others join) without growing.
 const minSegment = 8
 
-// keepalive says how the relay finds dead peers: the writer pings every
-// interval, and the reader closes a peer that sent no frame at all (data,
-// ping, pong) for timeout. TCP alone never tells a half-open connection,
+// keepalive says how the relay finds dead peers: a ping goes out every
+// interval (an editor's when its read deadline says so, the upstream's
+// from its writer's ticker), and the reader closes a peer that sent no
+// frame at all (data, ping, pong) for timeout. TCP alone never tells a half-open connection,
 // whose peer vanished without a FIN, from a quiet one.
 type keepalive struct {
 	interval time.Duration // 0: no pings
@@ -144,7 +145,7 @@ type leaving struct {
 type hub struct {
 	// Static after construction.
 	admission   chan admitRequest // a local request asks for room before its upgrade
-	released    chan string       // an admitted request's handler has returned
+	released    chan string       // an admitted request's upgrade failed or its connection ended
 	join        chan *conn        // an upgraded editor
 	leave       chan leaving      // an editor's reader has ended
 	fromEditors chan frame        // from editors' readers
@@ -181,7 +182,7 @@ type hub struct {
 	// Owned by run.
 	docs     map[string]*document
 	up       *upstreamLink  // nil while the upstream is down
-	handlers int            // admitted requests whose handler has not returned
+	handlers int            // admitted requests whose upgrade or connection has not ended
 	perDoc   map[string]int // the same, per document
 	gone     goneTable      // awareness clients marked gone, for 30 s
 	sweep    <-chan time.Time
@@ -423,8 +424,9 @@ var (
 )
 
 // admit asks the hub for room for one more connection to doc before the
-// upgrade. Every admitted request must be released when its handler
-// returns. Errors: errTooManyConns, errTooManyPerDoc, errStopping.
+// upgrade. Every admitted request must be released when its upgrade
+// fails or its connection ends (serve). Errors: errTooManyConns,
+// errTooManyPerDoc, errStopping.
 func (h *hub) admit(doc string) error {
 	r := admitRequest{doc: doc, reply: make(chan error, 1)}
 	select {
@@ -875,9 +877,10 @@ func (h *hub) queue(c *conn, data []byte) bool {
 }
 
 // backlog counts the bytes waiting in one send queue: the hub adds what it
-// queues, the writer marks done what it has written or dropped. A queue's
-// capacity bounds its frames; the backlog bounds their bytes, which a count
-// alone cannot: 256 frames of 32 MiB would be 8 GiB.
+// queues, the writer marks done what it has written or dropped. An editor's
+// limit (or the upstream queue's capacity) bounds its frames; the backlog
+// bounds their bytes, which a count alone cannot: 256 frames of 32 MiB
+// would be 8 GiB.
 type backlog struct {
 	bytes atomic.Int64
 }
@@ -1551,7 +1554,7 @@ func (h *hub) newConn(nc net.Conn, pending []byte, doc, remote string) *conn {
 	// Pings follow the read deadline rather than a ticker of the writer's,
 	// which would keep a goroutine and a timer per editor.
 	c.live = newLiveness(nc, ka.timeout, ka.interval)
-	c.wake = c.wakeWriter
+	c.wake = c.nudgeWriter
 	c.w = pumpState{p: &c.peer}
 	c.in = wireReader{buf: pending, w: len(pending), full: len(pending) > 0}
 	return c
@@ -1701,9 +1704,9 @@ type peer struct {
 	echo    chan int      // the peer's close code to answer, reader → writer; room for one
 	closing chan struct{} // closed by the writer once its close frame is out
 	done    chan struct{} // closed once the writer has reached the end of its queue
-	// wake tells an on-demand writer that pongs, echo or live.pingWanted
-	// hold something (an editor's wakeWriter); nil: the writer runs all
-	// along (pump).
+	// wake is how the reader has an on-demand writer see that pongs, echo
+	// or live.pingWanted hold something (an editor's nudgeWriter); nil:
+	// the writer runs all along (pump).
 	wake func()
 
 	// closeCode is written by the hub just before it ends the send queue
@@ -1808,25 +1811,49 @@ func (c *conn) write() {
 	}
 }
 
-// writeWaiting writes what waits, control frames before data (RFC 6455
-// §5.4 lets them go between messages): the answer to the peer's close, a
-// pong, a ping, then the send queue in batches. It returns when it finds
-// nothing. Writer only.
-func (c *conn) writeWaiting() {
-	for {
-		select {
-		case code := <-c.echo:
-			c.w.close(code) // RFC 6455 §5.5.1: answer, then send no more data
-		case payload := <-c.pongs:
-			c.w.control(opPong, payload)
-		default:
-			if c.live.pingWanted.Swap(false) {
-				c.w.control(opPing, c.live.pingPayload())
-			} else if !c.writeBatch() {
-				return
-			}
-		}
+// nudgeWriter is the reader's wakeWriter, after it has put a pong, the
+// answer to a close or a ping where writers look. When no writer runs it
+// takes the writer's part itself and writes them, a few bytes on a socket
+// with nothing queued, rather than start a goroutine for them: an idle
+// editor's ping then costs no goroutine and no wake of another thread. If
+// something was queued meanwhile, a writer goroutine takes over. Reader
+// only.
+func (c *conn) nudgeWriter() {
+	if !c.writer.CompareAndSwap(writerIdle, writerRunning) {
+		c.wakeWriter()
+		return
 	}
+	for c.writeControl() {
+	}
+	if !c.writer.CompareAndSwap(writerRunning, writerIdle) {
+		go c.write() // the state stays running: the role passes on
+	}
+}
+
+// writeWaiting writes what waits, control frames before data (RFC 6455
+// §5.4 lets them go between messages), then the send queue in batches. It
+// returns when it finds nothing. Writer only.
+func (c *conn) writeWaiting() {
+	for c.writeControl() || c.writeBatch() {
+	}
+}
+
+// writeControl writes one control frame that waits, if any, and reports
+// whether it found one: the answer to the peer's close, a pong, a ping.
+// Writer only.
+func (c *conn) writeControl() bool {
+	select {
+	case code := <-c.echo:
+		c.w.close(code) // RFC 6455 §5.5.1: answer, then send no more data
+	case payload := <-c.pongs:
+		c.w.control(opPong, payload)
+	default:
+		if !c.live.pingWanted.Swap(false) {
+			return false
+		}
+		c.w.control(opPing, c.live.pingPayload())
+	}
+	return true
 }
 
 // maxBatch is how many bytes of frames writeBatch gathers for one write;
@@ -1914,23 +1941,32 @@ func (c *conn) take() ([]byte, int) {
 }
 
 // push puts msg on c's send queue and wakes the writer, without blocking.
-// It reports false when the queue holds c.limit frames already. A full
-// segment is followed by one twice its size (up to c.limit), and an
-// oversized one that the writer has emptied by one of minSegment, so that
-// a burst's room goes once the burst has. Hub only.
+// It reports false when the queue holds c.limit frames already. Hub only.
 func (c *conn) push(msg []byte) bool {
+	if !c.enqueue(msg) {
+		return false
+	}
+	c.wakeWriter()
+	return true
+}
+
+// enqueue is push without the wake. A full segment is followed by one
+// twice its size (up to c.limit), and an oversized one by one of
+// minSegment once the writer has emptied it and ended, so that a burst's
+// room goes once the burst is over (and not while a busy writer keeps up
+// with it). Hub only.
+func (c *conn) enqueue(msg []byte) bool {
 	if int(c.queued.Load()) >= c.limit {
 		return false
 	}
 	switch n := cap(c.tail.ch); {
 	case len(c.tail.ch) == n:
 		c.grow(min(2*n, c.limit))
-	case n > minSegment && len(c.tail.ch) == 0:
+	case n > minSegment && len(c.tail.ch) == 0 && c.writer.Load() == writerIdle:
 		c.grow(minSegment)
 	}
 	c.queued.Add(1)
 	c.tail.ch <- msg // never blocks: the segment has room, and the hub alone sends
-	c.wakeWriter()
 	return true
 }
 
@@ -2118,9 +2154,24 @@ func newLiveness(conn readDeadliner, timeout, interval time.Duration) *liveness 
 	now := monoNow()
 	l.heard.Store(now)
 	if interval > 0 {
-		l.pingAt.Store(now + int64(interval))
+		l.pingAt.Store(nextPing(now, interval))
 	}
 	return l
+}
+
+// pingSlots is how many times per ping interval the editors' pings may
+// fall due: each ping's time is rounded up to the next slot, so that the
+// pings of editors that joined close together go out in one wake-up of
+// the relay, not one each. A ping then comes every interval to
+// interval*(1+1/pingSlots).
+const pingSlots = 8
+
+// nextPing is when the ping after one at now (monoNow's nanoseconds) is
+// due: interval later, rounded up to the next slot.
+func nextPing(now int64, interval time.Duration) int64 {
+	slot := max(int64(interval)/pingSlots, 1)
+	at := now + int64(interval)
+	return (at + slot - 1) / slot * slot
 }
 
 // heardFrame restarts the clock: the peer sent a frame. Reader only.
@@ -2215,7 +2266,7 @@ func (l *liveness) expired(p *peer) bool {
 		return true
 	}
 	if at := l.pingAt.Load(); at != 0 && now >= at {
-		l.pingAt.Store(now + int64(l.interval))
+		l.pingAt.Store(nextPing(now, l.interval))
 		l.pingWanted.Store(true)
 		p.wakeWriter()
 	}

@@ -253,8 +253,9 @@ func (h *hubHarness) sendBudget() int64 { return h.hub.connBytes }
 // drain takes n messages from c's queue, waiting for each. It fails
 // nothing, so that it may run on a goroutine of its own.
 func (h *hubHarness) drain(c *conn, n int) {
+	never := make(chan time.Time)
 	for range n {
-		takeQueued(c, make(chan time.Time)) // waits for ever
+		takeQueued(c, never)
 	}
 }
 
@@ -1651,21 +1652,25 @@ func TestHubRepairsWhatTheStoreMissed(t *testing.T) {
 
 // TestSendQueueSegments checks an editor's send queue: it starts small,
 // grows by doubling segments in a burst, goes back to a small segment once
-// the writer has emptied a large one, counts its limit in frames across
-// segments, and hands every frame on in order, the end after the last.
+// the writer has emptied a large one and ended, counts its limit in frames
+// across segments, and hands every frame on in order, the end after the
+// last. The test plays the writer, and says when it has ended.
 func TestSendQueueSegments(t *testing.T) {
 	tests := []struct {
 		name                 string
 		limit                int
-		burst, taken, more   int
+		burst, taken         int
+		writerEnded          bool // before more
+		more                 int
 		wantTail, wantRefuse int
 	}{
-		{"an idle editor's stays small", connQueue, 3, 3, 1, minSegment, 0},
-		{"a burst doubles it", connQueue, 30, 0, 0, 4 * minSegment, 0},
-		{"emptied, it is small again", connQueue, 30, 30, 1, minSegment, 0},
-		{"not emptied, it stays", connQueue, 30, 29, 1, 4 * minSegment, 0},
-		{"past the limit, frames are refused", 20, 25, 0, 0, 2 * minSegment, 5},
-		{"frames taken make room", 20, 20, 5, 5, 20, 0},
+		{"an idle editor's stays small", connQueue, 3, 3, true, 1, minSegment, 0},
+		{"a burst doubles it", connQueue, 30, 0, false, 0, 4 * minSegment, 0},
+		{"emptied, it is small again", connQueue, 30, 30, true, 1, minSegment, 0},
+		{"emptied, but the writer runs on", connQueue, 30, 30, false, 1, 4 * minSegment, 0},
+		{"not emptied, it stays", connQueue, 30, 29, true, 1, 4 * minSegment, 0},
+		{"past the limit, frames are refused", 20, 25, 0, false, 0, 2 * minSegment, 5},
+		{"frames taken make room", 20, 20, 5, false, 5, 20, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1673,7 +1678,7 @@ func TestSendQueueSegments(t *testing.T) {
 			next, refused := 0, 0
 			push := func(n int) {
 				for range n {
-					if c.push([]byte{byte(next)}) {
+					if c.enqueue([]byte{byte(next)}) {
 						next++
 					} else {
 						refused++
@@ -1692,7 +1697,11 @@ func TestSendQueueSegments(t *testing.T) {
 			}
 			push(tt.burst)
 			take(tt.taken)
+			if tt.writerEnded {
+				c.writer.Store(writerIdle)
+			}
 			push(tt.more)
+			c.writer.Store(writerRunning) // the test's writer again, for the end's wake
 			if got := cap(c.tail.ch); got != tt.wantTail || refused != tt.wantRefuse {
 				t.Errorf("last segment of %d, %d refused; want %d, %d", got, refused, tt.wantTail, tt.wantRefuse)
 			}
@@ -1707,7 +1716,8 @@ func TestSendQueueSegments(t *testing.T) {
 
 // TestWriterWritesEverythingWoken runs an editor's on-demand writer
 // against a socket pair while the test plays the hub (queueing frames in
-// bursts) and the reader (asking for pongs and pings) at once: every frame
+// bursts) and the reader (asking for pongs and pings, which it writes
+// itself when no writer runs) at once: every frame
 // arrives, in order, pongs and pings among them, the close frame after
 // the last; no wake is lost between a writer's last look and its end.
 func TestWriterWritesEverythingWoken(t *testing.T) {
@@ -1718,7 +1728,7 @@ func TestWriterWritesEverythingWoken(t *testing.T) {
 	c.peer = makePeer(discard, keepalive{})
 	c.nc, c.raw = server, server
 	c.live = newLiveness(server, 0, 0)
-	c.wake = c.wakeWriter
+	c.wake = c.nudgeWriter
 	c.w = pumpState{p: &c.peer}
 
 	const frames = 2000
@@ -1726,14 +1736,14 @@ func TestWriterWritesEverythingWoken(t *testing.T) {
 	summary := make(chan string, 1)   // what went wrong on the client's side; "" for nothing
 	go func() { summary <- readWriterOutput(bufio.NewReader(client), arrived, frames) }()
 	readerDone := make(chan struct{})
-	go func() { // the reader's part, while the hub queues
+	go func() { // the reader's part, while the hub queues: it writes itself when no writer runs
 		defer close(readerDone)
 		for i := range 200 {
 			answerLatest(c.pongs, []byte{byte(i)})
-			c.wakeWriter()
+			c.nudgeWriter()
 			if i%10 == 0 {
 				c.live.pingWanted.Store(true)
-				c.wakeWriter()
+				c.nudgeWriter()
 			}
 		}
 	}()

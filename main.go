@@ -3280,15 +3280,21 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, http.StatusServiceUnavailable, admitRefusal(err), err.Error())
 		return
 	}
+	handedOver := false
+	defer func() {
+		if !handedOver { // the upgrade failed, or panicked (x/net does when it cannot hijack)
+			s.hub.release(doc)
+		}
+	}()
 	nc, pending, err := upgrade(w, r)
 	if err != nil {
-		s.hub.release(doc)
 		s.log.Debug("websocket handshake failed", "doc", doc, "remote", r.RemoteAddr, "err", err)
 		return
 	}
 	// The editor's reader, a goroutine of its own, takes the connection
 	// over (and releases the admission at its end); this one returns, and
 	// with it goes what net/http kept for the request.
+	handedOver = true
 	go s.hub.serve(nc, pending, doc, r.RemoteAddr)
 }
 

@@ -1502,7 +1502,7 @@ func (g *goneTable) len() int { return len(g.entries) }
 // is the editor's reader goroutine, started afresh so that the HTTP
 // server's goroutine, whose stack grew while it parsed the request, could
 // return. An idle editor's reader waits here, so its frames are kept small
-// (the work is in enter, readLoop's handle and leave): its stack then
+// (the work is in enter, exit and readLoop's handle): its stack then
 // stays at 4 KiB.
 func (h *hub) serve(nc net.Conn, pending []byte, doc, remote string) {
 	defer h.release(doc)
@@ -1737,9 +1737,10 @@ func newPeer(ws *websocket.Conn, log *slog.Logger, ka keepalive) peer {
 	return p
 }
 
-// wakeWriter tells an on-demand writer to look at pongs, echo and
-// live.pingWanted; the upstream's pump watches the first two itself.
-func (p *peer) wakeWriter() {
+// tellWriter has an on-demand writer see what the reader has just put in
+// pongs, echo or live.pingWanted; the upstream's pump watches the first
+// two itself. Reader only.
+func (p *peer) tellWriter() {
 	if p.wake != nil {
 		p.wake()
 	}
@@ -1784,11 +1785,12 @@ const (
 )
 
 // wakeWriter makes sure that c's writer sees what the caller has just put
-// where writers look (the send queue, pongs, echo, live.pingWanted): it starts
-// a writer goroutine when none runs, or else tells the one running to look
-// again before it ends. Only the caller that finds the state idle starts
-// one, and only a writer that has looked since the last wake sets it back
-// to idle, so one writer runs at a time and nothing is left waiting.
+// where writers look (the send queue, pongs, echo, live.pingWanted): it
+// starts a writer goroutine when none runs, or else tells the one running
+// to look again before it ends. Only the caller that finds the state idle
+// starts one, and only a writer that has looked since the last wake sets
+// it back to idle, so one writer runs at a time and nothing is left
+// waiting.
 func (c *conn) wakeWriter() {
 	if c.writer.Swap(writerAgain) == writerIdle {
 		go c.write()
@@ -2268,7 +2270,7 @@ func (l *liveness) expired(p *peer) bool {
 	if at := l.pingAt.Load(); at != 0 && now >= at {
 		l.pingAt.Store(nextPing(now, l.interval))
 		l.pingWanted.Store(true)
-		p.wakeWriter()
+		p.tellWriter()
 	}
 	return l.apply() != nil
 }
@@ -2501,13 +2503,13 @@ func (r *frameReader) control(fr io.Reader, opcode byte, size int) error {
 		pc.answer = r.closed || r.p.closed()
 		select {
 		case r.p.echo <- echoCode(pc.code):
-			r.p.wakeWriter()
+			r.p.tellWriter()
 		default: // answered already
 		}
 		return pc
 	case opPing:
 		answerLatest(r.p.pongs, payload)
-		r.p.wakeWriter()
+		r.p.tellWriter()
 	case opPong:
 		r.p.live.pong(payload)
 	}

@@ -1,15 +1,17 @@
 // Command elva-service relays Yjs messages between local editors and a
-// remote ELVA server.
+// remote server (ELVA, a Yjs server, Hocuspocus), and keeps every document
+// in a local store.
 //
 // Local editors connect to ws://HOST:PORT/<document> with any Yjs client.
-// Each local conn has a reader and a writer goroutine. Readers send frames
-// to the hub; the hub alone owns document → conns and copies each frame to
-// the other conns' send queues and to the upstream queue. The upstream
-// writer prefixes every frame with its document's ID and sends it over the
-// one connection to the server; the upstream reader strips the prefix of
-// what comes back and hands it to the hub, which passes it to every local
-// editor of that document. No queue is unbounded and the hub never blocks:
-// a conn that cannot keep up is closed, and its client resyncs on reconnect.
+// Each local conn has a reader goroutine, and a writer goroutine only while
+// something waits to be written. Readers send frames to the hub; the hub
+// alone owns document → conns and copies each frame to the other conns'
+// send queues, to the upstream queue and to the store's queue. The
+// upstream writer frames each message for the server's protocol; the
+// upstream reader unframes what comes back and hands it to the hub, which
+// passes it to every local editor of that document. No queue is unbounded
+// and the hub never blocks: a conn that cannot keep up is closed, and its
+// client resyncs on reconnect.
 package main
 
 import (

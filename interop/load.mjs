@@ -4,7 +4,7 @@
 //
 //   node interop/load.mjs [--short] [--workloads a,b,c,d,e,f]
 //                         [--servers elva,elva-store,rawrelay,yjs] [--json]
-//                         [--append] [--relay-bin PATH]
+//                         [--append] [--relay-bin PATH] [--help]
 //
 // from the repository root (or `node load.mjs` in interop/), after
 // `npm ci` in interop/. Servers:
@@ -95,9 +95,17 @@ const { values: opts } = parseArgs({
     servers: { type: 'string', default: 'elva,elva-store,rawrelay,yjs' },
     append: { type: 'boolean', default: false },
     'relay-bin': { type: 'string' },
-    json: { type: 'boolean', default: false }
+    json: { type: 'boolean', default: false },
+    help: { type: 'boolean', short: 'h', default: false }
   }
 })
+
+if (opts.help) {
+  // The usage is this file's opening comment.
+  const header = fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n\nimport ')[0]
+  console.log(header.replace(/^\/\/ ?/gm, ''))
+  process.exit(0)
+}
 
 const short = opts.short
 const t00 = performance.now()

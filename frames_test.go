@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -527,5 +528,28 @@ func TestIdleEditorsHoldLittle(t *testing.T) {
 	per := (int64(memInUse()) - int64(before)) / editors
 	if per > 12<<10 {
 		t.Errorf("%d bytes of heap and stacks per idle editor, want at most %d", per, 12<<10)
+	}
+}
+
+// TestReadPayload reads payloads of sizes around the exact-read bound,
+// whole and cut short: the bytes come back exactly, with no spare
+// capacity, and a short one is io.ErrUnexpectedEOF.
+func TestReadPayload(t *testing.T) {
+	for _, size := range []int{0, 1, exactRead - 1, exactRead, exactRead + 1, exactRead + 24, 2*exactRead + 7, 5 * exactRead} {
+		want := make([]byte, size)
+		for i := range want {
+			want[i] = byte(i * 7)
+		}
+		got, err := readPayload(bytes.NewReader(want), size)
+		if err != nil || !bytes.Equal(got, want) || cap(got) != size {
+			t.Errorf("size %d: %d bytes (cap %d), %v; want them all, no spare capacity", size, len(got), cap(got), err)
+		}
+		if size == 0 {
+			continue
+		}
+		got, err = readPayload(bytes.NewReader(want[:size-1]), size)
+		if !errors.Is(err, io.ErrUnexpectedEOF) || !bytes.Equal(got, want[:size-1]) {
+			t.Errorf("size %d cut by one: %d bytes, %v; want %d and io.ErrUnexpectedEOF", size, len(got), err, size-1)
+		}
 	}
 }

@@ -2690,18 +2690,28 @@ func (r *frameReader) readSocket(p []byte) (int, error) {
 // exactRead is the payload size up to which readPayload allocates at once.
 const exactRead = 64 << 10
 
-// readPayload reads a frame's size bytes. Beyond exactRead the buffer grows
-// as the bytes arrive, so that a 14-byte header cannot make the relay
-// allocate --max-message bytes for a payload that never comes.
+// readPayload reads a frame's size bytes. Beyond exactRead the buffer
+// grows as the bytes arrive, doubling each time the peer has filled it
+// (and never past size), so that a 14-byte header cannot make the relay
+// allocate --max-message bytes for a payload that never comes; the result
+// has no spare capacity, as it waits in queues. Errors: the reader's, and
+// io.ErrUnexpectedEOF for a payload cut short.
 func readPayload(payload io.Reader, size int) ([]byte, error) {
-	if size <= exactRead {
-		data := make([]byte, size)
-		_, err := io.ReadFull(payload, data)
-		return data, err
+	data := make([]byte, min(size, exactRead))
+	got := 0
+	for {
+		n, err := io.ReadFull(payload, data[got:])
+		got += n
+		switch {
+		case err == io.EOF: // the header promised more
+			return data[:got], io.ErrUnexpectedEOF
+		case err != nil:
+			return data[:got], err
+		case got == size:
+			return data, nil
+		}
+		bigger := make([]byte, min(size, 2*len(data)))
+		copy(bigger, data)
+		data = bigger
 	}
-	data, err := io.ReadAll(io.LimitReader(payload, int64(size)))
-	if err == nil && len(data) < size {
-		err = io.ErrUnexpectedEOF
-	}
-	return data, err
 }

@@ -350,9 +350,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 		fmt.Fprintf(stderr, "elva-service: logging to %s\n", lf.path)
 	}
 	logConfigFiles(log, cfg)
-	if err := cfg.runPasswordCommand(); err != nil {
-		log.Error("cannot get the password", "err", err)
+	// An error that ends the start goes to the terminal (or the service
+	// manager's journal) too, not only to a log file nobody watches yet.
+	startFailed := func(msg string, err error) int {
+		log.Error(msg, "err", err)
+		if lf != nil {
+			fmt.Fprintf(stderr, "elva-service: %s: %v\n", msg, err)
+		}
 		return 1
+	}
+	if err := cfg.runPasswordCommand(); err != nil {
+		return startFailed("cannot get the password", err)
 	}
 	// Also without a log file: a SIGHUP from a habit (or systemctl
 	// reload) must not end the relay, as its default action would.
@@ -361,8 +369,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, getenv fu
 	slog.SetDefault(log) // for the signal goroutine, started before log
 	s, err := listen(cfg, log)
 	if err != nil {
-		log.Error("cannot listen", "err", err)
-		return 1
+		return startFailed("cannot start", err)
 	}
 	return s.run(ctx)
 }
@@ -2849,7 +2856,12 @@ func listen(cfg *config, log *slog.Logger) (*service, error) {
 	h.standalone = cfg.server == nil
 	var st *store
 	if !cfg.noStore {
-		st = openStore(cfg.storeDir(), cfg.fsyncInterval, newStoreLink(), log, h.drops)
+		if st, err = openStore(cfg.storeDir(), cfg.fsyncInterval, newStoreLink(), log, h.drops); err != nil {
+			for _, ln := range lns {
+				ln.Close()
+			}
+			return nil, err
+		}
 		st.upstream, st.pushWhole, st.quit = cfg.server != nil, cfg.protocol == protocolELVA, h.quit
 		var owed []string
 		if st.upstream {

@@ -42,8 +42,10 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -255,8 +257,10 @@ func newStoreLink() *storeLink {
 // documents that owe the server something from an earlier run. A
 // directory that cannot be created or read is logged, and the store
 // keeps documents in memory and retries writing later: the relay never
-// refuses to start over its store.
-func openStore(dir string, interval time.Duration, link *storeLink, log *slog.Logger, d *drops) *store {
+// refuses to start over a fault of its store. It refuses one thing: a
+// directory that another running relay holds (a *storeInUseError), as
+// each would overwrite the other's edits when it compacts.
+func openStore(dir string, interval time.Duration, link *storeLink, log *slog.Logger, d *drops) (*store, error) {
 	s := &store{
 		dir:      dir,
 		interval: interval,
@@ -272,28 +276,137 @@ func openStore(dir string, interval time.Duration, link *storeLink, log *slog.Lo
 	}
 	if err := prepareDir(dir); err != nil {
 		s.writeFailed(err)
-		return s
+		return s, nil
+	}
+	crashed, err := claimDir(dir)
+	if err != nil {
+		return nil, err
 	}
 	s.loadOwed()
-	s.checkAfterCrash()
-	return s
+	s.checkAfterCrash(crashed)
+	return s, nil
+}
+
+// storeInUseError is a store directory that a running relay holds: its
+// runningFile names a live process.
+type storeInUseError struct {
+	dir string
+	pid int
+}
+
+func (e *storeInUseError) Error() string {
+	return fmt.Sprintf("store: %s is in use by another elva-service (pid %d); two relays on one store overwrite each other's edits: stop the other, or give this one its own --data-dir", e.dir, e.pid)
+}
+
+// claimDir makes dir's runningFile name this process, which marks the
+// directory as held while it runs. A marker that names a live process
+// other than this one is a *storeInUseError. A marker left by a process
+// that is gone (or by this one: a store of an earlier test) is an earlier
+// run that did not stop cleanly: crashed is when it last wrote the
+// marker, zero when there was none. A marker that cannot be written is no
+// error: the store works on without the guard, as it does without its
+// directory.
+func claimDir(dir string) (crashed time.Time, err error) {
+	marker := filepath.Join(dir, runningFile)
+	for range 3 { // another relay starting at once may take it in between
+		pid, since, err := readMarker(marker)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+		case err != nil:
+			return crashed, nil
+		case pid > 0 && pid != os.Getpid() && processAlive(pid):
+			return crashed, &storeInUseError{dir: dir, pid: pid}
+		default:
+			crashed = since
+			os.Remove(marker)
+		}
+		if err := writeMarker(marker); !errors.Is(err, fs.ErrExist) {
+			return crashed, nil
+		}
+	}
+	pid, _, _ := readMarker(marker)
+	return crashed, &storeInUseError{dir: dir, pid: pid}
+}
+
+// readMarker reads the process ID in a runningFile (-1: none readable, as
+// in a marker of an older version) and when it was written. Errors: the
+// file's.
+func readMarker(path string) (pid int, since time.Time, err error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return 0, time.Time{}, err
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0, time.Time{}, err
+	}
+	pid, err = strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil || pid <= 0 {
+		pid = -1
+	}
+	return pid, st.ModTime(), nil
+}
+
+// writeMarker creates the runningFile at path holding this process's ID,
+// whole or not at all: it writes a temporary file and links it to path,
+// which fails with fs.ErrExist when path exists (another relay was
+// faster). Where hard links are not supported it creates path exclusively
+// and writes it.
+func writeMarker(path string) error {
+	content := []byte(strconv.Itoa(os.Getpid()) + "\n")
+	tmp := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
+	if err := os.WriteFile(tmp, content, 0o600); err != nil {
+		return err
+	}
+	defer os.Remove(tmp)
+	err := os.Link(tmp, path)
+	if err == nil || errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(content)
+	return errors.Join(err, f.Close())
+}
+
+// processAlive reports whether a process with ID pid runs: signal 0 is
+// delivered to nobody but checks that it exists (kill(2)); EPERM means it
+// exists under another user. On Windows, where signals are not sent,
+// finding the process is the check.
+func processAlive(pid int) bool {
+	p, err := os.FindProcess(pid)
+	if err != nil {
+		return false
+	}
+	if runtime.GOOS == "windows" {
+		return true
+	}
+	err = p.Signal(syscall.Signal(0))
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+// runningRelay is the ID of a live relay that holds dir, or 0.
+func runningRelay(dir string) int {
+	pid, _, err := readMarker(filepath.Join(dir, runningFile))
+	if err != nil || pid <= 0 || pid == os.Getpid() || !processAlive(pid) {
+		return 0
+	}
+	return pid
 }
 
 // checkAfterCrash reads, at start, every document file that the last run
-// wrote if that run did not stop cleanly (its runningFile is still
-// there), so that a torn tail is cut and warned about now rather than when
-// the document is next opened. Then it marks this run as running.
-func (s *store) checkAfterCrash() {
-	marker := filepath.Join(s.dir, runningFile)
-	if st, err := os.Stat(marker); err == nil {
-		checked := s.readWrittenSince(st.ModTime().Add(-time.Second)) // coarse file times
-		s.unloadIdle()                                                // checked, not needed in memory
-		s.log.Info("store: the last run did not stop cleanly; the documents it wrote were checked", "docs", checked)
-		os.Remove(marker)
+// wrote if that run did not stop cleanly (crashed: when its runningFile
+// was written; zero: it stopped cleanly), so that a torn tail is cut and
+// warned about now rather than when the document is next opened.
+func (s *store) checkAfterCrash(crashed time.Time) {
+	if crashed.IsZero() {
+		return
 	}
-	if f, err := os.OpenFile(marker, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600); err == nil {
-		f.Close()
-	}
+	checked := s.readWrittenSince(crashed.Add(-time.Second)) // coarse file times
+	s.unloadIdle()                                           // checked, not needed in memory
+	s.log.Info("store: the last run did not stop cleanly; the documents it wrote were checked", "docs", checked)
 }
 
 // readWrittenSince loads every document whose file was modified at or
@@ -1461,6 +1574,10 @@ func readName(path string) (string, error) {
 // removeStored deletes the stored document name from dir, and from the
 // owed list. Errors: fs.ErrNotExist when there is no such document.
 func removeStored(dir, name string) error {
+	if pid := runningRelay(dir); pid != 0 {
+		// It holds the document in memory and would write it back.
+		return fmt.Errorf("a relay (pid %d) runs on %s: stop it first, then remove %q", pid, dir, name)
+	}
 	err := os.Remove(filepath.Join(dir, docFileName(name)))
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("no stored document %q in %s (names are exact, case included; see --list-docs): %w", name, dir, fs.ErrNotExist)

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"maps"
@@ -563,7 +564,11 @@ func startStore(t testing.TB, dir string, interval time.Duration, set func(*stor
 	logs := newLogBuffer()
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	r := &storeRun{link: newStoreLink(), logs: logs, drops: &drops{}, quit: make(chan struct{})}
-	r.st = openStore(dir, interval, r.link, log, r.drops)
+	st, err := openStore(dir, interval, r.link, log, r.drops)
+	if err != nil {
+		t.Fatalf("openStore: %v", err)
+	}
+	r.st = st
 	r.st.quit = r.quit
 	r.st.retry = 20 * time.Millisecond // a failed write is tried again soon
 	r.st.quiet = time.Hour             // no ping while editors type, unless a test asks
@@ -1766,4 +1771,45 @@ func (r *storeRun) editedAndPinged(t *testing.T, doc string) {
 func (r *storeRun) serverStep2(t *testing.T, doc string) {
 	t.Helper()
 	r.op(t, storeOp{kind: opUpdate, doc: doc, data: appendSyncMessage(nil, syncStep2, emptyUpdate)})
+}
+
+// TestStoreDirInUse: a store directory whose marker names another live
+// process is refused, by the relay (exit 1, said on stderr also when it
+// logs to a file) and by --remove-doc; once that process is gone its
+// marker is a run that did not stop cleanly, and the store takes over.
+func TestStoreDirInUse(t *testing.T) {
+	other := exec.Command("sleep", "60")
+	if err := other.Start(); err != nil {
+		t.Skipf("no sleep(1) to stand for another relay: %v", err)
+	}
+	defer func() { other.Process.Kill(); other.Wait() }()
+	dataDir := t.TempDir()
+	dir := filepath.Join(dataDir, "local")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	marker := filepath.Join(dir, runningFile)
+	os.WriteFile(marker, []byte(fmt.Sprintf("%d\n", other.Process.Pid)), 0o600)
+
+	_, err := openStore(dir, 0, newStoreLink(), slog.New(slog.NewTextHandler(io.Discard, nil)), &drops{})
+	var inUse *storeInUseError
+	if !errors.As(err, &inUse) || inUse.pid != other.Process.Pid {
+		t.Fatalf("openStore on a held directory: %v, want a storeInUseError naming pid %d", err, other.Process.Pid)
+	}
+	if err := removeStored(dir, "notes"); err == nil || !strings.Contains(err.Error(), "stop it first") {
+		t.Errorf("--remove-doc on a held directory: %v, want a refusal", err)
+	}
+	var stderr bytes.Buffer
+	code := run(context.Background(), []string{"--data-dir", dataDir, "--log", filepath.Join(t.TempDir(), "relay.log"), "127.0.0.1", "0"}, io.Discard, &stderr, func(string) string { return "" })
+	if code != 1 || !strings.Contains(stderr.String(), "in use by another elva-service") {
+		t.Errorf("the relay on a held directory: exit %d, stderr %q; want 1 and the reason", code, stderr.String())
+	}
+
+	other.Process.Kill()
+	other.Wait()
+	r := startStore(t, dir, 0, nil)
+	r.logs.waitFor(t, "did not stop cleanly")
+	if pid, _, err := readMarker(marker); err != nil || pid != os.Getpid() {
+		t.Errorf("marker after the take-over: pid %d, %v; want %d", pid, err, os.Getpid())
+	}
 }

@@ -156,7 +156,8 @@ Flags:
   --ping-interval D   ping every peer this often (default 10s, 0: never,
                       which turns --peer-timeout off too unless it is given)
   --peer-timeout D    close a peer silent for this long, which finds
-                      half-open connections (default 30s, 0: never)
+                      half-open connections (default 30s, or three ping
+                      intervals if longer; 0: never)
   --retry-max D       longest wait between upstream reconnect attempts
                       (default 30s; the waits start at 0.5s and double)
   --config FILE       read the settings from FILE (TOML) only; without it,
@@ -682,8 +683,13 @@ func (c *config) setTuning(fs *flag.FlagSet, v *flagValues) error {
 		return fmt.Errorf("--upstream-max-message (or ELVA_UPSTREAM_MAX_MESSAGE): %w", err)
 	}
 	peerTimeout := *v.peerTimeout
-	if *v.pingInterval == 0 && !flagSet(fs, "peer-timeout") {
+	switch {
+	case flagSet(fs, "peer-timeout"):
+	case *v.pingInterval == 0:
 		peerTimeout = 0 // without pings a quiet peer is not a dead one
+	case peerTimeout < 3**v.pingInterval:
+		// The default follows a longer ping interval: three pings.
+		peerTimeout = 3 * *v.pingInterval
 	}
 	if err := c.setKeepalive(*v.pingInterval, peerTimeout); err != nil {
 		return err
@@ -1469,6 +1475,11 @@ func describeSettings(l layers, cfg *config, positional []string) []shownSetting
 			s.value, s.source = strconv.FormatBool(cfg.level <= slog.LevelDebug), cfg.levelFrom
 		case "quiet":
 			s.value, s.source = strconv.FormatBool(cfg.level >= slog.LevelWarn), cfg.levelFrom
+		case "peer-timeout":
+			if t := cfg.keepalive.timeout; tomlLiteral(t.String(), kind) != s.value {
+				// Derived from the ping interval (none, or a longer one).
+				s.value, s.source = strconv.Quote(t.String()), "follows ping-interval ("+s.source+" is overridden)"
+			}
 		}
 		shown = append(shown, s)
 	})

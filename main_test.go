@@ -508,6 +508,10 @@ func TestParseArgs(t *testing.T) {
 		{"no pings, no peer timeout", []string{"--server", "wss://e/", "--ping-interval", "0", "--peer-timeout", "0"}, nil, func(c *config) bool {
 			return c.keepalive == keepalive{}
 		}, ""},
+		{"a longer ping interval lengthens the default peer timeout", []string{"--server", "wss://e/", "--ping-interval", "30s"}, nil, func(c *config) bool {
+			return c.keepalive == keepalive{interval: 30 * time.Second, timeout: 90 * time.Second}
+		}, ""},
+		{"a longer ping interval with a peer timeout too short", []string{"--server", "wss://e/", "--ping-interval", "30s", "--peer-timeout", "30s"}, nil, nil, "at least twice"},
 		{"duration without a unit", []string{"--server", "wss://e/", "--ping-interval", "10"}, nil, nil, `invalid value "10" for flag --ping-interval: use a unit, e.g. 10s`},
 		{"integer flag not a number", []string{"--server", "wss://e/", "--max-connections", "many"}, nil, nil, "want a whole number"},
 		{"upstream max message default", []string{"--server", "wss://e/"}, nil, func(c *config) bool { return c.upstreamMaxMessage == 1<<20 }, ""},

@@ -1120,7 +1120,10 @@ func parseSize(s string) (int, error) {
 		}
 	}
 	n, err := strconv.Atoi(num)
-	if err != nil || n < 1 || n > (1<<30)/unit || n*unit < minMessageLimit {
+	if err != nil {
+		return 0, fmt.Errorf("size %q: want a whole number of bytes, KiB or MiB (the units B, K, KiB, M, MiB, as written), e.g. 32MiB or 512KiB", s)
+	}
+	if n < 1 || n > (1<<30)/unit || n*unit < minMessageLimit {
 		return 0, fmt.Errorf("size %q: want 1KiB to 1024MiB, e.g. 32MiB (a bare number is bytes)", s)
 	}
 	return n * unit, nil
@@ -2164,7 +2167,10 @@ func runSecretCommand(argv []string, source string) (string, error) {
 		if len(line) > 200 {
 			line = line[:200] + "…"
 		}
-		return "", fmt.Errorf("%s: %w: %s", what, err, cmp.Or(line, "no message"))
+		if line == "" {
+			return "", fmt.Errorf("%s: %w (it wrote nothing on stderr)", what, err)
+		}
+		return "", fmt.Errorf("%s: %w: %s", what, err, line)
 	}
 	line, _, _ := strings.Cut(string(out), "\n")
 	if line = strings.TrimRight(line, "\r"); line == "" {

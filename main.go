@@ -1495,8 +1495,11 @@ func redacted(secret, from string) string {
 	if secret == "" && from == "default" {
 		return `""`
 	}
-	return `"[redacted]"`
+	return strconv.Quote(redactedValue)
 }
+
+// redactedValue stands for a secret in --print-config.
+const redactedValue = "[redacted]"
 
 // tomlLiteral writes a flag's value as TOML: bare for a boolean or a
 // whole number, an array for --allow-origin, else a quoted string.
@@ -1872,6 +1875,12 @@ func (r *fileReader) takeEntry(e tomlEntry) error {
 		kind, form = kindCommand, formCommand
 	case e.key == "password-file" || e.key == "token-file":
 		name, form = strings.TrimSuffix(name, "-file"), formFile
+	}
+	if e.val.kind == tomlString && e.val.str == "" && (form == formFile || pathSettings[name]) {
+		return nil // an empty path is no path: as --print-config writes an unset one
+	}
+	if e.val.kind == tomlString && e.val.str == redactedValue && (name == "password" || name == "token") {
+		return fmt.Errorf("%q is the placeholder --print-config writes for a secret: put the secret itself, or remove the line", redactedValue)
 	}
 	values, err := settingValues(e.val, kind)
 	if err != nil {

@@ -1311,6 +1311,10 @@ port = 9200
 		{"[connect] host as a URI", []string{"--config", BAD("[connect]\nhost = 'wss://e/'")}, nil, nil, "want a host name or address only"},
 		{"command with shell syntax", []string{"--config", BAD("[basic]\ncommand = 'pass show elva | head -1'")}, nil, nil, "bad.toml:2: [basic] command: the command needs a shell"},
 		{"missing --config file", []string{"--config", filepath.Join(dir, "none.toml")}, nil, nil, "--config: stat"},
+		{"--print-config's empty paths", []string{"--config", BAD("[service]\npassword-file = ''\ntoken-file = \"\"\nca-file = ''\nlog = ''")}, nil, func(c *config) bool {
+			return c.password == "" && c.token == "" && c.tls == nil && c.logFile == ""
+		}, ""},
+		{"--print-config's placeholder for a secret", []string{"--config", BAD("[service]\npassword = \"[redacted]\"")}, nil, nil, `bad.toml:2: [service] password: "[redacted]" is the placeholder`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -13,6 +13,8 @@
 //               an ELVA-protocol sink (elva-server.mjs --mode broadcast),
 //               so that every message is also written upstream
 //   elva-store  the same with the store on, in a temporary --data-dir
+//   elva-local  the built binary with --no-store and no server at all
+//               (not in the default list): what the upstream costs
 //   rawrelay    ../shared/bench/rawrelay (one mutex, no hub, no upstream),
 //               built when that directory exists; otherwise its column is
 //               left out with a note, and there are no ratios
@@ -342,6 +344,7 @@ const seqOf = (data) => {
 const serverInfo = {
   elva: { title: 'elva-service (--no-store, upstream)' },
   'elva-store': { title: 'elva-service (store, upstream)' },
+  'elva-local': { title: 'elva-service (--no-store, no upstream)' },
   rawrelay: { title: 'rawrelay' },
   yjs: { title: '@y/websocket-server' }
 }
@@ -403,6 +406,14 @@ const startServer = async (kind, { manyConns = false } = {}) => {
       const [, addr] = await waitLine(relay, /msg=listening addr=(\S+)/, 'listening line')
       await waitLine(relay, /msg="upstream connected"/, 'upstream connection')
       return { pid: relay.pid, sinkPid: sink.pid, url: `ws://${addr}/`, stop, proc: relay }
+    }
+    if (kind === 'elva-local') {
+      const args = ['--no-store']
+      if (manyConns) args.push('--max-connections', '20000', '--max-per-document', '1000')
+      const relay = startProc(kind, bins.elva, [...args, '127.0.0.1', '0'])
+      started.push(relay)
+      const [, addr] = await waitLine(relay, /msg=listening addr=(\S+)/, 'listening line')
+      return { pid: relay.pid, url: `ws://${addr}/`, stop, proc: relay }
     }
     const port = await freePort()
     if (kind === 'rawrelay') {
@@ -769,7 +780,7 @@ const main = async () => {
   const workloads = [...new Set(opts.workloads.replaceAll(',', '').split(''))].filter((id) => W[id]).sort()
   if (workloads.length === 0) throw new Error(`--workloads ${opts.workloads}: want letters among a,b,c,d,e,f`)
   let servers = opts.servers.split(',').map((s) => s.trim()).filter(Boolean)
-  for (const s of servers) if (!serverInfo[s]) throw new Error(`--servers: unknown server ${s}; want elva, elva-store, rawrelay, yjs`)
+  for (const s of servers) if (!serverInfo[s]) throw new Error(`--servers: unknown server ${s}; want elva, elva-store, elva-local, rawrelay, yjs`)
   build(notes)
   if (!bins.rawrelay) servers = servers.filter((s) => s !== 'rawrelay')
 

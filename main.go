@@ -393,7 +393,11 @@ func storeTool(cfg *config, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "elva-service: %v\n", err)
 		return 1
 	}
-	fmt.Fprintf(stdout, "%d documents in %s\n", len(list), dir)
+	noun := "documents"
+	if len(list) == 1 {
+		noun = "document"
+	}
+	fmt.Fprintf(stdout, "%d %s in %s\n", len(list), noun, dir)
 	for _, d := range list {
 		switch {
 		case d.err != nil:
@@ -639,6 +643,9 @@ func (c *config) setStore(v *flagValues, getenv func(string) string) error {
 	c.listDocs, c.removeDoc = v.listDocs, *v.removeDoc
 	if c.fsyncInterval < 0 {
 		return fmt.Errorf("--fsync-interval %v: want 0 (after every update) or more", c.fsyncInterval)
+	}
+	if c.listDocs && c.removeDoc != "" {
+		return errors.New("--list-docs and --remove-doc: give one of them")
 	}
 	if c.noStore && (c.listDocs || c.removeDoc != "") {
 		return errors.New("--no-store with --list-docs or --remove-doc: there is no store to look at")
@@ -1174,6 +1181,11 @@ func openLogFile(path string) (*logFile, error) {
 
 // open opens l.path for appending.
 func (l *logFile) open() (*os.File, error) {
+	// Its folder too, such as ~/.local/state/elva-service: as the data
+	// directory's.
+	if err := os.MkdirAll(filepath.Dir(l.path), 0o700); err != nil {
+		return nil, fmt.Errorf("--log: %w", err)
+	}
 	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("--log: %w", err)
@@ -1739,7 +1751,8 @@ func (fc *fileConfig) read(path string, kinds map[string]settingKind, project bo
 	} else if len(data) > maxConfigBytes {
 		return fmt.Errorf("configuration file %s: larger than %d bytes", path, maxConfigBytes)
 	}
-	entries, err := parseTOML(path, string(data), func(table string) bool { return slices.Contains(configTables, table) })
+	// The top level ("") is read too, to warn of a key there.
+	entries, err := parseTOML(path, string(data), func(table string) bool { return table == "" || slices.Contains(configTables, table) })
 	if err != nil {
 		return err
 	}
@@ -1841,7 +1854,7 @@ type fileReader struct {
 
 // take maps the entries table by table, in configTables' order.
 func (r *fileReader) take(entries []tomlEntry) error {
-	for _, table := range configTables {
+	for _, table := range append([]string{""}, configTables...) {
 		for _, e := range entries {
 			if e.table != table {
 				continue
@@ -1861,6 +1874,12 @@ func (r *fileReader) take(entries []tomlEntry) error {
 
 // takeEntry maps one entry onto its setting.
 func (r *fileReader) takeEntry(e tomlEntry) error {
+	if e.table == "" {
+		// ELVA reads no key outside a table either; a user who wrote one
+		// meant a setting, most likely [service]'s.
+		r.fc.warnings = append(r.fc.warnings, fmt.Sprintf("%s:%d: %s is outside any table and ignored; settings of this relay go under [service]", r.path, e.line, e.key))
+		return nil
+	}
 	name, err := r.settingOf(e)
 	if name == "" || err != nil {
 		return err

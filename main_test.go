@@ -1314,6 +1314,10 @@ port = 9200
 		{"--print-config's empty paths", []string{"--config", BAD("[service]\npassword-file = ''\ntoken-file = \"\"\nca-file = ''\nlog = ''")}, nil, func(c *config) bool {
 			return c.password == "" && c.token == "" && c.tls == nil && c.logFile == ""
 		}, ""},
+		{"a key outside any table", []string{"--config", BAD("port = 9000\n[service]\nmax-connections = 5")}, nil, func(c *config) bool {
+			return c.port == 8000 && c.limits.conns == 5 && strings.Contains(fmt.Sprint(c.warnings), "bad.toml:1: port is outside any table and ignored")
+		}, ""},
+		{"--list-docs and --remove-doc", []string{"--list-docs", "--remove-doc", "x"}, nil, nil, "give one of them"},
 		{"--print-config's placeholder for a secret", []string{"--config", BAD("[service]\npassword = \"[redacted]\"")}, nil, nil, `bad.toml:2: [service] password: "[redacted]" is the placeholder`},
 	}
 	for _, tt := range tests {

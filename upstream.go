@@ -348,6 +348,10 @@ func (u *upstream) handshake(ctx context.Context) (*websocket.Conn, net.Conn, er
 	if errors.As(err, &certErr) {
 		return nil, nil, fmt.Errorf("TLS certificate of %s rejected: %w (a private CA goes in --ca-file)", u.url.Host, certErr.Err)
 	}
+	var opErr *net.OpError
+	if errors.As(err, &opErr) && opErr.Op == "dial" {
+		return nil, nil, err // it names the address already: "dial tcp HOST:PORT: …"
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("dial %s: %w", u.url.Host, err)
 	}

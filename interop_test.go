@@ -2801,7 +2801,11 @@ func TestInteropStoreListAndRemove(t *testing.T) {
 	list := func(want ...string) {
 		t.Helper()
 		out, errOut, status := runStoreTool(t, "--data-dir", dir, "--list-docs")
-		if status != 0 || !strings.Contains(out, fmt.Sprintf("%d documents in %s", len(want), filepath.Join(dir, "local"))) {
+		noun := "documents"
+		if len(want) == 1 {
+			noun = "document"
+		}
+		if status != 0 || !strings.Contains(out, fmt.Sprintf("%d %s in %s", len(want), noun, filepath.Join(dir, "local"))) {
 			t.Errorf("--list-docs: status %d, want 0 and %d documents:\n%s%s", status, len(want), out, errOut)
 		}
 		for _, doc := range []string{"notes", "plans"} {

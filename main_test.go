@@ -627,8 +627,11 @@ func TestGoroutinesReturnToBaseline(t *testing.T) {
 	for _, ws := range polite {
 		send(t, ws, []byte{msgSync, syncUpdate, 1, 0})
 	}
-	// A goroutine per editor at least (the writers may still be starting).
-	if n := runtime.NumGoroutine(); n < baseline+40 {
+	// A reader goroutine per editor (writers come and go): well above
+	// the baseline, which may itself hold a goroutine or two that were
+	// ending (the upstream's handshake), so that the return to it below
+	// means something.
+	if n := runtime.NumGoroutine(); n < baseline+30 {
 		t.Fatalf("%d goroutines with 40 editors, baseline %d", n, baseline)
 	}
 	for _, ws := range polite {

@@ -1709,17 +1709,11 @@ func configFiles(explicit, dir string, getenv func(string) string) ([]string, er
 // ~/.config/elva/elva.toml without it, on macOS ~/Library/Application
 // Support/elva/elva.toml; "" without a home.
 func userConfigFile(getenv func(string) string) string {
-	home := getenv("HOME")
-	if runtime.GOOS == "darwin" && home != "" {
-		return filepath.Join(home, "Library", "Application Support", "elva", configName)
-	}
-	if x := getenv("XDG_CONFIG_HOME"); x != "" && filepath.IsAbs(x) {
-		return filepath.Join(x, "elva", configName)
-	}
-	if home == "" {
+	dir := userDir(getenv, "XDG_CONFIG_HOME", ".config", "elva")
+	if dir == "" {
 		return ""
 	}
-	return filepath.Join(home, ".config", "elva", configName)
+	return filepath.Join(dir, configName)
 }
 
 // isRegularFile reports whether path is a file, not a directory.

@@ -1596,15 +1596,27 @@ func removeStored(dir, name string) error {
 // $XDG_DATA_HOME/elva-service, else ~/.local/share/elva-service; on macOS
 // ~/Library/Application Support/elva-service.
 func defaultDataDir(getenv func(string) string) (string, error) {
-	home := getenv("HOME")
-	if runtime.GOOS == "darwin" && home != "" {
-		return filepath.Join(home, "Library", "Application Support", "elva-service"), nil
-	}
-	if x := getenv("XDG_DATA_HOME"); x != "" && filepath.IsAbs(x) {
-		return filepath.Join(x, "elva-service"), nil
-	}
-	if home == "" {
+	dir := userDir(getenv, "XDG_DATA_HOME", filepath.Join(".local", "share"), "elva-service")
+	if dir == "" {
 		return "", errors.New("no data directory: neither XDG_DATA_HOME nor HOME is set; give --data-dir")
 	}
-	return filepath.Join(home, ".local", "share", "elva-service"), nil
+	return dir, nil
+}
+
+// userDir is the folder of app under the XDG base directory xdgVar
+// (XDG_DATA_HOME, XDG_CONFIG_HOME; a relative value is ignored, as the XDG
+// Base Directory Specification says), else under HOME/fallback; on macOS
+// HOME/Library/Application Support/app, where platformdirs puts both.
+// "": neither is set.
+func userDir(getenv func(string) string, xdgVar, fallback, app string) string {
+	home := getenv("HOME")
+	switch x := getenv(xdgVar); {
+	case runtime.GOOS == "darwin" && home != "":
+		return filepath.Join(home, "Library", "Application Support", app)
+	case x != "" && filepath.IsAbs(x):
+		return filepath.Join(x, app)
+	case home != "":
+		return filepath.Join(home, fallback, app)
+	}
+	return ""
 }

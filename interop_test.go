@@ -248,14 +248,70 @@ func (p *relayProcess) checkLog(t *testing.T) {
 	}
 }
 
-// editors drives interop/editors.mjs: real y-websocket editors in one
-// Node process, one JSON command per line.
-type editors struct {
+// lineDriver is a Node script in interop/ driven by JSON lines: one
+// command per line on its stdin, one answer per line on its stdout, in
+// order; the end of its input quits it (interop/commands.mjs).
+type lineDriver struct {
+	name    string // the script, for messages
 	cmd     *exec.Cmd
 	stdin   io.WriteCloser
-	answers chan string
+	answers chan string // closed when its stdout ends
 	stderr  *logBuffer
-	killed  bool
+}
+
+// startLineDriver starts cmd, a script in interop/, and reads its answer
+// lines into answers (room for queue of them).
+func startLineDriver(t *testing.T, cmd *exec.Cmd, queue int) *lineDriver {
+	t.Helper()
+	cmd.Dir = "interop"
+	d := &lineDriver{name: cmd.Args[1], cmd: cmd, answers: make(chan string, queue), stderr: newLogBuffer()}
+	cmd.Stderr = d.stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.stdin, err = cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(nil, 16<<20)
+		for sc.Scan() {
+			d.answers <- sc.Text()
+		}
+		close(d.answers)
+	}()
+	return d
+}
+
+// exchange sends one command and returns its answer line, within
+// interopTimeout; a driver that exits or stays silent fails the test.
+func (d *lineDriver) exchange(t *testing.T, cmd map[string]any) string {
+	t.Helper()
+	line, _ := json.Marshal(cmd)
+	if _, err := d.stdin.Write(append(line, '\n')); err != nil {
+		t.Fatalf("%s: %v\n%s", d.name, err, d.stderr.String())
+	}
+	select {
+	case raw, ok := <-d.answers:
+		if !ok {
+			t.Fatalf("%s exited\n%s", d.name, d.stderr.String())
+		}
+		return raw
+	case <-time.After(interopTimeout):
+		t.Fatalf("%s did not answer %v", d.name, cmd)
+		return ""
+	}
+}
+
+// editors drives interop/editors.mjs: real y-websocket editors in one
+// Node process.
+type editors struct {
+	*lineDriver
+	killed bool
 }
 
 // editorReport mirrors one editor in a report of editors.mjs.
@@ -281,27 +337,7 @@ func startEditors(t *testing.T) *editors {
 	requireNode(t)
 	ctx, cancel := context.WithTimeout(context.Background(), interopTimeout)
 	cmd := exec.CommandContext(ctx, "node", "editors.mjs")
-	cmd.Dir = "interop"
-	e := &editors{cmd: cmd, answers: make(chan string, 100), stderr: newLogBuffer()}
-	cmd.Stderr = e.stderr
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if e.stdin, err = cmd.StdinPipe(); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		sc.Buffer(nil, 16<<20)
-		for sc.Scan() {
-			e.answers <- sc.Text()
-		}
-		close(e.answers)
-	}()
+	e := &editors{lineDriver: startLineDriver(t, cmd, 100)}
 	t.Cleanup(func() {
 		e.stdin.Close() // editors.mjs quits at the end of its input
 		if err := cmd.Wait(); err != nil && !e.killed {
@@ -325,24 +361,12 @@ func (e *editors) do(t *testing.T, cmd map[string]any) answer {
 // try sends one command and returns its answer, failed or not.
 func (e *editors) try(t *testing.T, cmd map[string]any) answer {
 	t.Helper()
-	line, _ := json.Marshal(cmd)
-	if _, err := e.stdin.Write(append(line, '\n')); err != nil {
-		t.Fatalf("editors: %v", err)
+	raw := e.exchange(t, cmd)
+	var a answer
+	if err := json.Unmarshal([]byte(raw), &a); err != nil {
+		t.Fatalf("editors answer %q: %v", raw, err)
 	}
-	select {
-	case raw, ok := <-e.answers:
-		if !ok {
-			t.Fatalf("editors exited\n%s", e.stderr.String())
-		}
-		var a answer
-		if err := json.Unmarshal([]byte(raw), &a); err != nil {
-			t.Fatalf("editors answer %q: %v", raw, err)
-		}
-		return a
-	case <-time.After(interopTimeout):
-		t.Fatalf("editors did not answer %v", cmd)
-		return answer{}
-	}
+	return a
 }
 
 // join adds an editor on doc through the relay at url.
@@ -3025,10 +3049,7 @@ func requireChromium(t *testing.T) {
 // browserPage drives interop/status-page.mjs: one browser with the status
 // page open, one JSON command per line.
 type browserPage struct {
-	cmd     *exec.Cmd
-	stdin   io.WriteCloser
-	answers chan string // closed when its stdout ends
-	stderr  *logBuffer
+	*lineDriver
 	profile string // the browser's profile folder, unique to this run
 }
 
@@ -3077,30 +3098,10 @@ func openStatusPage(t *testing.T, url string) *browserPage {
 	requireChromium(t)
 	ctx, cancel := context.WithTimeout(context.Background(), interopTimeout)
 	cmd := exec.CommandContext(ctx, "node", "status-page.mjs", "--timeout", strconv.Itoa(int(interopTimeout/time.Second)))
-	cmd.Dir = "interop"
 	// On the timeout, SIGTERM: the driver then closes the browser.
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
 	cmd.WaitDelay = testTimeout
-	p := &browserPage{cmd: cmd, answers: make(chan string, 10), stderr: newLogBuffer()}
-	cmd.Stderr = p.stderr
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if p.stdin, err = cmd.StdinPipe(); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		sc.Buffer(nil, 16<<20)
-		for sc.Scan() {
-			p.answers <- sc.Text()
-		}
-		close(p.answers)
-	}()
+	p := &browserPage{lineDriver: startLineDriver(t, cmd, 10)}
 	t.Cleanup(func() { p.close(t); cancel() })
 	p.do(t, map[string]any{"cmd": "open", "url": url})
 	return p
@@ -3110,20 +3111,7 @@ func openStatusPage(t *testing.T, url string) *browserPage {
 // test, with what the page showed last.
 func (p *browserPage) do(t *testing.T, cmd map[string]any) pageAnswer {
 	t.Helper()
-	line, _ := json.Marshal(cmd)
-	if _, err := p.stdin.Write(append(line, '\n')); err != nil {
-		t.Fatalf("status-page.mjs: %v\n%s", err, p.stderr.String())
-	}
-	var raw string
-	select {
-	case r, ok := <-p.answers:
-		if !ok {
-			t.Fatalf("status-page.mjs exited\n%s", p.stderr.String())
-		}
-		raw = r
-	case <-time.After(interopTimeout):
-		t.Fatalf("status-page.mjs did not answer %v", cmd)
-	}
+	raw := p.exchange(t, cmd)
 	var a pageAnswer
 	if err := json.Unmarshal([]byte(raw), &a); err != nil {
 		t.Fatalf("status-page.mjs answer %q: %v", raw, err)

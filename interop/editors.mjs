@@ -54,7 +54,7 @@ import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
 import { HocuspocusProvider } from '@hocuspocus/provider'
 import WebSocket from 'ws'
-import { createInterface } from 'node:readline'
+import { serveCommands } from './commands.mjs'
 
 // Every WebsocketProvider adds a process 'exit' listener: more than ten
 // editors in one process are expected here, not a leak.
@@ -285,21 +285,5 @@ const commands = {
   }
 }
 
-// Commands run one at a time, in order.
-let queue = Promise.resolve()
-createInterface({ input: process.stdin }).on('line', (line) => {
-  queue = queue.then(async () => {
-    let answer
-    try {
-      const cmd = JSON.parse(line)
-      const run = commands[cmd.cmd]
-      if (!run) throw new Error(`unknown command ${cmd.cmd}`)
-      answer = { ok: true, ...(await run(cmd)) }
-    } catch (err) {
-      answer = { ok: false, error: err.message }
-    }
-    process.stdout.write(JSON.stringify(answer) + '\n')
-  })
-}).on('close', () => {
-  queue.then(() => commands.quit())
-})
+// Commands run one at a time, in order; the end of input quits.
+serveCommands(commands)

@@ -46,7 +46,7 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomUUID } from 'node:crypto'
-import { createInterface } from 'node:readline'
+import { serveCommands } from './commands.mjs'
 
 const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium'
 const chromiumArgs = [
@@ -264,21 +264,5 @@ if (oneShotURL) {
   }
 } else {
   // Commands run one at a time, in order; the end of input quits.
-  let queue = Promise.resolve()
-  createInterface({ input: process.stdin }).on('line', (line) => {
-    queue = queue.then(async () => {
-      let answer
-      try {
-        const cmd = JSON.parse(line)
-        const run = commands[cmd.cmd]
-        if (!run) throw new Error(`unknown command ${cmd.cmd}`)
-        answer = { ok: true, ...(await run(cmd)) }
-      } catch (err) {
-        answer = { ok: false, error: err.message }
-      }
-      process.stdout.write(JSON.stringify(answer) + '\n')
-    })
-  }).on('close', () => {
-    queue.then(() => commands.quit())
-  })
+  serveCommands(commands)
 }

@@ -864,9 +864,7 @@ func (h *hub) queue(c *conn, data []byte) bool {
 				c.step1s++
 			}
 			h.editorTraffic.out(len(data))
-			if c.traffic != nil {
-				c.traffic.out(len(data))
-			}
+			c.traffic.out(len(data)) // set by addEditor, before any queue
 			return true
 		}
 		c.backlog.done(len(data))

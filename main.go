@@ -539,7 +539,7 @@ func buildConfig(l layers, v *flagValues, positional []string) (*config, error) 
 	if err := cfg.setAddress(positional); err != nil {
 		return nil, err
 	}
-	if err := cfg.setTuning(l.fs, v); err != nil {
+	if err := cfg.setTuning(l, v); err != nil {
 		return nil, err
 	}
 	userinfo, err := cfg.setServer(*v.server)
@@ -668,7 +668,7 @@ func (c *config) setStore(v *flagValues, getenv func(string) string) error {
 
 // setTuning checks and takes the ID magic, the sizes, the keepalive, the
 // retry bound and the connection limits.
-func (c *config) setTuning(fs *flag.FlagSet, v *flagValues) error {
+func (c *config) setTuning(l layers, v *flagValues) error {
 	var err error
 	if c.magic, err = parseIDMagic(*v.magic); err != nil {
 		return fmt.Errorf("--id-magic: %w", err)
@@ -691,7 +691,7 @@ func (c *config) setTuning(fs *flag.FlagSet, v *flagValues) error {
 	}
 	peerTimeout := *v.peerTimeout
 	switch {
-	case flagSet(fs, "peer-timeout"):
+	case l.layer("peer-timeout") != layerDefault: // given: a flag, or a file
 	case *v.pingInterval == 0:
 		peerTimeout = 0 // without pings a quiet peer is not a dead one
 	case peerTimeout < 3**v.pingInterval:

@@ -1317,6 +1317,10 @@ port = 9200
 		{"--print-config's empty paths", []string{"--config", BAD("[service]\npassword-file = ''\ntoken-file = \"\"\nca-file = ''\nlog = ''")}, nil, func(c *config) bool {
 			return c.password == "" && c.token == "" && c.tls == nil && c.logFile == ""
 		}, ""},
+		{"the file's peer timeout with a longer ping interval", []string{"--config", BAD("[service]\nping-interval = '30s'\npeer-timeout = '70s'")}, nil, func(c *config) bool {
+			return c.keepalive == keepalive{interval: 30 * time.Second, timeout: 70 * time.Second}
+		}, ""},
+		{"the file's peer timeout without pings", []string{"--config", BAD("[service]\nping-interval = '0s'\npeer-timeout = '70s'")}, nil, nil, "needs pings"},
 		{"a key outside any table", []string{"--config", BAD("port = 9000\n[service]\nmax-connections = 5")}, nil, func(c *config) bool {
 			return c.port == 8000 && c.limits.conns == 5 && strings.Contains(fmt.Sprint(c.warnings), "bad.toml:1: port is outside any table and ignored")
 		}, ""},

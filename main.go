@@ -549,7 +549,7 @@ func buildConfig(l layers, v *flagValues, positional []string) (*config, error) 
 	if err := cfg.setSecrets(l, v, userinfo); err != nil {
 		return nil, err
 	}
-	cfg.warnings = append(cfg.warnings, otherModesFlags(l.fs, cfg.protocol)...)
+	cfg.warnings = append(cfg.warnings, otherModesFlags(l, cfg.protocol)...)
 	cfg.warnProjectServer(l)
 	if err := cfg.checkAuthTransport(v.insecureAuth); err != nil {
 		return nil, err
@@ -759,13 +759,15 @@ func (c checkedValue[T]) Set(s string) error {
 
 // otherModesFlags warns of flags given for another protocol than the one
 // running: they do nothing, which the user should know.
-func otherModesFlags(fs *flag.FlagSet, protocol string) []string {
+func otherModesFlags(l layers, protocol string) []string {
 	var warnings []string
 	for _, f := range []struct{ name, mode string }{
 		{"token", protocolHocuspocus}, {"token-file", protocolHocuspocus},
 		{"id-magic", protocolELVA},
 	} {
-		if flagSet(fs, f.name) && protocol != f.mode {
+		// Given on the command line or in a file; an environment
+		// variable may be set for other programs too.
+		if given := l.layer(f.name); (given == layerFlag || given == layerFile) && protocol != f.mode {
 			warnings = append(warnings, fmt.Sprintf("--%s is for --protocol %s; it does nothing with --protocol %s", f.name, f.mode, protocol))
 		}
 	}

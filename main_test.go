@@ -1321,6 +1321,9 @@ port = 9200
 			return c.keepalive == keepalive{interval: 30 * time.Second, timeout: 70 * time.Second}
 		}, ""},
 		{"the file's peer timeout without pings", []string{"--config", BAD("[service]\nping-interval = '0s'\npeer-timeout = '70s'")}, nil, nil, "needs pings"},
+		{"another protocol's setting in a file", []string{"--config", BAD("[service]\nid-magic = '4944'\nprotocol = 'yjs'\nserver = 'ws://e/'")}, nil, func(c *config) bool {
+			return strings.Contains(fmt.Sprint(c.warnings), "--id-magic is for --protocol elva")
+		}, ""},
 		{"a key outside any table", []string{"--config", BAD("port = 9000\n[service]\nmax-connections = 5")}, nil, func(c *config) bool {
 			return c.port == 8000 && c.limits.conns == 5 && strings.Contains(fmt.Sprint(c.warnings), "bad.toml:1: port is outside any table and ignored")
 		}, ""},

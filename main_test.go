@@ -2167,3 +2167,15 @@ func TestStatusPagePolicy(t *testing.T) {
 		}
 	}
 }
+
+// TestUpgradeOnMetricsIsADocument: the status and metrics paths answer
+// plain requests only; an editor's upgrade on /metrics joins the document
+// named "metrics", which the metrics then show.
+func TestUpgradeOnMetricsIsADocument(t *testing.T) {
+	r := startRelay(t)
+	join(t, r.addr, "metrics") // its awareness message comes back: it is an editor
+	samples := parseExposition(t, httpGet(t, "http://"+r.addr+"/metrics", ""))
+	if got := samples[`elva_document_editors{document="metrics"}`]; got != 1 {
+		t.Errorf(`elva_document_editors{document="metrics"} = %v, want 1`, got)
+	}
+}
